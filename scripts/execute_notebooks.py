@@ -1,0 +1,50 @@
+"""Execute notebooks in place and store their outputs clean enough to commit.
+
+    python scripts/execute_notebooks.py notebooks/01_zero_convolution.ipynb [...]
+
+Runs each notebook top to bottom with nbclient (from its own folder, as nbval does), then drops
+widget state from the metadata and widget views from the outputs (they only make sense in a
+live kernel), so that the committed file holds prose, code, text outputs and small plots. The
+outputs of cells marked ``# NBVAL_CHECK_OUTPUT`` are what nbval compares against in CI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def clean(nb: nbformat.NotebookNode) -> None:
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.metadata.pop("execution", None)
+        kept = []
+        for out in cell.outputs:
+            if out.get("output_type") in ("display_data", "execute_result"):
+                out["data"].pop(WIDGET_VIEW, None)
+                if not out["data"]:
+                    continue
+            kept.append(out)
+        cell.outputs = kept
+
+
+def execute(path: Path, timeout: int = 1800) -> None:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    clean(nb)
+    nbformat.write(nb, path)
+    print(f"executed {path}")
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        execute(Path(arg))
