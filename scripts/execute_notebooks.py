@@ -37,9 +37,8 @@ def clean(nb: nbformat.NotebookNode) -> None:
 
 def execute(path: Path, timeout: int = 1800) -> None:
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
     clean(nb)
     nbformat.write(nb, path)
     print(f"executed {path}")

@@ -1,0 +1,45 @@
+"""The notebooks are committed clean, and nbval really fails on a changed checked output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SETUP_MARKER = "# Setup: import cnet from an installed package"
+
+
+def test_notebooks_are_numbered_and_clean():
+    assert [nb.name[:2] for nb in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
+    for path in NOTEBOOKS:
+        raw = path.read_text()
+        assert "application/vnd.jupyter.widget-state+json" not in raw, path.name
+        assert len(raw) < 2_000_000, path.name
+        nb = json.loads(raw)
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert "".join(code[0]["source"]).startswith(SETUP_MARKER), path.name
+        checked = [c for c in code if "".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT")]
+        assert checked, f"{path.name} checks no output"
+        for cell in checked:
+            assert cell["outputs"], f"{path.name}: a checked cell has no stored output"
+            assert all(o["output_type"] != "error" for o in cell["outputs"])
+
+
+def test_nbval_fails_on_a_wrong_checked_output(tmp_path):
+    cell = new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1 + 1)")
+    cell.outputs = [new_output("stream", name="stdout", text="3\n")]
+    nb = new_notebook(cells=[cell])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(nb, path)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", str(path)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode != 0, result.stdout
+    assert "1 failed" in result.stdout
