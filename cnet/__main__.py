@@ -2,12 +2,15 @@
 
     python -m cnet lessons     run the math lessons (Eq. 1–8) headless, print what they show and
                                write their figures to figures/
+    python -m cnet train       train a ControlNet on the locked miniature base (profile quick on
+                               CPU, full on CUDA; every setting is a flag: --steps, --lr, ...)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 
@@ -80,6 +83,46 @@ def run_lessons(seed: int = 0, steps: int = 30) -> None:
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .train import PROFILES, TrainConfig
+
+    parser.add_argument("--profile", choices=sorted(PROFILES),
+                        help="quick (CPU, minutes) or full (the shipped run); default: full on "
+                             "CUDA, quick otherwise")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name}", type=_parse_bool, metavar="true|false")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(f"--{f.name}", type=kind)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .train import PROFILES, TrainConfig, train, write_figures
+
+    profile = args.profile or ("full" if torch.cuda.is_available() else "quick")
+    settings = dict(PROFILES[profile])
+    settings.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                     if getattr(args, f.name) is not None})
+    config = TrainConfig(**settings)
+    print(f"training a ControlNet ({config.task}) on {config.base}, profile {profile}, "
+          f"{config.steps} steps, device {config.resolved_device()}")
+    summary = train(config, profile=profile)
+    print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; last evaluation "
+          f"{summary['final_eval']}; outputs in {config.out}")
+    label = f"profile {profile}, {summary['device_name']}, {config.steps} steps"
+    for path in write_figures(config.out, prefix=f"05_{profile}", label=label):
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     lessons = sub.add_parser("lessons", help="run the math lessons headless, write figures")
     lessons.add_argument("--seed", type=int, default=0)
     lessons.add_argument("--steps", type=int, default=30)
+    _add_train_flags(sub.add_parser("train", help="train a ControlNet on the miniature base"))
     args = parser.parse_args(argv)
     if args.command == "lessons":
         run_lessons(seed=args.seed, steps=args.steps)
+    elif args.command == "train":
+        run_train(args)
     return 0
 
 

@@ -1,0 +1,66 @@
+"""cnet.sample runs diffusers' StableDiffusionControlNetPipeline loop: same images, same seeds."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionControlNetPipeline
+
+from cnet import ControlledUNet, ControlNet
+from cnet.sample import sample
+from cnet.world.model import (
+    build_pipeline,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
+
+PROMPTS = ["red circle with blue background", "green circle with white background"]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(tokenizer, size="tiny")
+    pipe = build_pipeline(build_vae(size="tiny"), text_encoder, tokenizer,
+                          build_unet(text_encoder.config.hidden_size, size="tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    controlnet = ControlNet.from_unet(pipe.unet, condition_size=32)
+    with torch.no_grad():  # away from zero, so that the control actually changes the images
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    conditions = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    return pipe, controlnet, conditions, latents
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_same_images_as_the_diffusers_controlnet_pipeline(parts, guess_mode, guidance_scale):
+    pipe, controlnet, conditions, latents = parts
+    reference = StableDiffusionControlNetPipeline(
+        **pipe.components, controlnet=controlnet.to_diffusers()
+    )
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        PROMPTS, image=conditions, num_inference_steps=4, guidance_scale=guidance_scale,
+        latents=latents.clone(), guess_mode=guess_mode, output_type="pt", height=32, width=32,
+    ).images
+    controlled = ControlledUNet(pipe.unet, controlnet)
+    got = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=4,
+                 guidance_scale=guidance_scale, guess_mode=guess_mode, guess_rule="diffusers",
+                 latents=latents.clone())
+    assert (got * 0.5 + 0.5 - expected).abs().max() <= 1e-5
+
+
+def test_the_control_matters_and_none_is_the_plain_base(parts):
+    pipe, controlnet, conditions, latents = parts
+    controlled = ControlledUNet(pipe.unet, controlnet)
+    plain = sample(pipe, None, PROMPTS, num_inference_steps=3, latents=latents.clone())
+    with_control = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=3,
+                          latents=latents.clone())
+    assert (plain - with_control).abs().max() > 1e-3
+    fresh = ControlledUNet(pipe.unet, ControlNet.from_unet(pipe.unet, condition_size=32))
+    untrained = sample(pipe, fresh, PROMPTS, conditions, num_inference_steps=3,
+                       latents=latents.clone())
+    assert torch.equal(untrained, plain)  # Eq. 4 through a whole sampling run
