@@ -12,7 +12,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-CONDA_NAMES = {"pytorch": "torch"}  # conda-forge's name -> PyPI's name
+# conda-forge's name -> PyPI's name
+CONDA_NAMES = {"pytorch": "torch", "opencv": "opencv-python-headless"}
 NOT_PYTHON_PACKAGES = {"python", "pip"}
 
 
