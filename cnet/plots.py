@@ -284,3 +284,108 @@ def plot_sample_grid(samples: dict, conditions, steps, label: str = "") -> plt.F
         fig.suptitle(label, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_injection_points(points, condition: str = "", title: str = "") -> plt.Figure:
+    """The 12 + 1 places a ControlNet's residuals enter the locked U-Net (§3.2): one row per
+    residual, locked encoder (left) → skip connection → locked decoder (middle) ← Z_i ←
+    trainable copy (right); the middle block's residual in the bottom row. ``points`` are
+    :class:`cnet.InjectionPoint` (``cnet.injection_points(unet)``)."""
+    import matplotlib.patches as mpatches
+
+    skips, mid = points[:-1], points[-1]
+    n = len(skips)
+    xs = {"encoder": 0.0, "decoder": 4.6, "copy": 9.2}
+    box_w, box_h = 3.0, 0.72
+    heights = sorted({p.height for p in points}, reverse=True)
+    colour = {h: plt.cm.viridis(0.15 + 0.7 * k / max(1, len(heights) - 1))
+              for k, h in enumerate(heights)}
+    fig, ax = plt.subplots(figsize=(12.5, 0.62 * (n + 3)))
+
+    def box(x, y, text, face, edge="black", alpha=0.35):
+        ax.add_patch(mpatches.FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h,
+                                             boxstyle="round,pad=0.02", fc=face, ec=edge,
+                                             alpha=alpha, lw=1))
+        ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
+
+    def arrow(x0, x1, y, colour="black", style="-|>"):
+        ax.annotate("", xy=(x1, y), xytext=(x0, y),
+                    arrowprops=dict(arrowstyle=style, color=colour, lw=1.1))
+
+    def zero_conv(x, y, index):
+        ax.text(x, y, f"Z{index}", ha="center", va="center", fontsize=7, color="tab:blue",
+                bbox=dict(boxstyle="circle,pad=0.25", fc="white", ec="tab:blue", lw=1.2))
+
+    for p in skips:
+        y = -p.index
+        shape = f"{p.channels}×{p.height}×{p.width}"
+        box(xs["encoder"], y, f"{p.encoder}\n{shape}", colour[p.height])
+        box(xs["decoder"], y, p.decoder.replace(" (skip)", ""), colour[p.height])
+        box(xs["copy"], y, f"{p.encoder} (copy)\n{shape}", "tab:orange")
+        arrow(xs["encoder"] + box_w / 2, xs["decoder"] - box_w / 2, y, "gray")
+        z_x = (xs["decoder"] + xs["copy"]) / 2
+        arrow(xs["copy"] - box_w / 2, z_x + 0.32, y, "tab:blue")
+        zero_conv(z_x, y, p.index)
+        arrow(z_x - 0.32, xs["decoder"] + box_w / 2, y, "tab:blue")
+        ax.text(xs["decoder"] + box_w / 2 + 0.12, y + 0.18, "+", fontsize=10, color="tab:blue")
+    y = -(n + 0.6)
+    shape = f"{mid.channels}×{mid.height}×{mid.width}"
+    locked_mid_x = (xs["encoder"] + xs["decoder"]) / 2
+    box(locked_mid_x, y, f"mid_block (locked)\n{shape}", colour[mid.height])
+    box(xs["copy"], y, f"mid_block (copy)\n{shape}", "tab:orange")
+    z_x = (xs["decoder"] + xs["copy"]) / 2
+    arrow(xs["copy"] - box_w / 2, z_x + 0.32, y, "tab:blue")
+    zero_conv(z_x, y, mid.index)
+    arrow(z_x - 0.32, locked_mid_x + box_w / 2, y, "tab:blue")
+    ax.text(locked_mid_x + box_w / 2 + 0.12, y + 0.18, "+", fontsize=10, color="tab:blue")
+    top = 1.25
+    for key, label in (("encoder", "locked encoder\n(source of each skip)"),
+                       ("decoder", "locked decoder\n(skip + Z_i(copy), Eq. 2)"),
+                       ("copy", "ControlNet: trainable copy")):
+        ax.text(xs[key], top, label, ha="center", va="bottom", fontsize=9, weight="bold")
+    if condition:
+        ax.text(xs["copy"], top - 0.35, condition, ha="center", va="bottom", fontsize=7.5,
+                color="tab:orange")
+    ax.set_xlim(xs["encoder"] - box_w / 2 - 0.2, xs["copy"] + box_w / 2 + 0.2)
+    ax.set_ylim(-(n + 1.3), top + 0.9)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_guess_mode_scales(scales: dict, title: str = "") -> plt.Figure:
+    """Per-residual control scales, one line per rule (e.g. the released 0.825^(12−i) and
+    diffusers' logspace) on a log axis; the last residual is the middle block's. With several
+    rules, a second panel shows each one's difference from the first, in percent."""
+    rules = {label: list(values) for label, values in scales.items()}
+    first = next(iter(rules.values()))
+    n = len(first)
+    ticks = [str(i) for i in range(n - 1)] + ["mid"]
+    panels = 2 if len(rules) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.4), squeeze=False)
+    ax = axes[0, 0]
+    for (label, values), marker in zip(rules.items(), "os^dv"):
+        ax.plot(range(n), values, marker + "-", ms=4, label=label)
+    ax.set_yscale("log")
+    for level in (0.1, 1.0):
+        ax.axhline(level, color="gray", lw=0.6, ls=":")
+    ax.set_ylabel("scale s_i")
+    ax.set_title(title or "Guess mode: shallow residuals damped, deep ones kept", fontsize=10)
+    ax.legend(fontsize=8)
+    if panels == 2:
+        diff_ax = axes[0, 1]
+        for (label, values), marker in list(zip(rules.items(), "os^dv"))[1:]:
+            diff_ax.plot(range(n), [100 * (v / f - 1) for v, f in zip(values, first)],
+                         marker + "-", ms=4, label=label, color="tab:orange")
+        diff_ax.axhline(0, color="gray", lw=0.6)
+        diff_ax.set_ylabel(f"% difference from '{next(iter(rules))}'")
+        diff_ax.set_title("How far apart the rules are", fontsize=10)
+        diff_ax.legend(fontsize=8)
+    for a in axes[0]:
+        a.set_xticks(range(n), ticks)
+        a.set_xlabel("residual i (shallow → deep, then mid)")
+        a.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig

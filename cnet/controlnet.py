@@ -1,0 +1,812 @@
+r"""ControlNet on a whole Stable Diffusion U-Net: the paper's §3.2, over diffusers.
+
+Stable Diffusion's U-Net has an encoder of 12 blocks at 4 resolutions, a middle block, and a
+decoder whose 12 blocks each take one *skip connection* from the encoder. ControlNet applies
+Eq. 2 to the encoder and middle block as a whole:
+
+* a **trainable copy** :math:`\Theta_c` of ``conv_in``, the time embedding, every down block
+  and the mid block (bitwise copies of the locked U-Net's weights, :func:`cnet.trainable_copy`);
+* the **condition encoder** :math:`\mathcal{E}` (Eq. 9, :mod:`cnet.hint`) whose zero-initialised
+  output is added after the copy's ``conv_in``: :math:`x + Z(c_f; \Theta_{z1})`;
+* **12 + 1 zero convolutions** :math:`Z(\cdot; \Theta_{z2})`, one per skip feature of the copy
+  (after ``conv_in``, after each layer of each level, after each downsampler) and one for the
+  middle block. Their outputs, the *residuals* :math:`r_0 \dots r_{11}, r_{12}`, are added to
+  the locked decoder's skip connections and to the locked middle block's output:
+
+.. math:: \text{skip}_i \leftarrow \text{skip}_i + s_i\, r_i \quad (i < 12), \qquad
+          \text{mid} \leftarrow \text{mid} + s_{12}\, r_{12}
+
+with control scales :math:`s_i` (1 by default). The number of residuals follows the U-Net's
+config (1 + levels × layers + downsamplers, + 1 for the middle); 12 + 1 is SD's. All zero
+convolutions start at 0, so at initialisation the controlled U-Net's output equals the plain
+U-Net's bit for bit (Eq. 4 for the whole network).
+
+diffusers is the engine: the copied blocks are diffusers' own (``get_down_block``,
+``UNetMidBlock2DCrossAttn``, ``TimestepEmbedding``, ``Timesteps``), and the injection is the
+locked U-Net's own forward with ``down_block_additional_residuals`` and
+``mid_block_additional_residual``. :class:`ControlNet` mirrors diffusers' ``ControlNetModel``
+and converts to and from it (:mod:`cnet.convert`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from torch import nn
+
+from .block import lock, trainable_copy
+from .hint import (
+    HintEncoderKind,
+    PaperHintEncoder,
+    ReleasedHintEncoder,
+    downscale_factor_for,
+    make_hint_encoder,
+)
+from .zero_conv import ZeroConv2d
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "GUESS_MODE_BASE",
+    "ControlNet",
+    "ControlResiduals",
+    "ControlledUNet",
+    "InjectionPoint",
+    "check_mirrorable",
+    "control_scales",
+    "guess_mode_scales",
+    "inject_residuals",
+    "injection_points",
+    "unet_skip_channels",
+]
+
+GuessRule = Literal["released", "diffusers"]
+
+#: The released demos' guess-mode base: scale_i = 0.825 ** (12 - i) (gradio_*.py, "Magic number").
+GUESS_MODE_BASE = 0.825
+
+MIRRORED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+MIRRORED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
+# Config entries that change the encoder path in ways the trainable copy does not reproduce
+# (extra embeddings, input centring): value cnet needs.
+_UNMIRRORED_SETTINGS: dict[str, Any] = {
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_type": "positional",
+}
+# Settings diffusers' ControlNetModel.from_unet does not carry over (it would build a different
+# network), with the value it assumes.
+_DIFFUSERS_ASSUMES: dict[str, Any] = {
+    "conv_in_kernel": 3,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "dual_cross_attention": False,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+    "mid_block_only_cross_attention": None,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Which U-Nets cnet can mirror, and where their skip connections are
+# --------------------------------------------------------------------------------------------
+
+
+def check_mirrorable(unet: UNet2DConditionModel) -> None:
+    """Raise a ValueError listing every setting of ``unet`` that a ControlNet cannot mirror.
+
+    cnet copies the encoder path ``conv_in → time embedding → down blocks → mid block`` of a
+    ``UNet2DConditionModel`` whose down blocks are ``CrossAttnDownBlock2D`` / ``DownBlock2D``
+    and whose mid block is ``UNetMidBlock2DCrossAttn`` / ``UNetMidBlock2D``, with only the
+    timestep embedding (no class, addition or image embeddings): SD 1.x and 2.x.
+    """
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
+    config = unet.config
+    problems = [
+        f"{key}={config.get(key)!r} (expected {needed!r})"
+        for key, needed in _UNMIRRORED_SETTINGS.items()
+        if config.get(key, needed) != needed
+    ]
+    for i, kind in enumerate(config.down_block_types):
+        if kind not in MIRRORED_DOWN_BLOCKS:
+            problems.append(
+                f"down_block_types[{i}]={kind!r} (expected one of {MIRRORED_DOWN_BLOCKS})"
+            )
+    if config.mid_block_type not in MIRRORED_MID_BLOCKS:
+        problems.append(
+            f"mid_block_type={config.mid_block_type!r} (expected one of {MIRRORED_MID_BLOCKS}: "
+            "the 13th residual needs a middle block)"
+        )
+    if problems:
+        raise ValueError("cnet cannot mirror this UNet2DConditionModel: " + "; ".join(problems))
+
+
+def _skip_channels(conv_in: nn.Conv2d, down_blocks: Sequence[nn.Module]) -> list[int]:
+    # The order the U-Net stacks its skip features: conv_in, each resnet (each "layer"), each
+    # downsampler. This is also the order of diffusers' down_block_res_samples.
+    channels = [conv_in.out_channels]
+    for block in down_blocks:
+        channels += [resnet.out_channels for resnet in block.resnets]
+        channels += [down.out_channels for down in (block.downsamplers or [])]
+    return channels
+
+
+def _skip_names(down_blocks: Sequence[nn.Module]) -> list[str]:
+    names = ["conv_in"]
+    for level, block in enumerate(down_blocks):
+        names += [f"down_blocks.{level}.resnets.{j}" for j in range(len(block.resnets))]
+        names += [
+            f"down_blocks.{level}.downsamplers.{j}" for j in range(len(block.downsamplers or []))
+        ]
+    return names
+
+
+def unet_skip_channels(unet: UNet2DConditionModel) -> list[int]:
+    """Channels of the U-Net's skip connections, in encoder order: 12 entries for SD
+    (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280 for SD1.5)."""
+    return _skip_channels(unet.conv_in, unet.down_blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# Residuals and their scales
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlResiduals:
+    r"""The ControlNet's 12 + 1 outputs: ``down`` (one per skip connection, encoder order) and
+    ``mid`` (for the middle block's output). ``tensors()`` lists all 13 in order, mid last."""
+
+    down: tuple[torch.Tensor, ...]
+    mid: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.down) + 1
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.down, self.mid]
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor]) -> ControlResiduals:
+        return cls(down=tuple(tensors[:-1]), mid=tensors[-1])
+
+    def scaled(self, scales: Sequence[float]) -> ControlResiduals:
+        r""":math:`s_i r_i` for each residual; ``scales`` has one entry per residual."""
+        if len(scales) != len(self):
+            raise ValueError(f"expected {len(self)} scales (one per residual), got {len(scales)}")
+        return ControlResiduals.from_tensors([r * s for r, s in zip(self.tensors(), scales)])
+
+    def pooled(self) -> ControlResiduals:
+        """Global average pooling of each residual over H, W (ControlNet 1.1 "shuffle"): the
+        residual then carries no layout, only a per-channel shift, broadcast over the skip."""
+        return ControlResiduals.from_tensors(
+            [r.mean(dim=(2, 3), keepdim=True) for r in self.tensors()]
+        )
+
+    def __add__(self, other: ControlResiduals) -> ControlResiduals:
+        """Composition of several ControlNets: their residuals add, with no extra weighting."""
+        if len(other) != len(self):
+            raise ValueError(f"cannot add {len(other)} residuals to {len(self)}")
+        return ControlResiduals.from_tensors(
+            [a + b for a, b in zip(self.tensors(), other.tensors())]
+        )
+
+    def scattered(self, mask: torch.Tensor) -> ControlResiduals:
+        """Residuals computed for the samples where ``mask`` is True, zeros elsewhere (e.g. no
+        control on the unconditional half of a classifier-free-guidance batch)."""
+
+        def scatter(r: torch.Tensor) -> torch.Tensor:
+            full = r.new_zeros((mask.shape[0], *r.shape[1:]))
+            full[mask] = r
+            return full
+
+        return ControlResiduals.from_tensors([scatter(r) for r in self.tensors()])
+
+
+def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released") -> tuple[float, ...]:
+    r"""Guess mode's per-residual scales, shallow residuals weakest, the middle one 1.
+
+    * ``rule="released"`` (the released demos, gradio_*.py):
+      :math:`s_i = 0.825^{\,n-1-i}`, i.e. :math:`0.825^{12-i}` for SD's 13 residuals.
+    * ``rule="diffusers"`` (``ControlNetModel.forward``): ``torch.logspace(-1, 0, n)``, i.e.
+      :math:`s_i = 10^{-(n-1-i)/(n-1)} = (10^{-1/12})^{12-i}` for n = 13.
+
+    The two are the same geometric ramp with slightly different ratios:
+    :math:`10^{-1/12} = 0.82540\ldots` against 0.825, so diffusers' first scale is exactly 0.1
+    where the released one is :math:`0.825^{12} = 0.0994`; they differ by at most 0.6 %.
+    """
+    if n_residuals < 1:
+        raise ValueError(f"expected n_residuals >= 1, got {n_residuals}")
+    if rule == "released":
+        return tuple(GUESS_MODE_BASE ** float(n_residuals - 1 - i) for i in range(n_residuals))
+    if rule == "diffusers":
+        return tuple(torch.logspace(-1, 0, n_residuals).tolist())
+    raise ValueError(f"guess_rule: expected 'released' or 'diffusers', got {rule!r}")
+
+
+def control_scales(
+    n_residuals: int,
+    scale: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
+    guess_rule: GuessRule = "released",
+) -> tuple[float, ...]:
+    """The scales :math:`s_i` for ``n_residuals`` residuals: ``scale`` (one number, or one per
+    residual), times :func:`guess_mode_scales` when ``guess_mode`` is on."""
+    if isinstance(scale, (int, float)):
+        scales = (float(scale),) * n_residuals
+    else:
+        scales = tuple(float(s) for s in scale)
+        if len(scales) != n_residuals:
+            raise ValueError(
+                f"expected one control scale or {n_residuals} (one per residual: "
+                f"{n_residuals - 1} skip connections + 1 middle block), got {len(scales)}"
+            )
+    if guess_mode:
+        ramp = guess_mode_scales(n_residuals, guess_rule)
+        if guess_rule == "diffusers":  # float32 products, as diffusers computes them
+            return tuple((torch.tensor(ramp) * torch.tensor(scales)).tolist())
+        scales = tuple(s * g for s, g in zip(scales, ramp))
+    return scales
+
+
+# --------------------------------------------------------------------------------------------
+# The ControlNet
+# --------------------------------------------------------------------------------------------
+
+
+def _condition_size_error(expected: str, condition: torch.Tensor) -> ValueError:
+    return ValueError(f"condition: expected shape {expected}, got {tuple(condition.shape)}")
+
+
+class ControlNet(nn.Module):
+    r"""A ControlNet for a diffusers ``UNet2DConditionModel`` (§3.2): 12 + 1 residuals.
+
+    Build it with :meth:`from_unet` (trainable copy of a locked U-Net), :meth:`from_diffusers`
+    (a diffusers ``ControlNetModel``) or :meth:`from_official` (an lllyasviel checkpoint).
+
+    Parts, named after the paper:
+
+    * ``conv_in``, ``time_proj``, ``time_embedding``, ``down_blocks``, ``mid_block``: the
+      trainable copy :math:`\Theta_c`, diffusers modules under the U-Net's own names;
+    * ``hint_encoder``: :math:`\mathcal{E}` of Eq. 9 ending in its zero convolution;
+    * ``zero_convs``: one :class:`~cnet.ZeroConv2d` per skip connection (12 for SD), and
+      ``mid_zero_conv`` for the middle block: the :math:`Z(\cdot; \Theta_{z2})` of Eq. 2.
+    """
+
+    def __init__(
+        self,
+        *,
+        conv_in: nn.Conv2d,
+        time_proj: nn.Module,
+        time_embedding: nn.Module,
+        down_blocks: nn.ModuleList,
+        mid_block: nn.Module,
+        hint_encoder: ReleasedHintEncoder | PaperHintEncoder,
+        cross_attention_dim: int | None,
+        global_pool: bool = False,
+        diffusers_config: dict[str, Any] | None = None,
+        diffusers_problem: str | None = None,
+    ):
+        super().__init__()
+        self.conv_in = conv_in
+        self.time_proj = time_proj
+        self.time_embedding = time_embedding
+        self.down_blocks = down_blocks
+        self.mid_block = mid_block
+        self.hint_encoder = hint_encoder
+        skip_channels = _skip_channels(conv_in, down_blocks)
+        self.zero_convs = nn.ModuleList([ZeroConv2d(c) for c in skip_channels])
+        mid_channels = mid_block.resnets[-1].out_channels
+        self.mid_zero_conv = ZeroConv2d(mid_channels)
+        if hint_encoder.out_channels != conv_in.out_channels:
+            raise ValueError(
+                f"hint encoder: expected {conv_in.out_channels} output channels (conv_in's), "
+                f"got {hint_encoder.out_channels}"
+            )
+        device = conv_in.weight.device
+        self.zero_convs.to(device=device, dtype=conv_in.weight.dtype)
+        self.mid_zero_conv.to(device=device, dtype=conv_in.weight.dtype)
+        self.in_channels = conv_in.in_channels
+        self.cross_attention_dim = cross_attention_dim
+        self.global_pool = global_pool
+        self.skip_channels = tuple(skip_channels)
+        self.mid_channels = mid_channels
+        # What diffusers' ControlNetModel needs to rebuild this network (see to_diffusers).
+        self.diffusers_config = diffusers_config
+        self.diffusers_problem = diffusers_problem
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNet2DConditionModel,
+        hint_encoder: HintEncoderKind = "released",
+        *,
+        condition_channels: int = 3,
+        condition_size: int | tuple[int, int] | None = None,
+        hint_channels: Sequence[int] | None = None,
+        global_pool: bool = False,
+    ) -> ControlNet:
+        r"""Clone the encoder and middle block of ``unet`` into a ControlNet (§3.2).
+
+        ``conv_in``, the time embedding, every down block and the mid block are deep copies
+        (:func:`cnet.trainable_copy`): equal to the U-Net's weights bit for bit, trainable, no
+        shared storage. ``unet`` itself is left untouched (lock it, or use
+        :class:`ControlledUNet`, which does).
+
+        ``hint_encoder`` picks :math:`\mathcal{E}` (Eq. 9): ``"released"`` or ``"paper"``.
+        ``condition_size`` is the condition image's size in pixels; with the U-Net's
+        ``sample_size`` it fixes E's downsampling factor. Default: 8 × ``sample_size``
+        (SD's VAE ratio: 512-pixel conditions for 64×64 latents), or, for the released encoder
+        given ``hint_channels``, one halving per stage after the first. ``hint_channels``
+        overrides E's stage channels. ``global_pool`` averages each residual over H, W
+        (ControlNet 1.1 shuffle).
+        """
+        check_mirrorable(unet)
+        if condition_size is None and hint_encoder == "released" and hint_channels is not None:
+            factor = 2 ** (len(hint_channels) - 1)  # one halving per stage after the first
+        elif condition_size is None:
+            factor = 8
+        else:
+            if unet.config.sample_size is None:
+                raise ValueError(
+                    "condition_size needs the U-Net's sample_size, and unet.config.sample_size "
+                    "is None: pass condition_size=None (factor 8) or set sample_size"
+                )
+            factor = downscale_factor_for(unet.config.sample_size, condition_size)
+        weight = unet.conv_in.weight
+        hint = make_hint_encoder(
+            hint_encoder,
+            out_channels=unet.conv_in.out_channels,
+            condition_channels=condition_channels,
+            downscale_factor=factor,
+            channels=hint_channels,
+        ).to(device=weight.device, dtype=weight.dtype)
+        config, problem = _diffusers_config_for(unet, hint, global_pool)
+        return cls(
+            conv_in=trainable_copy(unet.conv_in),
+            time_proj=trainable_copy(unet.time_proj),
+            time_embedding=trainable_copy(unet.time_embedding),
+            down_blocks=trainable_copy(unet.down_blocks),
+            mid_block=trainable_copy(unet.mid_block),
+            hint_encoder=hint,
+            cross_attention_dim=unet.config.cross_attention_dim,
+            global_pool=global_pool,
+            diffusers_config=config,
+            diffusers_problem=problem,
+        )
+
+    @classmethod
+    def from_diffusers(cls, model: ControlNetModel) -> ControlNet:
+        """A cnet ControlNet with the weights of a diffusers ``ControlNetModel`` (copied)."""
+        from .convert import controlnet_from_diffusers
+
+        return controlnet_from_diffusers(model)
+
+    def to_diffusers(self) -> ControlNetModel:
+        """A diffusers ``ControlNetModel`` with this ControlNet's weights (copied); its
+        residuals equal this one's. Needs the released hint encoder."""
+        from .convert import controlnet_to_diffusers
+
+        return controlnet_to_diffusers(self)
+
+    @classmethod
+    def from_official(
+        cls,
+        unet: UNet2DConditionModel,
+        checkpoint: dict[str, torch.Tensor] | str | Path,
+        *,
+        global_pool: bool = False,
+    ) -> ControlNet:
+        """A ControlNet for ``unet`` loaded from an lllyasviel checkpoint (``control_model.*``
+        keys; a state dict, or a .safetensors / .pth path). The hint encoder's channels and
+        condition channels are read from the checkpoint."""
+        from .convert import controlnet_from_official
+
+        return controlnet_from_official(unet, checkpoint, global_pool=global_pool)
+
+    def to_official(self, prefix: str = "control_model.") -> dict[str, torch.Tensor]:
+        """This ControlNet's weights under the official .pth key layout (``input_blocks``,
+        ``zero_convs``, ``input_hint_block``, ``middle_block_out``, ``time_embed``, ...)."""
+        from .convert import to_official_state_dict
+
+        return to_official_state_dict(self, prefix=prefix)
+
+    # ---- sizes -----------------------------------------------------------------------------
+
+    @property
+    def n_residuals(self) -> int:
+        """12 + 1 for SD: one per skip connection, one for the middle block."""
+        return len(self.zero_convs) + 1
+
+    @property
+    def downscale_factor(self) -> int:
+        """Condition pixels per latent pixel (8 for SD)."""
+        return self.hint_encoder.downscale_factor
+
+    @property
+    def condition_channels(self) -> int:
+        return self.hint_encoder.condition_channels
+
+    def residual_names(self) -> list[str]:
+        """Where each residual is taken, by module: ``conv_in``, ``down_blocks.L.resnets.J``,
+        ``down_blocks.L.downsamplers.0``, ..., ``mid_block`` (diffusers' names)."""
+        return [*_skip_names(self.down_blocks), "mid_block"]
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _check_inputs(
+        self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, condition: torch.Tensor
+    ) -> None:
+        if sample.dim() != 4 or sample.shape[1] != self.in_channels:
+            raise ValueError(
+                f"sample: expected shape (N, {self.in_channels}, h, w), got {tuple(sample.shape)}"
+            )
+        n, _, h, w = sample.shape
+        f, c = self.downscale_factor, self.condition_channels
+        expected = f"({n}, {c}, {f * h}, {f * w}) ({f}x the latent's {h}x{w}, in [0, 1])"
+        if condition.dim() != 4 or tuple(condition.shape) != (n, c, f * h, f * w):
+            raise _condition_size_error(expected, condition)
+        dim = self.cross_attention_dim
+        if isinstance(dim, int) and (
+            encoder_hidden_states.dim() != 3
+            or encoder_hidden_states.shape[0] != n
+            or encoder_hidden_states.shape[2] != dim
+        ):
+            raise ValueError(
+                f"encoder_hidden_states: expected shape ({n}, L, {dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+
+    def embed_time(
+        self, timestep: torch.Tensor | float | int, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """The time embedding of the trainable copy, one row per sample (as the U-Net does)."""
+        n = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            is_float = isinstance(timestep, float)
+            dtype = torch.float64 if is_float else torch.int64
+            if sample.device.type == "mps" and is_float:
+                dtype = torch.float32
+            timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+        elif timestep.dim() == 0:
+            timestep = timestep[None].to(sample.device)
+        if timestep.dim() != 1 or timestep.shape[0] not in (1, n):
+            raise ValueError(
+                f"timestep: expected a number or a tensor of shape () / (1,) / ({n},), "
+                f"got shape {tuple(timestep.shape)}"
+            )
+        t_emb = self.time_proj(timestep.expand(n)).to(dtype=sample.dtype)
+        return self.time_embedding(t_emb)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        condition: torch.Tensor,
+    ) -> ControlResiduals:
+        r"""The 12 + 1 residuals (unscaled) for a noisy latent, a timestep, a text embedding
+        and a condition image in [0, 1] of ``downscale_factor`` × the latent's size.
+
+        ``sample`` (N, C, h, w), ``timestep`` a number or (N,), ``encoder_hidden_states``
+        (N, L, cross_attention_dim), ``condition`` (N, 3, 8h, 8w) for SD.
+        """
+        self._check_inputs(sample, encoder_hidden_states, condition)
+        emb = self.embed_time(timestep, sample)
+        # x + Z(c_f; Θ_z1) with c_f = E(c_i), Eq. 9: the condition enters after conv_in.
+        h = self.conv_in(sample) + self.hint_encoder(condition)
+        features = [h]
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, skips = block(
+                    hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states
+                )
+            else:
+                h, skips = block(hidden_states=h, temb=emb)
+            features.extend(skips)
+        if getattr(self.mid_block, "has_cross_attention", False):
+            h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            h = self.mid_block(h, emb)
+        # Z(·; Θ_z2), one per skip feature and one for the middle block.
+        down = tuple(z(f) for z, f in zip(self.zero_convs, features, strict=True))
+        return ControlResiduals(down=down, mid=self.mid_zero_conv(h))
+
+    def residuals(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        condition: torch.Tensor,
+        scale: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
+        guess_rule: GuessRule = "released",
+    ) -> ControlResiduals:
+        r"""The residuals as the locked U-Net receives them: scaled by :func:`control_scales`,
+        then globally average-pooled if ``global_pool`` (the order of the released code;
+        diffusers drops the guess-mode ramp when pooling)."""
+        raw = self(sample, timestep, encoder_hidden_states, condition)
+        out = raw.scaled(control_scales(self.n_residuals, scale, guess_mode, guess_rule))
+        return out.pooled() if self.global_pool else out
+
+
+def _diffusers_config_for(
+    unet: UNet2DConditionModel, hint: nn.Module, global_pool: bool
+) -> tuple[dict[str, Any] | None, str | None]:
+    """diffusers' own mirroring of ``unet`` (``ControlNetModel.from_unet`` on the meta device,
+    no memory), or the reason it cannot express this ControlNet."""
+    config = unet.config
+    unsupported = [
+        f"{key}={config.get(key)!r} (diffusers assumes {value!r})"
+        for key, value in _DIFFUSERS_ASSUMES.items()
+        if config.get(key, value) != value
+    ]
+    for key in ("layers_per_block", "cross_attention_dim"):
+        if not isinstance(config.get(key), int):
+            unsupported.append(f"{key}={config.get(key)!r} (diffusers needs one int)")
+    if unsupported:
+        return None, "ControlNetModel cannot express this U-Net: " + "; ".join(unsupported)
+    channels = getattr(hint, "channels", None)
+    with torch.device("meta"):
+        reference = ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=channels,
+            conditioning_channels=hint.condition_channels,
+            load_weights_from_unet=False,
+        )
+    kwargs = {k: v for k, v in reference.config.items() if not k.startswith("_")}
+    kwargs["global_pool_conditions"] = global_pool
+    return kwargs, None
+
+
+# --------------------------------------------------------------------------------------------
+# Injection into the locked U-Net
+# --------------------------------------------------------------------------------------------
+
+
+def inject_residuals(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    residuals: ControlResiduals | None,
+    only_mid_control: bool = False,
+    **unet_kwargs: Any,
+) -> torch.Tensor:
+    r"""Run the U-Net with the ControlNet residuals added: :math:`\text{skip}_i + r_i` into the
+    decoder and :math:`\text{mid} + r_{12}`, through the U-Net's own forward
+    (``down_block_additional_residuals``, ``mid_block_additional_residual``).
+
+    ``only_mid_control`` (released code, ``ControlLDM.only_mid_control``) adds the middle
+    residual alone. ``residuals=None`` runs the plain U-Net. Returns the U-Net's output sample.
+    """
+    if residuals is None:
+        return unet(sample, timestep, encoder_hidden_states, **unet_kwargs).sample
+    channels = unet_skip_channels(unet)
+    got = [r.shape[1] for r in residuals.down]
+    if got != channels:
+        raise ValueError(
+            f"residuals: expected {len(channels)} skip residuals with channels {channels} "
+            f"(+1 middle), got {len(got)} with channels {got}"
+        )
+    mid_channels = unet.mid_block.resnets[-1].out_channels
+    if residuals.mid.shape[1] != mid_channels:
+        raise ValueError(
+            f"residuals.mid: expected {mid_channels} channels, got {tuple(residuals.mid.shape)}"
+        )
+    down = residuals.down
+    if only_mid_control:
+        # Adding exact zeros leaves every skip connection bit-identical.
+        down = tuple(torch.zeros_like(r) for r in down)
+    return unet(
+        sample,
+        timestep,
+        encoder_hidden_states,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=residuals.mid,
+        **unet_kwargs,
+    ).sample
+
+
+def _per_controlnet(value: Any, k: int, name: str) -> list[Any]:
+    """One entry per ControlNet: ``value`` as is for one ControlNet, else a sequence of k."""
+    if k == 1:
+        return [value]
+    if isinstance(value, (int, float)):
+        return [value] * k
+    if len(value) != k:
+        raise ValueError(f"{name}: expected one entry per ControlNet ({k}), got {len(value)}")
+    return list(value)
+
+
+class ControlledUNet(nn.Module):
+    r"""The locked U-Net with one or several ControlNets injected (§3.2, Eq. 2 at full scale).
+
+    ``unet`` is locked in place (:func:`cnet.lock`); each ControlNet's residuals are scaled
+    (its own scale), added together (composition: several ControlNets simply add), and fed
+    into the U-Net's skip connections and middle block by :func:`inject_residuals`.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, controlnets: ControlNet | Sequence[ControlNet]):
+        super().__init__()
+        nets = [controlnets] if isinstance(controlnets, ControlNet) else list(controlnets)
+        if not nets:
+            raise ValueError("expected at least one ControlNet")
+        channels = tuple(unet_skip_channels(unet))
+        for k, net in enumerate(nets):
+            if net.skip_channels != channels:
+                raise ValueError(
+                    f"ControlNet {k} gives residuals with channels {list(net.skip_channels)}; "
+                    f"this U-Net's skip connections expect {list(channels)}"
+                )
+        self.unet = lock(unet)
+        self.controlnets = nn.ModuleList(nets)
+
+    @property
+    def n_residuals(self) -> int:
+        return self.controlnets[0].n_residuals
+
+    def residuals(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        conditions: torch.Tensor | Sequence[torch.Tensor],
+        scales: float | Sequence[float] | Sequence[float | Sequence[float]] = 1.0,
+        guess_mode: bool = False,
+        guess_rule: GuessRule = "released",
+        control_mask: torch.Tensor | None = None,
+    ) -> ControlResiduals:
+        r"""The summed residuals :math:`\sum_k s^{(k)} \odot r^{(k)}` of all ControlNets.
+
+        ``conditions``: one condition image, or one per ControlNet. ``scales``: for one
+        ControlNet a number or one per residual; for several, one entry (number or per-residual
+        list) per ControlNet, or a single number for all. ``guess_mode`` multiplies in
+        :func:`guess_mode_scales`. ``control_mask`` (N,) bool: samples that get control; the
+        ControlNets run on those only and the others get zero residuals (guess mode with
+        classifier-free guidance: no control on the unconditional half).
+        """
+        k = len(self.controlnets)
+        if isinstance(conditions, torch.Tensor):
+            conditions = [conditions]
+        if len(conditions) != k:
+            raise ValueError(
+                f"conditions: expected one per ControlNet ({k}), got {len(conditions)}"
+            )
+        per_net_scales = _per_controlnet(scales, k, "scales")
+        if control_mask is not None:
+            if control_mask.dtype != torch.bool or tuple(control_mask.shape) != (sample.shape[0],):
+                raise ValueError(
+                    f"control_mask: expected a bool tensor of shape ({sample.shape[0]},), got "
+                    f"{control_mask.dtype} {tuple(control_mask.shape)}"
+                )
+            if torch.is_tensor(timestep) and timestep.dim() == 1 and timestep.shape[0] > 1:
+                timestep = timestep[control_mask]
+            sample, encoder_hidden_states = (
+                sample[control_mask],
+                encoder_hidden_states[control_mask],
+            )
+            conditions = [c[control_mask] for c in conditions]
+        total = None
+        for net, condition, scale in zip(self.controlnets, conditions, per_net_scales):
+            r = net.residuals(
+                sample, timestep, encoder_hidden_states, condition, scale, guess_mode, guess_rule
+            )
+            total = r if total is None else total + r
+        return total if control_mask is None else total.scattered(control_mask)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        conditions: torch.Tensor | Sequence[torch.Tensor],
+        scales: float | Sequence[float] | Sequence[float | Sequence[float]] = 1.0,
+        guess_mode: bool = False,
+        guess_rule: GuessRule = "released",
+        only_mid_control: bool = False,
+        control_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The controlled U-Net's output :math:`y_c` (the noise prediction). See
+        :meth:`residuals` for the arguments and :func:`inject_residuals` for
+        ``only_mid_control``."""
+        residuals = self.residuals(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            conditions,
+            scales,
+            guess_mode,
+            guess_rule,
+            control_mask,
+        )
+        return inject_residuals(
+            self.unet, sample, timestep, encoder_hidden_states, residuals, only_mid_control
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The 13 injection points, for tables and diagrams
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InjectionPoint:
+    """One of the 12 + 1 places a residual enters the locked U-Net."""
+
+    index: int
+    encoder: str  # the module whose output is copied and zero-convolved (diffusers' name)
+    decoder: str  # where the residual is added in the locked U-Net
+    official: str  # the zero conv's name in the official checkpoints
+    channels: int
+    height: int
+    width: int
+
+
+def injection_points(
+    unet: UNet2DConditionModel, latent_size: int | tuple[int, int] | None = None
+) -> list[InjectionPoint]:
+    """The U-Net's skip connections and middle block with their shapes for ``latent_size``
+    (default: its ``sample_size``), from one forward pass on zeros (free on the meta device).
+    """
+    size = latent_size if latent_size is not None else unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    param = unet.conv_in.weight
+    shapes: list[tuple[int, ...]] = []
+
+    def skip_hook(module: nn.Module, args: Any, output: Any) -> None:
+        if module is unet.conv_in:
+            shapes.append(tuple(output.shape))
+        elif module is unet.mid_block:
+            shapes.append(tuple(output.shape))
+        else:
+            shapes.extend(tuple(s.shape) for s in output[1])
+
+    hooks = [
+        m.register_forward_hook(skip_hook)
+        for m in (unet.conv_in, *unet.down_blocks, unet.mid_block)
+    ]
+    try:
+        dim = unet.config.cross_attention_dim
+        dim = dim if isinstance(dim, int) else dim[0]
+        with torch.no_grad():
+            unet(
+                torch.zeros(
+                    1, unet.config.in_channels, h, w, device=param.device, dtype=param.dtype
+                ),
+                0,
+                torch.zeros(1, 1, dim, device=param.device, dtype=param.dtype),
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # The decoder consumes skips from the last one back: up block by up block, resnet by resnet.
+    consumers = [
+        f"up_blocks.{u}.resnets.{j} (skip)"
+        for u, block in enumerate(unet.up_blocks)
+        for j in range(len(block.resnets))
+    ][::-1]
+    encoders = [*_skip_names(unet.down_blocks), "mid_block"]
+    decoders = [*consumers, "mid_block (output)"]
+    n = len(encoders)
+    officials = [f"zero_convs.{i}" for i in range(n - 1)] + ["middle_block_out"]
+    return [
+        InjectionPoint(i, encoders[i], decoders[i], officials[i], s[1], s[2], s[3])
+        for i, s in enumerate(shapes)
+    ]

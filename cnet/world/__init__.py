@@ -1,0 +1,29 @@
+"""The miniature Stable Diffusion world: procedural scenes with exact conditions
+(:mod:`cnet.world.data`), exact fidelity metrics (:mod:`cnet.world.metrics`), a Stable
+Diffusion built small from diffusers' classes (:mod:`cnet.world.model`), its pretraining
+(:mod:`cnet.world.pretrain`) and the measurement of what the pretrained base does
+(:mod:`cnet.world.evaluate`).
+
+    python -m cnet.world pretrain --profile quick --out runs/quick-sd
+    python -m cnet.world evaluate --model models/miniature-sd
+"""
+
+from .data import (
+    CONDITIONS,
+    PALETTE,
+    SHAPES,
+    FillDataset,
+    ShapesDataset,
+    render_fill,
+    render_shapes,
+)
+
+__all__ = [
+    "CONDITIONS",
+    "PALETTE",
+    "SHAPES",
+    "FillDataset",
+    "ShapesDataset",
+    "render_fill",
+    "render_shapes",
+]

@@ -1,0 +1,172 @@
+r"""Fidelity metrics that are exact, because the world's conditions are.
+
+A ControlNet paper has to re-run a detector on its outputs to guess how well they follow the
+condition (ControlNet++ re-segments, re-runs Canny, re-estimates depth). Here every condition is
+known exactly and every colour in a prompt is a palette entry, so the check is direct:
+
+* **colour classification**: each pixel is given the nearest palette colour (in RGB);
+* **IoU** of the generated foreground (pixels of the prompted colour) with the region a
+  requested outline encloses (Fill);
+* **mIoU** over shape classes of a label map recovered from colours (segmentation);
+* **edge F1** with a pixel tolerance (outline, Canny);
+* **depth-order accuracy**: for each pair of overlapping shapes, is the nearer one drawn on top;
+* **prompt adherence**: are the prompted colours the ones drawn;
+* **shape fit**: which shape best explains a foreground mask, by IoU with a fitted template.
+
+Images are (B, 3, H, W) tensors in [-1, 1]; masks are (B, H, W) bool tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import COLOUR_NAMES, PALETTE_RGB, SHAPES, colour_index, shape_index, shape_masks
+
+__all__ = [
+    "classify_colours",
+    "iou",
+    "mean_iou",
+    "edge_f1",
+    "depth_order_accuracy",
+    "colours_drawn",
+    "fit_shape",
+]
+
+
+def classify_colours(images: torch.Tensor) -> torch.Tensor:
+    """Nearest palette colour of every pixel: (B, 3, H, W) in [-1, 1] -> (B, H, W) palette
+    indices into ``COLOUR_NAMES``."""
+    rgb = (images.float().clamp(-1, 1) + 1) / 2
+    palette = torch.from_numpy(PALETTE_RGB).to(rgb)  # (colours, 3)
+    distances = ((rgb[:, None] - palette[None, :, :, None, None]) ** 2).sum(dim=2)
+    return distances.argmin(dim=1)
+
+
+def iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""Intersection over union per image, :math:`|P \cap T| / |P \cup T|` of (B, H, W) masks;
+    1.0 where both are empty."""
+    predicted, target = predicted.bool().flatten(1), target.bool().flatten(1)
+    intersection = (predicted & target).sum(1).float()
+    union = (predicted | target).sum(1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def mean_iou(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
+    """Per-class IoU over a whole set of label maps (intersections and unions summed over all
+    images, as ADE20K's benchmark does) and their mean over the classes that occur in either.
+    Returns ``{"miou": float, "per_class": [float or None, ...]}``."""
+    per_class: list[float | None] = []
+    for c in range(num_classes):
+        p, t = predicted == c, target == c
+        union = (p | t).sum().item()
+        per_class.append((p & t).sum().item() / union if union else None)
+    present = [v for v in per_class if v is not None]
+    return {"miou": float(np.mean(present)) if present else 1.0, "per_class": per_class}
+
+
+def edge_f1(predicted: torch.Tensor, target: torch.Tensor, tolerance: int = 1) -> torch.Tensor:
+    """F1 of predicted edge pixels against target edge pixels, per image, where a pixel counts as
+    matched if the other map has an edge within ``tolerance`` pixels (Chebyshev distance).
+    Precision = matched predicted / predicted, recall = matched target / target; 1.0 where both
+    maps are empty, 0.0 where only one is."""
+    predicted, target = predicted.bool(), target.bool()
+
+    def near(mask: torch.Tensor) -> torch.Tensor:
+        size = 2 * tolerance + 1
+        return F.max_pool2d(mask[:, None].float(), size, stride=1, padding=tolerance)[:, 0] > 0
+
+    n_pred = predicted.flatten(1).sum(1).float()
+    n_true = target.flatten(1).sum(1).float()
+    precision = (predicted & near(target)).flatten(1).sum(1) / n_pred.clamp(min=1)
+    recall = (target & near(predicted)).flatten(1).sum(1) / n_true.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    both_empty = (n_pred == 0) & (n_true == 0)
+    return torch.where(both_empty, torch.ones_like(f1), f1)
+
+
+def depth_order_accuracy(images: torch.Tensor, shape_masks_: torch.Tensor,
+                         colours: Sequence[Sequence[str]]) -> dict:
+    """For every pair of shapes whose full masks overlap where no third, nearer shape hides
+    them, is the nearer shape of the pair the one drawn on top? ``shape_masks_``
+    (B, slots, H, W) holds each shape's full (unoccluded) mask, back to front as the dataset
+    gives them; ``colours[b]`` names the colour of each present slot. The overlap's majority
+    palette colour decides which shape is on top. Returns ``{"accuracy": correct / pairs,
+    "pairs": pairs}`` (accuracy None when no pair overlaps)."""
+    drawn = classify_colours(images)
+    correct = pairs = 0
+    for b, names in enumerate(colours):
+        ids = [colour_index(n) for n in names]
+        for back in range(len(ids)):
+            for front in range(back + 1, len(ids)):
+                overlap = shape_masks_[b, back] & shape_masks_[b, front]
+                for nearer in range(front + 1, len(ids)):  # hidden by a third shape: no vote
+                    overlap &= ~shape_masks_[b, nearer]
+                if not overlap.any():
+                    continue
+                pairs += 1
+                votes = drawn[b][overlap]
+                correct += int((votes == ids[front]).sum() > (votes == ids[back]).sum())
+    return {"accuracy": correct / pairs if pairs else None, "pairs": pairs}
+
+
+def colours_drawn(images: torch.Tensor, foregrounds: Sequence[Sequence[str]],
+                  backgrounds: Sequence[str], min_fraction: float = 0.01) -> dict:
+    """Prompt adherence for colours. The background is right when the prompted background colour
+    is the majority colour of the image's border ring; the foreground is right when every
+    prompted foreground colour covers at least ``min_fraction`` of the image and together they
+    are the majority of the pixels not of the background colour (so a circle of the wrong colour
+    with a few pixels of the right one does not pass). Returns per-image bool tensors
+    ``background_ok``, ``foreground_ok``, ``both_ok``."""
+    drawn = classify_colours(images)
+    border = torch.cat([drawn[:, 0], drawn[:, -1], drawn[:, 1:-1, 0], drawn[:, 1:-1, -1]], 1)
+    background_ok, foreground_ok = [], []
+    pixels = drawn[0].numel()
+    for b, (fg_names, bg_name) in enumerate(zip(foregrounds, backgrounds, strict=True)):
+        counts = torch.bincount(border[b], minlength=len(COLOUR_NAMES))
+        background_ok.append(int(counts.argmax()) == colour_index(bg_name))
+        wanted = [colour_index(n) for n in fg_names]
+        covers = [(drawn[b] == c).sum().item() for c in wanted]
+        not_background = (drawn[b] != colour_index(bg_name)).sum().item()
+        foreground_ok.append(min(covers) >= min_fraction * pixels
+                             and sum(covers) > not_background / 2)
+    background = torch.tensor(background_ok)
+    foreground = torch.tensor(foreground_ok)
+    return {"background_ok": background, "foreground_ok": foreground,
+            "both_ok": background & foreground}
+
+
+def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
+    """Which shape explains each mask (B, H, W) best. Each candidate is placed at the mask's
+    centroid with the mask's area (the equal-area radius r = sqrt(area / pi)), then nudged by
+    up to 1 px and scaled by 0.85 to 1.15; the best IoU over those placements is the candidate's
+    fit. Returns ``{"shape": [name or None per image], "iou": (B, candidates) tensor}``; an
+    empty mask gets shape None and fits 0."""
+    masks = masks.bool()
+    batch, height, _ = masks.shape
+    indices = [shape_index(s) for s in shapes]
+    fits = torch.zeros(batch, len(indices))
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(height) + 0.5,
+                            indexing="ij")
+    offsets = [(dx, dy, k) for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+               for k in (0.85, 0.925, 1.0, 1.075, 1.15)]
+    for b in range(batch):
+        area = masks[b].sum().item()
+        if area == 0:
+            continue
+        cx = (xs * masks[b]).sum().item() / area
+        cy = (ys * masks[b]).sum().item() / area
+        r = np.sqrt(area / np.pi)
+        count = len(offsets)
+        for j, shape in enumerate(indices):
+            templates = shape_masks(
+                np.full(count, shape), np.array([cx + o[0] for o in offsets]),
+                np.array([cy + o[1] for o in offsets]), np.array([r * o[2] for o in offsets]),
+                height,
+            )
+            fits[b, j] = iou(torch.from_numpy(templates), masks[b].expand(count, -1, -1)).max()
+    names = [shapes[int(fits[b].argmax())] if masks[b].any() else None for b in range(batch)]
+    return {"shape": names, "iou": fits}

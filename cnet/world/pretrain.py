@@ -1,0 +1,328 @@
+r"""Pretraining the miniature Stable Diffusion, the locked base every ControlNet of cnet sits on.
+
+    python -m cnet.world pretrain --profile quick --out runs/quick-sd
+    python -m cnet.world pretrain --profile full --out models/miniature-sd \
+        --run_dir runs/pretrain_full
+
+Two stages, as Stable Diffusion was made (an autoencoder first, then diffusion in its latents):
+
+1. **VAE**: ``AutoencoderKL`` on images of both data families, loss
+   :math:`\lVert D(z) - x \rVert^2 + \beta\,\mathrm{KL}(q(z|x) \,\|\, \mathcal N(0, I))`,
+   :math:`z \sim q(z|x)`, with SD's tiny :math:`\beta`. Afterwards the latent scale is measured
+   and stored as ``scaling_factor`` (SD1.5's 0.18215 was found the same way: 1 / std of latents).
+2. **Text encoder + U-Net**, trained together from scratch on text only (no spatial condition),
+   with SD's :math:`\epsilon`-prediction loss
+   :math:`\lVert \epsilon - \epsilon_\theta(\sqrt{\bar\alpha_t} z_0 + \sqrt{1-\bar\alpha_t}\,
+   \epsilon, t, \tau(y)) \rVert^2` (DDPM noise schedule of SD1.5), with 10% of prompts replaced
+   by the empty prompt so that classifier-free guidance works, as SD was trained. An
+   exponential moving average (EMA) of the weights is what ships.
+
+Settings are plain values (``Settings``), a profile fills them, and any one can be overridden on
+the command line (``--unet_steps=200``). Every random draw of step ``k`` comes from a generator
+seeded by ``(seed, stage, k)``, so a run resumed from a checkpoint continues exactly as if it
+had never stopped; checkpoints (weights, EMA, optimizer state) are safetensors, written to a
+temporary file and then renamed, so an interrupted write never leaves a broken checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import FillDataset, ShapesDataset
+from .model import (
+    build_pipeline,
+    build_schedulers,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    encode_prompts,
+)
+
+__all__ = ["Settings", "PROFILES", "pretrain"]
+
+STAGE_IDS = {"vae": 1, "unet": 2}
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every setting of a pretraining run (the defaults are the quick profile)."""
+
+    size: str = "tiny"  # model widths, see model.SIZES
+    resolution: int = 32
+    seed: int = 0
+    vae_steps: int = 40
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6  # SD's autoencoder uses a KL weight of 1e-6
+    unet_steps: int = 40
+    unet_batch: int = 16
+    unet_lr: float = 1e-3
+    warmup_steps: int = 10
+    empty_prompt_rate: float = 0.1  # SD drops 10% of captions for classifier-free guidance
+    ema_decay: float = 0.99
+    checkpoint_every: int = 20
+    dataset_size: int = 50_000  # per family
+    threads: int = 1
+
+
+PROFILES: dict[str, dict] = {
+    "quick": {},
+    "full": dict(size="small", vae_steps=1500, vae_batch=32, unet_steps=4000, unet_batch=48,
+                 warmup_steps=200, ema_decay=0.999, checkpoint_every=250),
+}
+
+
+def _generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The single source of randomness of one step: a function of (seed, stage, step) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + STAGE_IDS[stage] * 100_000_007 + step)
+
+
+def _batch(datasets, size: int, gen: torch.Generator) -> dict:
+    """Half Fill, half Shapes, indices drawn from ``gen``."""
+    half = size // 2
+    parts = []
+    for dataset, count in zip(datasets, (half, size - half), strict=True):
+        indices = torch.randint(0, len(dataset), (count,), generator=gen).tolist()
+        parts.append(dataset.batch(indices))
+    return {"image": torch.cat([p["image"] for p in parts]),
+            "prompt": parts[0]["prompt"] + parts[1]["prompt"]}
+
+
+def _lr(step: int, s: Settings, peak: float, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < s.warmup_steps:
+        return peak * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer | None,
+                     meta: dict) -> None:
+    tensors = {}
+    for name, module in modules.items():
+        tensors.update({f"{name}.{k}": v.detach().contiguous()
+                        for k, v in module.state_dict().items()})
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for index, entry in state["state"].items():
+            tensors.update({f"optimizer.{index}.{k}": v.contiguous() for k, v in entry.items()})
+        groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+        meta = {**meta, "param_groups": groups}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)  # atomic on POSIX: the old checkpoint stays valid until this instant
+
+
+def _load_checkpoint(path: Path, modules: dict,
+                     optimizer: torch.optim.Optimizer | None) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    tensors = load_file(str(path))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                if k.startswith(prefix)})
+    if optimizer is not None and "param_groups" in meta:
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _train_vae(vae, datasets, s: Settings, run_dir: Path, log) -> float:
+    checkpoint = run_dir / "vae.safetensors"
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
+    start, elapsed, began = 0, 0.0, time.time()
+    if checkpoint.exists():
+        meta = _load_checkpoint(checkpoint, {"vae": vae}, optimizer)
+        start, elapsed = meta["step"], meta["elapsed_s"]
+    vae.train()
+    for step in tqdm(range(start, s.vae_steps), desc="VAE", initial=start, total=s.vae_steps):
+        gen = _generator(s.seed, "vae", step)
+        images = _batch(datasets, s.vae_batch, gen)["image"]
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=gen)).sample
+        mse = F.mse_loss(reconstruction, images)
+        loss = mse + s.kl_weight * posterior.kl().mean()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, s, s.vae_lr, s.vae_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        log({"stage": "vae", "step": step, "mse": mse.item()})
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vae_steps:
+            _save_checkpoint(checkpoint, {"vae": vae}, optimizer,
+                             {"step": step + 1, "elapsed_s": elapsed + time.time() - began})
+    vae.eval()
+    return elapsed + time.time() - began if start < s.vae_steps else elapsed
+
+
+@torch.no_grad()
+def _measure_latent_scale(vae, datasets, s: Settings) -> float:
+    """1 / std of latents of 256 training images: the factor that gives the diffusion model
+    latents of unit variance (how SD1.5's 0.18215 was chosen)."""
+    images = _batch(datasets, 256, _generator(s.seed, "vae", 10**6))["image"]
+    return float(1.0 / vae.encode(images).latent_dist.mode().std())
+
+
+def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
+    checkpoint = run_dir / "unet.safetensors"
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    ema_unet, ema_text = [_frozen_copy(m) for m in (unet, text_encoder)]
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=s.unet_lr)
+    ddpm, _ = build_schedulers()
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
+               "ema_text_encoder": ema_text}
+    start, elapsed, began = 0, 0.0, time.time()
+    if checkpoint.exists():
+        meta = _load_checkpoint(checkpoint, modules, optimizer)
+        start, elapsed = meta["step"], meta["elapsed_s"]
+    unet.train()
+    text_encoder.train()
+    scale = vae.config.scaling_factor
+    for step in tqdm(range(start, s.unet_steps), desc="U-Net + text encoder", initial=start,
+                     total=s.unet_steps):
+        gen = _generator(s.seed, "unet", step)
+        batch = _batch(datasets, s.unet_batch, gen)
+        with torch.no_grad():
+            latents = vae.encode(batch["image"]).latent_dist.sample(generator=gen) * scale
+        drop = torch.rand(len(batch["prompt"]), generator=gen) < s.empty_prompt_rate
+        prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist(), strict=True)]
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, ddpm.config.num_train_timesteps, (len(latents),),
+                                  generator=gen)
+        noisy = ddpm.add_noise(latents, noise, timesteps)
+        embeddings = encode_prompts(prompts, pipe.tokenizer, text_encoder)
+        loss = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, s, s.unet_lr, s.unet_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        # EMA warm-up (as diffusers' EMAModel): early on, a decay of 0.999 would keep most of
+        # the random initialisation in the average.
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        log({"stage": "unet", "step": step, "loss": loss.item()})
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
+            _save_checkpoint(checkpoint, modules, optimizer,
+                             {"step": step + 1, "elapsed_s": elapsed + time.time() - began})
+    # The EMA weights are the ones that ship.
+    unet.load_state_dict(ema_unet.state_dict())
+    text_encoder.load_state_dict(ema_text.state_dict())
+    unet.eval()
+    text_encoder.eval()
+    return elapsed + time.time() - began if start < s.unet_steps else elapsed
+
+
+def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    clone = copy.deepcopy(module).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1 - decay)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custom",
+             command: list[str] | None = None):
+    """Run both stages (resuming from ``run_dir`` where checkpoints exist), save the pipeline to
+    ``out`` with ``save_pretrained`` (safetensors), copy the per-step log to
+    ``out/pretraining_log.jsonl`` and write ``out/pretraining.json`` (command, profile,
+    settings, device, wall time, steps, final losses). Returns the pipeline."""
+    s = settings
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)  # model initialisation
+    np.random.seed(s.seed)
+    started = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    datasets = [FillDataset(s.dataset_size, "train", s.resolution, s.seed),
+                ShapesDataset(s.dataset_size, "train", s.resolution, s.seed)]
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(tokenizer, s.size)
+    vae = build_vae(s.size, s.resolution)
+    unet = build_unet(text_encoder.config.hidden_size, s.size, s.resolution)
+    with (run_dir / "log.jsonl").open("a") as log_file:
+
+        def log(entry: dict) -> None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+
+        vae_seconds = _train_vae(vae, datasets, s, run_dir, log)
+        vae.register_to_config(scaling_factor=_measure_latent_scale(vae, datasets, s))
+        vae.requires_grad_(False)
+        pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
+        unet_seconds = _train_unet(pipe, datasets, s, run_dir, log)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # The per-step losses travel with the model, so a reader without the run folder (or a
+    # GPU) still sees the real curves.
+    shutil.copyfile(run_dir / "log.jsonl", out / "pretraining_log.jsonl")
+    record = {
+        "command": " ".join(command or sys.argv),
+        "profile": profile,
+        "settings": dataclasses.asdict(s),
+        "device": f"cpu ({platform.processor() or platform.machine()}), "
+                  f"{s.threads} thread(s), torch {torch.__version__}",
+        "wall_time_s": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1),
+                        "this_invocation": round(time.time() - started, 1)},
+        "steps": {"vae": s.vae_steps, "unet": s.unet_steps},
+        "parameters": {name: sum(p.numel() for p in m.parameters())
+                       for name, m in (("vae", vae), ("text_encoder", text_encoder),
+                                       ("unet", unet))},
+        "vae_scaling_factor": vae.config.scaling_factor,
+        "final": _final_losses(run_dir / "log.jsonl"),
+    }
+    (out / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+    return pipe
+
+
+def _final_losses(path: Path, window: int = 100) -> dict:
+    """Mean of the last ``window`` logged values of each stage (the whole run, resumes included)."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    latest = {}
+    for entry in entries:  # steps redone after a resume overwrite their earlier entries
+        latest[(entry["stage"], entry["step"])] = entry
+    vae = [e["mse"] for (stage, _), e in sorted(latest.items()) if stage == "vae"][-window:]
+    unet = [e["loss"] for (stage, _), e in sorted(latest.items()) if stage == "unet"][-window:]
+    return {f"vae_mse_last_{window}": float(np.mean(vae)) if vae else None,
+            f"unet_loss_last_{window}": float(np.mean(unet)) if unet else None}

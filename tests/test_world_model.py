@@ -1,0 +1,172 @@
+"""The miniature Stable Diffusion: SD's parts and topology, saved and loaded as a diffusers
+pipeline, offline; pretraining that resumes exactly; the shipped model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from cnet.world import pretrain as pretrain_module
+from cnet.world.data import FillDataset
+from cnet.world.evaluate import generate
+from cnet.world.model import (
+    MAX_PROMPT_TOKENS,
+    VOCABULARY,
+    build_pipeline,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    check_prompt,
+)
+from cnet.world.pretrain import PROFILES, Settings, pretrain
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "miniature-sd"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_every_word_of_the_world_is_one_token(tokenizer):
+    for word in VOCABULARY:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, word  # <|startoftext|> word <|endoftext|>
+        assert tokenizer.convert_ids_to_tokens(ids[1]) == f"{word}</w>"
+    assert len(set(tokenizer(list(VOCABULARY)).input_ids[i][1] for i in range(len(VOCABULARY)))) \
+        == len(VOCABULARY)
+
+
+def test_every_prompt_of_the_world_fits_the_tokenizer(tokenizer):
+    longest = "purple triangle and orange diamond and yellow square with black background"
+    assert check_prompt(longest, tokenizer) == longest
+    assert len(tokenizer(longest).input_ids) <= MAX_PROMPT_TOKENS
+    for prompt in FillDataset(100).batch(range(20))["prompt"]:
+        check_prompt(prompt, tokenizer)
+
+
+def test_bad_prompts_raise_clear_errors(tokenizer):
+    with pytest.raises(ValueError, match="unknown word.*mauve"):
+        check_prompt("mauve circle with blue background", tokenizer)
+    too_long = " and ".join(["red circle"] * 5) + " with blue background"
+    with pytest.raises(ValueError, match=f"at most {MAX_PROMPT_TOKENS}"):
+        check_prompt(too_long, tokenizer)
+
+
+def test_unet_has_sd_topology_with_12_plus_1_injection_points(tokenizer):
+    torch.manual_seed(0)
+    text_encoder = build_text_encoder(tokenizer, "tiny")
+    unet = build_unet(text_encoder.config.hidden_size, "tiny")
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3 + [
+        "DownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + [
+        "CrossAttnUpBlock2D"] * 3
+    assert unet.config.layers_per_block == 2
+    # count the residuals the down path hands to the decoder, as a ControlNet would replace
+    features = []
+    hooks = [b.register_forward_hook(lambda m, i, o: features.append(len(o[1])))
+             for b in unet.down_blocks]
+    latents = torch.zeros(1, 4, 8, 8)
+    unet(latents, 10, torch.zeros(1, MAX_PROMPT_TOKENS, text_encoder.config.hidden_size))
+    for h in hooks:
+        h.remove()
+    assert 1 + sum(features) == 12  # conv_in + 2 layers x 4 levels + 3 downsamplers
+    assert unet.mid_block is not None  # the + 1
+
+
+def test_vae_downsamples_4x_to_4_channels():
+    vae = build_vae("tiny")
+    latents = vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mode()
+    assert latents.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_vae("tiny", resolution=34)
+
+
+def test_pipeline_saves_as_safetensors_and_loads_offline(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    text_encoder = build_text_encoder(tokenizer, "tiny")
+    pipe = build_pipeline(build_vae("tiny"), text_encoder, tokenizer,
+                          build_unet(text_encoder.config.hidden_size, "tiny"))
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    a = generate(pipe, ["red circle with blue background"], steps=2, seed=1)
+    b = generate(loaded, ["red circle with blue background"], steps=2, seed=1)
+    assert a.shape == (1, 3, 32, 32) and torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown word"):
+        generate(loaded, ["a cat"])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        generate(loaded, ["red circle with blue background"], resolution=30)
+
+
+def _tiny(**overrides) -> Settings:
+    values = dict(vae_steps=4, vae_batch=4, unet_steps=6, unet_batch=4, warmup_steps=2,
+                  checkpoint_every=2)
+    return Settings(**{**values, **overrides})
+
+
+def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    straight = pretrain(_tiny(), tmp_path / "a" / "model", tmp_path / "a" / "run")
+    calls = {"n": 0}
+    original = pretrain_module._ema_update
+
+    def crash_after_five_updates(*args):
+        calls["n"] += 1
+        if calls["n"] > 2 * 5:  # two EMA updates (U-Net, text encoder) per step
+            raise KeyboardInterrupt
+        original(*args)
+
+    monkeypatch.setattr(pretrain_module, "_ema_update", crash_after_five_updates)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
+    monkeypatch.setattr(pretrain_module, "_ema_update", original)
+    resumed = pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
+    for name in ("unet", "text_encoder", "vae"):
+        a = getattr(straight, name).state_dict()
+        b = getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    record = json.loads((tmp_path / "b" / "model" / "pretraining.json").read_text())
+    assert record["steps"] == {"vae": 4, "unet": 6}
+    # checkpoints are plain safetensors: weights, EMA weights and optimizer state
+    keys = load_file(tmp_path / "b" / "run" / "unet.safetensors").keys()
+    assert any(k.startswith("ema_unet.") for k in keys)
+    assert any(k.startswith("optimizer.") for k in keys)
+
+
+def test_quick_profile_runs_end_to_end(tmp_path):
+    assert PROFILES["quick"] == {}  # the quick profile is Settings' defaults
+    pipe = pretrain(Settings(), tmp_path / "model", tmp_path / "run", profile="quick")
+    record = json.loads((tmp_path / "model" / "pretraining.json").read_text())
+    assert record["profile"] == "quick" and record["final"]["unet_loss_last_100"] > 0
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    assert loaded.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert generate(loaded, ["green square with white background"], steps=2).shape == (
+        1, 3, 32, 32)
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
+def test_shipped_model_is_small_and_loads_offline():
+    total = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert total <= 30 * 1024 * 1024
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    image = generate(pipe, ["yellow circle with blue background"], steps=20, seed=0)
+    assert image.shape == (1, 3, 32, 32)
+    record = json.loads((SHIPPED / "pretraining.json").read_text())
+    assert record["profile"] == "full" and "--profile full" in record["command"]
+
+
+def test_command_line_applies_overrides_on_top_of_the_profile(tmp_path):
+    from cnet.world.__main__ import main
+
+    main(["pretrain", "--profile", "quick", "--out", str(tmp_path / "model"), "--run_dir",
+          str(tmp_path / "run"), "--vae_steps=2", "--unet_steps=3", "--unet_batch=2",
+          "--vae_batch=2"])
+    record = json.loads((tmp_path / "model" / "pretraining.json").read_text())
+    assert record["settings"]["unet_steps"] == 3 and record["settings"]["size"] == "tiny"
+    assert "--unet_steps=3" in record["command"]
+    with pytest.raises(SystemExit):
+        main(["train"])
