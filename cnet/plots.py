@@ -204,7 +204,8 @@ def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
     loss_ax.set_ylabel("training loss")
     lines = ax.get_legend_handles_labels()
     more = loss_ax.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left",
+              framealpha=0.9)
     ax.set_title(f"Fidelity and loss during training{' — ' + label if label else ''}",
                  fontsize=10)
     fig.tight_layout()
@@ -249,7 +250,7 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
         ax.plot(xs, [v if v > 0 else float("nan") for v in values], "o-", color=f"C{k}",
                 label=name)
         zeros = [x for x, v in zip(xs, values) if v == 0]
-        ax.plot(zeros, [floor] * len(zeros), "o", mfc="none", color=f"C{k}", ms=9,
+        ax.plot(zeros, [floor] * len(zeros), "o", mfc="none", color=f"C{k}", ms=8 + 4 * k,
                 label=f"{name}: exactly 0" if zeros else None)
     ax.set_yscale("log")
     ax.set_xticks(xs)
