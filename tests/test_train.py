@@ -18,6 +18,7 @@ from cnet.train import (
     load_base,
     train,
     trainable_copy_parameters,
+    write_figures,
     zero_conv_norms,
 )
 from cnet.world.model import (
@@ -103,7 +104,7 @@ def _weights(path):
     return load_file(path / "checkpoint.safetensors")
 
 
-def test_resume_equals_the_uninterrupted_run(base, tmp_path):
+def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     train(_config(base, tmp_path / "straight", eval_every=2))
     train(_config(base, tmp_path / "resumed", steps=2, eval_every=2))
     summary = train(_config(base, tmp_path / "resumed", eval_every=2))
@@ -117,6 +118,13 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path):
     samples = load_file(tmp_path / "resumed" / "samples.safetensors")
     assert sorted(samples) == ["step_0", "step_2", "step_4"]
     assert samples["step_4"].dtype == torch.uint8 and samples["step_4"].shape == (4, 3, 32, 32)
+
+    monkeypatch.setenv("CNET_FIGURES", str(tmp_path / "figures"))
+    written = write_figures(tmp_path / "resumed", prefix="t")
+    assert sorted(p.name for p in written) == sorted(
+        f"t_{n}.png" for n in ("fidelity_and_loss", "zero_conv_growth", "first_steps_gradients",
+                               "samples_over_training"))
+    assert all(p.stat().st_size > 5000 for p in written)
 
 
 def test_ctrl_c_saves_and_resume_continues_exactly(base, tmp_path):
