@@ -225,7 +225,7 @@ def plot_zero_conv_growth(log, label: str = "") -> plt.Figure:
                 label=name.replace("zero_conv.", "") if (is_hint or is_mid or k % 3 == 0)
                 else None)
     ax.set_xlabel("training step")
-    ax.set_ylabel("‖W‖ + ‖B‖ (Frobenius)")
+    ax.set_ylabel("‖(W, B)‖ (Frobenius norm)")
     ax.set_title(f"Zero convolutions leaving zero{' — ' + label if label else ''}", fontsize=10)
     ax.legend(fontsize=7, ncol=2, title="zero conv", title_fontsize=7)
     ax.grid(alpha=0.3)

@@ -28,8 +28,9 @@ What happens, and why:
 
 Learning rate: the released tutorial uses 1e-5 with batch 4 for SD1.5's 361M-parameter
 ControlNet. The miniature ControlNet is ~1000× smaller and its activations much less
-correlated across channels, so it tolerates and needs a larger step: the profiles use 1e-4
-(quick) and 2e-4 (full); ``--lr`` overrides it.
+correlated across channels, so it tolerates and needs a larger step: both profiles use 2e-4;
+``--lr`` overrides it. The quick profile (800 steps of batch 16, about 2.5 minutes on 2 CPU
+cores) already takes Fill's IoU from the base's chance level to well above it.
 """
 
 from __future__ import annotations
@@ -75,22 +76,22 @@ class TrainConfig:
     base: str = "models/miniature-sd"  # a StableDiffusionPipeline folder (diffusers format)
     task: str = "fill"  # "fill", or a Shapes condition: outline, canny, segmentation, ...
     out: str = "runs/controlnet-fill-quick"
-    steps: int = 40
-    batch_size: int = 8
+    steps: int = 800
+    batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
     empty_prompt_ratio: float = 0.5
     sd_locked: bool = True
     decoder_lr_scale: float = 0.1
     hint_encoder: str = "released"
-    train_size: int = 512
-    eval_size: int = 8
-    eval_every: int = 20
+    train_size: int = 4096
+    eval_size: int = 32
+    eval_every: int = 50
     eval_steps: int = 10  # DDIM steps when sampling the evaluation set
     guidance_scale: float = 3.0
     log_every: int = 1
-    checkpoint_every: int = 20
+    checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
     resume: bool = True
@@ -104,7 +105,7 @@ class TrainConfig:
 PROFILES: dict[str, dict] = {
     "quick": {},
     "full": dict(
-        out="runs/controlnet-fill-full", steps=6000, batch_size=32, lr=2e-4, train_size=20_000,
+        out="runs/controlnet-fill-full", steps=6000, batch_size=32, train_size=20_000,
         eval_size=64, eval_every=100, eval_steps=20, checkpoint_every=250,
     ),
 }
