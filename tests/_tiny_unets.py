@@ -23,6 +23,16 @@ SD15_TINY = dict(
 )
 # SD2's differences: linear projections in the transformers, head counts per level,
 # attention upcast.
+# SD1.5's real sizes, for shape checks on the meta device (no memory, no weights)
+SD15_FULL_SIZE = dict(
+    SD15_TINY,
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
 SD2_TINY = dict(
     SD15_TINY,
     block_out_channels=(8, 16, 16, 32),
@@ -95,3 +105,20 @@ def inputs(unet: UNet2DConditionModel, batch: int, h: int, w: int, seed: int = 2
 
 def max_abs_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def tiny_sd_pipeline():
+    """A randomly initialised miniature Stable Diffusion (the world's "tiny" size), seeded."""
+    from cnet.world.model import (
+        build_pipeline,
+        build_text_encoder,
+        build_tokenizer,
+        build_unet,
+        build_vae,
+    )
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(tokenizer, size="tiny")
+    unet = build_unet(text_encoder.config.hidden_size, size="tiny")
+    return build_pipeline(build_vae(size="tiny"), text_encoder, tokenizer, unet)

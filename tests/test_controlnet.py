@@ -4,6 +4,7 @@ import pytest
 import torch
 from _tiny_unets import (
     SD2_TINY,
+    SD15_FULL_SIZE,
     SD15_TINY,
     inputs,
     max_abs_diff,
@@ -74,14 +75,7 @@ def test_residual_count_follows_the_config(levels, layers, attention):
 
 
 def test_sd15_residual_channels_and_sizes_on_meta():
-    sd15 = dict(
-        SD15_TINY,
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    sd15 = SD15_FULL_SIZE
     with torch.device("meta"):
         points = injection_points(UNet2DConditionModel(**sd15))
     assert [p.channels for p in points] == [320] * 4 + [640] * 3 + [1280] * 6

@@ -4,7 +4,15 @@ import json
 
 import pytest
 import torch
-from _tiny_unets import SD2_TINY, SD15_TINY, inputs, max_abs_diff, paired_controlnets, tiny_unet
+from _tiny_unets import (
+    SD2_TINY,
+    SD15_FULL_SIZE,
+    SD15_TINY,
+    inputs,
+    max_abs_diff,
+    paired_controlnets,
+    tiny_unet,
+)
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
@@ -210,14 +218,7 @@ def test_official_state_dict_loads_and_exports_back_key_for_key(pair, tmp_path):
 
 
 def test_sd15_official_keys_and_shapes_on_meta():
-    sd15 = dict(
-        SD15_TINY,
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    sd15 = SD15_FULL_SIZE
     with torch.device("meta"):
         net = ControlNet.from_unet(UNet2DConditionModel(**sd15))
         official = net.to_official()

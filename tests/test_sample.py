@@ -2,28 +2,18 @@
 
 import pytest
 import torch
+from _tiny_unets import tiny_sd_pipeline
 from diffusers import StableDiffusionControlNetPipeline
 
 from cnet import ControlledUNet, ControlNet
 from cnet.sample import sample
-from cnet.world.model import (
-    build_pipeline,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    build_vae,
-)
 
 PROMPTS = ["red circle with blue background", "green circle with white background"]
 
 
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    text_encoder = build_text_encoder(tokenizer, size="tiny")
-    pipe = build_pipeline(build_vae(size="tiny"), text_encoder, tokenizer,
-                          build_unet(text_encoder.config.hidden_size, size="tiny"))
+    pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
     controlnet = ControlNet.from_unet(pipe.unet, condition_size=32)
     with torch.no_grad():  # away from zero, so that the control actually changes the images

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from _tiny_unets import tiny_sd_pipeline
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
@@ -21,24 +22,12 @@ from cnet.train import (
     write_figures,
     zero_conv_norms,
 )
-from cnet.world.model import (
-    build_pipeline,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    build_vae,
-)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    text_encoder = build_text_encoder(tokenizer, size="tiny")
-    pipe = build_pipeline(build_vae(size="tiny"), text_encoder, tokenizer,
-                          build_unet(text_encoder.config.hidden_size, size="tiny"))
     path = tmp_path_factory.mktemp("base") / "tiny-sd"
-    pipe.save_pretrained(path)
+    tiny_sd_pipeline().save_pretrained(path)
     return path
 
 
