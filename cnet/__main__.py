@@ -4,6 +4,10 @@
                                write their figures to figures/
     python -m cnet train       train a ControlNet on the locked miniature base (profile quick on
                                CPU, full on CUDA; every setting is a flag: --steps, --lr, ...)
+    python -m cnet compare     train runs that differ in one setting (--knob lr --values 1e-4
+                               5e-4) and draw their fidelity curves side by side
+    python -m cnet export      ship a finished run: its ControlNet as a diffusers ControlNetModel
+                               folder, with the run's log, config and samples
 """
 
 from __future__ import annotations
@@ -123,6 +127,53 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def run_compare(args: argparse.Namespace) -> None:
+    import json
+
+    from .paths import figures_dir
+    from .plots import plot_knob_comparison
+    from .train import PROFILES, TrainConfig, compare_runs, train
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if args.knob not in fields:
+        raise SystemExit(f"--knob must be a TrainConfig setting ({', '.join(fields)}), "
+                         f"got {args.knob!r}")
+    settings = dict(PROFILES[args.profile or "quick"])
+    settings.update({name: getattr(args, name) for name in fields
+                     if getattr(args, name) is not None})
+    kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(fields[args.knob].type), str)
+    runs = {}
+    for text in args.values:
+        value = kind(text)
+        config = TrainConfig(**{**settings, args.knob: value})
+        # a run's folder is named by everything that differs from the defaults, so a run that
+        # two comparisons share (their common baseline) is trained once and resumed after
+        changed = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+                   if f.name != "out" and getattr(config, f.name) != f.default]
+        out = "runs/compare/" + ("_".join(changed) or "default")
+        config = dataclasses.replace(config, out=out)
+        print(f"--- {args.knob} = {text}: {config.steps} steps of batch {config.batch_size}"
+              f" x {config.grad_accum}, lr {config.lr}, into {out}")
+        train(config, profile=f"compare {args.knob}")
+        runs[text] = out
+    comparison = compare_runs(runs)
+    for value, entry in comparison.items():
+        print(f"{args.knob}={value}: final IoU {entry['eval_iou'][-1]:.3f}, "
+              f"report {entry['report']}")
+    name = f"05_compare_{args.knob}"
+    path = save_figure(plot_knob_comparison(comparison, args.knob, label=args.label), name)
+    data = figures_dir() / f"{name}.json"
+    data.write_text(json.dumps(comparison, indent=1) + "\n")
+    print(f"wrote {path} and {data}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .train import export_run
+
+    out = export_run(args.run, args.out, samples_kept=args.samples_kept)
+    print(f"shipped {args.run} to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,11 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     lessons.add_argument("--seed", type=int, default=0)
     lessons.add_argument("--steps", type=int, default=30)
     _add_train_flags(sub.add_parser("train", help="train a ControlNet on the miniature base"))
+    compare = sub.add_parser("compare", help="runs that differ in one setting, side by side")
+    compare.add_argument("--knob", required=True, help="the TrainConfig setting to vary")
+    compare.add_argument("--values", required=True, nargs="+", help="its values, one run each")
+    compare.add_argument("--label", default="", help="added to the figure's title")
+    _add_train_flags(compare)
+    export = sub.add_parser("export", help="ship a finished run as a diffusers ControlNetModel")
+    export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
+    export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
+    export.add_argument("--samples_kept", type=int, default=8)
     args = parser.parse_args(argv)
     if args.command == "lessons":
         run_lessons(seed=args.seed, steps=args.steps)
     elif args.command == "train":
         run_train(args)
+    elif args.command == "compare":
+        run_compare(args)
+    elif args.command == "export":
+        run_export(args)
     return 0
 
 

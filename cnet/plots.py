@@ -390,3 +390,26 @@ def plot_guess_mode_scales(scales: dict, title: str = "") -> plt.Figure:
         a.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Figure:
+    """Fidelity curves of runs that differ in one setting (from :func:`cnet.train.compare_runs`),
+    each with its detected convergence step and abruptness: which knob makes the jump sudden."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    colours = plt.get_cmap("plasma")
+    for k, (value, entry) in enumerate(comparison.items()):
+        colour = colours(k / max(1, len(comparison)))
+        report = entry["report"]
+        text = (f"{knob}={value}: step {report['step']}, abruptness {report['abruptness']:.2f}"
+                if report["converged"] else f"{knob}={value}: no jump")
+        ax.plot(entry["eval_steps"], entry["eval_iou"], "o-", ms=2.5, lw=1.2, color=colour,
+                label=text)
+        if report["converged"]:
+            ax.axvline(report["step"], color=colour, ls="--", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("fidelity (IoU)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    ax.set_title(f"Convergence against {knob}{' — ' + label if label else ''}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -58,6 +58,10 @@ __all__ = [
     "TrainingLog",
     "read_log",
     "write_figures",
+    "run_figures",
+    "export_run",
+    "load_controlnet",
+    "compare_runs",
     "PROFILES",
     "TrainingDiverged",
     "load_base",
@@ -105,10 +109,14 @@ class TrainConfig:
 PROFILES: dict[str, dict] = {
     "quick": {},
     "full": dict(
-        out="runs/controlnet-fill-full", steps=6000, batch_size=32, train_size=20_000,
-        eval_size=64, eval_every=100, eval_steps=20, checkpoint_every=250,
+        out="runs/controlnet-fill-full", steps=5000, batch_size=32, train_size=20_000,
+        eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,
     ),
 }
+
+# The first steps are always logged, whatever ``log_every``: they hold Eq. 6 and Eq. 8 (the
+# trainable copy's gradient is exactly zero at step 1 and non-zero from step 2).
+FIRST_STEPS_LOGGED = 10
 
 
 class TrainingDiverged(RuntimeError):
@@ -466,7 +474,7 @@ def train(config: TrainConfig, profile: str = "custom",
                     )
                 (loss / config.grad_accum).backward()
                 loss_sum += loss.item() / config.grad_accum
-            logged = step % config.log_every == 0
+            logged = step < FIRST_STEPS_LOGGED or step % config.log_every == 0
             if logged:  # norms before the update: step 0 shows the zero convs at exactly 0
                 entry = {"step": step, "loss": loss_sum,
                          "weight_norm": zero_conv_norms(controlnet),
@@ -543,28 +551,28 @@ def read_log(path: str | Path) -> TrainingLog:
     )
 
 
-def write_figures(run: str | Path, prefix: str = "05", label: str = "") -> list[Path]:
-    """Draw a run's curves and samples into figures/: fidelity and loss with the detected
+def run_figures(run: str | Path, label: str = "") -> dict:
+    """A run's figures (the run folder, or a shipped one): fidelity and loss with the detected
     convergence step, the zero convolutions' growth, the first steps' gradients, and a grid of
-    samples before, at and after the jump. Returns the paths written."""
+    samples before, at and after the jump. Returns ``{name: Figure}`` and the detector's report
+    under ``"report"`` (None with fewer than 5 evaluations)."""
     from .convergence import detect_sudden_convergence
     from .plots import (
         plot_fidelity_and_loss,
         plot_first_step_gradients,
         plot_sample_grid,
         plot_zero_conv_growth,
-        save_figure,
     )
 
     run = Path(run)
     log = read_log(run)
     report = (detect_sudden_convergence(log.eval_steps, log.eval_iou)
               if len(log.eval_steps) >= 5 else None)
-    written = [
-        save_figure(plot_fidelity_and_loss(log, report, label), f"{prefix}_fidelity_and_loss"),
-        save_figure(plot_zero_conv_growth(log, label), f"{prefix}_zero_conv_growth"),
-        save_figure(plot_first_step_gradients(log, label=label), f"{prefix}_first_steps_gradients"),
-    ]
+    figures = {
+        "fidelity_and_loss": plot_fidelity_and_loss(log, report, label),
+        "zero_conv_growth": plot_zero_conv_growth(log, label),
+        "first_steps_gradients": plot_first_step_gradients(log, label=label),
+    }
     samples = load_file(run / "samples.safetensors")
     steps = sorted(int(k.split("_")[1]) for k in samples)
     if report is not None and report.converged:
@@ -575,14 +583,96 @@ def write_figures(run: str | Path, prefix: str = "05", label: str = "") -> list[
     config = json.loads((run / "config.json").read_text())
     conditions = cache_conditions(config["task"], config["eval_size"], config["seed"],
                                   resolution=samples[f"step_{steps[0]}"].shape[-1])
-    rows = min(6, len(conditions))
-    grid = plot_sample_grid({k: v[:rows] for k, v in samples.items()}, conditions[:rows], shown,
-                            label)
-    written.append(save_figure(grid, f"{prefix}_samples_over_training"))
-    return written
+    rows = min(6, len(conditions), len(samples[f"step_{steps[0]}"]))
+    figures["samples_over_training"] = plot_sample_grid(
+        {k: v[:rows] for k, v in samples.items()}, conditions[:rows], shown, label)
+    figures["report"] = report
+    return figures
+
+
+def write_figures(run: str | Path, prefix: str = "05", label: str = "") -> list[Path]:
+    """Save :func:`run_figures` to figures/ as ``<prefix>_<name>.png``; returns the paths."""
+    from .plots import save_figure
+
+    figures = run_figures(run, label)
+    figures.pop("report")
+    return [save_figure(fig, f"{prefix}_{name}") for name, fig in figures.items()]
 
 
 def cache_conditions(task: str, size: int, seed: int, resolution: int) -> torch.Tensor:
     """The evaluation set's condition images (what :func:`cache_data` stores), without a model."""
     dataset = _dataset(task, size, "eval", resolution, seed)
     return dataset.batch(list(range(size)))[_condition_key(task)].float()
+
+
+# ------------------------------------------------------------------------------------------
+# Shipping a trained ControlNet, and loading it back
+# ------------------------------------------------------------------------------------------
+
+RUN_FILES = ("log.jsonl", "config.json", "run.json")
+
+
+def export_run(run: str | Path, out: str | Path, samples_kept: int = 8) -> Path:
+    """Ship a finished run: its ControlNet as a diffusers ``ControlNetModel`` folder
+    (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``) beside the
+    run's log, config and summary, and the evaluation samples of its first ``samples_kept``
+    conditions at every evaluation. ``out`` is then itself a run folder: :func:`read_log` and
+    :func:`write_figures` read it as they read ``run``. The optimizer state is left behind."""
+    run, out = Path(run), Path(out)
+    config = TrainConfig(**json.loads((run / "config.json").read_text()))
+    if config.hint_encoder != "released":
+        raise ValueError("only the released hint encoder has a diffusers ControlNetModel form, "
+                         f"this run used {config.hint_encoder!r}")
+    pipe = load_base(config.base)
+    controlnet = ControlNet.from_unet(
+        pipe.unet, hint_encoder=config.hint_encoder,
+        condition_size=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+    )
+    step = load_checkpoint(run / "checkpoint.safetensors", {"controlnet": controlnet}, None)
+    if step != config.steps:
+        raise ValueError(f"the run in {run} stopped at step {step} of {config.steps}; "
+                         "finish it (run the same command again) before shipping it")
+    out.mkdir(parents=True, exist_ok=True)
+    controlnet.to_diffusers().save_pretrained(out / "controlnet", safe_serialization=True)
+    for name in RUN_FILES:
+        (out / name).write_bytes((run / name).read_bytes())
+    samples = load_file(run / "samples.safetensors")
+    tmp = out / "samples.safetensors.tmp"
+    save_file({k: v[:samples_kept].contiguous() for k, v in samples.items()}, tmp)
+    os.replace(tmp, out / "samples.safetensors")
+    return out
+
+
+def load_controlnet(folder: str | Path) -> ControlNet:
+    """A shipped ControlNet (see :func:`export_run`), or any diffusers ``ControlNetModel``
+    folder, as a cnet :class:`~cnet.controlnet.ControlNet`."""
+    from diffusers import ControlNetModel
+
+    folder = Path(folder)
+    if (folder / "controlnet" / "config.json").exists():
+        folder = folder / "controlnet"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no ControlNetModel in {folder}: expected a config.json there "
+                                "or in its controlnet/ subfolder")
+    return ControlNet.from_diffusers(ControlNetModel.from_pretrained(folder)).eval()
+
+
+# ------------------------------------------------------------------------------------------
+# Which knob makes convergence sudden: runs that differ in one setting, side by side
+# ------------------------------------------------------------------------------------------
+
+
+def compare_runs(runs: dict[str, str | Path]) -> dict:
+    """Fidelity curves and convergence reports of several runs (label → run folder), for
+    :func:`cnet.plots.plot_knob_comparison`. Every run must have at least 5 evaluations."""
+    from .convergence import detect_sudden_convergence
+
+    result = {}
+    for label, run in runs.items():
+        log = read_log(run)
+        report = detect_sudden_convergence(log.eval_steps, log.eval_iou)
+        result[label] = {"run": str(run), "eval_steps": log.eval_steps,
+                         "eval_iou": log.eval_iou, "eval_colours": log.eval_colours,
+                         "report": report.as_dict(),
+                         "config": json.loads((Path(run) / "config.json").read_text())}
+    return result

@@ -1,0 +1,107 @@
+"""The shipped trained ControlNet (models/controlnet-fill, the full profile's run on the shipped
+miniature base): it loads in diffusers and in cnet with the same numbers, it follows its
+condition far better than an untrained one, and its shipped log holds the fidelity jump."""
+
+import json
+
+import pytest
+import torch
+from _tiny_unets import tiny_sd_pipeline
+from diffusers import ControlNetModel
+
+from cnet import ControlledUNet, ControlNet
+from cnet.convergence import detect_sudden_convergence
+from cnet.paths import repo_root
+from cnet.train import (
+    TrainConfig,
+    cache_data,
+    evaluate,
+    export_run,
+    load_base,
+    load_controlnet,
+    read_log,
+    train,
+)
+
+SHIPPED = repo_root() / "models" / "controlnet-fill"
+BASE = repo_root() / "models" / "miniature-sd"
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(2)
+    return load_base(BASE)
+
+
+def test_shipped_folder_is_a_diffusers_controlnet_with_its_run():
+    model = ControlNetModel.from_pretrained(SHIPPED / "controlnet")
+    assert model.config.conditioning_embedding_out_channels
+    for name in ("log.jsonl", "config.json", "run.json", "samples.safetensors"):
+        assert (SHIPPED / name).is_file(), name
+    assert not list(SHIPPED.rglob("*.bin")) and not list(SHIPPED.rglob("*.pt*"))
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size < 20e6, f"shipped ControlNet folder is {size / 1e6:.1f} MB"
+
+
+def test_diffusers_and_cnet_give_the_same_residuals(base):
+    ours = load_controlnet(SHIPPED)
+    theirs = ControlNetModel.from_pretrained(SHIPPED / "controlnet").eval()
+    data = cache_data(base, "fill", 2, "eval", seed=0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        a = ours(latents, t, data.embeddings[data.prompt_index[:2]], data.conditions[:2])
+        down, mid = theirs(latents, t, data.embeddings[data.prompt_index[:2]], data.conditions[:2],
+                           return_dict=False)
+    assert len(a.down) == len(down) == 12
+    for x, y in zip(a.down, down, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.mid, mid, rtol=0, atol=1e-6)
+
+
+def test_trained_controlnet_follows_its_condition_better_than_an_untrained_one(base):
+    data = cache_data(base, "fill", 16, "eval", seed=0)
+    untrained = ControlledUNet(base.unet, ControlNet.from_unet(base.unet, condition_size=32))
+    trained = ControlledUNet(base.unet, load_controlnet(SHIPPED))
+    before, _ = evaluate(base, untrained.eval(), data, steps=10)
+    after, _ = evaluate(base, trained.eval(), data, steps=10)
+    assert after["iou"] > before["iou"] + 0.3, (before, after)
+    assert after["colours_ok"] >= 0.9, after
+
+
+def test_shipped_log_shows_the_jump_and_matches_its_summary():
+    run = json.loads((SHIPPED / "run.json").read_text())
+    assert run["profile"] == "full" and run["steps"] == run["config"]["steps"]
+    log = read_log(SHIPPED)
+    assert log.eval_steps[0] == 0 and log.eval_steps[-1] == run["steps"]
+    assert log.eval_iou[-1] == run["final_eval"]["iou"]
+    report = detect_sudden_convergence(log.eval_steps, log.eval_iou)
+    assert report.converged and 0 < report.step < run["steps"]
+    assert report.final > report.baseline + 0.3
+    assert log.copy_grad_norm[0] == 0.0 and all(g > 0 for g in log.copy_grad_norm[1:10])
+    assert all(w == 0.0 for w in (v[0] for v in log.weight_norm.values()))
+
+
+def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_path):
+    path = tmp_path / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(path)
+    config = TrainConfig(base=str(path), out=str(tmp_path / "run"), steps=3, batch_size=2,
+                         train_size=8, eval_size=2, eval_every=3, eval_steps=2,
+                         checkpoint_every=1, lr=1e-3)
+    train(config)
+    shipped = export_run(config.out, tmp_path / "shipped", samples_kept=1)
+    trained = load_controlnet(shipped)
+    reference = ControlNet.from_unet(load_base(path).unet, condition_size=32)
+    from cnet.train import load_checkpoint
+
+    load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", {"controlnet": reference}, None)
+    for (k, v), (k2, v2) in zip(reference.state_dict().items(), trained.state_dict().items(),
+                                strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+    assert read_log(shipped).eval_iou == read_log(config.out).eval_iou
+
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["steps"] = 5
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="stopped at step 3 of 5"):
+        export_run(tmp_path / "run", tmp_path / "other")
