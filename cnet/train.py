@@ -109,7 +109,7 @@ class TrainConfig:
 PROFILES: dict[str, dict] = {
     "quick": {},
     "full": dict(
-        out="runs/controlnet-fill-full", steps=5000, batch_size=32, train_size=20_000,
+        out="runs/controlnet-fill-full", steps=4000, batch_size=32, train_size=20_000,
         eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,
     ),
 }

@@ -131,6 +131,13 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     record = json.loads((tmp_path / "b" / "model" / "pretraining.json").read_text())
     assert record["steps"] == {"vae": 4, "unet": 6}
+    # the shipped log has one entry per step, the resumed run's values where steps were redone
+    shipped = [json.loads(line) for line in
+               (tmp_path / "b" / "model" / "pretraining_log.jsonl").read_text().splitlines()]
+    straight_log = [json.loads(line) for line in
+                    (tmp_path / "a" / "model" / "pretraining_log.jsonl").read_text().splitlines()]
+    assert shipped == straight_log
+    assert len((tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()) > len(shipped)
     # checkpoints are plain safetensors: weights, EMA weights and optimizer state
     keys = load_file(tmp_path / "b" / "run" / "unet.safetensors").keys()
     assert any(k.startswith("ema_unet.") for k in keys)

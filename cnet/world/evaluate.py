@@ -158,6 +158,11 @@ def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200, steps: in
             entry["shape_accuracy"] = result["correct_shape"].float().mean().item()
             entry["shape_accuracy_of_dataset_images"] = _shape_report(
                 batch["image"], [f[0] for f in fg], shapes)["correct_shape"].float().mean().item()
+            with torch.no_grad():  # what the VAE alone keeps of the shape: the ceiling
+                latents = pipe.vae.encode(batch["image"].to(pipe.vae.dtype)).latent_dist.mode()
+                decoded = pipe.vae.decode(latents).sample.float()
+            entry["shape_accuracy_of_vae_reconstruction"] = _shape_report(
+                decoded, [f[0] for f in fg], shapes)["correct_shape"].float().mean().item()
             entry["shape_accuracy_chance"] = 1 / len(SHAPES)
         report[name] = entry
     return report

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -296,7 +295,8 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
     pipe.save_pretrained(out, safe_serialization=True)
     # The per-step losses travel with the model, so a reader without the run folder (or a
     # GPU) still sees the real curves.
-    shutil.copyfile(run_dir / "log.jsonl", out / "pretraining_log.jsonl")
+    shipped_log = "".join(json.dumps(e) + "\n" for e in _latest_entries(run_dir / "log.jsonl"))
+    (out / "pretraining_log.jsonl").write_text(shipped_log)
     record = {
         "command": " ".join(command or sys.argv),
         "profile": profile,
@@ -316,13 +316,21 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
     return pipe
 
 
+def _latest_entries(path: Path) -> list[dict]:
+    """The run's log, one entry per (stage, step) in training order: a step redone after a
+    resume replaces the entry the interrupted run wrote for it."""
+    latest = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        latest[(entry["stage"], entry["step"])] = entry
+    order = {"vae": 0, "unet": 1}
+    return [latest[key] for key in sorted(latest, key=lambda k: (order[k[0]], k[1]))]
+
+
 def _final_losses(path: Path, window: int = 100) -> dict:
     """Mean of the last ``window`` logged values of each stage (the whole run, resumes included)."""
-    entries = [json.loads(line) for line in path.read_text().splitlines()]
-    latest = {}
-    for entry in entries:  # steps redone after a resume overwrite their earlier entries
-        latest[(entry["stage"], entry["step"])] = entry
-    vae = [e["mse"] for (stage, _), e in sorted(latest.items()) if stage == "vae"][-window:]
-    unet = [e["loss"] for (stage, _), e in sorted(latest.items()) if stage == "unet"][-window:]
+    entries = _latest_entries(path)
+    vae = [e["mse"] for e in entries if e["stage"] == "vae"][-window:]
+    unet = [e["loss"] for e in entries if e["stage"] == "unet"][-window:]
     return {f"vae_mse_last_{window}": float(np.mean(vae)) if vae else None,
             f"unet_loss_last_{window}": float(np.mean(unet)) if unet else None}
