@@ -17,7 +17,12 @@ Definitions, on a lightly smoothed curve :math:`f(t)`:
 * **abruptness** = :math:`(t_{80} - t_{20}) / t_{50}`: the share of the training so far that the
   jump took. A linear ramp from step 0 gives about 1.1, an exponential approach more; the
   paper's Fig. 4 curve is well under 0.1. ``sudden`` is ``abruptness <= sudden_below``
-  (0.25 by default).
+  (0.25 by default);
+* **onset**: the sharpest rise between two consecutive evaluations, as a share of the gain
+  (``onset_share``), and the evaluation it ends at (``onset_step``). A curve can start following
+  its condition abruptly and still take a while to reach its final level: then the onset share
+  is large while the abruptness is not small. A step function has onset share 1, a linear ramp
+  over :math:`n` evaluations about :math:`1/n`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class ConvergenceReport:
     sudden: bool
     baseline: float
     final: float
+    onset_step: int | None = None  # the evaluation ending the sharpest rise
+    onset_share: float | None = None  # that rise as a share of the gain (final - baseline)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +98,10 @@ def detect_sudden_convergence(
     i50 = i20 + int(np.argmax(smooth[i20 : i80 + 1] >= level(0.5)))
     step50 = int(t[i50])
     abruptness = float(t[i80] - t[i20]) / max(step50, 1)
+    rises = np.diff(smooth)
+    sharpest = int(np.argmax(rises))
     return ConvergenceReport(
         True, step50, int(t[i20]), int(t[i80]), abruptness, abruptness <= sudden_below,
-        baseline, final,
+        baseline, final, onset_step=int(t[sharpest + 1]),
+        onset_share=float(rises[sharpest] / gain),
     )

@@ -184,7 +184,7 @@ def _smooth(values, window: int):
 def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
     """Condition fidelity (IoU) per evaluation with the detected convergence step marked, and
     the training loss on the same step axis: the loss barely shows what fidelity does."""
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(8, 4.4))
     ax.plot(log.eval_steps, log.eval_iou, "o-", ms=3, color="tab:blue", label="fidelity (IoU)")
     ax.plot(log.eval_steps, log.eval_colours, "s-", ms=2, color="tab:green", alpha=0.6,
             label="prompted colours drawn")
@@ -196,7 +196,8 @@ def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
         ax.axvline(report.step, color="tab:orange", ls="--",
                    label=f"convergence step {report.step}"
                          f" ({'sudden' if report.sudden else 'gradual'}, "
-                         f"abruptness {report.abruptness:.2f})")
+                         f"abruptness {report.abruptness:.2f}; sharpest rise "
+                         f"{report.onset_share:.0%} of the gain, at step {report.onset_step})")
     loss_ax = ax.twinx()
     window = max(1, len(log.loss) // 100)
     loss_ax.plot(log.steps, _smooth(log.loss, window), color="tab:gray", lw=1, alpha=0.8,
@@ -204,8 +205,9 @@ def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
     loss_ax.set_ylabel("training loss")
     lines = ax.get_legend_handles_labels()
     more = loss_ax.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left",
-              framealpha=0.9)
+    # below the axes: the curves fill the whole plot area
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.set_title(f"Fidelity and loss during training{' — ' + label if label else ''}",
                  fontsize=10)
     fig.tight_layout()
@@ -400,7 +402,8 @@ def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Fi
     for k, (value, entry) in enumerate(comparison.items()):
         colour = colours(k / max(1, len(comparison)))
         report = entry["report"]
-        text = (f"{knob}={value}: step {report['step']}, abruptness {report['abruptness']:.2f}"
+        text = (f"{knob}={value}: step {report['step']}, abruptness {report['abruptness']:.2f}, "
+                f"sharpest rise {report['onset_share']:.0%}"
                 if report["converged"] else f"{knob}={value}: no jump")
         ax.plot(entry["eval_steps"], entry["eval_iou"], "o-", ms=2.5, lw=1.2, color=colour,
                 label=text)

@@ -137,7 +137,10 @@ def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDif
             f"expected a diffusers pipeline folder with model_index.json at {path}; build the "
             "miniature base with `python -m cnet.world pretrain`"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    # the miniature models are small: load them plainly rather than through accelerate's
+    # low-memory path (which diffusers would otherwise ask for, with a warning, where it is absent)
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True,
+                                                   low_cpu_mem_usage=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -331,13 +334,16 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
 
 
 def save_checkpoint(path: Path, trainable: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> None:
-    """Weights of every trainable module, the optimizer state and the step, in one file written
-    to a temporary name and moved into place, so a crash never leaves half a checkpoint."""
+                    optimizer: torch.optim.Optimizer, step: int, config: TrainConfig,
+                    wall_time_s: float = 0.0) -> None:
+    """Weights of every trainable module, the optimizer state, the step and the wall time spent
+    so far, in one file written to a temporary name and moved into place, so a crash never
+    leaves half a checkpoint."""
     tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous()
                for prefix, module in trainable.items() for k, v in module.state_dict().items()}
     tensors.update(_optimizer_tensors(optimizer))
-    metadata = {"step": str(step), "config": json.dumps(dataclasses.asdict(config))}
+    metadata = {"step": str(step), "config": json.dumps(dataclasses.asdict(config)),
+                "wall_time_s": f"{wall_time_s:.1f}"}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)
@@ -362,6 +368,14 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Module],
                 state["state"].setdefault(int(pid), {})[name] = value
         optimizer.load_state_dict(state)
     return step
+
+
+def checkpoint_wall_time(path: Path) -> float:
+    """Seconds of training that produced the checkpoint at ``path``, over all resumes."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return float(f.metadata().get("wall_time_s", "nan"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -421,6 +435,11 @@ def train(config: TrainConfig, profile: str = "custom",
 
     ckpt = out / "checkpoint.safetensors"
     start = load_checkpoint(ckpt, trainable, optimizer) if config.resume and ckpt.exists() else 0
+    if start >= config.steps and (out / "run.json").exists():
+        # a finished run: running it again must not overwrite what it measured
+        print(f"{out} already finished {config.steps} steps; nothing to do")
+        return json.loads((out / "run.json").read_text())
+    earlier_wall_time = checkpoint_wall_time(ckpt) if start > 0 else 0.0
 
     data = cache_data(pipe, config.task, config.train_size, "train", config.seed)
     eval_data = cache_data(pipe, config.task, config.eval_size, "eval", config.seed)
@@ -454,8 +473,12 @@ def train(config: TrainConfig, profile: str = "custom",
                 else torch.autocast("cpu", enabled=False))
     scaling = pipe.vae.config.scaling_factor
     copy_params = trainable_copy_parameters(controlnet)
-    last_eval = run_eval(0) if start == 0 and config.eval_every > 0 else {}
     started = time.perf_counter()
+    last_eval = run_eval(0) if start == 0 and config.eval_every > 0 else {}
+
+    def wall_time() -> float:
+        return earlier_wall_time + time.perf_counter() - started
+
     completed = start  # optimizer steps taken so far
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train",
                dynamic_ncols=True)
@@ -488,11 +511,11 @@ def train(config: TrainConfig, profile: str = "custom",
                                           or completed == config.steps):
                 last_eval = run_eval(completed)
             if completed % config.checkpoint_every == 0 or completed == config.steps:
-                save_checkpoint(ckpt, trainable, optimizer, completed, config)
+                save_checkpoint(ckpt, trainable, optimizer, completed, config, wall_time())
             bar.set_postfix(loss=f"{loss_sum:.4f}",
                             iou=f"{last_eval.get('iou', float('nan')):.3f}")
     except KeyboardInterrupt:
-        save_checkpoint(ckpt, trainable, optimizer, completed, config)
+        save_checkpoint(ckpt, trainable, optimizer, completed, config, wall_time())
         print(f"\ninterrupted: saved step {completed} to {ckpt}; run again to resume")
         raise
     finally:
@@ -501,9 +524,12 @@ def train(config: TrainConfig, profile: str = "custom",
 
     summary = {
         "profile": profile, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"cpu, {torch.get_num_threads()} thread(s)"),
         "steps": config.steps, "resumed_from": start,
-        "wall_time_s": round(time.perf_counter() - started, 1),
+        # all invocations together (nan if resumed from a checkpoint that did not record it)
+        "wall_time_s": round(wall_time(), 1),
+        "wall_time_this_invocation_s": round(time.perf_counter() - started, 1),
         "final_eval": last_eval, "config": dataclasses.asdict(config),
     }
     (out / "run.json").write_text(json.dumps(summary, indent=2))
@@ -654,7 +680,8 @@ def load_controlnet(folder: str | Path) -> ControlNet:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no ControlNetModel in {folder}: expected a config.json there "
                                 "or in its controlnet/ subfolder")
-    return ControlNet.from_diffusers(ControlNetModel.from_pretrained(folder)).eval()
+    model = ControlNetModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    return ControlNet.from_diffusers(model).eval()
 
 
 # ------------------------------------------------------------------------------------------

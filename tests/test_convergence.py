@@ -29,6 +29,7 @@ def test_a_perfect_step_function_has_one_evaluation_of_width():
     report = detect_sudden_convergence(STEPS, curve)
     assert (report.start, report.step, report.end) == (4000, 4000, 4000)
     assert report.abruptness == 0.0 and report.sudden
+    assert report.onset_step == 4000 and report.onset_share == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,19 @@ def test_gradual_curves_are_not_sudden(curve, expected):
     assert report.abruptness > 1.0
     if expected is not None:
         assert report.abruptness == pytest.approx(expected, rel=0.05)
+        # 100 equal rises, measured against the gain between the edge medians (0.9 of the ramp)
+        assert report.onset_share == pytest.approx(1 / 90, rel=0.05)
+
+
+def test_an_abrupt_onset_followed_by_a_slow_climb_is_told_apart_from_both():
+    # flat at 0.3, a jump of half the gain in one evaluation at step 3000, then a linear climb
+    climb = np.clip((STEPS - 3000) / 5000, 0, 1)
+    curve = 0.3 + np.where(STEPS >= 3000, 0.25 + 0.25 * climb, 0.0)
+    report = detect_sudden_convergence(STEPS, curve)
+    assert report.converged and not report.sudden
+    assert report.onset_step == 3000
+    assert report.onset_share == pytest.approx(0.25 / (report.final - report.baseline), rel=0.02)
+    assert report.onset_share > 0.45
 
 
 def test_a_flat_noisy_curve_has_not_converged():

@@ -18,6 +18,7 @@ from cnet.train import (
     evaluate,
     export_run,
     load_base,
+    load_checkpoint,
     load_controlnet,
     read_log,
     train,
@@ -92,8 +93,6 @@ def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_pat
     shipped = export_run(config.out, tmp_path / "shipped", samples_kept=1)
     trained = load_controlnet(shipped)
     reference = ControlNet.from_unet(load_base(path).unet, condition_size=32)
-    from cnet.train import load_checkpoint
-
     load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", {"controlnet": reference}, None)
     for (k, v), (k2, v2) in zip(reference.state_dict().items(), trained.state_dict().items(),
                                 strict=True):

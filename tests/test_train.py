@@ -95,9 +95,13 @@ def _weights(path):
 
 def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     train(_config(base, tmp_path / "straight", eval_every=2))
-    train(_config(base, tmp_path / "resumed", steps=2, eval_every=2))
+    first = train(_config(base, tmp_path / "resumed", steps=2, eval_every=2))
     summary = train(_config(base, tmp_path / "resumed", eval_every=2))
     assert summary["resumed_from"] == 2
+    assert train(_config(base, tmp_path / "resumed", eval_every=2)) == summary  # finished: kept
+    # the wall time adds up over the resume; the weights carry no trace of it
+    assert summary["wall_time_s"] == pytest.approx(
+        first["wall_time_s"] + summary["wall_time_this_invocation_s"], abs=0.11)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
     for key in a:
@@ -173,3 +177,16 @@ def test_bad_settings():
         _dataset("sketch", 4, "train", 32, 0)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_base("/nonexistent/folder")
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
+    # the shapes world's conditions train through the same loop: 3-channel condition images,
+    # fidelity measured against the first shape's region and colour
+    pipe = load_base(base)
+    data = cache_data(pipe, task, 4, "eval", seed=0)
+    assert data.conditions.shape == (4, 3, 32, 32) and data.conditions.amax() > 0
+    assert data.extras["region"].shape == (4, 32, 32) and data.extras["region"].any()
+    summary = train(_config(base, tmp_path / task, task=task, steps=2, eval_every=2))
+    assert set(summary["final_eval"]) == {"iou", "colours_ok", "n"}
+    assert summary["final_eval"]["n"] == 4
