@@ -18,8 +18,9 @@ Definitions, on a lightly smoothed curve :math:`f(t)`:
   jump took. A linear ramp from step 0 gives about 1.1, an exponential approach more; the
   paper's Fig. 4 curve is well under 0.1. ``sudden`` is ``abruptness <= sudden_below``
   (0.25 by default);
-* **onset**: the sharpest rise between two consecutive evaluations, as a share of the gain
-  (``onset_share``), and the evaluation it ends at (``onset_step``). A curve can start following
+* **onset**: the sharpest rise between two consecutive evaluations within the jump (those ending
+  at :math:`t_{20} \dots t_{80}`), as a share of the gain (``onset_share``), and the evaluation it
+  ends at (``onset_step``). A curve can start following
   its condition abruptly and still take a while to reach its final level: then the onset share
   is large while the abruptness is not small. A step function has onset share 1, a linear ramp
   over :math:`n` evaluations about :math:`1/n`.
@@ -98,8 +99,11 @@ def detect_sudden_convergence(
     i50 = i20 + int(np.argmax(smooth[i20 : i80 + 1] >= level(0.5)))
     step50 = int(t[i50])
     abruptness = float(t[i80] - t[i20]) / max(step50, 1)
+    # the sharpest rise within the jump (the intervals ending at t20 ... t80): elsewhere a noise
+    # bump on a slow curve could win
     rises = np.diff(smooth)
-    sharpest = int(np.argmax(rises))
+    first = max(i20 - 1, 0)
+    sharpest = first + int(np.argmax(rises[first : max(i80, first + 1)]))
     return ConvergenceReport(
         True, step50, int(t[i20]), int(t[i80]), abruptness, abruptness <= sudden_below,
         baseline, final, onset_step=int(t[sharpest + 1]),

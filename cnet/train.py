@@ -371,11 +371,40 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Module],
 
 
 def checkpoint_wall_time(path: Path) -> float:
-    """Seconds of training that produced the checkpoint at ``path``, over all resumes."""
+    """Seconds of training behind the checkpoint at ``path``, over all resumes (nan where the
+    checkpoint did not record it)."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         return float(f.metadata().get("wall_time_s", "nan"))
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# Settings a run may change when it resumes (where it runs, how long it goes on, how often it
+# saves): none of them changes what the steps already taken compute.
+RESUMABLE_CHANGES = ("out", "resume", "device", "steps", "checkpoint_every")
+
+
+def _check_resumable(path: Path, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint trained with other settings, or past the requested end."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    step, saved = int(metadata["step"]), json.loads(metadata["config"])
+    changed = [k for k, v in dataclasses.asdict(config).items()
+               if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
+    if changed:
+        raise ValueError(
+            f"{path} was trained with other settings ("
+            + ", ".join(f"{k}: {saved[k]!r} there, {getattr(config, k)!r} now" for k in changed)
+            + "); pass a new --out, or --resume false to start over"
+        )
+    if step > config.steps:
+        raise ValueError(f"{path} is at step {step}, beyond the requested {config.steps} steps")
 
 
 # ------------------------------------------------------------------------------------------
@@ -418,7 +447,10 @@ def train(config: TrainConfig, profile: str = "custom",
     device = config.resolved_device()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    ckpt = out / "checkpoint.safetensors"
+    resuming = config.resume and ckpt.exists()
+    if resuming:
+        _check_resumable(ckpt, config)
     torch.manual_seed(config.seed)
     pipe = load_base(config.base, device)
     controlnet = ControlNet.from_unet(
@@ -433,12 +465,12 @@ def train(config: TrainConfig, profile: str = "custom",
     if not config.sd_locked:
         trainable["unet"] = pipe.unet
 
-    ckpt = out / "checkpoint.safetensors"
-    start = load_checkpoint(ckpt, trainable, optimizer) if config.resume and ckpt.exists() else 0
-    if start >= config.steps and (out / "run.json").exists():
+    start = load_checkpoint(ckpt, trainable, optimizer) if resuming else 0
+    if start == config.steps and (out / "run.json").exists():
         # a finished run: running it again must not overwrite what it measured
         print(f"{out} already finished {config.steps} steps; nothing to do")
         return json.loads((out / "run.json").read_text())
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     earlier_wall_time = checkpoint_wall_time(ckpt) if start > 0 else 0.0
 
     data = cache_data(pipe, config.task, config.train_size, "train", config.seed)
@@ -474,7 +506,12 @@ def train(config: TrainConfig, profile: str = "custom",
     scaling = pipe.vae.config.scaling_factor
     copy_params = trainable_copy_parameters(controlnet)
     started = time.perf_counter()
-    last_eval = run_eval(0) if start == 0 and config.eval_every > 0 else {}
+    if start == 0:
+        last_eval = run_eval(0) if config.eval_every > 0 else {}
+    else:  # the evaluation the checkpoint's weights last had, until the next one
+        evals = [json.loads(line)["eval"] for line in log_path.read_text().splitlines()
+                 if '"eval"' in line]
+        last_eval = evals[-1] if evals else {}
 
     def wall_time() -> float:
         return earlier_wall_time + time.perf_counter() - started
@@ -527,8 +564,9 @@ def train(config: TrainConfig, profile: str = "custom",
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else f"cpu, {torch.get_num_threads()} thread(s)"),
         "steps": config.steps, "resumed_from": start,
-        # all invocations together (nan if resumed from a checkpoint that did not record it)
-        "wall_time_s": round(wall_time(), 1),
+        # the training time behind these weights, over every invocation that produced them
+        # (setup and work lost to a crash after the last checkpoint not counted)
+        "wall_time_s": _finite_or_none(round(wall_time(), 1)),
         "wall_time_this_invocation_s": round(time.perf_counter() - started, 1),
         "final_eval": last_eval, "config": dataclasses.asdict(config),
     }

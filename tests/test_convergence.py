@@ -80,3 +80,14 @@ def test_bad_input():
         detect_sudden_convergence([0, 1, 1, 2, 3], [0.1] * 5)
     with pytest.raises(ValueError, match="finite"):
         detect_sudden_convergence(range(5), [0.1, float("nan"), 0.1, 0.1, 0.1])
+
+
+def test_the_onset_is_looked_for_within_the_jump_not_in_noise_around_it():
+    # a jump spread evenly over five evaluations from step 5000, and a two-evaluation noise
+    # bump long before it whose rise is larger than any single rise of the jump
+    curve = 0.1 + 0.7 * np.clip((STEPS - 4900) / 500, 0, 1)
+    curve[10:12] = 0.4
+    report = detect_sudden_convergence(STEPS, curve)
+    assert (report.start, report.end) == (5000, 5300)
+    assert 5000 <= report.onset_step <= 5300
+    assert report.onset_share == pytest.approx(0.2)

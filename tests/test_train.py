@@ -15,6 +15,7 @@ from cnet.train import (
     TrainingDiverged,
     _draw_batch,
     cache_data,
+    checkpoint_wall_time,
     diffusion_loss,
     load_base,
     train,
@@ -98,7 +99,15 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     first = train(_config(base, tmp_path / "resumed", steps=2, eval_every=2))
     summary = train(_config(base, tmp_path / "resumed", eval_every=2))
     assert summary["resumed_from"] == 2
+    assert checkpoint_wall_time(tmp_path / "resumed" / "checkpoint.safetensors") == pytest.approx(
+        summary["wall_time_s"], abs=0.11) and summary["wall_time_s"] > first["wall_time_s"] > 0
+    config_json = (tmp_path / "resumed" / "config.json").read_text()
     assert train(_config(base, tmp_path / "resumed", eval_every=2)) == summary  # finished: kept
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 there, 0.0005 now\)"):
+        train(_config(base, tmp_path / "resumed", eval_every=2, lr=5e-4, steps=6))
+    with pytest.raises(ValueError, match="at step 4, beyond the requested 3 steps"):
+        train(_config(base, tmp_path / "resumed", eval_every=2, steps=3))
+    assert (tmp_path / "resumed" / "config.json").read_text() == config_json
     # the wall time adds up over the resume; the weights carry no trace of it
     assert summary["wall_time_s"] == pytest.approx(
         first["wall_time_s"] + summary["wall_time_this_invocation_s"], abs=0.11)
