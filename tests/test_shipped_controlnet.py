@@ -98,6 +98,13 @@ def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_pat
                                 strict=True):
         assert k == k2 and torch.equal(v, v2), k
     assert read_log(shipped).eval_iou == read_log(config.out).eval_iou
+    assert export_run(config.out, shipped, samples_kept=1) == shipped  # a re-export replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shipped", "tiny-sd"]
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a shipped run"):
+        export_run(config.out, tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "keep me"
 
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     cfg["steps"] = 5
