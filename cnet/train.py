@@ -520,8 +520,10 @@ def train(config: TrainConfig, profile: str = "custom",
         return earlier_wall_time + time.perf_counter() - started
 
     completed = start  # optimizer steps taken so far
+    # redrawn at most once a second: in a notebook every redraw is a widget message, and a
+    # flood of them can outrun the kernel's output channel (nbval then loses the cell's end)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=1.0)
     try:
         for step in bar:
             optimizer.zero_grad(set_to_none=False)
@@ -553,7 +555,7 @@ def train(config: TrainConfig, profile: str = "custom",
             if completed % config.checkpoint_every == 0 or completed == config.steps:
                 save_checkpoint(ckpt, trainable, optimizer, completed, config, wall_time())
             bar.set_postfix(loss=f"{loss_sum:.4f}",
-                            iou=f"{last_eval.get('iou', float('nan')):.3f}")
+                            iou=f"{last_eval.get('iou', float('nan')):.3f}", refresh=False)
     except KeyboardInterrupt:
         save_checkpoint(ckpt, trainable, optimizer, completed, config, wall_time())
         print(f"\ninterrupted: saved step {completed} to {ckpt}; run again to resume")
