@@ -94,11 +94,25 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="quick (CPU, minutes) or full (the shipped run); default: full on "
                              "CUDA, quick otherwise")
     for f in dataclasses.fields(TrainConfig):
-        if f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name}", type=_parse_bool, metavar="true|false")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(f"--{f.name}", type=kind)
+        metavar = "true|false" if _flag_type(f) is _parse_bool else None
+        parser.add_argument(f"--{f.name}", type=_flag_type(f), metavar=metavar)
+
+
+def _flag_type(field: dataclasses.Field):
+    """How a TrainConfig field's value is read from the command line."""
+    if field.type in ("bool", bool):
+        return _parse_bool
+    return {"int": int, "float": float}.get(str(field.type), str)
+
+
+def _train_settings(args: argparse.Namespace, profile: str) -> dict:
+    """The profile's settings with every flag given on the command line on top."""
+    from .train import PROFILES, TrainConfig
+
+    settings = dict(PROFILES[profile])
+    settings.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                     if getattr(args, f.name) is not None})
+    return settings
 
 
 def _parse_bool(text: str) -> bool:
@@ -110,13 +124,10 @@ def _parse_bool(text: str) -> bool:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .train import PROFILES, TrainConfig, train, write_figures
+    from .train import TrainConfig, train, write_figures
 
     profile = args.profile or ("full" if torch.cuda.is_available() else "quick")
-    settings = dict(PROFILES[profile])
-    settings.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                     if getattr(args, f.name) is not None})
-    config = TrainConfig(**settings)
+    config = TrainConfig(**_train_settings(args, profile))
     print(f"training a ControlNet ({config.task}) on {config.base}, profile {profile}, "
           f"{config.steps} steps, device {config.resolved_device()}")
     summary = train(config, profile=profile)
@@ -132,16 +143,14 @@ def run_compare(args: argparse.Namespace) -> None:
 
     from .paths import figures_dir
     from .plots import plot_knob_comparison
-    from .train import PROFILES, TrainConfig, compare_runs, train
+    from .train import TrainConfig, compare_runs, train
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if args.knob not in fields:
         raise SystemExit(f"--knob must be a TrainConfig setting ({', '.join(fields)}), "
                          f"got {args.knob!r}")
-    settings = dict(PROFILES[args.profile or "quick"])
-    settings.update({name: getattr(args, name) for name in fields
-                     if getattr(args, name) is not None})
-    kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(fields[args.knob].type), str)
+    settings = _train_settings(args, args.profile or "quick")
+    kind = _flag_type(fields[args.knob])
     runs = {}
     for text in args.values:
         value = kind(text)

@@ -20,10 +20,10 @@ Definitions, on a lightly smoothed curve :math:`f(t)`:
   (0.25 by default);
 * **onset**: the sharpest rise between two consecutive evaluations within the jump (those ending
   at :math:`t_{20} \dots t_{80}`), as a share of the gain (``onset_share``), and the evaluation it
-  ends at (``onset_step``). A curve can start following
-  its condition abruptly and still take a while to reach its final level: then the onset share
-  is large while the abruptness is not small. A step function has onset share 1, a linear ramp
-  over :math:`n` evaluations about :math:`1/n`.
+  ends at (``onset_step``). A curve can start following its condition abruptly and still take
+  a while to reach its final level: then the onset share is large while the abruptness is not
+  small. A step function has onset share 1, a linear ramp over :math:`n` evaluations about
+  :math:`1/n`.
 """
 
 from __future__ import annotations

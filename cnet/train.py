@@ -355,10 +355,7 @@ def save_checkpoint(path: Path, trainable: dict[str, torch.nn.Module],
 def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        step = int(f.metadata()["step"])
+    step = int(_checkpoint_metadata(path)["step"])
     tensors = load_file(path)
     for prefix, module in trainable.items():
         sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -373,13 +370,17 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Module],
     return step
 
 
-def checkpoint_wall_time(path: Path) -> float:
-    """Seconds of training behind the checkpoint at ``path``, over all resumes (nan where the
-    checkpoint did not record it)."""
+def _checkpoint_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return float(f.metadata().get("wall_time_s", "nan"))
+        return f.metadata()
+
+
+def checkpoint_wall_time(path: Path) -> float:
+    """Seconds of training behind the checkpoint at ``path``, over all resumes (nan where the
+    checkpoint did not record it)."""
+    return float(_checkpoint_metadata(path).get("wall_time_s", "nan"))
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -393,10 +394,7 @@ RESUMABLE_CHANGES = ("out", "resume", "device", "steps", "checkpoint_every")
 
 def _check_resumable(path: Path, config: TrainConfig) -> None:
     """Refuse to resume a checkpoint trained with other settings, or past the requested end."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
+    metadata = _checkpoint_metadata(path)
     step, saved = int(metadata["step"]), json.loads(metadata["config"])
     changed = [k for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]

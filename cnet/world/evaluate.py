@@ -42,6 +42,13 @@ __all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "ch
 RECOGNISABLE_IOU = 0.75
 
 
+@torch.no_grad()
+def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
+    """Images encoded to the latent mode and decoded again: what the VAE alone keeps of them."""
+    latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
+    return pipe.vae.decode(latents).sample.float().cpu()
+
+
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int = 25,
              guidance: float = 5.0, seed: int = 0, batch_size: int = 100,
              resolution: int | None = None, progress: bool = False) -> torch.Tensor:
@@ -113,10 +120,9 @@ def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200, steps: int 
     shape = _shape_report(images, [w[0] for w in words], ["circle"] * samples)
     requested = batch["layers"] > 0
     reference = _shape_report(batch["image"], [w[0] for w in words], ["circle"] * samples)
-    with torch.no_grad():  # what the VAE alone keeps of the circle: the ceiling for any U-Net
-        latents = pipe.vae.encode(batch["image"].to(pipe.vae.dtype)).latent_dist.mode()
-        decoded = pipe.vae.decode(latents).sample.float()
-    through_vae = _shape_report(decoded, [w[0] for w in words], ["circle"] * samples)
+    # what the VAE alone keeps of the circle: the ceiling for any U-Net
+    through_vae = _shape_report(vae_round_trip(pipe, batch["image"]), [w[0] for w in words],
+                                ["circle"] * samples)
     return {
         "samples": samples,
         "colours_drawn_rate": colours["both_ok"].float().mean().item(),
@@ -158,11 +164,9 @@ def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200, steps: in
             entry["shape_accuracy"] = result["correct_shape"].float().mean().item()
             entry["shape_accuracy_of_dataset_images"] = _shape_report(
                 batch["image"], [f[0] for f in fg], shapes)["correct_shape"].float().mean().item()
-            with torch.no_grad():  # what the VAE alone keeps of the shape: the ceiling
-                latents = pipe.vae.encode(batch["image"].to(pipe.vae.dtype)).latent_dist.mode()
-                decoded = pipe.vae.decode(latents).sample.float()
-            entry["shape_accuracy_of_vae_reconstruction"] = _shape_report(
-                decoded, [f[0] for f in fg], shapes)["correct_shape"].float().mean().item()
+            entry["shape_accuracy_of_vae_reconstruction"] = _shape_report(  # the ceiling
+                vae_round_trip(pipe, batch["image"]), [f[0] for f in fg], shapes
+            )["correct_shape"].float().mean().item()
             entry["shape_accuracy_chance"] = 1 / len(SHAPES)
         report[name] = entry
     return report
