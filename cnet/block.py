@@ -94,6 +94,12 @@ class ControlledBlock(nn.Module):
         self.theta = lock(block)
         self.z1 = ZeroConv2d(self.condition_channels, self.in_channels)
         self.z2 = ZeroConv2d(self.out_channels, self.out_channels)
+        # The zero convolutions live where the block does, in its precision: a float64 block
+        # (verifying Eq. 1–4 to the last bit) gets float64 zero convolutions.
+        reference = next(block.parameters(), None)
+        if reference is not None:
+            self.z1.to(device=reference.device, dtype=reference.dtype)
+            self.z2.to(device=reference.device, dtype=reference.dtype)
 
     def _check_inputs(self, x: torch.Tensor, c: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

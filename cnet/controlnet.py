@@ -24,18 +24,18 @@ U-Net's bit for bit (Eq. 4 for the whole network).
 diffusers is the engine: the copied blocks are diffusers' own (``get_down_block``,
 ``UNetMidBlock2DCrossAttn``, ``TimestepEmbedding``, ``Timesteps``), and the injection is the
 locked U-Net's own forward with ``down_block_additional_residuals`` and
-``mid_block_additional_residual``. :class:`ControlNet` mirrors diffusers' ``ControlNetModel``
-and converts to and from it (:mod:`cnet.convert`).
+``mid_block_additional_residual`` (:mod:`cnet.injection`). :class:`ControlNet` mirrors diffusers'
+``ControlNetModel``; :mod:`cnet.convert` moves weights between the two and the official files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .block import lock, trainable_copy
@@ -48,20 +48,14 @@ from .hint import (
 )
 from .zero_conv import ZeroConv2d
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
 __all__ = [
     "GUESS_MODE_BASE",
     "ControlNet",
     "ControlResiduals",
-    "ControlledUNet",
-    "InjectionPoint",
     "check_mirrorable",
     "control_scales",
     "guess_mode_scales",
-    "inject_residuals",
-    "injection_points",
+    "unet_residual_names",
     "unet_skip_channels",
 ]
 
@@ -85,21 +79,6 @@ _UNMIRRORED_SETTINGS: dict[str, Any] = {
     "time_embedding_act_fn": None,
     "time_embedding_type": "positional",
 }
-# Settings diffusers' ControlNetModel.from_unet does not carry over (it would build a different
-# network), with the value it assumes.
-_DIFFUSERS_ASSUMES: dict[str, Any] = {
-    "conv_in_kernel": 3,
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_dim": None,
-    "timestep_post_act": None,
-    "dual_cross_attention": False,
-    "attention_type": "default",
-    "cross_attention_norm": None,
-    "mid_block_only_cross_attention": None,
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Which U-Nets cnet can mirror, and where their skip connections are
 # --------------------------------------------------------------------------------------------
@@ -146,6 +125,7 @@ def _skip_channels(conv_in: nn.Conv2d, down_blocks: Sequence[nn.Module]) -> list
 
 
 def _skip_names(down_blocks: Sequence[nn.Module]) -> list[str]:
+    # Where each skip feature is taken, by module name, in the same order.
     names = ["conv_in"]
     for level, block in enumerate(down_blocks):
         names += [f"down_blocks.{level}.resnets.{j}" for j in range(len(block.resnets))]
@@ -159,6 +139,12 @@ def unet_skip_channels(unet: UNet2DConditionModel) -> list[int]:
     """Channels of the U-Net's skip connections, in encoder order: 12 entries for SD
     (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280 for SD1.5)."""
     return _skip_channels(unet.conv_in, unet.down_blocks)
+
+
+def unet_residual_names(unet: UNet2DConditionModel) -> list[str]:
+    """Where each of the U-Net's 12 + 1 features is taken, by diffusers' module name: ``conv_in``,
+    ``down_blocks.L.resnets.J``, ``down_blocks.L.downsamplers.0``, ..., ``mid_block``."""
+    return [*_skip_names(unet.down_blocks), "mid_block"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,8 +261,8 @@ def _condition_size_error(expected: str, condition: torch.Tensor) -> ValueError:
 class ControlNet(nn.Module):
     r"""A ControlNet for a diffusers ``UNet2DConditionModel`` (§3.2): 12 + 1 residuals.
 
-    Build it with :meth:`from_unet` (trainable copy of a locked U-Net), :meth:`from_diffusers`
-    (a diffusers ``ControlNetModel``) or :meth:`from_official` (an lllyasviel checkpoint).
+    Build it with :meth:`from_unet` (trainable copy of a locked U-Net); :mod:`cnet.convert`
+    builds one from a diffusers ``ControlNetModel`` or an lllyasviel checkpoint, and back.
 
     Parts, named after the paper:
 
@@ -285,6 +271,9 @@ class ControlNet(nn.Module):
     * ``hint_encoder``: :math:`\mathcal{E}` of Eq. 9 ending in its zero convolution;
     * ``zero_convs``: one :class:`~cnet.ZeroConv2d` per skip connection (12 for SD), and
       ``mid_zero_conv`` for the middle block: the :math:`Z(\cdot; \Theta_{z2})` of Eq. 2.
+
+    ``unet_config`` is the configuration of the U-Net the copy mirrors (a plain dict), so that
+    the network can be described to diffusers or rebuilt without that U-Net at hand.
     """
 
     def __init__(
@@ -297,9 +286,8 @@ class ControlNet(nn.Module):
         mid_block: nn.Module,
         hint_encoder: ReleasedHintEncoder | PaperHintEncoder,
         cross_attention_dim: int | None,
+        unet_config: dict[str, Any],
         global_pool: bool = False,
-        diffusers_config: dict[str, Any] | None = None,
-        diffusers_problem: str | None = None,
     ):
         super().__init__()
         self.conv_in = conv_in
@@ -325,9 +313,7 @@ class ControlNet(nn.Module):
         self.global_pool = global_pool
         self.skip_channels = tuple(skip_channels)
         self.mid_channels = mid_channels
-        # What diffusers' ControlNetModel needs to rebuild this network (see to_diffusers).
-        self.diffusers_config = diffusers_config
-        self.diffusers_problem = diffusers_problem
+        self.unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -377,7 +363,6 @@ class ControlNet(nn.Module):
             downscale_factor=factor,
             channels=hint_channels,
         ).to(device=weight.device, dtype=weight.dtype)
-        config, problem = _diffusers_config_for(unet, hint, global_pool)
         return cls(
             conv_in=trainable_copy(unet.conv_in),
             time_proj=trainable_copy(unet.time_proj),
@@ -386,46 +371,9 @@ class ControlNet(nn.Module):
             mid_block=trainable_copy(unet.mid_block),
             hint_encoder=hint,
             cross_attention_dim=unet.config.cross_attention_dim,
+            unet_config=dict(unet.config),
             global_pool=global_pool,
-            diffusers_config=config,
-            diffusers_problem=problem,
         )
-
-    @classmethod
-    def from_diffusers(cls, model: ControlNetModel) -> ControlNet:
-        """A cnet ControlNet with the weights of a diffusers ``ControlNetModel`` (copied)."""
-        from .convert import controlnet_from_diffusers
-
-        return controlnet_from_diffusers(model)
-
-    def to_diffusers(self) -> ControlNetModel:
-        """A diffusers ``ControlNetModel`` with this ControlNet's weights (copied); its
-        residuals equal this one's. Needs the released hint encoder."""
-        from .convert import controlnet_to_diffusers
-
-        return controlnet_to_diffusers(self)
-
-    @classmethod
-    def from_official(
-        cls,
-        unet: UNet2DConditionModel,
-        checkpoint: dict[str, torch.Tensor] | str | Path,
-        *,
-        global_pool: bool = False,
-    ) -> ControlNet:
-        """A ControlNet for ``unet`` loaded from an lllyasviel checkpoint (``control_model.*``
-        keys; a state dict, or a .safetensors / .pth path). The hint encoder's channels and
-        condition channels are read from the checkpoint."""
-        from .convert import controlnet_from_official
-
-        return controlnet_from_official(unet, checkpoint, global_pool=global_pool)
-
-    def to_official(self, prefix: str = "control_model.") -> dict[str, torch.Tensor]:
-        """This ControlNet's weights under the official .pth key layout (``input_blocks``,
-        ``zero_convs``, ``input_hint_block``, ``middle_block_out``, ``time_embed``, ...)."""
-        from .convert import to_official_state_dict
-
-        return to_official_state_dict(self, prefix=prefix)
 
     # ---- sizes -----------------------------------------------------------------------------
 
@@ -447,6 +395,25 @@ class ControlNet(nn.Module):
         """Where each residual is taken, by module: ``conv_in``, ``down_blocks.L.resnets.J``,
         ``down_blocks.L.downsamplers.0``, ..., ``mid_block`` (diffusers' names)."""
         return [*_skip_names(self.down_blocks), "mid_block"]
+
+    # ---- the paper's parameter groups ------------------------------------------------------
+
+    @property
+    def zero_convolutions(self) -> dict[str, nn.Conv2d]:
+        r"""Every zero-initialised convolution, by the name the training log uses:
+        ``zero_conv.0`` … ``zero_conv.11`` and ``zero_conv.mid`` (the :math:`\Theta_{z2}` of the
+        12 + 1 residuals), and ``zero_conv.hint``, the condition encoder's last layer
+        (:math:`\Theta_{z1}`, through which the condition enters the copy)."""
+        convs: dict[str, nn.Conv2d] = {f"zero_conv.{i}": z for i, z in enumerate(self.zero_convs)}
+        convs["zero_conv.mid"] = self.mid_zero_conv
+        convs["zero_conv.hint"] = self.hint_encoder.zero_conv
+        return convs
+
+    def theta_c_parameters(self) -> list[nn.Parameter]:
+        r""":math:`\Theta_c`: the parameters of the trainable copy (conv_in, time embedding, down
+        blocks, mid block), without the condition encoder and the zero convolutions."""
+        parts = (self.conv_in, self.time_embedding, self.down_blocks, self.mid_block)
+        return [p for part in parts for p in part.parameters()]
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -544,269 +511,3 @@ class ControlNet(nn.Module):
         raw = self(sample, timestep, encoder_hidden_states, condition)
         out = raw.scaled(control_scales(self.n_residuals, scale, guess_mode, guess_rule))
         return out.pooled() if self.global_pool else out
-
-
-def _diffusers_config_for(
-    unet: UNet2DConditionModel, hint: nn.Module, global_pool: bool
-) -> tuple[dict[str, Any] | None, str | None]:
-    """diffusers' own mirroring of ``unet`` (``ControlNetModel.from_unet`` on the meta device,
-    no memory), or the reason it cannot express this ControlNet."""
-    config = unet.config
-    unsupported = [
-        f"{key}={config.get(key)!r} (diffusers assumes {value!r})"
-        for key, value in _DIFFUSERS_ASSUMES.items()
-        if config.get(key, value) != value
-    ]
-    for key in ("layers_per_block", "cross_attention_dim"):
-        if not isinstance(config.get(key), int):
-            unsupported.append(f"{key}={config.get(key)!r} (diffusers needs one int)")
-    if unsupported:
-        return None, "ControlNetModel cannot express this U-Net: " + "; ".join(unsupported)
-    channels = getattr(hint, "channels", None)
-    with torch.device("meta"):
-        reference = ControlNetModel.from_unet(
-            unet,
-            conditioning_embedding_out_channels=channels,
-            conditioning_channels=hint.condition_channels,
-            load_weights_from_unet=False,
-        )
-    kwargs = {k: v for k, v in reference.config.items() if not k.startswith("_")}
-    kwargs["global_pool_conditions"] = global_pool
-    return kwargs, None
-
-
-# --------------------------------------------------------------------------------------------
-# Injection into the locked U-Net
-# --------------------------------------------------------------------------------------------
-
-
-def inject_residuals(
-    unet: UNet2DConditionModel,
-    sample: torch.Tensor,
-    timestep: torch.Tensor | float | int,
-    encoder_hidden_states: torch.Tensor,
-    residuals: ControlResiduals | None,
-    only_mid_control: bool = False,
-    **unet_kwargs: Any,
-) -> torch.Tensor:
-    r"""Run the U-Net with the ControlNet residuals added: :math:`\text{skip}_i + r_i` into the
-    decoder and :math:`\text{mid} + r_{12}`, through the U-Net's own forward
-    (``down_block_additional_residuals``, ``mid_block_additional_residual``).
-
-    ``only_mid_control`` (released code, ``ControlLDM.only_mid_control``) adds the middle
-    residual alone. ``residuals=None`` runs the plain U-Net. Returns the U-Net's output sample.
-    """
-    if residuals is None:
-        return unet(sample, timestep, encoder_hidden_states, **unet_kwargs).sample
-    channels = unet_skip_channels(unet)
-    got = [r.shape[1] for r in residuals.down]
-    if got != channels:
-        raise ValueError(
-            f"residuals: expected {len(channels)} skip residuals with channels {channels} "
-            f"(+1 middle), got {len(got)} with channels {got}"
-        )
-    mid_channels = unet.mid_block.resnets[-1].out_channels
-    if residuals.mid.shape[1] != mid_channels:
-        raise ValueError(
-            f"residuals.mid: expected {mid_channels} channels, got {tuple(residuals.mid.shape)}"
-        )
-    down = residuals.down
-    if only_mid_control:
-        # Adding exact zeros leaves every skip connection bit-identical.
-        down = tuple(torch.zeros_like(r) for r in down)
-    return unet(
-        sample,
-        timestep,
-        encoder_hidden_states,
-        down_block_additional_residuals=down,
-        mid_block_additional_residual=residuals.mid,
-        **unet_kwargs,
-    ).sample
-
-
-def _per_controlnet(value: Any, k: int, name: str) -> list[Any]:
-    """One entry per ControlNet: ``value`` as is for one ControlNet, else a sequence of k."""
-    if k == 1:
-        return [value]
-    if isinstance(value, (int, float)):
-        return [value] * k
-    if len(value) != k:
-        raise ValueError(f"{name}: expected one entry per ControlNet ({k}), got {len(value)}")
-    return list(value)
-
-
-class ControlledUNet(nn.Module):
-    r"""The locked U-Net with one or several ControlNets injected (§3.2, Eq. 2 at full scale).
-
-    ``unet`` is locked in place (:func:`cnet.lock`); each ControlNet's residuals are scaled
-    (its own scale), added together (composition: several ControlNets simply add), and fed
-    into the U-Net's skip connections and middle block by :func:`inject_residuals`.
-    """
-
-    def __init__(self, unet: UNet2DConditionModel, controlnets: ControlNet | Sequence[ControlNet]):
-        super().__init__()
-        nets = [controlnets] if isinstance(controlnets, ControlNet) else list(controlnets)
-        if not nets:
-            raise ValueError("expected at least one ControlNet")
-        channels = tuple(unet_skip_channels(unet))
-        for k, net in enumerate(nets):
-            if net.skip_channels != channels:
-                raise ValueError(
-                    f"ControlNet {k} gives residuals with channels {list(net.skip_channels)}; "
-                    f"this U-Net's skip connections expect {list(channels)}"
-                )
-        self.unet = lock(unet)
-        self.controlnets = nn.ModuleList(nets)
-
-    @property
-    def n_residuals(self) -> int:
-        return self.controlnets[0].n_residuals
-
-    def residuals(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        conditions: torch.Tensor | Sequence[torch.Tensor],
-        scales: float | Sequence[float] | Sequence[float | Sequence[float]] = 1.0,
-        guess_mode: bool = False,
-        guess_rule: GuessRule = "released",
-        control_mask: torch.Tensor | None = None,
-    ) -> ControlResiduals:
-        r"""The summed residuals :math:`\sum_k s^{(k)} \odot r^{(k)}` of all ControlNets.
-
-        ``conditions``: one condition image, or one per ControlNet. ``scales``: for one
-        ControlNet a number or one per residual; for several, one entry (number or per-residual
-        list) per ControlNet, or a single number for all. ``guess_mode`` multiplies in
-        :func:`guess_mode_scales`. ``control_mask`` (N,) bool: samples that get control; the
-        ControlNets run on those only and the others get zero residuals (guess mode with
-        classifier-free guidance: no control on the unconditional half).
-        """
-        k = len(self.controlnets)
-        if isinstance(conditions, torch.Tensor):
-            conditions = [conditions]
-        if len(conditions) != k:
-            raise ValueError(
-                f"conditions: expected one per ControlNet ({k}), got {len(conditions)}"
-            )
-        per_net_scales = _per_controlnet(scales, k, "scales")
-        if control_mask is not None:
-            if control_mask.dtype != torch.bool or tuple(control_mask.shape) != (sample.shape[0],):
-                raise ValueError(
-                    f"control_mask: expected a bool tensor of shape ({sample.shape[0]},), got "
-                    f"{control_mask.dtype} {tuple(control_mask.shape)}"
-                )
-            if torch.is_tensor(timestep) and timestep.dim() == 1 and timestep.shape[0] > 1:
-                timestep = timestep[control_mask]
-            sample, encoder_hidden_states = (
-                sample[control_mask],
-                encoder_hidden_states[control_mask],
-            )
-            conditions = [c[control_mask] for c in conditions]
-        total = None
-        for net, condition, scale in zip(self.controlnets, conditions, per_net_scales):
-            r = net.residuals(
-                sample, timestep, encoder_hidden_states, condition, scale, guess_mode, guess_rule
-            )
-            total = r if total is None else total + r
-        return total if control_mask is None else total.scattered(control_mask)
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        conditions: torch.Tensor | Sequence[torch.Tensor],
-        scales: float | Sequence[float] | Sequence[float | Sequence[float]] = 1.0,
-        guess_mode: bool = False,
-        guess_rule: GuessRule = "released",
-        only_mid_control: bool = False,
-        control_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The controlled U-Net's output :math:`y_c` (the noise prediction). See
-        :meth:`residuals` for the arguments and :func:`inject_residuals` for
-        ``only_mid_control``."""
-        residuals = self.residuals(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            conditions,
-            scales,
-            guess_mode,
-            guess_rule,
-            control_mask,
-        )
-        return inject_residuals(
-            self.unet, sample, timestep, encoder_hidden_states, residuals, only_mid_control
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# The 13 injection points, for tables and diagrams
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InjectionPoint:
-    """One of the 12 + 1 places a residual enters the locked U-Net."""
-
-    index: int
-    encoder: str  # the module whose output is copied and zero-convolved (diffusers' name)
-    decoder: str  # where the residual is added in the locked U-Net
-    official: str  # the zero conv's name in the official checkpoints
-    channels: int
-    height: int
-    width: int
-
-
-def injection_points(
-    unet: UNet2DConditionModel, latent_size: int | tuple[int, int] | None = None
-) -> list[InjectionPoint]:
-    """The U-Net's skip connections and middle block with their shapes for ``latent_size``
-    (default: its ``sample_size``), from one forward pass on zeros (free on the meta device).
-    """
-    size = latent_size if latent_size is not None else unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    param = unet.conv_in.weight
-    shapes: list[tuple[int, ...]] = []
-
-    def skip_hook(module: nn.Module, args: Any, output: Any) -> None:
-        if module is unet.conv_in:
-            shapes.append(tuple(output.shape))
-        elif module is unet.mid_block:
-            shapes.append(tuple(output.shape))
-        else:
-            shapes.extend(tuple(s.shape) for s in output[1])
-
-    hooks = [
-        m.register_forward_hook(skip_hook)
-        for m in (unet.conv_in, *unet.down_blocks, unet.mid_block)
-    ]
-    try:
-        dim = unet.config.cross_attention_dim
-        dim = dim if isinstance(dim, int) else dim[0]
-        with torch.no_grad():
-            unet(
-                torch.zeros(
-                    1, unet.config.in_channels, h, w, device=param.device, dtype=param.dtype
-                ),
-                0,
-                torch.zeros(1, 1, dim, device=param.device, dtype=param.dtype),
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    # The decoder consumes skips from the last one back: up block by up block, resnet by resnet.
-    consumers = [
-        f"up_blocks.{u}.resnets.{j} (skip)"
-        for u, block in enumerate(unet.up_blocks)
-        for j in range(len(block.resnets))
-    ][::-1]
-    encoders = [*_skip_names(unet.down_blocks), "mid_block"]
-    decoders = [*consumers, "mid_block (output)"]
-    n = len(encoders)
-    officials = [f"zero_convs.{i}" for i in range(n - 1)] + ["middle_block_out"]
-    return [
-        InjectionPoint(i, encoders[i], decoders[i], officials[i], s[1], s[2], s[3])
-        for i, s in enumerate(shapes)
-    ]

@@ -20,27 +20,26 @@ safetensors; .pth files are read with ``torch.load(weights_only=True)`` (no pick
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from .block import trainable_copy
 from .controlnet import MIRRORED_DOWN_BLOCKS, MIRRORED_MID_BLOCKS, ControlNet
 from .hint import PaperHintEncoder, ReleasedHintEncoder
 
-if TYPE_CHECKING:
-    from diffusers import UNet2DConditionModel
-
 __all__ = [
     "OFFICIAL_PREFIX",
-    "controlnet_from_diffusers",
-    "controlnet_from_official",
-    "controlnet_to_diffusers",
+    "diffusers_config",
+    "from_diffusers",
+    "from_official",
+    "to_diffusers",
     "load_official_state_dict",
     "official_key_map",
     "read_checkpoint",
@@ -65,6 +64,20 @@ _CNET_TO_DIFFUSERS = (
     ("zero_convs.", "controlnet_down_blocks."),
     ("mid_zero_conv.", "controlnet_mid_block."),
 )
+
+# Settings diffusers' ControlNetModel.from_unet does not carry over (it would build a different
+# network), with the value it assumes.
+_DIFFUSERS_ASSUMES: dict[str, Any] = {
+    "conv_in_kernel": 3,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "dual_cross_attention": False,
+    "attention_type": "default",
+    "cross_attention_norm": None,
+    "mid_block_only_cross_attention": None,
+}
 
 _MAX_LISTED = 20
 
@@ -123,21 +136,47 @@ def _from_diffusers_key(key: str) -> str:
     return key
 
 
-def controlnet_to_diffusers(controlnet: ControlNet) -> ControlNetModel:
-    """A diffusers ``ControlNetModel`` holding a copy of ``controlnet``'s weights.
-
-    Its ``forward(..., conditioning_scale=s, guess_mode=g)`` gives the residuals of
-    ``controlnet.residuals(..., scale=s, guess_mode=g, guess_rule="diffusers")``.
-    """
+def diffusers_config(controlnet: ControlNet) -> dict[str, Any]:
+    """The ``ControlNetModel`` configuration of ``controlnet``: diffusers' own mirroring of the
+    U-Net it was copied from (``ControlNetModel.from_unet`` on the meta device, no memory), with
+    this ControlNet's condition encoder. ValueError where diffusers cannot express it."""
     if isinstance(controlnet.hint_encoder, PaperHintEncoder):
         raise ValueError(
             "diffusers' ControlNetModel holds the released hint encoder only "
             "(ControlNetConditioningEmbedding: 3x3 convs, SiLU); this ControlNet uses the "
             "paper's (4x4 convs, ReLU). Build it with hint_encoder='released' to export."
         )
-    if controlnet.diffusers_config is None:
-        raise ValueError(controlnet.diffusers_problem or "no diffusers config for this ControlNet")
-    config = dict(controlnet.diffusers_config, global_pool_conditions=controlnet.global_pool)
+    config = controlnet.unet_config
+    unsupported = [
+        f"{key}={config.get(key)!r} (diffusers assumes {value!r})"
+        for key, value in _DIFFUSERS_ASSUMES.items()
+        if config.get(key, value) != value
+    ]
+    for key in ("layers_per_block", "cross_attention_dim"):
+        if not isinstance(config.get(key), int):
+            unsupported.append(f"{key}={config.get(key)!r} (diffusers needs one int)")
+    if unsupported:
+        raise ValueError("ControlNetModel cannot express this U-Net: " + "; ".join(unsupported))
+    hint = controlnet.hint_encoder
+    with torch.device("meta"):
+        reference = ControlNetModel.from_unet(
+            UNet2DConditionModel.from_config(config),
+            conditioning_embedding_out_channels=hint.channels,
+            conditioning_channels=hint.condition_channels,
+            load_weights_from_unet=False,
+        )
+    kwargs = {k: v for k, v in reference.config.items() if not k.startswith("_")}
+    kwargs["global_pool_conditions"] = controlnet.global_pool
+    return kwargs
+
+
+def to_diffusers(controlnet: ControlNet) -> ControlNetModel:
+    """A diffusers ``ControlNetModel`` holding a copy of ``controlnet``'s weights.
+
+    Its ``forward(..., conditioning_scale=s, guess_mode=g)`` gives the residuals of
+    ``controlnet.residuals(..., scale=s, guess_mode=g, guess_rule="diffusers")``.
+    """
+    config = diffusers_config(controlnet)
     weight = controlnet.conv_in.weight
     model = ControlNetModel(**config)
     if (model.conv_in.weight.device, model.conv_in.weight.dtype) != (weight.device, weight.dtype):
@@ -181,7 +220,11 @@ def _check_diffusers_mirrorable(model: ControlNetModel) -> None:
         raise ValueError("cnet cannot mirror this ControlNetModel: " + "; ".join(problems))
 
 
-def controlnet_from_diffusers(model: ControlNetModel) -> ControlNet:
+# The U-Net settings a ControlNetModel's config repeats (the ones ControlNetModel.from_unet copies)
+_UNET_SETTINGS = frozenset(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+
+
+def from_diffusers(model: ControlNetModel) -> ControlNet:
     """A :class:`cnet.ControlNet` with a copy of a diffusers ``ControlNetModel``'s weights."""
     _check_diffusers_mirrorable(model)
     config = model.config
@@ -199,8 +242,8 @@ def controlnet_from_diffusers(model: ControlNetModel) -> ControlNet:
         mid_block=trainable_copy(model.mid_block),
         hint_encoder=hint,
         cross_attention_dim=config.cross_attention_dim,
+        unet_config={k: v for k, v in config.items() if k in _UNET_SETTINGS},
         global_pool=bool(config.global_pool_conditions),
-        diffusers_config={k: v for k, v in config.items() if not k.startswith("_")},
     )
     state = {_from_diffusers_key(k): v for k, v in model.state_dict().items()}
     expected = {k: v.shape for k, v in controlnet.state_dict().items()}
@@ -363,7 +406,7 @@ def _hint_layout(given: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, ...
     return weights[0].shape[1], (weights[0].shape[0], *(w.shape[0] for w in blocks[1::2]))
 
 
-def controlnet_from_official(
+def from_official(
     unet: UNet2DConditionModel,
     checkpoint: Mapping[str, torch.Tensor] | str | Path,
     *,

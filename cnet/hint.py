@@ -121,6 +121,12 @@ class ReleasedHintEncoder(ControlNetConditioningEmbedding):
         self.channels = tuple(channels)
         self.downscale_factor = 2 ** (len(channels) - 1)
 
+    @property
+    def zero_conv(self) -> nn.Conv2d:
+        """The zero-initialised last convolution (diffusers and cldm.py call it ``conv_out``,
+        a 3×3 ``zero_module``), through which :math:`c_f` enters the copy."""
+        return self.conv_out
+
 
 class PaperHintEncoder(nn.Module):
     r"""Eq. 9, as the paper's text describes it, followed by the zero convolution of Eq. 2.

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .controlnet import ControlledUNet
+from .injection import ControlledUNet
 
 __all__ = ["sample"]
 

@@ -18,6 +18,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cnet.course.injection_points import injection_points
 from cnet import (
     ControlledUNet,
     ControlNet,
@@ -25,7 +26,7 @@ from cnet import (
     control_scales,
     guess_mode_scales,
     inject_residuals,
-    injection_points,
+    to_diffusers,
     unet_skip_channels,
 )
 
@@ -303,7 +304,7 @@ def test_paper_hint_encoder_and_condition_size(unet):
     residuals = net(x, t, text, torch.rand(2, 3, 32, 32))
     assert residuals.mid.abs().max() > 0
     with pytest.raises(ValueError, match="released hint encoder only"):
-        net.to_diffusers()
+        to_diffusers(net)
     with pytest.raises(ValueError, match="power-of-two multiple"):
         ControlNet.from_unet(unet, condition_size=60)
 

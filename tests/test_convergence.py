@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cnet.convergence import detect_sudden_convergence
+from cnet.train.convergence import detect_sudden_convergence
 
 STEPS = np.arange(0, 10_001, 100)
 

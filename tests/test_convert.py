@@ -26,9 +26,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from cnet import (
     ControlledUNet,
     ControlNet,
+    from_diffusers,
+    from_official,
     load_official_state_dict,
     read_checkpoint,
     save_official,
+    to_diffusers,
+    to_official_state_dict,
 )
 from cnet.convert import official_key_map
 
@@ -59,9 +63,9 @@ def _residual_err(unet, net, reference) -> float:
 
 def test_diffusers_round_trip_is_key_for_key_and_bitwise(pair):
     unet, _, reference = pair
-    net = ControlNet.from_diffusers(reference)
+    net = from_diffusers(reference)
     assert _residual_err(unet, net, reference) == 0.0
-    back = net.to_diffusers()
+    back = to_diffusers(net)
     assert _public(back.config) == _public(reference.config)
     ref_state, back_state = reference.state_dict(), back.state_dict()
     assert list(back_state) == list(ref_state)
@@ -70,7 +74,7 @@ def test_diffusers_round_trip_is_key_for_key_and_bitwise(pair):
 
 def test_from_unet_exports_what_diffusers_from_unet_builds(pair):
     unet, _, _ = pair
-    exported = ControlNet.from_unet(unet).to_diffusers()
+    exported = to_diffusers(ControlNet.from_unet(unet))
     built = ControlNetModel.from_unet(unet)
     assert _public(exported.config) == _public(built.config)
     ours = exported.state_dict()
@@ -90,7 +94,7 @@ def test_saved_with_save_pretrained_runs_in_diffusers_pipeline(tmp_path):
     guess mode and classifier-free guidance, gives cnet's own sampling loop's latents."""
     unet = tiny_unet(SD15_TINY)
     net, _ = paired_controlnets(unet, seed=3)
-    net.to_diffusers().save_pretrained(tmp_path / "controlnet")
+    to_diffusers(net).save_pretrained(tmp_path / "controlnet")
     assert (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
     controlnet = ControlNetModel.from_pretrained(tmp_path / "controlnet")
 
@@ -183,7 +187,7 @@ def test_official_layout_is_what_diffusers_converter_reads(pair):
     """Independent check of the key mapping: diffusers' own ldm -> diffusers converter turns
     cnet's official export back into the ControlNetModel's state dict, key for key, bit for bit."""
     _, net, reference = pair
-    official = net.to_official()
+    official = to_official_state_dict(net)
     assert all(k.startswith("control_model.") for k in official)
     converted = convert_ldm_unet_checkpoint(
         dict(official),
@@ -197,7 +201,7 @@ def test_official_layout_is_what_diffusers_converter_reads(pair):
 
 def test_official_state_dict_loads_and_exports_back_key_for_key(pair, tmp_path):
     unet, _, reference = pair
-    official = ControlNet.from_diffusers(reference).to_official()
+    official = to_official_state_dict(from_diffusers(reference))
     # a full ControlLDM checkpoint also holds SD itself; those keys are not the ControlNet's
     full = {**official, "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}
     for source in ("dict", ".pth", ".safetensors"):
@@ -208,11 +212,11 @@ def test_official_state_dict_loads_and_exports_back_key_for_key(pair, tmp_path):
             torch.save({"state_dict": full}, checkpoint)
         else:
             checkpoint = save_official(
-                ControlNet.from_diffusers(reference), tmp_path / "c.safetensors"
+                from_diffusers(reference), tmp_path / "c.safetensors"
             )
-        net = ControlNet.from_official(unet, checkpoint)
+        net = from_official(unet, checkpoint)
         assert _residual_err(unet, net, reference) == 0.0, source
-        back = net.to_official()
+        back = to_official_state_dict(net)
         assert list(back) == list(official), source
         assert all(torch.equal(back[k], official[k]) for k in official), source
 
@@ -221,7 +225,7 @@ def test_sd15_official_keys_and_shapes_on_meta():
     sd15 = SD15_FULL_SIZE
     with torch.device("meta"):
         net = ControlNet.from_unet(UNet2DConditionModel(**sd15))
-        official = net.to_official()
+        official = to_official_state_dict(net)
     shapes = {k[len("control_model.") :]: tuple(v.shape) for k, v in official.items()}
     assert shapes["time_embed.0.weight"] == (1280, 320)
     assert shapes["input_blocks.0.0.weight"] == (320, 4, 3, 3)
@@ -245,7 +249,7 @@ def test_sd15_official_keys_and_shapes_on_meta():
 
 def test_bad_checkpoints_list_missing_unexpected_and_misshaped_keys(pair):
     unet, net, _ = pair
-    official = net.to_official()
+    official = to_official_state_dict(net)
     broken = dict(official)
     del broken["control_model.zero_convs.3.0.bias"]
     broken["control_model.zero_convs.12.0.weight"] = torch.zeros(1)
@@ -269,12 +273,12 @@ def test_what_cannot_be_converted_is_refused(pair, tmp_path):
         dict(reference.config, controlnet_conditioning_channel_order="bgr")
     )
     with pytest.raises(ValueError, match="controlnet_conditioning_channel_order='bgr'"):
-        ControlNet.from_diffusers(bgr)
+        from_diffusers(bgr)
     with pytest.raises(ValueError, match="expected a diffusers ControlNetModel"):
-        ControlNet.from_diffusers(unet)
+        from_diffusers(unet)
     odd = tiny_unet(dict(SD15_TINY, resnet_out_scale_factor=2.0))
     with pytest.raises(ValueError, match="resnet_out_scale_factor=2.0"):
-        ControlNet.from_unet(odd).to_diffusers()
+        to_diffusers(ControlNet.from_unet(odd))
 
 
 def test_read_checkpoint_uses_weights_only(tmp_path):

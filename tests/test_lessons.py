@@ -5,14 +5,14 @@ import copy
 import torch
 
 from cnet import ControlledBlock
-from cnet.lessons import (
+from cnet.course.lessons import (
     ConvNormAct,
     gaussian_connections_,
     gradient_flow,
     output_deviation,
     zero_conv_trajectory,
 )
-from cnet.widgets import ZeroConvExplorer
+from cnet.course.widgets import ZeroConvExplorer
 
 
 def test_trajectory_starts_at_zero_and_learns():

@@ -5,7 +5,7 @@ import torch
 from _tiny_unets import tiny_sd_pipeline
 from diffusers import StableDiffusionControlNetPipeline
 
-from cnet import ControlledUNet, ControlNet
+from cnet import ControlledUNet, ControlNet, to_diffusers
 from cnet.sample import sample
 
 PROMPTS = ["red circle with blue background", "green circle with white background"]
@@ -29,7 +29,7 @@ def parts():
 def test_same_images_as_the_diffusers_controlnet_pipeline(parts, guess_mode, guidance_scale):
     pipe, controlnet, conditions, latents = parts
     reference = StableDiffusionControlNetPipeline(
-        **pipe.components, controlnet=controlnet.to_diffusers()
+        **pipe.components, controlnet=to_diffusers(controlnet)
     )
     reference.set_progress_bar_config(disable=True)
     expected = reference(

@@ -10,8 +10,8 @@ from _tiny_unets import tiny_sd_pipeline
 from diffusers import ControlNetModel
 
 from cnet import ControlledUNet, ControlNet
-from cnet.convergence import detect_sudden_convergence
-from cnet.paths import repo_root
+from cnet.train.convergence import detect_sudden_convergence
+from cnet.course.figures import repo_root
 from cnet.train import (
     TrainConfig,
     cache_data,
@@ -51,8 +51,8 @@ def test_diffusers_and_cnet_give_the_same_residuals(base):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 20])
     with torch.no_grad():
-        a = ours(latents, t, data.embeddings[data.prompt_index[:2]], data.conditions[:2])
-        down, mid = theirs(latents, t, data.embeddings[data.prompt_index[:2]], data.conditions[:2],
+        a = ours(latents, t, data.embeddings[data.prompt_index[:2]], data.condition[:2])
+        down, mid = theirs(latents, t, data.embeddings[data.prompt_index[:2]], data.condition[:2],
                            return_dict=False)
     assert len(a.down) == len(down) == 12
     for x, y in zip(a.down, down, strict=True):

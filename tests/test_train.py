@@ -10,19 +10,19 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from cnet import ControlledUNet, ControlNet
+from cnet.course.figures import write_run_figures
 from cnet.train import (
     TrainConfig,
     TrainingDiverged,
-    _draw_batch,
     cache_data,
-    checkpoint_wall_time,
     diffusion_loss,
+    draw_batch,
     load_base,
+    task_dataset,
     train,
-    trainable_copy_parameters,
-    write_figures,
     zero_conv_norms,
 )
+from cnet.train.runs import checkpoint_wall_time
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
 
     def step(k):
         optimizer.zero_grad(set_to_none=False)
-        batch = _draw_batch(data, config, k, 0, scheduler, torch.device("cpu"))
+        batch = draw_batch(data, config, k, 0, scheduler, torch.device("cpu"))
         diffusion_loss(controlled, batch, scheduler, pipe.vae.config.scaling_factor).backward()
         return zero_conv_norms(controlnet, grads=True)
 
@@ -59,14 +59,14 @@ def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
     assert len(residual_convs) == 13
     assert all(grads[k] > 0 for k in residual_convs)  # Θ_z2 learns at once (Eq. 6)
     assert grads["zero_conv.hint"] == 0.0  # behind the copy: cut off (∂Z/∂I = W = 0)
-    for p in trainable_copy_parameters(controlnet) + list(controlnet.hint_encoder.parameters()):
+    for p in controlnet.theta_c_parameters() + list(controlnet.hint_encoder.parameters()):
         assert torch.count_nonzero(p.grad) == 0
     assert all(p.grad is None for p in pipe.unet.parameters())  # locked base
     optimizer.step()
 
     grads = step(1)  # W_z2 != 0 now (Eq. 7), so gradients reach Θ_c and E (Eq. 8)
     assert grads["zero_conv.hint"] > 0
-    assert sum(torch.count_nonzero(p.grad) for p in trainable_copy_parameters(controlnet)) > 0
+    assert sum(torch.count_nonzero(p.grad) for p in controlnet.theta_c_parameters()) > 0
 
 
 def test_loss_decreases_on_a_short_cpu_run(base):
@@ -76,7 +76,7 @@ def test_loss_decreases_on_a_short_cpu_run(base):
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     data = cache_data(pipe, "fill", 8, "train", seed=0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    fixed = _draw_batch(data, TrainConfig(batch_size=4, empty_prompt_ratio=0.0), 0, 0,
+    fixed = draw_batch(data, TrainConfig(batch_size=4, empty_prompt_ratio=0.0), 0, 0,
                         scheduler, torch.device("cpu"))
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=2e-3)
     scaling = pipe.vae.config.scaling_factor
@@ -125,8 +125,8 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     assert sorted(samples) == ["step_0", "step_2", "step_4"]
     assert samples["step_4"].dtype == torch.uint8 and samples["step_4"].shape == (4, 3, 32, 32)
 
-    monkeypatch.setenv("CNET_FIGURES", str(tmp_path / "figures"))
-    written = write_figures(tmp_path / "resumed", prefix="t")
+    written = write_run_figures(tmp_path / "resumed", prefix="t_")
+    assert {p.parent for p in written} == {tmp_path / "resumed" / "figures"}
     assert sorted(p.name for p in written) == sorted(
         f"t_{n}.png" for n in ("fidelity_and_loss", "zero_conv_growth", "first_steps_gradients",
                                "samples_over_training"))
@@ -149,7 +149,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(base, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, monkeypatch):
-    import cnet.train as train_module
+    import cnet.train.loop as train_module
 
     real = train_module.diffusion_loss
     calls = {"n": 0}
@@ -185,9 +185,7 @@ def test_unlocked_decoder_trains_only_the_decoder(base, tmp_path):
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown task 'sketch'"):
-        from cnet.train import _dataset
-
-        _dataset("sketch", 4, "train", 32, 0)
+        task_dataset("sketch", 4, "train", 32, 0)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_base("/nonexistent/folder")
 
@@ -198,7 +196,7 @@ def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
     # fidelity measured against the first shape's region and colour
     pipe = load_base(base)
     data = cache_data(pipe, task, 4, "eval", seed=0)
-    assert data.conditions.shape == (4, 3, 32, 32) and data.conditions.amax() > 0
+    assert data.condition.shape == (4, 3, 32, 32) and data.condition.amax() > 0
     assert data.extras["region"].shape == (4, 32, 32) and data.extras["region"].any()
     summary = train(_config(base, tmp_path / task, task=task, steps=2, eval_every=2))
     assert set(summary["final_eval"]) == {"iou", "colours_ok", "n"}

@@ -1,19 +1,22 @@
 r"""How the locked base behaves: it draws what the prompt says, wherever it likes.
 
-    python -m cnet.world evaluate --model models/miniature-sd --samples 200 --steps 25 --guidance 5
+    python -m cnet.world evaluate --model models/miniature-sd --samples 200
 
-Samples the pipeline (DDIM) from prompts of the held-out eval split and measures, exactly:
+Samples the pipeline (DDIM, with the full profile's evaluation sampler,
+:func:`cnet.train.evaluate.sampler_settings`) from prompts of the held-out eval split and
+measures, exactly:
 
 * **Fill prompts** ("<colour> circle with <colour> background"): are both colours drawn
   (:func:`~cnet.world.metrics.colours_drawn`: the background colour is the majority on the
   border, the foreground colour covers >= 1% of the image and most of what is not background);
   is the foreground a circle (its largest connected
   region is fitted best by a circle, among circle, square, triangle and diamond, with IoU
-  >= 0.75 to the fitted circle); and the IoU of the foreground with the circle of the eval
-  sample the prompt came from, i.e. with a *random requested outline* the base never sees. That
-  IoU is compared with its chance level: the mean IoU of two independent circles of the data
-  distribution (all pairs of eval circles). The IoU of the VAE's reconstruction of the eval
-  image itself is the ceiling any U-Net (or ControlNet) on this VAE can reach.
+  >= 0.75 to the fitted circle); and the fidelity IoU (:func:`cnet.train.evaluate.fidelity`,
+  the one definition every ControlNet is measured with) with the circle of the eval sample the
+  prompt came from, i.e. with a *random requested outline* the base never sees. That IoU is
+  compared with its chance level: the same images against the other samples' requests. The IoU
+  of the VAE's reconstruction of the eval image itself is the ceiling any U-Net (or ControlNet)
+  on this VAE can reach.
 * **Shapes prompts** with one shape: colours drawn, and shape accuracy (the best-fitting shape is
   the prompted one; chance 1/4). With several shapes: are all prompted colours drawn.
 
@@ -33,8 +36,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from ..train.config import SettingError
+from ..train.evaluate import fidelity, sampler_settings
 from .data import COLOUR_NAMES, SHAPES, FillDataset, ShapesDataset, check_resolution, colour_index
-from .metrics import classify_colours, colours_drawn, fit_shape, iou
+from .metrics import classify_colours, colours_drawn, fit_shape
 from .model import check_prompt
 
 __all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "chance_iou"]
@@ -107,22 +112,24 @@ def _shape_report(images: torch.Tensor, colour_names: list[str], shapes: list[st
             "recognisable": correct & (best >= RECOGNISABLE_IOU), "fit_iou": best}
 
 
-def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200, steps: int = 25,
-                  guidance: float = 5.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
+def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200, steps: int = 20,
+                  guidance: float = 3.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """The base on Fill eval prompts: colour adherence, circle recognisability, and IoU with a
     random requested outline against its chance level (see module docstring). Returns the
     numbers and the generated images."""
     data = FillDataset(max(samples, 1000), split="eval")
     batch = data.batch(range(samples))
     words = [p.split() for p in batch["prompt"]]
+    foreground = torch.tensor([colour_index(w[0]) for w in words])
+    background = torch.tensor([colour_index(w[3]) for w in words])
     images = generate(pipe, batch["prompt"], steps, guidance, seed, progress=True)
     colours = colours_drawn(images, [[w[0]] for w in words], [w[3] for w in words])
     shape = _shape_report(images, [w[0] for w in words], ["circle"] * samples)
     requested = batch["layers"] > 0
     reference = _shape_report(batch["image"], [w[0] for w in words], ["circle"] * samples)
+    drawn = classify_colours(images) == foreground[:, None, None]  # the fidelity's foreground
     # what the VAE alone keeps of the circle: the ceiling for any U-Net
-    through_vae = _shape_report(vae_round_trip(pipe, batch["image"]), [w[0] for w in words],
-                                ["circle"] * samples)
+    through_vae = vae_round_trip(pipe, batch["image"])
     return {
         "samples": samples,
         "colours_drawn_rate": colours["both_ok"].float().mean().item(),
@@ -131,15 +138,17 @@ def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200, steps: int 
         "recognisable_circle_rate": shape["recognisable"].float().mean().item(),
         "recognisable_circle_rate_of_dataset_images": reference["recognisable"].float().mean()
         .item(),
-        "iou_with_requested_outline": iou(shape["foreground"], requested).mean().item(),
-        "iou_of_vae_reconstruction": iou(through_vae["foreground"], requested).mean().item(),
+        "iou_with_requested_outline": fidelity(images, foreground, background, requested)["iou"]
+        .mean().item(),
+        "iou_of_vae_reconstruction": fidelity(through_vae, foreground, background, requested)[
+            "iou"].mean().item(),
         "chance_iou_of_two_random_circles": chance_iou(requested),
-        "chance_iou_generated_vs_other_requests": chance_iou(shape["foreground"], requested),
+        "chance_iou_generated_vs_other_requests": chance_iou(drawn, requested),
     }, images
 
 
-def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200, steps: int = 25,
-                    guidance: float = 5.0, seed: int = 0) -> dict:
+def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200, steps: int = 20,
+                    guidance: float = 3.0, seed: int = 0) -> dict:
     """The base on Shapes eval prompts: for one-shape prompts, colours drawn and shape accuracy;
     for several shapes, whether every prompted colour is drawn."""
     data = ShapesDataset(20_000, split="eval")
@@ -176,18 +185,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m cnet.world evaluate")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--profile", choices=("quick", "full"), default="full",
+                        help="whose evaluation sampler to sample with (steps, guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.samples < 2:
+        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer >= 2")
+    if not (args.model / "model_index.json").exists():
+        raise FileNotFoundError(f"model: {args.model} is not a diffusers pipeline folder")
     torch.set_num_threads(args.threads)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
-    fill, _ = evaluate_fill(pipe, args.samples, args.steps, args.guidance, args.seed)
-    shapes = evaluate_shapes(pipe, args.samples, args.steps, args.guidance, args.seed)
+    sampler = sampler_settings(args.profile)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+    fill, _ = evaluate_fill(pipe, args.samples, seed=args.seed, **sampler)
+    shapes = evaluate_shapes(pipe, args.samples, seed=args.seed, **sampler)
     argv = sys.argv[1:] if argv is None else argv
     result = {"command": " ".join(["python", "-m", "cnet.world", "evaluate", *argv]),
-              "sampler": f"DDIM, {args.steps} steps, guidance {args.guidance}, seed {args.seed}",
+              "sampler": f"DDIM, {sampler['steps']} steps, guidance {sampler['guidance']}, "
+                         f"seed {args.seed} (profile {args.profile})",
               "fill": fill, "shapes": shapes}
     record_path = args.model / "pretraining.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}

@@ -18,10 +18,11 @@ Two stages, as Stable Diffusion was made (an autoencoder first, then diffusion i
    exponential moving average (EMA) of the weights is what ships.
 
 Settings are plain values (``Settings``), a profile fills them, and any one can be overridden on
-the command line (``--unet_steps=200``). Every random draw of step ``k`` comes from a generator
-seeded by ``(seed, stage, k)``, so a run resumed from a checkpoint continues exactly as if it
-had never stopped; checkpoints (weights, EMA, optimizer state) are safetensors, written to a
-temporary file and then renamed, so an interrupted write never leaves a broken checkpoint.
+the command line (``--unet_steps=200``), through the same helpers as ControlNet training
+(:mod:`cnet.train.config`). Every random draw of step ``k`` comes from a generator seeded by
+``(seed, stage, k)``, so a run resumed from a checkpoint continues exactly as if it had never
+stopped; checkpoints (weights, EMA, optimizer state) are written in the one checkpoint format of
+:mod:`cnet.train.runs` (safetensors, replaced atomically).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -38,10 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import FillDataset, ShapesDataset
+from ..train.config import (
+    check_settings,
+    fraction,
+    non_negative_int,
+    one_of,
+    positive_int,
+    positive_number,
+)
+from ..train.runs import check_resumable, checkpoint_metadata, load_checkpoint, save_checkpoint
+from .data import FillDataset, ShapesDataset, check_resolution
 from .model import (
     build_pipeline,
     build_schedulers,
@@ -55,6 +63,8 @@ from .model import (
 __all__ = ["Settings", "PROFILES", "pretrain"]
 
 STAGE_IDS = {"vae": 1, "unet": 2}
+# Settings a resumed run may change: none of them changes what the steps already taken computed.
+RESUMABLE_CHANGES = ("threads", "checkpoint_every")
 
 
 @dataclasses.dataclass
@@ -72,11 +82,26 @@ class Settings:
     unet_batch: int = 16
     unet_lr: float = 1e-3
     warmup_steps: int = 10
-    empty_prompt_rate: float = 0.1  # SD drops 10% of captions for classifier-free guidance
+    empty_prompt_ratio: float = 0.1  # SD drops 10% of captions for classifier-free guidance
     ema_decay: float = 0.99
     checkpoint_every: int = 20
     dataset_size: int = 50_000  # per family
     threads: int = 1
+
+    def check(self) -> Settings:
+        """Refuse any value that cannot work (:class:`cnet.train.config.SettingError`)."""
+        from .model import SIZES, VAE_DOWNSAMPLING
+
+        check_settings(self, {
+            "size": one_of(*SIZES), "seed": non_negative_int(), "vae_steps": positive_int(),
+            "vae_batch": positive_int(), "vae_lr": positive_number(), "kl_weight": fraction(),
+            "unet_steps": positive_int(), "unet_batch": positive_int(), "unet_lr": positive_number(),
+            "warmup_steps": non_negative_int(), "empty_prompt_ratio": fraction(),
+            "ema_decay": fraction(), "checkpoint_every": positive_int(),
+            "dataset_size": positive_int(), "threads": positive_int(),
+        })
+        check_resolution(self.resolution, VAE_DOWNSAMPLING)
+        return self
 
 
 PROFILES: dict[str, dict] = {
@@ -113,43 +138,15 @@ def _lr(step: int, s: Settings, peak: float, total: int) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _save_checkpoint(path: Path, modules: dict, optimizer: torch.optim.Optimizer | None,
-                     meta: dict) -> None:
-    tensors = {}
-    for name, module in modules.items():
-        tensors.update({f"{name}.{k}": v.detach().contiguous()
-                        for k, v in module.state_dict().items()})
-    if optimizer is not None:
-        state = optimizer.state_dict()
-        for index, entry in state["state"].items():
-            tensors.update({f"optimizer.{index}.{k}": v.contiguous() for k, v in entry.items()})
-        groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-        meta = {**meta, "param_groups": groups}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic on POSIX: the old checkpoint stays valid until this instant
-
-
-def _load_checkpoint(path: Path, modules: dict,
-                     optimizer: torch.optim.Optimizer | None) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    tensors = load_file(str(path))
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                if k.startswith(prefix)})
-    if optimizer is not None and "param_groups" in meta:
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
+def _resume(checkpoint: Path, modules: dict, optimizer: torch.optim.Optimizer, s: Settings,
+            steps: int) -> tuple[int, float]:
+    """(step, training seconds so far) of a stage's checkpoint, restored into the modules and
+    the optimizer; (0, 0.0) where there is none yet."""
+    if not checkpoint.exists():
+        return 0, 0.0
+    check_resumable(checkpoint, dataclasses.asdict(s), steps, RESUMABLE_CHANGES)
+    step = load_checkpoint(checkpoint, modules, optimizer)
+    return step, float(checkpoint_metadata(checkpoint)["wall_time_s"])
 
 
 # ------------------------------------------------------------------------------ stages
@@ -158,10 +155,8 @@ def _load_checkpoint(path: Path, modules: dict,
 def _train_vae(vae, datasets, s: Settings, run_dir: Path, log) -> float:
     checkpoint = run_dir / "vae.safetensors"
     optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
-    start, elapsed, began = 0, 0.0, time.time()
-    if checkpoint.exists():
-        meta = _load_checkpoint(checkpoint, {"vae": vae}, optimizer)
-        start, elapsed = meta["step"], meta["elapsed_s"]
+    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, s.vae_steps)
+    began = time.time()
     vae.train()
     for step in tqdm(range(start, s.vae_steps), desc="VAE", initial=start, total=s.vae_steps):
         gen = _generator(s.seed, "vae", step)
@@ -177,8 +172,8 @@ def _train_vae(vae, datasets, s: Settings, run_dir: Path, log) -> float:
         optimizer.step()
         log({"stage": "vae", "step": step, "mse": mse.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vae_steps:
-            _save_checkpoint(checkpoint, {"vae": vae}, optimizer,
-                             {"step": step + 1, "elapsed_s": elapsed + time.time() - began})
+            save_checkpoint(checkpoint, {"vae": vae}, optimizer, step + 1,
+                            dataclasses.asdict(s), elapsed + time.time() - began)
     vae.eval()
     return elapsed + time.time() - began if start < s.vae_steps else elapsed
 
@@ -200,10 +195,8 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
     ddpm, _ = build_schedulers()
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
                "ema_text_encoder": ema_text}
-    start, elapsed, began = 0, 0.0, time.time()
-    if checkpoint.exists():
-        meta = _load_checkpoint(checkpoint, modules, optimizer)
-        start, elapsed = meta["step"], meta["elapsed_s"]
+    start, elapsed = _resume(checkpoint, modules, optimizer, s, s.unet_steps)
+    began = time.time()
     unet.train()
     text_encoder.train()
     scale = vae.config.scaling_factor
@@ -213,7 +206,7 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
         batch = _batch(datasets, s.unet_batch, gen)
         with torch.no_grad():
             latents = vae.encode(batch["image"]).latent_dist.sample(generator=gen) * scale
-        drop = torch.rand(len(batch["prompt"]), generator=gen) < s.empty_prompt_rate
+        drop = torch.rand(len(batch["prompt"]), generator=gen) < s.empty_prompt_ratio
         prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist(), strict=True)]
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(0, ddpm.config.num_train_timesteps, (len(latents),),
@@ -234,8 +227,8 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
         _ema_update(ema_text, text_encoder, decay)
         log({"stage": "unet", "step": step, "loss": loss.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
-            _save_checkpoint(checkpoint, modules, optimizer,
-                             {"step": step + 1, "elapsed_s": elapsed + time.time() - began})
+            save_checkpoint(checkpoint, modules, optimizer, step + 1, dataclasses.asdict(s),
+                            elapsed + time.time() - began)
     # The EMA weights are the ones that ship.
     unet.load_state_dict(ema_unet.state_dict())
     text_encoder.load_state_dict(ema_text.state_dict())
@@ -268,7 +261,7 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
     ``out`` with ``save_pretrained`` (safetensors), copy the per-step log to
     ``out/pretraining_log.jsonl`` and write ``out/pretraining.json`` (command, profile,
     settings, device, wall time, steps, final losses). Returns the pipeline."""
-    s = settings
+    s = settings.check()
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)  # model initialisation
     np.random.seed(s.seed)

@@ -2,7 +2,7 @@ r"""The small experiments behind the first lessons (notebooks 01 and 02, and ``p
 lessons``): a zero convolution trained from zero, and a controlled block's first steps.
 
 Each function runs a real optimisation and returns plain numbers; plotting lives in
-:mod:`cnet.plots`, interaction in :mod:`cnet.widgets`.
+:mod:`cnet.course.plots`, interaction in :mod:`cnet.course.widgets`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .block import ControlledBlock
-from .zero_conv import sgd_step, zero_conv, zero_conv_grads
+from ..block import ControlledBlock
+from ..zero_conv import sgd_step, zero_conv, zero_conv_grads
 
 __all__ = [
     "ZeroConvTrajectory",

@@ -1,0 +1,100 @@
+"""Where the course's figures go, and a training run's figures drawn from its folder.
+
+Figures the notebooks and ``python -m cnet lessons`` draw are written to ``figures/`` of the
+clone (or ``$CNET_FIGURES``, which the test suite points elsewhere so that running it leaves
+the repository's figures as they are). A training run's figures belong to the run: ``python -m
+cnet train`` writes them to ``<run>/figures/`` and to another folder only when asked to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from safetensors.torch import load_file
+
+from ..train.convergence import detect_sudden_convergence
+from ..train.data import condition_images
+from ..train.runs import read_log
+from .training_plots import (
+    plot_fidelity_and_loss,
+    plot_first_step_gradients,
+    plot_sample_grid,
+    plot_zero_conv_growth,
+)
+
+__all__ = ["figures_dir", "repo_root", "run_figures", "save_figure", "write_run_figures"]
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_root() -> Path | None:
+    """The clone this package lives in (a folder holding both cnet/ and notebooks/), or None
+    for an installed copy."""
+    root = PACKAGE_ROOT.parent
+    return root if (root / "notebooks").is_dir() else None
+
+
+def figures_dir() -> Path:
+    """Where figures are written: $CNET_FIGURES, else the clone's figures/, else ./figures."""
+    if "CNET_FIGURES" in os.environ:
+        path = Path(os.environ["CNET_FIGURES"])
+    else:
+        root = repo_root()
+        path = (root if root is not None else Path.cwd()) / "figures"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:
+    """Write ``fig`` to ``<folder>/<name>.png`` (default :func:`figures_dir`); returns the path."""
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def run_figures(run: str | Path, label: str = "") -> dict:
+    """A run's figures (the run folder, or a shipped one): fidelity and loss with the detected
+    convergence step, the zero convolutions' growth, the first steps' gradients, and a grid of
+    samples before, at and after the jump. Returns ``{name: Figure}`` and the detector's report
+    under ``"report"`` (None with fewer than 5 evaluations)."""
+    run = Path(run)
+    log = read_log(run)
+    report = (detect_sudden_convergence(log.eval_steps, log.eval_iou)
+              if len(log.eval_steps) >= 5 else None)
+    figures = {
+        "fidelity_and_loss": plot_fidelity_and_loss(log, report, label),
+        "zero_conv_growth": plot_zero_conv_growth(log, label),
+        "first_steps_gradients": plot_first_step_gradients(log, label=label),
+    }
+    samples = load_file(run / "samples.safetensors")
+    steps = sorted(int(k.split("_")[1]) for k in samples)
+    if report is not None and report.converged:
+        wanted = [steps[0], report.start, report.step, report.end, steps[-1]]
+    else:
+        wanted = [steps[round(q * (len(steps) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
+    shown = sorted({min(steps, key=lambda s, w=w: abs(s - w)) for w in wanted})
+    config = json.loads((run / "config.json").read_text())
+    conditions = condition_images(config["task"], config["eval_size"], config["seed"],
+                                  resolution=samples[f"step_{steps[0]}"].shape[-1])
+    rows = min(6, len(conditions), len(samples[f"step_{steps[0]}"]))
+    figures["samples_over_training"] = plot_sample_grid(
+        {k: v[:rows] for k, v in samples.items()}, conditions[:rows], shown, label)
+    figures["report"] = report
+    return figures
+
+
+def write_run_figures(run: str | Path, folder: str | Path | None = None, prefix: str = "",
+                      label: str = "") -> list[Path]:
+    """Save :func:`run_figures` as ``<folder>/<prefix><name>.png``, by default in
+    ``<run>/figures``; returns the paths."""
+    folder = Path(folder) if folder is not None else Path(run) / "figures"
+    figures = run_figures(run, label)
+    figures.pop("report")
+    paths = [save_figure(fig, f"{prefix}{name}", folder) for name, fig in figures.items()]
+    plt.close("all")
+    return paths

@@ -1,0 +1,55 @@
+"""Training a ControlNet on a locked Stable Diffusion base (paper §3.3).
+
+=============  ============================================================================
+module         what it holds
+=============  ============================================================================
+config         :class:`TrainConfig` and its profiles; settings checked, fields as flags
+data           the locked base, the task's data cached once, each step's batch
+loop           the loss, one step, the run (:func:`train`)
+runs           the checkpoint format, resume, reading a run's log, shipping a run
+evaluate       the one definition of condition fidelity, and the sampler it is measured with
+convergence    where a fidelity curve jumps, and how suddenly
+compare        runs that differ in one setting
+=============  ============================================================================
+"""
+
+from .config import PROFILES, TASKS, SettingError, TrainConfig
+from .convergence import ConvergenceReport, detect_sudden_convergence
+from .data import (
+    CachedData,
+    build_controlnet,
+    cache_data,
+    draw_batch,
+    load_base,
+    task_dataset,
+)
+from .evaluate import evaluate, fidelity, sampler_settings
+from .loop import TrainingDiverged, diffusion_loss, train, zero_conv_norms
+from .runs import TrainingLog, export_run, load_checkpoint, load_controlnet, read_log
+
+__all__ = [
+    "PROFILES",
+    "TASKS",
+    "CachedData",
+    "ConvergenceReport",
+    "SettingError",
+    "TrainConfig",
+    "TrainingDiverged",
+    "TrainingLog",
+    "build_controlnet",
+    "cache_data",
+    "detect_sudden_convergence",
+    "diffusion_loss",
+    "draw_batch",
+    "evaluate",
+    "export_run",
+    "fidelity",
+    "load_base",
+    "load_checkpoint",
+    "load_controlnet",
+    "read_log",
+    "sampler_settings",
+    "task_dataset",
+    "train",
+    "zero_conv_norms",
+]

@@ -1,0 +1,222 @@
+"""Settings as plain values, nanoGPT-style: one dataclass per job, a profile fills it, the command
+line overrides any field, and every value is checked before any work starts.
+
+:class:`TrainConfig` holds a ControlNet training run; the miniature world's pretraining has its
+own fields (:class:`cnet.world.pretrain.Settings`) and uses the same helpers: :func:`add_flags`
+turns a dataclass's fields into ``--field`` flags, :func:`settings_from_flags` puts the flags
+given on top of a profile, and :func:`check_settings` refuses a bad value with one line that
+names the setting, the value and what is allowed (:class:`SettingError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PROFILES",
+    "TASKS",
+    "SettingError",
+    "TrainConfig",
+    "add_flags",
+    "check_settings",
+    "resolve_device",
+    "settings_from_flags",
+]
+
+TASKS = ("fill", "outline", "canny", "segmentation", "depth", "scribble")
+
+
+class SettingError(ValueError):
+    """A setting has a value that cannot work; the message is one line naming the setting, the
+    value and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a ControlNet training run. The defaults are the quick profile."""
+
+    base: str = "models/miniature-sd"  # a StableDiffusionPipeline folder (diffusers format)
+    task: str = "fill"  # "fill", or a Shapes condition: outline, canny, segmentation, ...
+    out: str = "runs/controlnet-fill-quick"
+    steps: int = 800
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
+    empty_prompt_ratio: float = 0.5
+    sd_locked: bool = True
+    decoder_lr_scale: float = 0.1
+    hint_encoder: str = "released"
+    train_size: int = 4096
+    eval_size: int = 32
+    eval_every: int = 50
+    eval_steps: int = 10  # DDIM steps when sampling the evaluation set
+    guidance_scale: float = 3.0
+    log_every: int = 1
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = True
+
+    def resolved_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def check(self) -> TrainConfig:
+        """Refuse any value that cannot work (:class:`SettingError`); returns the config."""
+        check_settings(self, _TRAIN_RULES)
+        base = Path(self.base)
+        if not (base / "model_index.json").exists():
+            raise SettingError(
+                f"base: {self.base!r} is not a diffusers pipeline folder (no model_index.json "
+                "there); expected e.g. models/miniature-sd"
+            )
+        return self
+
+
+# A profile is the settings it changes from the defaults (the quick profile). Its eval_steps and
+# guidance_scale are also the sampler every fidelity number of that profile is measured with
+# (cnet.train.evaluate.sampler_settings).
+PROFILES: dict[str, dict] = {
+    "quick": {},
+    "full": dict(
+        out="runs/controlnet-fill-full", steps=4000, batch_size=32, train_size=20_000,
+        eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Checking values
+# ------------------------------------------------------------------------------------------
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def positive_int() -> Rule:
+    return (lambda v: isinstance(v, int) and v >= 1), "an integer >= 1"
+
+
+def non_negative_int() -> Rule:
+    return (lambda v: isinstance(v, int) and v >= 0), "an integer >= 0"
+
+
+def positive_number() -> Rule:
+    return (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+            "a finite number > 0")
+
+
+def non_negative_number() -> Rule:
+    return (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+            "a finite number >= 0")
+
+
+def fraction() -> Rule:
+    return (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
+            "a number from 0 to 1")
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def device_rule() -> Rule:
+    def ok(value: str) -> bool:
+        try:
+            resolve_device(value)
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    available = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return ok, "a device this machine has: " + ", ".join(available)
+
+
+_TRAIN_RULES: dict[str, Rule] = {
+    "task": one_of(*TASKS),
+    "steps": positive_int(),
+    "batch_size": positive_int(),
+    "grad_accum": positive_int(),
+    "lr": positive_number(),
+    "weight_decay": non_negative_number(),
+    "empty_prompt_ratio": fraction(),
+    "decoder_lr_scale": non_negative_number(),
+    "hint_encoder": one_of("released", "paper"),
+    "train_size": positive_int(),
+    "eval_size": positive_int(),
+    "eval_every": non_negative_int(),
+    "eval_steps": positive_int(),
+    "guidance_scale": non_negative_number(),
+    "log_every": positive_int(),
+    "checkpoint_every": positive_int(),
+    "seed": non_negative_int(),
+    "device": device_rule(),
+}
+
+
+def check_settings(settings: Any, rules: Mapping[str, Rule]) -> None:
+    """Check each field of a settings dataclass against its rule; the first failure raises a
+    :class:`SettingError` naming the setting, the value and what is allowed."""
+    for name, (ok, allowed) in rules.items():
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not ok(value):
+            raise SettingError(f"{name}: {value!r} is not allowed; expected {allowed}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA where there is one, else the CPU; any other name must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"no CUDA device {name!r} on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("no MPS device on this machine")
+    return device
+
+
+# ------------------------------------------------------------------------------------------
+# Fields to flags
+# ------------------------------------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def flag_type(field: dataclasses.Field) -> Callable[[str], Any]:
+    """How a settings field's value is read from the command line."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    return {"bool": parse_bool, "int": int, "float": float}.get(kind, str)
+
+
+def add_flags(parser: argparse.ArgumentParser, settings_class: type,
+              skip: tuple[str, ...] = ()) -> None:
+    """One ``--<field>`` flag per field of ``settings_class`` (default: not given)."""
+    for field in dataclasses.fields(settings_class):
+        if field.name in skip:
+            continue
+        kind = flag_type(field)
+        parser.add_argument(f"--{field.name}", type=kind, default=None,
+                            metavar="true|false" if kind is parse_bool else None)
+
+
+def settings_from_flags(settings_class: type, args: argparse.Namespace,
+                        profile: Mapping[str, Any]) -> Any:
+    """The profile's values with every flag given on the command line on top."""
+    values = dict(profile)
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
+                   if getattr(args, f.name, None) is not None})
+    return settings_class(**values)

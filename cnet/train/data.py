@@ -1,0 +1,159 @@
+"""The locked base and the training data, with the frozen work done once.
+
+The VAE's latent distribution (mean, std) of every training image and the text embedding of
+every distinct prompt are computed before the first step (:func:`cache_data`); each step then
+draws its batch from that cache with a generator seeded by ``(seed, step, micro-batch)`` alone
+(:func:`draw_batch`), which is what makes a resumed run equal the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from ..block import lock
+from ..controlnet import ControlNet
+from ..world.data import FillDataset, ShapesDataset
+from .config import TASKS, TrainConfig
+
+__all__ = [
+    "CachedData",
+    "build_controlnet",
+    "cache_data",
+    "condition_images",
+    "draw_batch",
+    "load_base",
+    "step_generator",
+    "task_dataset",
+]
+
+
+def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """Load a diffusers ``StableDiffusionPipeline`` folder offline and lock VAE, text encoder and
+    U-Net (:func:`cnet.lock`)."""
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"expected a diffusers pipeline folder with model_index.json at {path}; build the "
+            "miniature base with `python -m cnet.world pretrain`"
+        )
+    # the miniature models are small: load them plainly rather than through accelerate's
+    # low-memory path (which diffusers would otherwise ask for, with a warning, where it is absent)
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True,
+                                                   low_cpu_mem_usage=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        lock(part)
+    return pipe
+
+
+def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> ControlNet:
+    """The ControlNet a run trains: a trainable copy of the base's U-Net (§3.2) whose condition
+    encoder downsamples the base's image resolution to its latent resolution."""
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return ControlNet.from_unet(pipe.unet, hint_encoder=config.hint_encoder,
+                                condition_size=resolution)
+
+
+def task_dataset(task: str, size: int, split: str, resolution: int, seed: int):
+    """The world's dataset a task trains on: Fill, or Shapes for one of its conditions."""
+    if task not in TASKS:
+        raise ValueError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    cls = FillDataset if task == "fill" else ShapesDataset
+    return cls(size=size, split=split, resolution=resolution, seed=seed)
+
+
+def _condition_key(task: str) -> str:
+    return "outline" if task == "fill" else task
+
+
+@dataclass
+class CachedData:
+    """What the frozen networks make of a dataset, computed once: the VAE's latent mean and std
+    per image, the condition images, and one text embedding per distinct prompt."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    condition: torch.Tensor  # (N, 3, H, W) condition images in [0, 1]
+    prompt_index: torch.Tensor  # (N,) index into `embeddings`; index 0 is the empty prompt
+    embeddings: torch.Tensor  # (P, L, D)
+    prompts: list[str]  # the distinct prompts, prompts[0] == ""
+    extras: dict = field(default_factory=dict)  # evaluation ground truth (masks, colours)
+
+
+@torch.no_grad()
+def cache_data(pipe: StableDiffusionPipeline, task: str, size: int, split: str, seed: int,
+               chunk: int = 256) -> CachedData:
+    """Render ``size`` samples of ``task`` and push them through the frozen VAE and text
+    encoder once."""
+    device = pipe.unet.device
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    dataset = task_dataset(task, size, split, resolution, seed)
+    key = _condition_key(task)
+    means, stds, conditions, prompts_all, layers, fg, bg = [], [], [], [], [], [], []
+    for start in range(0, size, chunk):
+        indices = list(range(start, min(size, start + chunk)))
+        batch = dataset.batch(indices)
+        scenes = dataset.scenes(indices)
+        dist = pipe.vae.encode(batch["image"].to(device, pipe.vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+        conditions.append(batch[key].float())
+        prompts_all += batch["prompt"]
+        layers.append(batch["layers"])
+        fg.append(torch.from_numpy(scenes.colour[:, 0].copy()))
+        bg.append(torch.from_numpy(scenes.background.copy()))
+    distinct = [""] + sorted(set(prompts_all) - {""})
+    lookup = {p: i for i, p in enumerate(distinct)}
+    embeddings = torch.cat([
+        pipe.encode_prompt(distinct[i : i + chunk], device, 1, False)[0].float().cpu()
+        for i in range(0, len(distinct), chunk)
+    ])
+    return CachedData(
+        latent_mean=torch.cat(means), latent_std=torch.cat(stds),
+        condition=torch.cat(conditions), embeddings=embeddings, prompts=distinct,
+        prompt_index=torch.tensor([lookup[p] for p in prompts_all]),
+        extras={"region": torch.cat(layers) > 0, "foreground": torch.cat(fg),
+                "background": torch.cat(bg), "prompt": prompts_all},
+    )
+
+
+def condition_images(task: str, size: int, seed: int, resolution: int) -> torch.Tensor:
+    """The evaluation set's condition images (what :func:`cache_data` stores), without a model."""
+    dataset = task_dataset(task, size, "eval", resolution, seed)
+    return dataset.batch(list(range(size)))[_condition_key(task)].float()
+
+
+def step_generator(seed: int, draw: int) -> torch.Generator:
+    """The single source of randomness of one micro-batch: a function of (seed, draw) only,
+    the key to exact resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + draw)
+
+
+def draw_batch(data: CachedData, config: TrainConfig, step: int, micro: int,
+               noise_scheduler: DDPMScheduler, device: torch.device | str = "cpu") -> dict:
+    """Micro-batch ``micro`` of optimizer step ``step``: ``batch_size`` samples drawn with
+    replacement, a latent drawn from each one's cached distribution, noise, a timestep uniform
+    over the scheduler's range, and the empty prompt in place of the caption with probability
+    ``empty_prompt_ratio``. Every (step, micro) pair has its own draw number, so no two
+    micro-batches of a run share their randomness."""
+    g = step_generator(config.seed, step * config.grad_accum + micro)
+    n = len(data.prompt_index)
+    idx = torch.randint(0, n, (config.batch_size,), generator=g)
+    latents = data.latent_mean[idx] + data.latent_std[idx] * torch.randn(
+        data.latent_mean[idx].shape, generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                              (config.batch_size,), generator=g)
+    keep_prompt = torch.rand(config.batch_size, generator=g) >= config.empty_prompt_ratio
+    prompt_index = torch.where(keep_prompt, data.prompt_index[idx], 0)
+    return {
+        "latents": latents.to(device), "noise": noise.to(device), "timesteps": timesteps.to(device),
+        "embeddings": data.embeddings[prompt_index].to(device),
+        "condition": data.condition[idx].to(device),
+        "prompt_index": prompt_index,
+    }

@@ -1,0 +1,73 @@
+"""Condition fidelity, one definition for every number cnet quotes.
+
+A sample follows a Fill (or Shapes) condition as well as the pixels drawn in the prompted
+foreground colour cover the region the condition encloses:
+
+* **IoU**: :math:`|F \\cap R| / |F \\cup R|`, where :math:`F` is every pixel whose nearest palette
+  colour is the prompted foreground colour (:func:`cnet.world.metrics.classify_colours`) and
+  :math:`R` the region inside the requested outline. Stray pixels of that colour count against
+  the sample, as a missing part of the disc does.
+* **colours_ok**: both prompted colours drawn (:func:`cnet.world.metrics.colours_drawn`).
+
+The base alone (``python -m cnet.world evaluate``), every evaluation of a training run
+(``log.jsonl``, ``run.json``) and the notebooks all call :func:`fidelity`, and sample with the
+sampler of a profile (:func:`sampler_settings`: DDIM, ``eval_steps`` steps, classifier-free
+guidance ``guidance_scale``).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ..injection import ControlledUNet
+from ..sample import sample
+from ..world.data import COLOUR_NAMES
+from ..world.metrics import classify_colours, colours_drawn, iou
+from .config import PROFILES, TrainConfig
+from .data import CachedData
+
+__all__ = ["evaluate", "fidelity", "sampler_settings"]
+
+
+def sampler_settings(profile: str) -> dict:
+    """``{"steps": …, "guidance": …}``: how a profile samples when it measures fidelity."""
+    config = TrainConfig(**PROFILES[profile])
+    return {"steps": config.eval_steps, "guidance": config.guidance_scale}
+
+
+def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
+             region: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image fidelity of ``images`` (N, 3, H, W) in [-1, 1] to a requested region
+    (N, H, W) bool, with prompted ``foreground`` and ``background`` palette indices (N,):
+    ``{"iou": (N,) float, "colours_ok": (N,) bool}`` (see the module docstring)."""
+    drawn = classify_colours(images)
+    ious = iou(drawn == foreground[:, None, None], region)
+    colours = colours_drawn(images, [[COLOUR_NAMES[int(i)]] for i in foreground],
+                            [COLOUR_NAMES[int(i)] for i in background])
+    return {"iou": ious, "colours_ok": colours["both_ok"]}
+
+
+@torch.no_grad()
+def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, data: CachedData,
+             steps: int = 20, guidance_scale: float = 3.0, seed: int = 1234,
+             batch_size: int = 64) -> tuple[dict, torch.Tensor]:
+    """Sample the evaluation set (its prompts and conditions) with fixed seeds and measure
+    :func:`fidelity`. ``controlled=None`` measures the base alone. Returns the mean IoU, the
+    share of samples with both colours right, the count, and the images (N, 3, H, W)."""
+    images = []
+    for start in range(0, len(data.extras["prompt"]), batch_size):
+        end = start + batch_size
+        g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
+        images.append(sample(pipe, controlled, data.extras["prompt"][start:end],
+                             data.condition[start:end], num_inference_steps=steps,
+                             guidance_scale=guidance_scale, generator=g).float().cpu())
+    images = torch.cat(images)
+    per_image = fidelity(images, data.extras["foreground"], data.extras["background"],
+                         data.extras["region"])
+    metrics = {
+        "iou": float(per_image["iou"].mean()),
+        "colours_ok": float(per_image["colours_ok"].float().mean()),
+        "n": len(images),
+    }
+    return metrics, images

@@ -1,0 +1,343 @@
+r"""Training a ControlNet on a locked base (paper §3.3).
+
+    python -m cnet train                               # quick profile on CPU, full on CUDA
+    python -m cnet train --profile full --steps 8000 --lr 3e-4 --out runs/fill-full
+
+What happens, and why:
+
+* **Locked base.** VAE, text encoder and U-Net are frozen (no gradients, no optimizer state,
+  eval mode). Only the ControlNet trains, with AdamW, as in the released ``cldm.py``
+  (``configure_optimizers``). ``sd_locked=False`` also trains the U-Net's decoder (its up blocks
+  and output layers) at ``decoder_lr_scale`` × the learning rate; the encoder never trains.
+* **Loss.** The standard ε-prediction loss of the base (DDPM forward process at a uniformly drawn
+  timestep), :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t, c_f) \rVert^2`.
+* **Empty prompts.** ``empty_prompt_ratio`` (0.5 by default, the paper's choice) of the prompts
+  are replaced by the empty string, so the ControlNet learns to read the condition itself.
+* **Frozen work is done once** (:mod:`cnet.train.data`): latent distributions and text
+  embeddings are cached before the first step.
+* **Exact resume** (:mod:`cnet.train.runs`): every random draw of step ``k`` comes from a
+  generator seeded with ``(seed, k)``; a checkpoint holds the weights, the optimizer state and
+  ``k``. A resumed CPU run equals the uninterrupted one, bit for bit. A non-finite loss stops
+  the run and leaves the last good checkpoint; Ctrl-C saves first.
+* **Logged.** Every ``log_every`` steps (and each of the first ten): the loss, each zero
+  convolution's weight norm and gradient norm, the trainable copy's gradient norm. Every
+  ``eval_every`` steps: condition fidelity on a fixed evaluation set
+  (:func:`cnet.train.evaluate.evaluate`). One JSON object per line in ``log.jsonl``.
+
+Learning rate: the released tutorial uses 1e-5 with batch 4 for SD1.5's 361M-parameter
+ControlNet. The miniature ControlNet is ~1000× smaller and trains with larger batches, and
+it tolerates a larger step; both profiles use 2e-4 (the comparison behind that choice is in
+``figures/05_compare_lr.json``), and ``--lr`` overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..controlnet import ControlNet
+from ..injection import ControlledUNet
+from .config import TrainConfig
+from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
+from .evaluate import evaluate
+from .runs import (
+    check_resumable,
+    checkpoint_wall_time,
+    finite_or_none,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_log,
+)
+
+__all__ = [
+    "FIRST_STEPS_LOGGED",
+    "TrainingDiverged",
+    "diffusion_loss",
+    "train",
+    "zero_conv_norms",
+]
+
+# The first steps are always logged, whatever ``log_every``: they hold Eq. 6 and Eq. 8 (the
+# trainable copy's gradient is exactly zero at step 1 and non-zero from step 2).
+FIRST_STEPS_LOGGED = 10
+
+# Settings a run may change when it resumes (where it runs, how long it goes on, how often it
+# saves): none of them changes what the steps already taken compute.
+RESUMABLE_CHANGES = ("out", "resume", "device", "steps", "checkpoint_every")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+# ------------------------------------------------------------------------------------------
+# The loss and what is logged
+# ------------------------------------------------------------------------------------------
+
+
+def diffusion_loss(controlled: ControlledUNet, batch: dict, noise_scheduler: DDPMScheduler,
+                   scaling_factor: float) -> torch.Tensor:
+    r"""The ε-prediction loss with control: :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t,
+    c_f)\rVert^2`, :math:`z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon`
+    (diffusers' ``DDPMScheduler.add_noise``), :math:`z_0` the VAE latent times the VAE's
+    ``scaling_factor``, as Stable Diffusion was trained."""
+    z0 = batch["latents"] * scaling_factor
+    zt = noise_scheduler.add_noise(z0, batch["noise"], batch["timesteps"])
+    eps = controlled(zt, batch["timesteps"], batch["embeddings"], batch["condition"])
+    return F.mse_loss(eps.float(), batch["noise"].float())
+
+
+def _norm(tensors: Iterable[torch.Tensor | None]) -> float:
+    return math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors
+                         if t is not None))
+
+
+def zero_conv_norms(controlnet: ControlNet, grads: bool = False) -> dict[str, float]:
+    """The weight norm (or gradient norm) of each zero convolution, by the names of
+    :attr:`ControlNet.zero_convolutions`."""
+    return {name: _norm([conv.weight.grad, conv.bias.grad] if grads
+                        else [conv.weight, conv.bias])
+            for name, conv in controlnet.zero_convolutions.items()}
+
+
+def _grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
+    return _norm(p.grad for p in parameters)
+
+
+# ------------------------------------------------------------------------------------------
+# Setting a run up
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything one training invocation works with."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    pipe: StableDiffusionPipeline
+    controlnet: ControlNet
+    controlled: ControlledUNet
+    noise_scheduler: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    trainable: dict[str, torch.nn.Module]
+    start: int  # the step this invocation starts from
+    earlier_wall_time: float  # training time behind the checkpoint it resumed from
+    on_log: Callable[[dict], None] | None = None
+    data: CachedData | None = None
+    eval_data: CachedData | None = None
+    samples: dict | None = None
+    log_file: TextIO | None = None
+    started: float = 0.0  # perf_counter() when this invocation's training began
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint.safetensors"
+
+    def wall_time(self) -> float:
+        return self.earlier_wall_time + time.perf_counter() - self.started
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.checkpoint, self.trainable, self.optimizer, step,
+                        dataclasses.asdict(self.config), self.wall_time())
+
+    def log(self, entry: dict) -> None:
+        self.log_file.write(json.dumps(entry) + "\n")
+        self.log_file.flush()
+        if self.on_log is not None:
+            self.on_log(entry)
+
+
+def _make_optimizer(controlnet: ControlNet, unet, config: TrainConfig,
+                    device: torch.device) -> torch.optim.AdamW:
+    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad],
+               "lr": config.lr}]
+    if not config.sd_locked:
+        decoder = [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
+        params = [p for part in decoder if part is not None for p in part.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        groups.append({"params": params, "lr": config.lr * config.decoder_lr_scale})
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fast)
+
+
+def _setup(config: TrainConfig) -> _Run:
+    """Load the base, build the ControlNet and optimizer, restore the checkpoint if resuming."""
+    config.check()
+    device = config.resolved_device()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.safetensors"
+    resuming = config.resume and checkpoint.exists()
+    if resuming:
+        check_resumable(checkpoint, dataclasses.asdict(config), config.steps, RESUMABLE_CHANGES)
+    torch.manual_seed(config.seed)
+    pipe = load_base(config.base, device)
+    controlnet = build_controlnet(pipe, config).to(device)
+    controlled = ControlledUNet(pipe.unet, controlnet).train()
+    optimizer = _make_optimizer(controlnet, pipe.unet, config, device)
+    trainable = {"controlnet": controlnet}
+    if not config.sd_locked:
+        trainable["unet"] = pipe.unet
+    start = load_checkpoint(checkpoint, trainable, optimizer) if resuming else 0
+    return _Run(config, out, device, pipe, controlnet, controlled,
+                DDPMScheduler.from_config(pipe.scheduler.config), optimizer, trainable, start,
+                checkpoint_wall_time(checkpoint) if start > 0 else 0.0)
+
+
+def _load_data(run: _Run) -> None:
+    config = run.config
+    run.data = cache_data(run.pipe, config.task, config.train_size, "train", config.seed)
+    run.eval_data = cache_data(run.pipe, config.task, config.eval_size, "eval", config.seed)
+    truncate_log(run.out / "log.jsonl", run.start)
+    run.log_file = (run.out / "log.jsonl").open("a")
+    samples_path = run.out / "samples.safetensors"
+    run.samples = {}
+    if run.start > 0 and samples_path.exists():  # keep what the checkpoint's weights produced
+        run.samples = {k: v for k, v in load_file(samples_path).items()
+                       if int(k.split("_")[1]) <= run.start}
+
+
+# ------------------------------------------------------------------------------------------
+# One step, one evaluation
+# ------------------------------------------------------------------------------------------
+
+
+def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
+    """One optimizer step (``grad_accum`` micro-batches). Returns the loss and the log entry of
+    the step, measured before the update (so step 0 shows the zero convolutions at exactly 0),
+    or None where this step is not logged."""
+    config = run.config
+    run.optimizer.zero_grad(set_to_none=False)
+    scaling = run.pipe.vae.config.scaling_factor
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    loss_sum = 0.0
+    for micro in range(config.grad_accum):
+        batch = draw_batch(run.data, config, step, micro, run.noise_scheduler, run.device)
+        with autocast:
+            loss = diffusion_loss(run.controlled, batch, run.noise_scheduler, scaling)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step}; stopped, the last good "
+                f"checkpoint ({run.checkpoint}) is kept. Try a lower --lr."
+            )
+        (loss / config.grad_accum).backward()
+        loss_sum += loss.item() / config.grad_accum
+    entry = None
+    if step < FIRST_STEPS_LOGGED or step % config.log_every == 0:
+        entry = {"step": step, "loss": loss_sum,
+                 "weight_norm": zero_conv_norms(run.controlnet),
+                 "grad_norm": zero_conv_norms(run.controlnet, grads=True),
+                 "copy_grad_norm": _grad_norm(run.controlnet.theta_c_parameters())}
+    run.optimizer.step()
+    return loss_sum, entry
+
+
+def _evaluate(run: _Run, step: int) -> dict:
+    """Fidelity on the evaluation set; its images are kept in ``samples.safetensors``."""
+    run.controlled.eval()
+    metrics, images = evaluate(run.pipe, run.controlled, run.eval_data, run.config.eval_steps,
+                               run.config.guidance_scale)
+    run.controlled.train()
+    run.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(torch.uint8).contiguous()
+    path = run.out / "samples.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(run.samples, tmp)
+    tmp.replace(path)
+    run.log({"step": step, "eval": metrics})
+    return metrics
+
+
+def _last_evaluation(run: _Run) -> dict:
+    """The evaluation the run's current weights last had: a fresh one at step 0, else the
+    log's last one, until the next evaluation."""
+    if run.start == 0:
+        return _evaluate(run, 0) if run.config.eval_every > 0 else {}
+    lines = (run.out / "log.jsonl").read_text().splitlines()
+    evals = [json.loads(line)["eval"] for line in lines if '"eval"' in line]
+    return evals[-1] if evals else {}
+
+
+def _run_steps(run: _Run) -> dict:
+    """Steps from ``run.start`` to the end, with logging, evaluation and checkpoints; Ctrl-C
+    saves a checkpoint first. Returns the last evaluation."""
+    config = run.config
+    last_eval = _last_evaluation(run)
+    completed = run.start  # optimizer steps taken so far
+    # redrawn at most once a second: in a notebook every redraw is a widget message, and a
+    # flood of them can outrun the kernel's output channel (nbval then loses the cell's end)
+    bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
+               desc="train", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for step in bar:
+            loss, entry = _train_step(run, step)
+            completed = step + 1
+            if entry is not None:
+                run.log(entry)
+            if config.eval_every > 0 and (completed % config.eval_every == 0
+                                          or completed == config.steps):
+                last_eval = _evaluate(run, completed)
+            if completed % config.checkpoint_every == 0 or completed == config.steps:
+                run.save(completed)
+            bar.set_postfix(loss=f"{loss:.4f}", iou=f"{last_eval.get('iou', float('nan')):.3f}",
+                            refresh=False)
+    except KeyboardInterrupt:
+        run.save(completed)
+        print(f"\ninterrupted: saved step {completed} to {run.checkpoint}; run again to resume")
+        raise
+    finally:
+        bar.close()
+        run.log_file.close()
+    return last_eval
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, profile: str = "custom",
+          on_log: Callable[[dict], None] | None = None) -> dict:
+    """Train a ControlNet on the locked base ``config.base`` and return a summary (final step,
+    wall time, last evaluation). Writes ``log.jsonl``, ``checkpoint.safetensors``,
+    ``samples.safetensors`` (the evaluation images at each evaluation), ``config.json`` and,
+    at the end, ``run.json`` (profile, device, wall time, last evaluation) to ``config.out``.
+    ``on_log`` sees every log entry as it is written."""
+    run = _setup(config)
+    run.on_log = on_log
+    if run.start == config.steps and (run.out / "run.json").exists():
+        # a finished run: running it again must not overwrite what it measured
+        print(f"{run.out} already finished {config.steps} steps; nothing to do")
+        return json.loads((run.out / "run.json").read_text())
+    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    _load_data(run)
+    run.started = time.perf_counter()
+    last_eval = _run_steps(run)
+    summary = {
+        "profile": profile, "device": str(run.device),
+        "device_name": (torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
+                        else f"cpu, {torch.get_num_threads()} thread(s)"),
+        "steps": config.steps, "resumed_from": run.start,
+        # the training time behind these weights, over every invocation that produced them
+        # (setup and work lost to a crash after the last checkpoint not counted)
+        "wall_time_s": finite_or_none(round(run.wall_time(), 1)),
+        "wall_time_this_invocation_s": round(time.perf_counter() - run.started, 1),
+        "final_eval": last_eval, "config": dataclasses.asdict(config),
+    }
+    (run.out / "run.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,260 @@
+"""Run folders: the one checkpoint format, resuming, reading a run's log back, shipping a run and
+loading a shipped ControlNet.
+
+**Checkpoint** (both ControlNet training and the world's pretraining): one safetensors file,
+``<module>.<key>`` for the weights of every module being trained, ``optimizer.<i>.<name>`` for
+the optimizer's state, and metadata ``step``, ``wall_time_s`` (training time behind these weights,
+over every resume) and ``config`` (the run's settings, JSON). It is written to a temporary name
+and moved into place, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..controlnet import ControlNet
+from ..convert import from_diffusers, to_diffusers
+from .config import SettingError, TrainConfig
+from .data import build_controlnet, load_base
+
+__all__ = [
+    "RUN_FILES",
+    "TrainingLog",
+    "check_resumable",
+    "checkpoint_metadata",
+    "checkpoint_wall_time",
+    "export_run",
+    "finite_or_none",
+    "load_checkpoint",
+    "load_controlnet",
+    "read_config",
+    "read_log",
+    "save_checkpoint",
+    "truncate_log",
+]
+
+FORMAT = "cnet-checkpoint-1"
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for pid, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"optimizer.{pid}.{name}"] = (
+                value if torch.is_tensor(value) else torch.tensor(value)
+            ).detach().cpu().contiguous()
+    return out
+
+
+def save_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None, step: int,
+                    config: Mapping[str, Any], wall_time_s: float = 0.0) -> None:
+    """Weights of every module, the optimizer state, the step, the settings and the training
+    time so far, in one file written to a temporary name and moved into place."""
+    tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous()
+               for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    if optimizer is not None:
+        tensors.update(_optimizer_tensors(optimizer))
+    metadata = {"format": FORMAT, "step": str(step), "config": json.dumps(dict(config)),
+                "wall_time_s": f"{wall_time_s:.1f}"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)  # atomic on POSIX: the old checkpoint stays valid until this instant
+
+
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The checkpoint's metadata; a clear error for a file in a format cnet no longer reads."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if "step" not in metadata:
+        raise SettingError(
+            f"{path} is a checkpoint from an earlier cnet whose format is no longer read "
+            "(no 'step' in its metadata); start the run in a new folder"
+        )
+    return metadata
+
+
+def load_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None) -> int:
+    """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
+    step = int(checkpoint_metadata(path)["step"])
+    tensors = load_file(path)
+    for prefix, module in modules.items():
+        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(sub, strict=True)
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, pid, name = key.split(".", 2)
+                state["state"].setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict(state)
+    return step
+
+
+def checkpoint_wall_time(path: Path) -> float:
+    """Seconds of training behind the checkpoint at ``path``, over all resumes (nan where the
+    checkpoint did not record it)."""
+    return float(checkpoint_metadata(path).get("wall_time_s", "nan"))
+
+
+def check_resumable(path: Path, settings: Mapping[str, Any], steps: int,
+                    may_change: Iterable[str]) -> None:
+    """Refuse to resume a checkpoint trained with other settings (except those in
+    ``may_change``, which do not change what the steps already taken computed), or one that is
+    already past the requested ``steps``."""
+    metadata = checkpoint_metadata(path)
+    step, saved = int(metadata["step"]), json.loads(metadata["config"])
+    changed = [k for k, v in settings.items()
+               if k not in may_change and k in saved and saved[k] != v]
+    if changed:
+        raise SettingError(
+            f"{path} was trained with other settings ("
+            + ", ".join(f"{k}: {saved[k]!r} there, {settings[k]!r} now" for k in changed)
+            + "); pass a new --out, or --resume false to start over"
+        )
+    if step > steps:
+        raise SettingError(f"{path} is at step {step}, beyond the requested {steps} steps")
+
+
+def truncate_log(path: Path, start: int) -> None:
+    """Drop log entries a resumed run will write again (those after the checkpoint's step)."""
+    if start == 0 or not path.exists():
+        path.write_text("")
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["step"] < start or ("eval" in entry and entry["step"] <= start):
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------
+# Reading a run back
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingLog:
+    """A run's ``log.jsonl`` as columns: per logged step the loss, each zero conv's weight and
+    gradient norm, the trainable copy's gradient norm; per evaluation the fidelity."""
+
+    steps: list[int]
+    loss: list[float]
+    weight_norm: dict[str, list[float]]
+    grad_norm: dict[str, list[float]]
+    copy_grad_norm: list[float]
+    eval_steps: list[int]
+    eval_iou: list[float]
+    eval_colours: list[float]
+
+
+def read_log(path: str | Path) -> TrainingLog:
+    """Parse a run's log (the file, or the run folder holding ``log.jsonl``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}: expected a run folder")
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train_entries = [e for e in entries if "loss" in e]
+    evals = [e for e in entries if "eval" in e]
+    names = list(train_entries[0]["weight_norm"]) if train_entries else []
+    return TrainingLog(
+        steps=[e["step"] for e in train_entries],
+        loss=[e["loss"] for e in train_entries],
+        weight_norm={n: [e["weight_norm"][n] for e in train_entries] for n in names},
+        grad_norm={n: [e["grad_norm"][n] for e in train_entries] for n in names},
+        copy_grad_norm=[e["copy_grad_norm"] for e in train_entries],
+        eval_steps=[e["step"] for e in evals],
+        eval_iou=[e["eval"]["iou"] for e in evals],
+        eval_colours=[e["eval"]["colours_ok"] for e in evals],
+    )
+
+
+def read_config(run: str | Path) -> TrainConfig:
+    """The settings a run was made with (its ``config.json``)."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {run}: expected a run folder")
+    return TrainConfig(**json.loads(path.read_text()))
+
+
+# ------------------------------------------------------------------------------------------
+# Shipping a trained ControlNet, and loading it back
+# ------------------------------------------------------------------------------------------
+
+RUN_FILES = ("log.jsonl", "config.json", "run.json")
+
+
+def export_run(run: str | Path, out: str | Path, samples_kept: int = 8) -> Path:
+    """Ship a finished run: its ControlNet as a diffusers ``ControlNetModel`` folder
+    (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``) beside the
+    run's log, config and summary, and the evaluation samples of its first ``samples_kept``
+    conditions at every evaluation. ``out`` is then itself a run folder: :func:`read_log` reads
+    it as it reads ``run``. The optimizer state is left behind."""
+    run, out = Path(run), Path(out)
+    checkpoint = run / "checkpoint.safetensors"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint.safetensors in {run}: expected a training run")
+    config = read_config(run)
+    if config.hint_encoder != "released":
+        raise SettingError("only the released hint encoder has a diffusers ControlNetModel "
+                           f"form; this run used {config.hint_encoder!r}")
+    controlnet = build_controlnet(load_base(config.base), config)
+    step = load_checkpoint(checkpoint, {"controlnet": controlnet}, None)
+    if step != config.steps:
+        raise SettingError(f"the run in {run} stopped at step {step} of {config.steps}; "
+                           "finish it (run the same command again) before shipping it")
+    if out.exists() and any(out.iterdir()) and not (out / "run.json").exists():
+        raise SettingError(f"{out} exists and is not a shipped run; export into a new folder")
+    # written beside `out` and moved into place whole: a crash leaves no half-shipped folder
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    to_diffusers(controlnet).save_pretrained(staging / "controlnet", safe_serialization=True)
+    for name in RUN_FILES:
+        (staging / name).write_bytes((run / name).read_bytes())
+    samples = load_file(run / "samples.safetensors")
+    save_file({k: v[:samples_kept].contiguous() for k, v in samples.items()},
+              staging / "samples.safetensors")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return out
+
+
+def load_controlnet(folder: str | Path) -> ControlNet:
+    """A shipped ControlNet (see :func:`export_run`), or any diffusers ``ControlNetModel``
+    folder, as a cnet :class:`~cnet.controlnet.ControlNet`."""
+    from diffusers import ControlNetModel
+
+    folder = Path(folder)
+    if (folder / "controlnet" / "config.json").exists():
+        folder = folder / "controlnet"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no ControlNetModel in {folder}: expected a config.json there "
+                                "or in its controlnet/ subfolder")
+    model = ControlNetModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    return from_diffusers(model).eval()
