@@ -14,13 +14,7 @@ The package is built in layers, each importing only those below it:
 """
 
 from .block import ControlledBlock, lock, trainable_copy
-from .controlnet import (
-    ControlNet,
-    ControlResiduals,
-    control_scales,
-    guess_mode_scales,
-    unet_skip_channels,
-)
+from .controlnet import ControlNet, unet_skip_channels
 from .convert import (
     from_diffusers,
     from_official,
@@ -32,6 +26,7 @@ from .convert import (
 )
 from .hint import PaperHintEncoder, ReleasedHintEncoder, make_hint_encoder
 from .injection import ControlledUNet, inject_residuals
+from .residuals import ControlResiduals, control_scales, guess_mode_scales
 from .zero_conv import ZeroConv2d, sgd_step, zero_conv, zero_conv_grads
 
 __version__ = "0.1.0"

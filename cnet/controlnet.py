@@ -31,14 +31,13 @@ locked U-Net's own forward with ``down_block_additional_residuals`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .block import lock, trainable_copy
+from .block import trainable_copy
 from .hint import (
     HintEncoderKind,
     PaperHintEncoder,
@@ -46,23 +45,16 @@ from .hint import (
     downscale_factor_for,
     make_hint_encoder,
 )
+from .residuals import ControlResiduals, GuessRule, control_scales
 from .zero_conv import ZeroConv2d
 
 __all__ = [
-    "GUESS_MODE_BASE",
     "ControlNet",
-    "ControlResiduals",
     "check_mirrorable",
-    "control_scales",
-    "guess_mode_scales",
     "unet_residual_names",
     "unet_skip_channels",
 ]
 
-GuessRule = Literal["released", "diffusers"]
-
-#: The released demos' guess-mode base: scale_i = 0.825 ** (12 - i) (gradio_*.py, "Magic number").
-GUESS_MODE_BASE = 0.825
 
 MIRRORED_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 MIRRORED_MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")
@@ -145,108 +137,6 @@ def unet_residual_names(unet: UNet2DConditionModel) -> list[str]:
     """Where each of the U-Net's 12 + 1 features is taken, by diffusers' module name: ``conv_in``,
     ``down_blocks.L.resnets.J``, ``down_blocks.L.downsamplers.0``, ..., ``mid_block``."""
     return [*_skip_names(unet.down_blocks), "mid_block"]
-
-
-# --------------------------------------------------------------------------------------------
-# Residuals and their scales
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ControlResiduals:
-    r"""The ControlNet's 12 + 1 outputs: ``down`` (one per skip connection, encoder order) and
-    ``mid`` (for the middle block's output). ``tensors()`` lists all 13 in order, mid last."""
-
-    down: tuple[torch.Tensor, ...]
-    mid: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.down) + 1
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.down, self.mid]
-
-    @classmethod
-    def from_tensors(cls, tensors: Sequence[torch.Tensor]) -> ControlResiduals:
-        return cls(down=tuple(tensors[:-1]), mid=tensors[-1])
-
-    def scaled(self, scales: Sequence[float]) -> ControlResiduals:
-        r""":math:`s_i r_i` for each residual; ``scales`` has one entry per residual."""
-        if len(scales) != len(self):
-            raise ValueError(f"expected {len(self)} scales (one per residual), got {len(scales)}")
-        return ControlResiduals.from_tensors([r * s for r, s in zip(self.tensors(), scales)])
-
-    def pooled(self) -> ControlResiduals:
-        """Global average pooling of each residual over H, W (ControlNet 1.1 "shuffle"): the
-        residual then carries no layout, only a per-channel shift, broadcast over the skip."""
-        return ControlResiduals.from_tensors(
-            [r.mean(dim=(2, 3), keepdim=True) for r in self.tensors()]
-        )
-
-    def __add__(self, other: ControlResiduals) -> ControlResiduals:
-        """Composition of several ControlNets: their residuals add, with no extra weighting."""
-        if len(other) != len(self):
-            raise ValueError(f"cannot add {len(other)} residuals to {len(self)}")
-        return ControlResiduals.from_tensors(
-            [a + b for a, b in zip(self.tensors(), other.tensors())]
-        )
-
-    def scattered(self, mask: torch.Tensor) -> ControlResiduals:
-        """Residuals computed for the samples where ``mask`` is True, zeros elsewhere (e.g. no
-        control on the unconditional half of a classifier-free-guidance batch)."""
-
-        def scatter(r: torch.Tensor) -> torch.Tensor:
-            full = r.new_zeros((mask.shape[0], *r.shape[1:]))
-            full[mask] = r
-            return full
-
-        return ControlResiduals.from_tensors([scatter(r) for r in self.tensors()])
-
-
-def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released") -> tuple[float, ...]:
-    r"""Guess mode's per-residual scales, shallow residuals weakest, the middle one 1.
-
-    * ``rule="released"`` (the released demos, gradio_*.py):
-      :math:`s_i = 0.825^{\,n-1-i}`, i.e. :math:`0.825^{12-i}` for SD's 13 residuals.
-    * ``rule="diffusers"`` (``ControlNetModel.forward``): ``torch.logspace(-1, 0, n)``, i.e.
-      :math:`s_i = 10^{-(n-1-i)/(n-1)} = (10^{-1/12})^{12-i}` for n = 13.
-
-    The two are the same geometric ramp with slightly different ratios:
-    :math:`10^{-1/12} = 0.82540\ldots` against 0.825, so diffusers' first scale is exactly 0.1
-    where the released one is :math:`0.825^{12} = 0.0994`; they differ by at most 0.6 %.
-    """
-    if n_residuals < 1:
-        raise ValueError(f"expected n_residuals >= 1, got {n_residuals}")
-    if rule == "released":
-        return tuple(GUESS_MODE_BASE ** float(n_residuals - 1 - i) for i in range(n_residuals))
-    if rule == "diffusers":
-        return tuple(torch.logspace(-1, 0, n_residuals).tolist())
-    raise ValueError(f"guess_rule: expected 'released' or 'diffusers', got {rule!r}")
-
-
-def control_scales(
-    n_residuals: int,
-    scale: float | Sequence[float] = 1.0,
-    guess_mode: bool = False,
-    guess_rule: GuessRule = "released",
-) -> tuple[float, ...]:
-    """The scales :math:`s_i` for ``n_residuals`` residuals: ``scale`` (one number, or one per
-    residual), times :func:`guess_mode_scales` when ``guess_mode`` is on."""
-    if isinstance(scale, (int, float)):
-        scales = (float(scale),) * n_residuals
-    else:
-        scales = tuple(float(s) for s in scale)
-        if len(scales) != n_residuals:
-            raise ValueError(
-                f"expected one control scale or {n_residuals} (one per residual: "
-                f"{n_residuals - 1} skip connections + 1 middle block), got {len(scales)}"
-            )
-    if guess_mode:
-        ramp = guess_mode_scales(n_residuals, guess_rule)
-        if guess_rule == "diffusers":  # float32 products, as diffusers computes them
-            return tuple((torch.tensor(ramp) * torch.tensor(scales)).tolist())
-        scales = tuple(s * g for s, g in zip(scales, ramp))
-    return scales
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .block import lock
-from .controlnet import ControlNet, ControlResiduals, GuessRule, unet_skip_channels
+from .controlnet import ControlNet, unet_skip_channels
+from .residuals import ControlResiduals, GuessRule
 
 __all__ = ["ControlledUNet", "inject_residuals"]
 

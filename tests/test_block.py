@@ -106,6 +106,7 @@ def test_first_step_only_output_zero_conv_learns_then_everything_does(idx):
 
 
 def test_lock_keeps_eval_mode_and_trainable_copy_is_independent():
+    torch.manual_seed(0)
     block = ResidualBlock(4)
     copy = trainable_copy(block)
     locked = lock(block)
@@ -119,7 +120,30 @@ def test_lock_keeps_eval_mode_and_trainable_copy_is_independent():
     # a copy of a locked module is trainable again, and its train() works
     again = trainable_copy(locked).train()
     assert again.training and all(p.requires_grad for p in again.parameters())
-    assert parent["locked"] is locked
+    # lock() works in place and hands back the module itself
+    assert locked is block and parent["locked"] is block
+    # a training step through the parent (in train mode) moves the copy and nothing locked:
+    # the locked side has no trainable parameter, gets no gradient, and being in eval mode its
+    # BatchNorm statistics do not move either
+    locked_before = {k: v.clone() for k, v in locked.state_dict().items()}
+    copy_before = {k: v.clone() for k, v in copy.state_dict().items()}
+    trainable = [p for p in parent.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in copy.parameters()}
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    loss = (((parent["copy"](x) - target) ** 2).mean()
+            + ((parent["locked"](x) - target) ** 2).mean())
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is None for p in locked.parameters())
+    for k, v in locked.state_dict().items():
+        assert torch.equal(v, locked_before[k]), f"locked {k} changed"
+    moved = {k for k, v in copy.named_parameters() if (v - copy_before[k]).abs().max() > 1e-4}
+    # every parameter of the copy but the first conv's bias, which BatchNorm (in training
+    # mode) subtracts right away, so that its gradient is zero up to rounding
+    assert moved == {k for k, _ in copy.named_parameters()} - {"body.0.bias"}
+    assert not torch.equal(copy.body[1].running_mean, copy_before["body.1.running_mean"])
 
 
 def test_bad_inputs_name_the_expected_shape():
@@ -139,3 +163,13 @@ def test_bad_inputs_name_the_expected_shape():
     wrong = ControlledBlock(nn.Conv2d(8, 6, 1), 8, condition_channels=3)
     with pytest.raises(ValueError, match=r"the block's output\): expected shape \(2, 8, H', W'\)"):
         wrong(x, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_zero_convolutions_follow_the_blocks_precision(dtype):
+    # what a reader verifying Eq. 1-4 in float64 writes: no .to() on the ControlledBlock
+    block = ConvNormAct(6).to(dtype)
+    controlled = ControlledBlock(block, 6, condition_channels=3)
+    assert {p.dtype for p in controlled.parameters()} == {dtype}
+    x, c = torch.randn(2, 6, 8, 8, dtype=dtype), torch.rand(2, 3, 8, 8, dtype=dtype)
+    assert torch.equal(controlled(x, c), controlled.theta(x))

@@ -18,7 +18,6 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnet.course.injection_points import injection_points
 from cnet import (
     ControlledUNet,
     ControlNet,
@@ -29,6 +28,7 @@ from cnet import (
     to_diffusers,
     unet_skip_channels,
 )
+from cnet.course.injection_points import injection_points
 
 TOL = 1e-6  # float32, same weights
 
@@ -247,11 +247,20 @@ def test_global_pool_matches_diffusers_shuffle(unet):
         pooled = net.residuals(x, t, text, c, scale=0.7)
         down, mid = reference(x, t, text, c, conditioning_scale=0.7, return_dict=False)
         # diffusers skips the guess-mode ramp when pooling; the released code applies both
-        down_g, _ = reference(x, t, text, c, 0.7, guess_mode=True, return_dict=False)
+        down_g, mid_g = reference(x, t, text, c, 0.7, guess_mode=True, return_dict=False)
+        released = net.residuals(x, t, text, c, scale=0.7, guess_mode=True)
     assert all(r.shape[2:] == (1, 1) for r in pooled.tensors())
     assert max_abs_diff(pooled.tensors(), [*down, mid]) <= TOL
-    assert max_abs_diff(down, down_g) == 0.0
-    released = net.residuals(x, t, text, c, scale=0.7, guess_mode=True)
+    # so diffusers' pooled guess mode is cnet's pooled output without the ramp
+    assert max_abs_diff(pooled.tensors(), [*down_g, mid_g]) <= TOL
+    # cnet pools *and* ramps, as the released code does: residual i is the pooled residual
+    # times the guess-mode scale of residual i (0.825^12 ~ 0.1 for the first, 1 for the middle)
+    ramp = guess_mode_scales(13)
+    assert ramp[0] < 0.1 and ramp[-1] == 1.0
+    assert all(r.shape[2:] == (1, 1) for r in released.tensors())
+    for i, (r, p) in enumerate(zip(released.tensors(), pooled.tensors(), strict=True)):
+        assert p.abs().max() > 0, i
+        torch.testing.assert_close(r, p * ramp[i], rtol=1e-5, atol=1e-9, msg=f"residual {i}")
     assert released.down[0].abs().max() < pooled.down[0].abs().max()
 
 

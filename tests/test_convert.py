@@ -281,8 +281,23 @@ def test_what_cannot_be_converted_is_refused(pair, tmp_path):
         to_diffusers(ControlNet.from_unet(odd))
 
 
-def test_read_checkpoint_uses_weights_only(tmp_path):
+def test_read_checkpoint_uses_weights_only(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.ones(1), "code": print}, path)  # pickled callables are refused
     with pytest.raises(Exception, match="[Ww]eights only|weights_only"):
         read_checkpoint(path)
+    # and it asks for weights_only itself rather than relying on torch's default (which was
+    # False before torch 2.6): every torch.load call must pass weights_only=True explicitly
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"w": torch.arange(3.0), "b": torch.ones(2)}}, good)
+    state = read_checkpoint(good)
+    assert calls and all(kw.get("weights_only") is True for kw in calls), calls
+    assert set(state) == {"w", "b"} and torch.equal(state["w"], torch.arange(3.0))

@@ -103,3 +103,82 @@ def test_bad_settings_name_what_was_expected():
         make_hint_encoder("paper", 8, downscale_factor=6)
     with pytest.raises(ValueError, match="'released' or 'paper'"):
         make_hint_encoder("gaussian", 8)
+
+
+# ------------------------------------------------------------------ explicit reference forwards
+# The encoders' geometry (which layers stride, where the padding goes, where the activations
+# sit) written out with torch.nn.functional alone, from the paper's and the released code's
+# description rather than from the modules' own settings; only the weights are the modules'.
+
+
+def _randomise_(module: nn.Module, seed: int) -> None:
+    """Non-zero weights and biases everywhere, the zero convolution included, so that every
+    layer (and every bias) shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def _paper_reference(enc: PaperHintEncoder, condition: torch.Tensor, factor: int) -> torch.Tensor:
+    """§3.2: 4x4 convolutions with ReLU; the first log2(factor) stride 2 with padding 1, the rest
+    stride 1 after a zero pad of 1 before and 2 after (left, right, top, bottom = 1, 2, 1, 2);
+    then the 1x1 zero convolution."""
+    import torch.nn.functional as F
+
+    convs = [m for m in enc.convs if isinstance(m, nn.Conv2d)]
+    halvings = factor.bit_length() - 1
+    x = condition
+    for k, conv in enumerate(convs):
+        if k < halvings:
+            x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+        else:
+            x = F.conv2d(F.pad(x, (1, 2, 1, 2)), conv.weight, conv.bias, stride=1, padding=0)
+        x = F.relu(x)
+    return F.conv2d(x, enc.zero_conv.weight, enc.zero_conv.bias)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8, 16])
+def test_paper_encoder_equals_an_explicit_reference_forward(factor):
+    enc = PaperHintEncoder(out_channels=6, channels=(4, 5, 6, 7), downscale_factor=factor).double()
+    _randomise_(enc, seed=factor)
+    assert torch.count_nonzero(enc.zero_conv.weight) == enc.zero_conv.weight.numel()
+    g = torch.Generator().manual_seed(100 + factor)
+    condition = torch.rand(2, 3, 16 * 3, 16 * 5, generator=g, dtype=torch.float64)  # not square
+    with torch.no_grad():
+        out = enc(condition)
+        expected = _paper_reference(enc, condition, factor)
+    assert out.shape == (2, 6, 48 // factor, 80 // factor)
+    assert expected.abs().max() > 0  # the comparison is not between two zero tensors
+    assert torch.equal(out, expected)
+
+
+def _released_reference(enc: ReleasedHintEncoder, condition: torch.Tensor) -> torch.Tensor:
+    """cldm/cldm.py's input_hint_block: 3x3 convolutions, padding 1, SiLU after each but the
+    last; conv_in keeps the size, then per stage a size-keeping conv and a stride-2 conv; the
+    last (zero) conv keeps the size."""
+    import torch.nn.functional as F
+
+    x = F.silu(F.conv2d(condition, enc.conv_in.weight, enc.conv_in.bias, stride=1, padding=1))
+    for k, block in enumerate(enc.blocks):
+        stride = 1 if k % 2 == 0 else 2
+        x = F.silu(F.conv2d(x, block.weight, block.bias, stride=stride, padding=1))
+    return F.conv2d(x, enc.conv_out.weight, enc.conv_out.bias, stride=1, padding=1)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8])
+def test_released_encoder_equals_an_explicit_reference_forward(factor):
+    enc = make_hint_encoder("released", out_channels=6, downscale_factor=factor,
+                            channels=(4, 5, 6, 7)[: factor.bit_length()]).double()
+    assert len(enc.blocks) == 2 * (factor.bit_length() - 1)
+    _randomise_(enc, seed=factor)
+    assert enc.zero_conv is enc.conv_out
+    assert torch.count_nonzero(enc.conv_out.weight) == enc.conv_out.weight.numel()
+    g = torch.Generator().manual_seed(200 + factor)
+    condition = torch.rand(2, 3, 16 * 3, 16 * 5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = enc(condition)
+        expected = _released_reference(enc, condition)
+    assert out.shape == (2, 6, 48 // factor, 80 // factor)
+    assert expected.abs().max() > 0
+    assert torch.equal(out, expected)

@@ -10,7 +10,6 @@ from _tiny_unets import tiny_sd_pipeline
 from diffusers import ControlNetModel
 
 from cnet import ControlledUNet, ControlNet
-from cnet.train.convergence import detect_sudden_convergence
 from cnet.course.figures import repo_root
 from cnet.train import (
     TrainConfig,
@@ -23,6 +22,7 @@ from cnet.train import (
     read_log,
     train,
 )
+from cnet.train.convergence import detect_sudden_convergence
 
 SHIPPED = repo_root() / "models" / "controlnet-fill"
 BASE = repo_root() / "models" / "miniature-sd"

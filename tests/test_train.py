@@ -1,10 +1,13 @@
 """The ControlNet training loop on a small random base: the first-step gradient facts, a loss
 that goes down, exact resume, and the failure modes (NaN, Ctrl-C)."""
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _tiny_unets import tiny_sd_pipeline
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
@@ -17,12 +20,15 @@ from cnet.train import (
     cache_data,
     diffusion_loss,
     draw_batch,
+    fidelity,
     load_base,
     task_dataset,
     train,
     zero_conv_norms,
 )
+from cnet.train.data import CachedData
 from cnet.train.runs import checkpoint_wall_time
+from cnet.world.data import FillDataset, ShapesDataset
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +202,196 @@ def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
     # fidelity measured against the first shape's region and colour
     pipe = load_base(base)
     data = cache_data(pipe, task, 4, "eval", seed=0)
+    # what is cached is the world's own rendering of that condition, and its ground truth
+    dataset = ShapesDataset(4, "eval", 32, 0)
+    rendered, scenes = dataset.batch(range(4)), dataset.scenes(range(4))
     assert data.condition.shape == (4, 3, 32, 32) and data.condition.amax() > 0
-    assert data.extras["region"].shape == (4, 32, 32) and data.extras["region"].any()
+    assert torch.equal(data.condition, rendered[task].float())
+    assert torch.equal(data.extras["region"], rendered["layers"] > 0)
+    assert torch.equal(data.extras["foreground"], torch.from_numpy(scenes.colour[:, 0]))
+    assert torch.equal(data.extras["background"], torch.from_numpy(scenes.background))
+    assert data.extras["prompt"] == rendered["prompt"]
+    assert [data.prompts[i] for i in data.prompt_index] == rendered["prompt"]
     summary = train(_config(base, tmp_path / task, task=task, steps=2, eval_every=2))
-    assert set(summary["final_eval"]) == {"iou", "colours_ok", "n"}
-    assert summary["final_eval"]["n"] == 4
+    final = summary["final_eval"]
+    assert final["n"] == 4
+    assert 0.0 <= final["iou"] <= 1.0
+    assert final["colours_ok"] * 4 == pytest.approx(round(final["colours_ok"] * 4))  # k of 4
+    # the summary's evaluation is the one logged at the last step, and the samples it measured
+    # were kept
+    lines = [json.loads(line) for line in (tmp_path / task / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in lines if "eval" in e]
+    assert [e["step"] for e in evals] == [0, 2] and evals[-1]["eval"] == final
+    samples = load_file(tmp_path / task / "samples.safetensors")
+    assert samples["step_2"].shape == (4, 3, 32, 32)
+
+
+def test_fidelity_of_the_ground_truth_is_perfect_and_a_shifted_region_is_not():
+    dataset = FillDataset(16, "eval", 32, 0)
+    batch, scenes = dataset.batch(range(16)), dataset.scenes(range(16))
+    foreground = torch.from_numpy(scenes.colour[:, 0].copy())
+    background = torch.from_numpy(scenes.background.copy())
+    region = batch["layers"] > 0
+    assert region.any(dim=(1, 2)).all() and (~region).any(dim=(1, 2)).all()
+    perfect = fidelity(batch["image"], foreground, background, region)
+    assert perfect["iou"].shape == (16,) and perfect["colours_ok"].dtype == torch.bool
+    assert torch.equal(perfect["iou"], torch.ones(16))
+    assert bool(perfect["colours_ok"].all())
+    shifted = fidelity(batch["image"], foreground, background,
+                       torch.roll(region, shifts=(5, 5), dims=(1, 2)))
+    assert (shifted["iou"] < 1).all() and shifted["iou"].mean() < 0.9
+    # colours_ok judges the image alone, not the region
+    assert torch.equal(shifted["colours_ok"], perfect["colours_ok"])
+    # the background's colour asked for as the foreground: the disc is not found
+    swapped = fidelity(batch["image"], background, foreground, region)
+    assert (swapped["iou"] == 0).all() and not swapped["colours_ok"].any()
+
+
+# ---------------------------------------------------------------- the batch sampler, by hand
+
+
+def _cached(n=64, prompts=5, latent_std=0.0, seed=0):
+    """A CachedData made by hand: sample i's condition is filled with i (so a batch tells
+    which samples it drew), every sample has a non-empty prompt (index >= 1), and prompt p's
+    embedding is filled with p."""
+    g = torch.Generator().manual_seed(seed)
+    return CachedData(
+        latent_mean=torch.randn(n, 4, 2, 2, generator=g),
+        latent_std=torch.full((n, 4, 2, 2), float(latent_std)),
+        condition=torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 4, 4)
+        .clone(),
+        prompt_index=torch.randint(1, prompts, (n,), generator=g),
+        embeddings=torch.arange(prompts, dtype=torch.float32)[:, None, None].expand(
+            prompts, 3, 2).clone(),
+        prompts=[""] + [f"prompt {p}" for p in range(1, prompts)],
+    )
+
+
+def _drawn(batch):
+    """The sample indices a batch drew (read back from the conditions of _cached)."""
+    return batch["condition"][:, 0, 0, 0].long()
+
+
+SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 0.25, 0.75])
+def test_draw_batch_drops_the_prompt_at_the_configured_rate(ratio):
+    data = _cached()
+    assert (data.prompt_index >= 1).all()
+    config = TrainConfig(empty_prompt_ratio=ratio, batch_size=256)
+    dropped, total = 0, 0
+    for step in range(20):
+        batch = draw_batch(data, config, step, 0, SCHEDULER, "cpu")
+        index = batch["prompt_index"]
+        idx = _drawn(batch)
+        assert index.shape == (256,)
+        # a kept prompt is the sample's own; a dropped one is the empty prompt
+        assert torch.all((index == 0) | (index == data.prompt_index[idx]))
+        assert torch.equal(batch["embeddings"], data.embeddings[index])
+        assert torch.equal(batch["condition"], data.condition[idx])
+        dropped += int((index == 0).sum())
+        total += len(index)
+    fraction = dropped / total
+    if ratio in (0.0, 1.0):
+        assert fraction == ratio
+    else:
+        sigma = math.sqrt(ratio * (1 - ratio) / total)
+        assert abs(fraction - ratio) < 5 * sigma, (fraction, ratio, sigma)
+
+
+def test_draw_batch_timesteps_are_uniform_over_the_whole_schedule():
+    data = _cached()
+    config = TrainConfig(batch_size=256)
+    t = torch.cat([draw_batch(data, config, step, 0, SCHEDULER, "cpu")["timesteps"]
+                   for step in range(20)])
+    assert not t.is_floating_point()
+    assert t.min() >= 0 and t.max() <= 999
+    assert t.min() < 20 and t.max() > 980
+    sigma = math.sqrt((1000**2 - 1) / 12 / len(t))  # std of the mean of uniform {0..999}
+    assert abs(t.double().mean().item() - 499.5) < 4 * sigma
+    # every tenth of the range is visited about equally often
+    counts = torch.bincount(t // 100, minlength=10)
+    assert len(counts) == 10 and counts.min() > 0.8 * len(t) / 10
+
+
+def test_draw_batch_every_micro_batch_has_its_own_randomness():
+    data = _cached(latent_std=1.0)
+    config = TrainConfig(grad_accum=3, batch_size=8)
+    noises = {(step, micro): draw_batch(data, config, step, micro, SCHEDULER, "cpu")["noise"]
+              for step in range(5) for micro in range(3)}
+    for (a, na), (b, nb) in itertools.combinations(noises.items(), 2):
+        assert not torch.equal(na, nb), (a, b)
+    # the same (seed, step, micro) draws the same batch again: the key to exact resume
+    again = draw_batch(data, config, 3, 2, SCHEDULER, "cpu")
+    assert torch.equal(again["noise"], noises[(3, 2)])
+    # without accumulation, every step's single micro-batch is its own too
+    single = TrainConfig(grad_accum=1, batch_size=8)
+    draws = [draw_batch(data, single, k, 0, SCHEDULER, "cpu") for k in range(10)]
+    for a, b in itertools.combinations(range(10), 2):
+        assert not torch.equal(draws[a]["noise"], draws[b]["noise"]), (a, b)
+        assert not torch.equal(draws[a]["latents"], draws[b]["latents"]), (a, b)
+    # and the seed changes the draw
+    other_seed = draw_batch(data, TrainConfig(grad_accum=1, batch_size=8, seed=1), 0, 0,
+                            SCHEDULER, "cpu")
+    assert not torch.equal(other_seed["noise"], draws[0]["noise"])
+
+
+def test_draw_batch_latents_come_from_the_cached_distribution():
+    exact = _cached(latent_std=0.0)
+    batch = draw_batch(exact, TrainConfig(batch_size=64), 0, 0, SCHEDULER, "cpu")
+    idx = _drawn(batch)
+    assert len(set(idx.tolist())) > 10  # drawn with replacement from all of the data
+    assert torch.equal(batch["latents"], exact.latent_mean[idx])
+    # with a spread, the standardised draw is a standard normal one, independent of the noise
+    spread = _cached(latent_std=2.0)
+    z, noise = [], []
+    for step in range(8):
+        batch = draw_batch(spread, TrainConfig(batch_size=256), step, 0, SCHEDULER, "cpu")
+        idx = _drawn(batch)
+        z.append((batch["latents"] - spread.latent_mean[idx]) / spread.latent_std[idx])
+        noise.append(batch["noise"])
+    z, noise = torch.cat(z).flatten(), torch.cat(noise).flatten()
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+    assert abs(noise.std().item() - 1) < 0.05
+    assert abs(torch.corrcoef(torch.stack([z, noise]))[0, 1].item()) < 0.05
+
+
+# --------------------------------------------------------------- what the loss feeds the net
+
+
+class _Spy:
+    """Stands in for the controlled U-Net: records its inputs, returns a fixed prediction."""
+
+    def __init__(self, prediction):
+        self.prediction = prediction
+        self.calls = []
+
+    def __call__(self, sample, timestep, encoder_hidden_states, condition):
+        self.calls.append((sample, timestep, encoder_hidden_states, condition))
+        return self.prediction
+
+
+def test_diffusion_loss_feeds_the_noised_scaled_latent_and_regresses_the_noise():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    data = _cached(latent_std=1.0)
+    batch = draw_batch(data, TrainConfig(batch_size=16, empty_prompt_ratio=0.5), 0, 0,
+                       scheduler, "cpu")
+    batch["timesteps"][:3] = torch.tensor([0, 500, 999])  # both ends of the schedule too
+    prediction = torch.randn(batch["noise"].shape, generator=torch.Generator().manual_seed(1))
+    spy = _Spy(prediction)
+    scaling = 0.18215
+    loss = diffusion_loss(spy, batch, scheduler, scaling)
+    assert len(spy.calls) == 1
+    sample, timestep, embeddings, condition = spy.calls[0]
+    abar = scheduler.alphas_cumprod.double()[batch["timesteps"]][:, None, None, None]
+    expected = (abar.sqrt() * batch["latents"].double() * scaling
+                + (1 - abar).sqrt() * batch["noise"].double())
+    assert sample.shape == batch["latents"].shape
+    torch.testing.assert_close(sample.double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(timestep, batch["timesteps"])
+    assert torch.equal(embeddings, batch["embeddings"])
+    assert torch.equal(condition, batch["condition"])
+    assert loss.shape == () and torch.equal(loss, F.mse_loss(prediction, batch["noise"]))
+    # a perfect prediction of the noise costs nothing
+    assert diffusion_loss(_Spy(batch["noise"].clone()), batch, scheduler, scaling) == 0

@@ -71,14 +71,42 @@ def test_eq6_input_gradient_vanishes_weight_gradient_does_not():
     assert torch.count_nonzero(grad_B) == grad_B.numel()  # dZ/dB = 1
 
 
-def test_gradcheck_on_the_module():
-    z = ZeroConv2d(3, 2).double()
-    with torch.no_grad():  # gradcheck at zero and away from it
-        for weight in (torch.zeros_like(z.weight), torch.randn_like(z.weight)):
-            z.weight.copy_(weight)
-            x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-            with torch.enable_grad():
-                assert torch.autograd.gradcheck(z, (x,))
+def _central_differences(f, x, eps=1e-6):
+    """d f / d x by central finite differences, element by element (f scalar-valued)."""
+    grad = torch.zeros_like(x)
+    flat, out = x.reshape(-1), grad.reshape(-1)
+    for k in range(flat.numel()):
+        saved = flat[k].item()
+        flat[k] = saved + eps
+        up = f()
+        flat[k] = saved - eps
+        down = f()
+        flat[k] = saved
+        out[k] = (up - down) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("at", ["W = 0", "random W"])
+def test_closed_form_matches_finite_differences_of_eq5(at):
+    # L = sum(Z(I; W, B) * G): dL/dZ = G, and the closed form of Eq. 6 must agree with the
+    # numerical derivative of cnet's own Eq. 5 in every entry of I, W and B (C_in != C_out,
+    # so a transposed W cannot pass by symmetry).
+    I, W, B, G = _operands((2, 3, 4, 5, 4), seed=5, zero_params=(at == "W = 0"))
+    assert (torch.count_nonzero(W) == 0) == (at == "W = 0")
+
+    def loss():
+        return (zero_conv(I, W, B) * G).sum().item()
+
+    numeric = [_central_differences(loss, t) for t in (I, W, B)]
+    closed = zero_conv_grads(I, W, B, G)
+    for name, c, n in zip(("dL/dI", "dL/dW", "dL/dB"), closed, numeric):
+        assert c.shape == n.shape, name
+        torch.testing.assert_close(c, n, rtol=1e-6, atol=1e-7, msg=name)
+    assert numeric[1].abs().max() > 0.1 and numeric[2].abs().max() > 0.1
+    if at == "W = 0":
+        assert numeric[0].abs().max() < 1e-7  # Eq. 6: dZ/dI = W = 0
+    else:
+        assert numeric[0].abs().max() > 0.1
 
 
 def test_eq7_eq8_one_step_moves_w_and_opens_the_input_gradient():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
+
 def _zero_aware_log_axis(ax: plt.Axes, values: list[float]) -> None:
     # symlog keeps exact zeros on the axis, where a log scale would silently drop them
     positive = [v for v in values if v > 0]
@@ -154,6 +155,7 @@ def plot_generated(images, prompts: list[str], columns: int = 6, title: str = ""
     return fig
 
 
+# long: one diagram of the whole U-Net, drawn block by block
 def plot_injection_points(points, condition: str = "", title: str = "") -> plt.Figure:
     """The 12 + 1 places a ControlNet's residuals enter the locked U-Net (§3.2): one row per
     residual, locked encoder (left) → skip connection → locked decoder (middle) ← Z_i ←

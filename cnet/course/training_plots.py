@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-
 # ------------------------------------------------------------------------------------------
 # Training a ControlNet: curves and samples from a run's log.jsonl and samples.safetensors
 # ------------------------------------------------------------------------------------------

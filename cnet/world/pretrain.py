@@ -95,7 +95,8 @@ class Settings:
         check_settings(self, {
             "size": one_of(*SIZES), "seed": non_negative_int(), "vae_steps": positive_int(),
             "vae_batch": positive_int(), "vae_lr": positive_number(), "kl_weight": fraction(),
-            "unet_steps": positive_int(), "unet_batch": positive_int(), "unet_lr": positive_number(),
+            "unet_steps": positive_int(), "unet_batch": positive_int(),
+            "unet_lr": positive_number(),
             "warmup_steps": non_negative_int(), "empty_prompt_ratio": fraction(),
             "ema_decay": fraction(), "checkpoint_every": positive_int(),
             "dataset_size": positive_int(), "threads": positive_int(),

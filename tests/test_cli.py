@@ -1,0 +1,110 @@
+"""The command line at the boundary: a bad setting is refused with one line naming the setting,
+the value and what is allowed, before any work starts; a run's figures stay in its own folder."""
+
+import hashlib
+
+import pytest
+import torch
+from _tiny_unets import tiny_sd_pipeline
+
+from cnet.__main__ import main
+from cnet.course.figures import repo_root
+from cnet.train import SettingError, TrainConfig
+
+REPO_FIGURES = repo_root() / "figures"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny-sd"
+    tiny_sd_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "-1"], "steps: -1 is not allowed; expected an integer >= 1"),
+        (["--batch_size", "0"], "batch_size: 0 is not allowed; expected an integer >= 1"),
+        (["--lr", "nan"], "lr: nan is not allowed; expected a finite number > 0"),
+        (["--empty_prompt_ratio", "1.5"],
+         "empty_prompt_ratio: 1.5 is not allowed; expected a number from 0 to 1"),
+        (["--grad_accum", "0"], "grad_accum: 0 is not allowed; expected an integer >= 1"),
+        (["--task", "sketch"], "task: 'sketch' is not allowed; expected one of fill, outline"),
+        (["--base", "/nonexistent"], "base: '/nonexistent' is not a diffusers pipeline folder"),
+    ],
+)
+def test_bad_training_settings_are_one_line_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_refused(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device: 'cuda' is not allowed; expected a device this machine has: auto, cpu" in err
+
+
+def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint.safetensors in" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_an_unknown_knob_and_a_bad_value(tmp_path, capsys):
+    assert main(["compare", "--knob", "speed", "--values", "1"]) == 2
+    assert "knob: 'speed' is not a training setting" in capsys.readouterr().err
+    assert main(["compare", "--knob", "lr", "--values", "1e-4", "-3"]) == 2
+    assert "lr: -3.0 is not allowed; expected a finite number > 0" in capsys.readouterr().err
+
+
+def test_settings_check_every_field_in_python_too():
+    with pytest.raises(SettingError, match="eval_steps: 0 is not allowed"):
+        TrainConfig(eval_steps=0).check()
+    with pytest.raises(SettingError, match="hint_encoder: 'gaussian' is not allowed"):
+        TrainConfig(hint_encoder="gaussian").check()
+
+
+def test_world_pretrain_refuses_a_bad_setting(tmp_path):
+    from cnet.world.__main__ import main as world_main
+
+    with pytest.raises(SystemExit, match="vae_steps: 0 is not allowed; expected an integer >= 1"):
+        world_main(["pretrain", "--out", str(tmp_path / "m"), "--vae_steps", "0"])
+    assert not (tmp_path / "m").exists()
+
+
+def _fingerprint(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_writes_its_figures_into_its_own_folder(base, tmp_path, capsys):
+    before = _fingerprint(REPO_FIGURES)
+    out = tmp_path / "run"
+    code = main(["train", "--profile", "quick", "--base", str(base), "--out", str(out),
+                 "--steps", "2", "--batch_size", "2", "--train_size", "8", "--eval_size", "2",
+                 "--eval_every", "1", "--eval_steps", "2", "--checkpoint_every", "1"])
+    assert code == 0, capsys.readouterr().err
+    written = sorted(p.name for p in (out / "figures").iterdir())
+    assert written == ["fidelity_and_loss.png", "first_steps_gradients.png",
+                       "samples_over_training.png", "zero_conv_growth.png"]
+    assert _fingerprint(REPO_FIGURES) == before
+
+
+def test_a_pretraining_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from cnet.world.__main__ import main as world_main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_file({"vae.x": torch.zeros(1)}, str(run_dir / "vae.safetensors"),
+              metadata={"meta": '{"step": 2, "elapsed_s": 1.0}'})
+    with pytest.raises(SystemExit, match="from an earlier cnet whose format is no longer read"):
+        world_main(["pretrain", "--out", str(tmp_path / "m"), "--run_dir", str(run_dir),
+                    "--vae_steps", "4", "--unet_steps", "2"])
+    assert not (tmp_path / "m").exists()
