@@ -260,7 +260,7 @@ def test_global_pool_matches_diffusers_shuffle(unet):
     assert all(r.shape[2:] == (1, 1) for r in released.tensors())
     for i, (r, p) in enumerate(zip(released.tensors(), pooled.tensors(), strict=True)):
         assert p.abs().max() > 0, i
-        torch.testing.assert_close(r, p * ramp[i], rtol=1e-5, atol=1e-9, msg=f"residual {i}")
+        torch.testing.assert_close(r, p * ramp[i], rtol=1e-5, atol=1e-6, msg=f"residual {i}")
     assert released.down[0].abs().max() < pooled.down[0].abs().max()
 
 

@@ -6,6 +6,7 @@ from _tiny_unets import tiny_sd_pipeline
 from diffusers import StableDiffusionControlNetPipeline
 
 from cnet import ControlledUNet, ControlNet, to_diffusers
+from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.sample import sample
 
 PROMPTS = ["red circle with blue background", "green circle with white background"]
@@ -15,11 +16,11 @@ PROMPTS = ["red circle with blue background", "green circle with white backgroun
 def parts():
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    controlnet = ControlNet.from_unet(pipe.unet, condition_size=32)
+    controlnet = ControlNet.from_unet(pipe.unet)
     with torch.no_grad():  # away from zero, so that the control actually changes the images
         for p in controlnet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    conditions = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    conditions = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1))
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     return pipe, controlnet, conditions, latents
 
@@ -34,7 +35,7 @@ def test_same_images_as_the_diffusers_controlnet_pipeline(parts, guess_mode, gui
     reference.set_progress_bar_config(disable=True)
     expected = reference(
         PROMPTS, image=conditions, num_inference_steps=4, guidance_scale=guidance_scale,
-        latents=latents.clone(), guess_mode=guess_mode, output_type="pt", height=32, width=32,
+        latents=latents.clone(), guess_mode=guess_mode, output_type="pt", height=RES, width=RES,
     ).images
     controlled = ControlledUNet(pipe.unet, controlnet)
     got = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=4,
@@ -50,7 +51,7 @@ def test_the_control_matters_and_none_is_the_plain_base(parts):
     with_control = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=3,
                           latents=latents.clone())
     assert (plain - with_control).abs().max() > 1e-3
-    fresh = ControlledUNet(pipe.unet, ControlNet.from_unet(pipe.unet, condition_size=32))
+    fresh = ControlledUNet(pipe.unet, ControlNet.from_unet(pipe.unet))
     untrained = sample(pipe, fresh, PROMPTS, conditions, num_inference_steps=3,
                        latents=latents.clone())
     assert torch.equal(untrained, plain)  # Eq. 4 through a whole sampling run

@@ -28,6 +28,7 @@ from cnet.train import (
 )
 from cnet.train.data import CachedData
 from cnet.train.runs import checkpoint_wall_time
+from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
 
 
@@ -47,7 +48,7 @@ def _config(base, out, **kw):
 
 def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
     pipe = load_base(base)
-    controlnet = ControlNet.from_unet(pipe.unet, condition_size=32)
+    controlnet = ControlNet.from_unet(pipe.unet)
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     data = cache_data(pipe, "fill", 8, "train", seed=0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -78,7 +79,7 @@ def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
 def test_loss_decreases_on_a_short_cpu_run(base):
     torch.manual_seed(0)
     pipe = load_base(base)
-    controlnet = ControlNet.from_unet(pipe.unet, condition_size=32)
+    controlnet = ControlNet.from_unet(pipe.unet)
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     data = cache_data(pipe, "fill", 8, "train", seed=0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -129,7 +130,7 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     assert log_a == (tmp_path / "resumed" / "log.jsonl").read_text()
     samples = load_file(tmp_path / "resumed" / "samples.safetensors")
     assert sorted(samples) == ["step_0", "step_2", "step_4"]
-    assert samples["step_4"].dtype == torch.uint8 and samples["step_4"].shape == (4, 3, 32, 32)
+    assert samples["step_4"].dtype == torch.uint8 and samples["step_4"].shape == (4, 3, RES, RES)
 
     written = write_run_figures(tmp_path / "resumed", prefix="t_")
     assert {p.parent for p in written} == {tmp_path / "resumed" / "figures"}
@@ -191,7 +192,7 @@ def test_unlocked_decoder_trains_only_the_decoder(base, tmp_path):
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown task 'sketch'"):
-        task_dataset("sketch", 4, "train", 32, 0)
+        task_dataset("sketch", 4, "train", RES, 0)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_base("/nonexistent/folder")
 
@@ -203,9 +204,9 @@ def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
     pipe = load_base(base)
     data = cache_data(pipe, task, 4, "eval", seed=0)
     # what is cached is the world's own rendering of that condition, and its ground truth
-    dataset = ShapesDataset(4, "eval", 32, 0)
+    dataset = ShapesDataset(4, "eval", RES, 0)
     rendered, scenes = dataset.batch(range(4)), dataset.scenes(range(4))
-    assert data.condition.shape == (4, 3, 32, 32) and data.condition.amax() > 0
+    assert data.condition.shape == (4, 3, RES, RES) and data.condition.amax() > 0
     assert torch.equal(data.condition, rendered[task].float())
     assert torch.equal(data.extras["region"], rendered["layers"] > 0)
     assert torch.equal(data.extras["foreground"], torch.from_numpy(scenes.colour[:, 0]))
@@ -223,11 +224,11 @@ def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
     evals = [e for e in lines if "eval" in e]
     assert [e["step"] for e in evals] == [0, 2] and evals[-1]["eval"] == final
     samples = load_file(tmp_path / task / "samples.safetensors")
-    assert samples["step_2"].shape == (4, 3, 32, 32)
+    assert samples["step_2"].shape == (4, 3, RES, RES)
 
 
 def test_fidelity_of_the_ground_truth_is_perfect_and_a_shifted_region_is_not():
-    dataset = FillDataset(16, "eval", 32, 0)
+    dataset = FillDataset(16, "eval", RES, 0)
     batch, scenes = dataset.batch(range(16)), dataset.scenes(range(16))
     foreground = torch.from_numpy(scenes.colour[:, 0].copy())
     background = torch.from_numpy(scenes.background.copy())
