@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"model: {args.model} is not a diffusers pipeline folder")
     torch.set_num_threads(args.threads)
     sampler = sampler_settings(args.profile)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True,
+                                                   low_cpu_mem_usage=False)
     fill, _ = evaluate_fill(pipe, args.samples, seed=args.seed, **sampler)
     shapes = evaluate_shapes(pipe, args.samples, seed=args.seed, **sampler)
     argv = sys.argv[1:] if argv is None else argv
