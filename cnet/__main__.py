@@ -32,10 +32,11 @@ from .train.config import (  # noqa: E402
     add_flags,
     settings_from_flags,
 )
+from .train.loop import TrainingDiverged  # noqa: E402
 
 
-def _train_settings(args: argparse.Namespace) -> tuple[str, TrainConfig]:
-    profile = args.profile or ("full" if torch.cuda.is_available() else "quick")
+def _train_settings(args: argparse.Namespace, default_profile: str) -> tuple[str, TrainConfig]:
+    profile = args.profile or default_profile
     return profile, settings_from_flags(TrainConfig, args, PROFILES[profile]).check()
 
 
@@ -43,12 +44,15 @@ def run_train(args: argparse.Namespace) -> None:
     from .course.figures import write_run_figures
     from .train import train
 
-    profile, config = _train_settings(args)
+    profile, config = _train_settings(args, "full" if torch.cuda.is_available() else "quick")
     print(f"training a ControlNet ({config.task}) on {config.base}, profile {profile}, "
           f"{config.steps} steps, device {config.resolved_device()}")
     summary = train(config, profile=profile)
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; last evaluation "
           f"{summary['final_eval']}; outputs in {config.out}")
+    if config.eval_every == 0:
+        print("no evaluations (--eval_every 0), so no fidelity figures")
+        return
     label = f"profile {profile}, {summary['device_name']}, {config.steps} steps"
     prefix = f"05_{profile}_" if args.figures else ""
     for path in write_run_figures(config.out, args.figures, prefix=prefix, label=label):
@@ -60,7 +64,7 @@ def run_compare(args: argparse.Namespace) -> None:
     from .course.training_plots import plot_knob_comparison
     from .train.compare import compare_runs, train_comparison
 
-    _, settings = _train_settings(args)
+    _, settings = _train_settings(args, "quick")  # comparisons are quick runs unless asked
     comparison = compare_runs(train_comparison(settings, args.knob, args.values))
     for value, entry in comparison.items():
         print(f"{args.knob}={value}: final IoU {entry['eval_iou'][-1]:.3f}, "
@@ -85,6 +89,8 @@ def run_export(args: argparse.Namespace) -> None:
 def run_lessons(args: argparse.Namespace) -> None:
     from .course.headless import run_lessons as lessons
 
+    if args.steps < 2:
+        raise SettingError(f"steps: {args.steps!r} is not allowed; expected an integer >= 2")
     lessons(seed=args.seed, steps=args.steps)
 
 
@@ -95,13 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     lessons = sub.add_parser("lessons", help="run the math lessons headless, write figures")
     lessons.add_argument("--seed", type=int, default=0)
     lessons.add_argument("--steps", type=int, default=30)
-    for name, help_text in (("train", "train a ControlNet on the miniature base"),
-                            ("compare", "runs that differ in one setting, side by side")):
+    for name, help_text, skip in (
+            ("train", "train a ControlNet on the miniature base", ()),
+            ("compare", "runs that differ in one setting, side by side", ("out",))):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--profile", choices=sorted(PROFILES),
-                             help="quick (CPU, minutes) or full (the shipped run); default: "
-                                  "full on CUDA, quick otherwise")
-        add_flags(command, TrainConfig)
+                             help="quick (CPU, minutes) or full (the shipped run); default for "
+                                  "train: full on CUDA, quick otherwise; for compare: quick")
+        add_flags(command, TrainConfig, skip=skip)
     sub.choices["train"].add_argument(
         "--figures", default=None, metavar="DIR",
         help="write the run's figures to DIR as 05_<profile>_*.png instead of <out>/figures "
@@ -128,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

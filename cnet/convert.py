@@ -224,6 +224,15 @@ def _check_diffusers_mirrorable(model: ControlNetModel) -> None:
 _UNET_SETTINGS = frozenset(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
 
 
+def _unet_config_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The U-Net settings a ControlNetModel's config repeats, with the decoder the U-Net must have
+    had (its up blocks mirror the down blocks), so the U-Net can be rebuilt for export."""
+    unet_config = {k: v for k, v in config.items() if k in _UNET_SETTINGS}
+    up = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    unet_config["up_block_types"] = tuple(up[k] for k in reversed(config["down_block_types"]))
+    return unet_config
+
+
 def from_diffusers(model: ControlNetModel) -> ControlNet:
     """A :class:`cnet.ControlNet` with a copy of a diffusers ``ControlNetModel``'s weights."""
     _check_diffusers_mirrorable(model)
@@ -242,7 +251,7 @@ def from_diffusers(model: ControlNetModel) -> ControlNet:
         mid_block=trainable_copy(model.mid_block),
         hint_encoder=hint,
         cross_attention_dim=config.cross_attention_dim,
-        unet_config={k: v for k, v in config.items() if k in _UNET_SETTINGS},
+        unet_config=_unet_config_of(config),
         global_pool=bool(config.global_pool_conditions),
     )
     state = {_from_diffusers_key(k): v for k, v in model.state_dict().items()}

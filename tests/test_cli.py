@@ -108,3 +108,14 @@ def test_a_pretraining_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_p
         world_main(["pretrain", "--out", str(tmp_path / "m"), "--run_dir", str(run_dir),
                     "--vae_steps", "4", "--unet_steps", "2"])
     assert not (tmp_path / "m").exists()
+
+
+def test_other_commands_refuse_bad_values_in_one_line(tmp_path, capsys):
+    from cnet.world.__main__ import main as world_main
+
+    assert main(["lessons", "--steps", "0"]) == 2
+    assert "steps: 0 is not allowed; expected an integer >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="resolution: 30 is not allowed"):
+        world_main(["pretrain", "--out", str(tmp_path / "m"), "--resolution", "30"])
+    with pytest.raises(SystemExit, match="threads: 0 is not allowed"):
+        world_main(["evaluate", "--model", str(tmp_path), "--threads", "0"])

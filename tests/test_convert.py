@@ -301,3 +301,14 @@ def test_read_checkpoint_uses_weights_only(tmp_path, monkeypatch):
     state = read_checkpoint(good)
     assert calls and all(kw.get("weights_only") is True for kw in calls), calls
     assert set(state) == {"w", "b"} and torch.equal(state["w"], torch.arange(3.0))
+
+
+def test_a_two_level_controlnet_model_round_trips_through_cnet():
+    # the U-Net a ControlNetModel mirrors is rebuilt from its config for export, decoder included
+    from _tiny_unets import unet_config
+
+    unet = tiny_unet(unet_config(2, 1, 8, (True, False)))
+    reference = ControlNetModel.from_unet(unet)
+    back = to_diffusers(from_diffusers(reference))
+    assert _public(back.config) == _public(reference.config)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in reference.state_dict().items())

@@ -27,13 +27,17 @@ from ..world.metrics import classify_colours, colours_drawn, iou
 from .config import PROFILES, TrainConfig
 from .data import CachedData
 
-__all__ = ["evaluate", "fidelity", "sampler_settings"]
+__all__ = ["FULL_SAMPLER", "evaluate", "fidelity", "sampler_settings"]
 
 
 def sampler_settings(profile: str) -> dict:
     """``{"steps": …, "guidance": …}``: how a profile samples when it measures fidelity."""
     config = TrainConfig(**PROFILES[profile])
     return {"steps": config.eval_steps, "guidance": config.guidance_scale}
+
+
+#: The full profile's sampler: the default wherever fidelity is measured.
+FULL_SAMPLER = sampler_settings("full")
 
 
 def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
@@ -50,7 +54,8 @@ def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.T
 
 @torch.no_grad()
 def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, data: CachedData,
-             steps: int = 20, guidance_scale: float = 3.0, seed: int = 1234,
+             steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+             seed: int = 1234,
              batch_size: int = 64) -> tuple[dict, torch.Tensor]:
     """Sample the evaluation set (its prompts and conditions) with fixed seeds and measure
     :func:`fidelity`. ``controlled=None`` measures the base alone. Returns the mean IoU, the
@@ -61,7 +66,7 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
         g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
         images.append(sample(pipe, controlled, data.extras["prompt"][start:end],
                              data.condition[start:end], num_inference_steps=steps,
-                             guidance_scale=guidance_scale, generator=g).float().cpu())
+                             guidance_scale=guidance, generator=g).float().cpu())
     images = torch.cat(images)
     per_image = fidelity(images, data.extras["foreground"], data.extras["background"],
                          data.extras["region"])

@@ -44,9 +44,6 @@ __all__ = [
     "truncate_log",
 ]
 
-FORMAT = "cnet-checkpoint-1"
-
-
 # ------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------
@@ -71,7 +68,7 @@ def save_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
                for prefix, module in modules.items() for k, v in module.state_dict().items()}
     if optimizer is not None:
         tensors.update(_optimizer_tensors(optimizer))
-    metadata = {"format": FORMAT, "step": str(step), "config": json.dumps(dict(config)),
+    metadata = {"step": str(step), "config": json.dumps(dict(config)),
                 "wall_time_s": f"{wall_time_s:.1f}"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

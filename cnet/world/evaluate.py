@@ -36,8 +36,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from ..train.config import SettingError
-from ..train.evaluate import fidelity, sampler_settings
+from ..train.config import PROFILES, SettingError
+from ..train.evaluate import FULL_SAMPLER, fidelity, sampler_settings
 from .data import COLOUR_NAMES, SHAPES, FillDataset, ShapesDataset, check_resolution, colour_index
 from .metrics import classify_colours, colours_drawn, fit_shape
 from .model import check_prompt
@@ -54,8 +54,9 @@ def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch
     return pipe.vae.decode(latents).sample.float().cpu()
 
 
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int = 25,
-             guidance: float = 5.0, seed: int = 0, batch_size: int = 100,
+def generate(pipe: StableDiffusionPipeline, prompts: list[str],
+             steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+             seed: int = 0, batch_size: int = 100,
              resolution: int | None = None, progress: bool = False) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] sampled by the pipeline (its DDIM scheduler) for
     ``prompts``, with one seeded generator per batch. ValueError for a prompt outside the
@@ -112,8 +113,9 @@ def _shape_report(images: torch.Tensor, colour_names: list[str], shapes: list[st
             "recognisable": correct & (best >= RECOGNISABLE_IOU), "fit_iou": best}
 
 
-def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200, steps: int = 20,
-                  guidance: float = 3.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
+def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200,
+                  steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+                  seed: int = 0) -> tuple[dict, torch.Tensor]:
     """The base on Fill eval prompts: colour adherence, circle recognisability, and IoU with a
     random requested outline against its chance level (see module docstring). Returns the
     numbers and the generated images."""
@@ -147,8 +149,9 @@ def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200, steps: int 
     }, images
 
 
-def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200, steps: int = 20,
-                    guidance: float = 3.0, seed: int = 0) -> dict:
+def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200,
+                    steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+                    seed: int = 0) -> dict:
     """The base on Shapes eval prompts: for one-shape prompts, colours drawn and shape accuracy;
     for several shapes, whether every prompted colour is drawn."""
     data = ShapesDataset(20_000, split="eval")
@@ -185,13 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m cnet.world evaluate")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--profile", choices=("quick", "full"), default="full",
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
                         help="whose evaluation sampler to sample with (steps, guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.samples < 2:
-        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer >= 2")
+    if not 2 <= args.samples <= 1000:
+        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer from "
+                           "2 to 1000")
+    if args.threads < 1:
+        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
     if not (args.model / "model_index.json").exists():
         raise FileNotFoundError(f"model: {args.model} is not a diffusers pipeline folder")
     torch.set_num_threads(args.threads)

@@ -41,14 +41,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..train.config import (
+    SettingError,
     check_settings,
     fraction,
     non_negative_int,
+    non_negative_number,
     one_of,
     positive_int,
     positive_number,
 )
-from ..train.runs import check_resumable, checkpoint_metadata, load_checkpoint, save_checkpoint
+from ..train.runs import check_resumable, checkpoint_wall_time, load_checkpoint, save_checkpoint
 from .data import FillDataset, ShapesDataset, check_resolution
 from .model import (
     build_pipeline,
@@ -63,8 +65,15 @@ from .model import (
 __all__ = ["Settings", "PROFILES", "pretrain"]
 
 STAGE_IDS = {"vae": 1, "unet": 2}
-# Settings a resumed run may change: none of them changes what the steps already taken computed.
-RESUMABLE_CHANGES = ("threads", "checkpoint_every")
+# What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
+# how often it saves, the later stage's settings) but none of these.
+STAGE_SETTINGS = {
+    "vae": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
+            "warmup_steps", "dataset_size"),
+    "unet": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
+             "warmup_steps", "dataset_size", "unet_steps", "unet_batch", "unet_lr",
+             "empty_prompt_ratio", "ema_decay"),
+}
 
 
 @dataclasses.dataclass
@@ -94,14 +103,21 @@ class Settings:
 
         check_settings(self, {
             "size": one_of(*SIZES), "seed": non_negative_int(), "vae_steps": positive_int(),
-            "vae_batch": positive_int(), "vae_lr": positive_number(), "kl_weight": fraction(),
+            "vae_batch": positive_int(), "vae_lr": positive_number(),
+            "kl_weight": non_negative_number(),
             "unet_steps": positive_int(), "unet_batch": positive_int(),
             "unet_lr": positive_number(),
             "warmup_steps": non_negative_int(), "empty_prompt_ratio": fraction(),
-            "ema_decay": fraction(), "checkpoint_every": positive_int(),
+            "ema_decay": ((lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
+                          "a number from 0 up to, not including, 1"),
+            "checkpoint_every": positive_int(),
             "dataset_size": positive_int(), "threads": positive_int(),
         })
-        check_resolution(self.resolution, VAE_DOWNSAMPLING)
+        try:
+            check_resolution(self.resolution, VAE_DOWNSAMPLING)
+        except ValueError:
+            raise SettingError(f"resolution: {self.resolution!r} is not allowed; expected an "
+                               f"integer >= 16 divisible by {VAE_DOWNSAMPLING}") from None
         return self
 
 
@@ -140,14 +156,15 @@ def _lr(step: int, s: Settings, peak: float, total: int) -> float:
 
 
 def _resume(checkpoint: Path, modules: dict, optimizer: torch.optim.Optimizer, s: Settings,
-            steps: int) -> tuple[int, float]:
+            stage: str) -> tuple[int, float]:
     """(step, training seconds so far) of a stage's checkpoint, restored into the modules and
     the optimizer; (0, 0.0) where there is none yet."""
     if not checkpoint.exists():
         return 0, 0.0
-    check_resumable(checkpoint, dataclasses.asdict(s), steps, RESUMABLE_CHANGES)
-    step = load_checkpoint(checkpoint, modules, optimizer)
-    return step, float(checkpoint_metadata(checkpoint)["wall_time_s"])
+    settings = dataclasses.asdict(s)
+    may_change = [k for k in settings if k not in STAGE_SETTINGS[stage]]
+    check_resumable(checkpoint, settings, settings[f"{stage}_steps"], may_change)
+    return load_checkpoint(checkpoint, modules, optimizer), checkpoint_wall_time(checkpoint)
 
 
 # ------------------------------------------------------------------------------ stages
@@ -156,7 +173,7 @@ def _resume(checkpoint: Path, modules: dict, optimizer: torch.optim.Optimizer, s
 def _train_vae(vae, datasets, s: Settings, run_dir: Path, log) -> float:
     checkpoint = run_dir / "vae.safetensors"
     optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
-    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, s.vae_steps)
+    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, "vae")
     began = time.time()
     vae.train()
     for step in tqdm(range(start, s.vae_steps), desc="VAE", initial=start, total=s.vae_steps):
@@ -196,7 +213,7 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
     ddpm, _ = build_schedulers()
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
                "ema_text_encoder": ema_text}
-    start, elapsed = _resume(checkpoint, modules, optimizer, s, s.unet_steps)
+    start, elapsed = _resume(checkpoint, modules, optimizer, s, "unet")
     began = time.time()
     unet.train()
     text_encoder.train()
