@@ -9,7 +9,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from cnet.world import pretrain as pretrain_module
 from cnet.world.data import FillDataset
 from cnet.world.evaluate import generate
 from cnet.world.model import (
@@ -112,18 +111,20 @@ def _tiny(**overrides) -> Settings:
 def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     straight = pretrain(_tiny(), tmp_path / "a" / "model", tmp_path / "a" / "run")
     calls = {"n": 0}
-    original = pretrain_module._ema_update
+    original = torch.nn.utils.clip_grad_norm_
 
-    def crash_after_five_updates(*args):
+    def crash_in_the_sixth_unet_step(*args, **kwargs):
+        # the U-Net stage clips its gradients once per step: stop it mid-run, as Ctrl-C would
         calls["n"] += 1
-        if calls["n"] > 2 * 5:  # two EMA updates (U-Net, text encoder) per step
+        if calls["n"] > 5:
             raise KeyboardInterrupt
-        original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "_ema_update", crash_after_five_updates)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_in_the_sixth_unet_step)
     with pytest.raises(KeyboardInterrupt):
         pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
-    monkeypatch.setattr(pretrain_module, "_ema_update", original)
+    assert calls["n"] == 6
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", original)
     resumed = pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
     for name in ("unet", "text_encoder", "vae"):
         a = getattr(straight, name).state_dict()
