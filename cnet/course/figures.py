@@ -8,7 +8,6 @@ cnet train`` writes them to ``<run>/figures/`` and to another folder only when a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..train.convergence import detect_sudden_convergence
 from ..train.data import condition_images
-from ..train.runs import read_log
+from ..train.runs import read_config, read_log
 from .training_plots import (
     plot_fidelity_and_loss,
     plot_first_step_gradients,
@@ -78,8 +77,8 @@ def run_figures(run: str | Path, label: str = "") -> dict:
     else:
         wanted = [steps[round(q * (len(steps) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
     shown = sorted({min(steps, key=lambda s, w=w: abs(s - w)) for w in wanted})
-    config = json.loads((run / "config.json").read_text())
-    conditions = condition_images(config["task"], config["eval_size"], config["seed"],
+    config = read_config(run)
+    conditions = condition_images(config.task, config.eval_size, config.seed,
                                   resolution=samples[f"step_{steps[0]}"].shape[-1])
     rows = min(6, len(conditions), len(samples[f"step_{steps[0]}"]))
     figures["samples_over_training"] = plot_sample_grid(
