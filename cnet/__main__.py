@@ -9,6 +9,8 @@
                                5e-4) and draw their fidelity curves side by side
     python -m cnet export      ship a finished run: its ControlNet as a diffusers ControlNetModel
                                folder, with the run's log, config and samples
+    python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
+                               on the same evaluation conditions; recorded in its run.json
 
 A bad setting is refused with one line naming it, before any work starts.
 """
@@ -86,6 +88,34 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"shipped {args.run} to {out}")
 
 
+def run_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .train import load_base, load_controlnet
+    from .train.evaluate import measure_controlnet, sampler_settings
+
+    if not 2 <= args.samples <= 1000:
+        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer from "
+                           "2 to 1000")
+    if args.threads < 1:
+        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    folder = Path(args.folder)
+    controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
+    record_path = folder / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    config = record.get("config", {})
+    base = args.base or config.get("base", TrainConfig.base)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = measure_controlnet(load_base(base), controlnet, config.get("task", "fill"),
+                                args.samples, **sampler_settings(args.profile))
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    record["evaluation"] = {"command": " ".join(["python", "-m", "cnet", *argv]),
+                            "base_model": str(base), **result}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["evaluation"], indent=2))
+
+
 def run_lessons(args: argparse.Namespace) -> None:
     from .course.headless import run_lessons as lessons
 
@@ -121,15 +151,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
     export.add_argument("--samples_kept", type=int, default=8)
+    evaluate = sub.add_parser("evaluate", help="a ControlNet against the base and the VAE's "
+                                               "ceiling, on the same evaluation conditions")
+    evaluate.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
+    evaluate.add_argument("--base", default=None,
+                          help="the base it controls (default: the one its run.json names)")
+    evaluate.add_argument("--samples", type=int, default=200)
+    evaluate.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                          help="whose evaluation sampler to sample with (steps, guidance)")
+    evaluate.add_argument("--threads", type=int, default=1)
     return parser
 
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
-            "export": run_export}
+            "export": run_export, "evaluate": run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = argv  # recorded with a measurement, as typed
     try:
         COMMANDS[args.command](args)
     except (SettingError, FileNotFoundError) as error:

@@ -119,3 +119,14 @@ def test_other_commands_refuse_bad_values_in_one_line(tmp_path, capsys):
         world_main(["pretrain", "--out", str(tmp_path / "m"), "--resolution", "30"])
     with pytest.raises(SystemExit, match="threads: 0 is not allowed"):
         world_main(["evaluate", "--model", str(tmp_path), "--threads", "0"])
+
+
+def test_evaluate_refuses_bad_values_in_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path), "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "samples: 1 is not allowed; expected an integer from 2 to 1000" in err
+    assert main(["evaluate", str(tmp_path), "--threads", "0"]) == 2
+    assert "threads: 0 is not allowed" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no ControlNetModel in") and err.count("\n") == 1

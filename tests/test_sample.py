@@ -16,7 +16,7 @@ PROMPTS = ["red circle with blue background", "green circle with white backgroun
 def parts():
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    controlnet = ControlNet.from_unet(pipe.unet, condition_size=RES)
+    controlnet = ControlNet.from_unet(pipe.unet)
     with torch.no_grad():  # away from zero, so that the control actually changes the images
         for p in controlnet.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -51,7 +51,7 @@ def test_the_control_matters_and_none_is_the_plain_base(parts):
     with_control = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=3,
                           latents=latents.clone())
     assert (plain - with_control).abs().max() > 1e-3
-    fresh = ControlledUNet(pipe.unet, ControlNet.from_unet(pipe.unet, condition_size=RES))
+    fresh = ControlledUNet(pipe.unet, ControlNet.from_unet(pipe.unet))
     untrained = sample(pipe, fresh, PROMPTS, conditions, num_inference_steps=3,
                        latents=latents.clone())
     assert torch.equal(untrained, plain)  # Eq. 4 through a whole sampling run

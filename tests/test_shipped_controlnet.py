@@ -9,12 +9,11 @@ import torch
 from _tiny_unets import tiny_sd_pipeline
 from diffusers import ControlNetModel
 
-from cnet import ControlledUNet, ControlNet
+from cnet import ControlNet
 from cnet.course.figures import repo_root
 from cnet.train import (
     TrainConfig,
     cache_data,
-    evaluate,
     export_run,
     load_base,
     load_checkpoint,
@@ -44,6 +43,30 @@ def test_shipped_folder_is_a_diffusers_controlnet_with_its_run():
     assert size < 20e6, f"shipped ControlNet folder is {size / 1e6:.1f} MB"
 
 
+def test_diffusers_default_controlnet_runs_on_the_base_in_its_pipeline(base):
+    """What diffusers' own training script builds, ControlNetModel.from_unet(unet) with no
+    arguments, fits the shipped base as it fits SD1.5: SD1.5's condition encoder (16, 32, 96,
+    256; 8x) on 64 px conditions, inside StableDiffusionControlNetPipeline; cnet's default
+    ControlNet is the same network."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from cnet import to_diffusers
+
+    theirs = ControlNetModel.from_unet(base.unet)
+    assert tuple(theirs.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)
+    ours = to_diffusers(ControlNet.from_unet(base.unet))
+    public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (ours, theirs)]
+    assert public[0] == public[1]
+    resolution = base.unet.config.sample_size * base.vae_scale_factor
+    assert resolution == 64 and base.vae_scale_factor == 8
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=theirs)
+    pipe.set_progress_bar_config(disable=True)
+    condition = cache_data(base, "fill", 1, "eval", seed=0).condition
+    image = pipe("red circle with blue background", image=condition, num_inference_steps=2,
+                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
 def test_diffusers_and_cnet_give_the_same_residuals(base):
     ours = load_controlnet(SHIPPED)
     theirs = ControlNetModel.from_pretrained(SHIPPED / "controlnet").eval()
@@ -60,14 +83,24 @@ def test_diffusers_and_cnet_give_the_same_residuals(base):
     torch.testing.assert_close(a.mid, mid, rtol=0, atol=1e-6)
 
 
-def test_trained_controlnet_follows_its_condition_better_than_an_untrained_one(base):
-    data = cache_data(base, "fill", 16, "eval", seed=0)
-    untrained = ControlledUNet(base.unet, ControlNet.from_unet(base.unet, condition_size=32))
-    trained = ControlledUNet(base.unet, load_controlnet(SHIPPED))
-    before, _ = evaluate(base, untrained.eval(), data, steps=10)
-    after, _ = evaluate(base, trained.eval(), data, steps=10)
-    assert after["iou"] > before["iou"] + 0.3, (before, after)
-    assert after["colours_ok"] >= 0.9, after
+def test_trained_controlnet_follows_its_condition_better_than_the_base(base, tmp_path, capsys):
+    """`python -m cnet evaluate`: the ControlNet, the base alone and the VAE's ceiling on the same
+    evaluation conditions, recorded in the folder's run.json."""
+    import shutil
+
+    from cnet.__main__ import main
+
+    folder = tmp_path / "controlnet-fill"
+    shutil.copytree(SHIPPED, folder)
+    assert main(["evaluate", str(folder), "--base", str(BASE), "--samples", "16",
+                 "--profile", "quick", "--threads", "2"]) == 0
+    measured = json.loads((folder / "run.json").read_text())["evaluation"]
+    assert json.loads(capsys.readouterr().out) == measured
+    assert measured["samples"] == measured["base"]["n"] == measured["controlnet"]["n"] == 16
+    trained, alone, ceiling = (measured[k]["iou"] for k in ("controlnet", "base", "vae_ceiling"))
+    assert trained > alone + 0.3 and ceiling > 0.85, measured
+    assert measured["controlnet"]["colours_ok"] >= 0.9, measured
+    assert measured["command"].startswith("python -m cnet evaluate ")
 
 
 def test_shipped_log_shows_the_jump_and_matches_its_summary():
@@ -92,7 +125,7 @@ def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_pat
     train(config)
     shipped = export_run(config.out, tmp_path / "shipped", samples_kept=1)
     trained = load_controlnet(shipped)
-    reference = ControlNet.from_unet(load_base(path).unet, condition_size=32)
+    reference = ControlNet.from_unet(load_base(path).unet)
     load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", {"controlnet": reference}, None)
     for (k, v), (k2, v2) in zip(reference.state_dict().items(), trained.state_dict().items(),
                                 strict=True):

@@ -48,7 +48,7 @@ def _config(base, out, **kw):
 
 def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
     pipe = load_base(base)
-    controlnet = ControlNet.from_unet(pipe.unet, condition_size=RES)
+    controlnet = ControlNet.from_unet(pipe.unet)
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     data = cache_data(pipe, "fill", 8, "train", seed=0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -79,7 +79,7 @@ def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
 def test_loss_decreases_on_a_short_cpu_run(base):
     torch.manual_seed(0)
     pipe = load_base(base)
-    controlnet = ControlNet.from_unet(pipe.unet, condition_size=RES)
+    controlnet = ControlNet.from_unet(pipe.unet)
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     data = cache_data(pipe, "fill", 8, "train", seed=0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

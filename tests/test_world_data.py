@@ -53,10 +53,10 @@ def test_seed_and_split_change_the_samples(cls):
 
 def test_samples_follow_sd_conventions():
     sample = ShapesDataset(10).batch([0, 1, 2])
-    assert sample["image"].shape == (3, 3, 32, 32) and sample["image"].dtype == torch.float32
+    assert sample["image"].shape == (3, 3, 64, 64) and sample["image"].dtype == torch.float32
     assert sample["image"].min() >= -1 and sample["image"].max() <= 1
     for name in CONDITIONS:
-        assert sample[name].shape == (3, 3, 32, 32), name
+        assert sample[name].shape == (3, 3, 64, 64), name
         assert sample[name].min() >= 0 and sample[name].max() <= 1, name
 
 
@@ -98,9 +98,9 @@ def test_region_inside_inverts_outline_for_any_circle(cx, cy, r):
 
 def test_fill_radius_and_centre_vary_widely():
     scenes = FillDataset(5000).scenes(range(500))
-    radius = scenes.r[:, 0] / 32
+    radius = scenes.r[:, 0] / 64
     assert radius.min() < 0.14 and radius.max() > 0.36
-    assert scenes.cx.min() < 7 and scenes.cx.max() > 25
+    assert scenes.cx.min() < 14 and scenes.cx.max() > 50
 
 
 def test_shapes_labels_depth_and_segmentation_cover_the_rendered_shapes():

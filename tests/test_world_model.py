@@ -77,11 +77,11 @@ def test_unet_has_sd_topology_with_12_plus_1_injection_points(tokenizer):
     assert unet.mid_block is not None  # the + 1
 
 
-def test_vae_downsamples_4x_to_4_channels():
+def test_vae_downsamples_8x_to_4_channels_as_sd():
     vae = build_vae("tiny")
-    latents = vae.encode(torch.zeros(2, 3, 32, 32)).latent_dist.mode()
+    latents = vae.encode(torch.zeros(2, 3, 64, 64)).latent_dist.mode()
     assert latents.shape == (2, 4, 8, 8)
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match="divisible by 8"):
         build_vae("tiny", resolution=34)
 
 
@@ -95,16 +95,16 @@ def test_pipeline_saves_as_safetensors_and_loads_offline(tmp_path, tokenizer):
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
     a = generate(pipe, ["red circle with blue background"], steps=2, seed=1)
     b = generate(loaded, ["red circle with blue background"], steps=2, seed=1)
-    assert a.shape == (1, 3, 32, 32) and torch.allclose(a, b, atol=1e-5)
+    assert a.shape == (1, 3, 64, 64) and torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="unknown word"):
         generate(loaded, ["a cat"])
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match="divisible by 8"):
         generate(loaded, ["red circle with blue background"], resolution=30)
 
 
 def _tiny(**overrides) -> Settings:
     values = dict(vae_steps=4, vae_batch=4, unet_steps=6, unet_batch=4, warmup_steps=2,
-                  checkpoint_every=2)
+                  decoder_steps=4, decoder_batch=4, checkpoint_every=2)
     return Settings(**{**values, **overrides})
 
 
@@ -131,7 +131,7 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
         b = getattr(resumed, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     record = json.loads((tmp_path / "b" / "model" / "pretraining.json").read_text())
-    assert record["steps"] == {"vae": 4, "unet": 6}
+    assert record["steps"] == {"vae": 4, "unet": 6, "decoder": 4}
     # the shipped log has one entry per step, the resumed run's values where steps were redone
     shipped = [json.loads(line) for line in
                (tmp_path / "b" / "model" / "pretraining_log.jsonl").read_text().splitlines()]
@@ -143,6 +143,14 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     keys = load_file(tmp_path / "b" / "run" / "unet.safetensors").keys()
     assert any(k.startswith("ema_unet.") for k in keys)
     assert any(k.startswith("optimizer.") for k in keys)
+    # stage 3 trains the decoder alone: the encoder, hence the latents the U-Net learned, are
+    # bit for bit the VAE stage's
+    after_vae = load_file(tmp_path / "b" / "run" / "vae.safetensors")
+    shipped_vae = resumed.vae.state_dict()
+    frozen = [k for k in shipped_vae if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in shipped_vae if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(after_vae[f"vae.{k}"], shipped_vae[k]) for k in frozen)
+    assert any(not torch.equal(after_vae[f"vae.{k}"], shipped_vae[k]) for k in tuned)
 
 
 def test_quick_profile_runs_end_to_end(tmp_path):
@@ -154,14 +162,20 @@ def test_quick_profile_runs_end_to_end(tmp_path):
            (tmp_path / "model" / "pretraining_log.jsonl").read_text().splitlines()]
     unet_losses = [e["loss"] for e in log if e["stage"] == "unet"]
     vae_mse = [e["mse"] for e in log if e["stage"] == "vae"]
+    decoder_mse = [e["mse"] for e in log if e["stage"] == "decoder"]
     # one entry per step, in order, for each stage
     assert [e["step"] for e in log if e["stage"] == "unet"] == list(range(Settings().unet_steps))
     assert [e["step"] for e in log if e["stage"] == "vae"] == list(range(Settings().vae_steps))
+    assert [e["stage"] for e in log] == (["vae"] * Settings().vae_steps
+                                         + ["unet"] * Settings().unet_steps
+                                         + ["decoder"] * Settings().decoder_steps)
     # the recorded final losses are the means of the last (up to 100) logged values
     assert record["final"]["unet_loss_last_100"] == pytest.approx(
         sum(unet_losses[-100:]) / len(unet_losses[-100:]), rel=1e-12)
     assert record["final"]["vae_mse_last_100"] == pytest.approx(
         sum(vae_mse[-100:]) / len(vae_mse[-100:]), rel=1e-12)
+    assert record["final"]["decoder_mse_last_100"] == pytest.approx(
+        sum(decoder_mse) / len(decoder_mse), rel=1e-12)
     # and both stages learn, even in 40 steps (seeded: about 0.98 -> 0.75 for the U-Net,
     # 0.51 -> 0.42 for the VAE)
     first, last = sum(unet_losses[:10]) / 10, sum(unet_losses[-10:]) / 10
@@ -170,7 +184,7 @@ def test_quick_profile_runs_end_to_end(tmp_path):
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
     assert loaded.vae.config.scaling_factor == pipe.vae.config.scaling_factor
     assert generate(loaded, ["green square with white background"], steps=2).shape == (
-        1, 3, 32, 32)
+        1, 3, 64, 64)
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
@@ -179,9 +193,26 @@ def test_shipped_model_is_small_and_loads_offline():
     assert total <= 30 * 1024 * 1024
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
     image = generate(pipe, ["yellow circle with blue background"], steps=20, seed=0)
-    assert image.shape == (1, 3, 32, 32)
+    assert image.shape == (1, 3, 64, 64)
     record = json.loads((SHIPPED / "pretraining.json").read_text())
     assert record["profile"] == "full" and "--profile full" in record["command"]
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
+def test_shapes_report_splits_accuracy_by_shape_and_its_references_are_exact():
+    from cnet.world.evaluate import evaluate_shapes
+
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    one = evaluate_shapes(pipe, samples=12, steps=2)["one_shape"]
+    # one-shape scenes among the first 4 x 12 of the split
+    assert 1 <= one["samples"] <= 12 and one["shape_accuracy_of_dataset_images"] == 1.0
+    by_shape = one["shape_accuracy_by_shape"]
+    assert set(by_shape) <= {"circle", "square", "triangle", "diamond"} and len(by_shape) >= 2
+    assert all(0 <= v <= 1 for v in by_shape.values())
+    # each shape's rate is a share of its own samples: k / n with n <= 12
+    assert all(any(abs(v * n - round(v * n)) < 1e-6 for n in range(1, 13))
+               for v in by_shape.values())
 
 
 def test_command_line_applies_overrides_on_top_of_the_profile(tmp_path):

@@ -1,6 +1,6 @@
 """Which knob makes convergence sudden: runs that differ in one setting, trained side by side.
 
-    python -m cnet compare --knob lr --values 1e-4 2e-4 5e-4 --label "quick profile, CPU"
+    python -m cnet compare --knob lr --values 2e-4 1e-3 --label "quick profile, CPU"
 """
 
 from __future__ import annotations

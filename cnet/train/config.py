@@ -49,7 +49,7 @@ class TrainConfig:
     steps: int = 800
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 1e-3  # why: cnet.train.loop
     weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
     empty_prompt_ratio: float = 0.5
     sd_locked: bool = True
@@ -87,7 +87,7 @@ class TrainConfig:
 PROFILES: dict[str, dict] = {
     "quick": {},
     "full": dict(
-        out="runs/controlnet-fill-full", steps=4000, batch_size=32, train_size=20_000,
+        out="runs/controlnet-fill-full", steps=3000, batch_size=32, train_size=20_000,
         eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,
     ),
 }

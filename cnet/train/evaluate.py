@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from ..sample import sample
 from ..world.data import COLOUR_NAMES
 from ..world.metrics import classify_colours, colours_drawn, iou
 from .config import PROFILES, TrainConfig
-from .data import CachedData
+from .data import CachedData, cache_data
 
-__all__ = ["FULL_SAMPLER", "evaluate", "fidelity", "sampler_settings"]
+__all__ = ["FULL_SAMPLER", "evaluate", "fidelity", "measure_controlnet", "sampler_settings"]
 
 
 def sampler_settings(profile: str) -> dict:
@@ -76,3 +77,27 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
         "n": len(images),
     }
     return metrics, images
+
+
+@torch.no_grad()
+def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, task: str,
+                       samples: int = 200, steps: int = FULL_SAMPLER["steps"],
+                       guidance: float = FULL_SAMPLER["guidance"], seed: int = 0) -> dict:
+    """A ControlNet, the base alone and the VAE's ceiling on the same ``samples`` evaluation
+    conditions, by :func:`fidelity`: the ceiling is the IoU of the evaluation images themselves
+    after a VAE round trip (latent mean, decoded), the most any model sampling latents can reach."""
+    data = cache_data(pipe, task, samples, "eval", seed)
+    base, _ = evaluate(pipe, None, data, steps, guidance)
+    controlled = ControlledUNet(pipe.unet, controlnet.to(pipe.unet.device)).eval()
+    trained, _ = evaluate(pipe, controlled, data, steps, guidance)
+    decoded = torch.cat([
+        pipe.vae.decode(chunk.to(pipe.vae.device, pipe.vae.dtype)).sample.float().cpu()
+        for chunk in data.latent_mean.split(64)
+    ])
+    ceiling = fidelity(decoded, data.extras["foreground"], data.extras["background"],
+                       data.extras["region"])
+    return {"task": task, "samples": samples,
+            "sampler": f"DDIM, {steps} steps, guidance {guidance}",
+            "controlnet": trained, "base": base,
+            "vae_ceiling": {"iou": float(ceiling["iou"].mean()),
+                            "colours_ok": float(ceiling["colours_ok"].float().mean())}}

@@ -16,8 +16,9 @@ Conventions, as Stable Diffusion and diffusers use them: tensors are NCHW, image
 :math:`[-1, 1]`, conditions in :math:`[0, 1]` with 3 channels. Every sample is a pure function of
 ``(seed, split, index)``: the same index gives the same bytes, on any machine, in any order.
 
-Resolution: 32 px by default. With the miniature VAE's 4x downsampling the U-Net works on
-8x8 latents, small enough to pretrain the base and train ControlNets on a CPU.
+Resolution: 64 px by default. With the miniature VAE's 8x downsampling (Stable Diffusion's
+factor) the U-Net works on 8x8 latents, small enough to pretrain the base and train ControlNets
+on a CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ __all__ = [
     "ShapesDataset",
 ]
 
-DEFAULT_RESOLUTION = 32
+DEFAULT_RESOLUTION = 64
 
 # Well-separated named colours (RGB, 0-255): nearest-colour classification of a generated image
 # must be unambiguous, so no two entries are close.
@@ -87,9 +88,8 @@ _EXTENT = np.array([1.0, _SQUARE_HALF_SIDE * np.sqrt(2), _TRIANGLE_CIRCUMRADIUS,
                     _DIAMOND_HALF_DIAGONAL])
 
 FILL_RADIUS = (0.12, 0.38)  # fraction of the resolution: radii vary widely, as in Fill50K
-# Shapes stay 5-10 px in equal-area radius: in an 8x8 latent (4 px per latent pixel) corners of
-# smaller shapes blur, and the shipped VAE kept the right shape in only 55% of reconstructions
-# of 3-7 px shapes against 84% at this range.
+# Shapes are 16-30% of the image side in equal-area radius (10-19 px at 64 px): big enough that
+# an 8x8 latent (8 px per latent pixel) keeps their corners.
 SHAPES_RADIUS = (0.16, 0.30)
 MAX_SHAPES = 3
 _SPLITS = {"train": 0, "eval": 1}

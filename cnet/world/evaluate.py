@@ -174,6 +174,9 @@ def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200,
             shapes = [SHAPES[s] for s in sub.shape[:, 0]]
             result = _shape_report(images, [f[0] for f in fg], shapes)
             entry["shape_accuracy"] = result["correct_shape"].float().mean().item()
+            entry["shape_accuracy_by_shape"] = {  # which shapes the base gets wrong
+                shape: result["correct_shape"][[s == shape for s in shapes]].float().mean().item()
+                for shape in SHAPES if shape in shapes}
             entry["shape_accuracy_of_dataset_images"] = _shape_report(
                 batch["image"], [f[0] for f in fg], shapes)["correct_shape"].float().mean().item()
             entry["shape_accuracy_of_vae_reconstruction"] = _shape_report(  # the ceiling

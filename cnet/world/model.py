@@ -3,8 +3,8 @@ r"""The miniature Stable Diffusion: SD's parts, built from diffusers' and transf
 =====================  =============================  ======================================
 part                   Stable Diffusion 1.5           miniature (this module)
 =====================  =============================  ======================================
-image                  512 x 512 RGB                  32 x 32 RGB
-VAE (AutoencoderKL)    8x down, 4 latent channels     4x down, 4 latent channels (8 x 8)
+image                  512 x 512 RGB                  64 x 64 RGB
+VAE (AutoencoderKL)    8x down, 4 latent channels     8x down, 4 latent channels (8 x 8)
 tokenizer              CLIPTokenizer, 49408 BPE       CLIPTokenizer, our ~25 words, 16 tokens
 text encoder           CLIPTextModel, 12 x 768        CLIPTextModel, 2 layers x 64
 U-Net                  4 levels, 2 layers per level,  the same topology: CrossAttnDown x 3 +
@@ -14,10 +14,12 @@ schedulers             DDPM (train), DDIM/PNDM        DDPM (train), DDIM (sampli
                        (sampling), scaled-linear      beta schedule
 =====================  =============================  ======================================
 
-Because the U-Net is a ``UNet2DConditionModel`` with SD's block layout, a ControlNet built for
-it (diffusers' ``ControlNetModel.from_unet`` or cnet's own) has the same 12 + 1 injection points
-as on SD1.5; only the widths differ. The condition encoder needs two stride-2 convolutions
-instead of three, since the VAE downsamples 4x instead of 8x.
+Because the U-Net is a ``UNet2DConditionModel`` with SD's block layout and the VAE has SD's 8x
+downsampling, a ControlNet built for it with plain defaults (diffusers'
+``ControlNetModel.from_unet(unet)`` or cnet's ``ControlNet.from_unet(unet)``) is SD1.5's own
+construction: the same 12 + 1 injection points and the released condition encoder with its
+SD1.5 channels (16, 32, 96, 256) taking 64 px conditions to the 8 x 8 latents; only the widths
+differ.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ __all__ = [
 # is an error (check_prompt), never a silent <|endoftext|>.
 VOCABULARY: tuple[str, ...] = (*COLOUR_NAMES, *SHAPES, "with", "and", "background")
 MAX_PROMPT_TOKENS = 16  # the longest prompt of the world, 3 shapes, needs 11 words + 2 markers
-VAE_DOWNSAMPLING = 4
+VAE_DOWNSAMPLING = 8
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # SD1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
@@ -67,9 +69,9 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 # Widths of the miniature parts (SD1.5's are in the module docstring).
 SIZES = {
     "small": dict(unet_channels=(32, 64, 64, 64), text_width=64, text_layers=2,
-                  vae_channels=(16, 32, 32)),
+                  vae_channels=(16, 32, 64, 64)),
     "tiny": dict(unet_channels=(32, 32, 32, 32), text_width=32, text_layers=1,
-                 vae_channels=(16, 16, 16)),
+                 vae_channels=(16, 16, 16, 16)),
 }
 
 
@@ -154,8 +156,8 @@ def build_text_encoder(tokenizer: CLIPTokenizer, size: str = "small") -> CLIPTex
 
 
 def build_vae(size: str = "small", resolution: int = DEFAULT_RESOLUTION) -> AutoencoderKL:
-    """A small ``AutoencoderKL``: 3 levels, so 2 downsamplings (4x), 4 latent channels, as SD's
-    latent space has (SD's has 4 levels, 8x)."""
+    """A small ``AutoencoderKL`` with SD's geometry: 4 levels, so 3 downsamplings (8x), and 4
+    latent channels; narrower than SD's (128, 256, 512, 512)."""
     check_resolution(resolution, VAE_DOWNSAMPLING)
     channels = SIZES[size]["vae_channels"]
     return AutoencoderKL(

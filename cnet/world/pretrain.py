@@ -4,7 +4,8 @@ r"""Pretraining the miniature Stable Diffusion, the locked base every ControlNet
     python -m cnet.world pretrain --profile full --out models/miniature-sd \
         --run_dir runs/pretrain_full
 
-Two stages, as Stable Diffusion was made (an autoencoder first, then diffusion in its latents):
+Three stages, as Stable Diffusion was made (an autoencoder first, then diffusion in its latents,
+then a sharper decoder for the same latents):
 
 1. **VAE**: ``AutoencoderKL`` on images of both data families, loss
    :math:`\lVert D(z) - x \rVert^2 + \beta\,\mathrm{KL}(q(z|x) \,\|\, \mathcal N(0, I))`,
@@ -16,6 +17,10 @@ Two stages, as Stable Diffusion was made (an autoencoder first, then diffusion i
    \epsilon, t, \tau(y)) \rVert^2` (DDPM noise schedule of SD1.5), with 10% of prompts replaced
    by the empty prompt so that classifier-free guidance works, as SD was trained. An
    exponential moving average (EMA) of the weights is what ships.
+3. **Decoder fine-tune**: the decoder alone trains on, with the same reconstruction loss, while
+   the encoder stays frozen, as Stable Diffusion's VAE decoder was later fine-tuned (the
+   ``ft-MSE`` VAE). The latents do not change, so the U-Net trained on them stays valid: what
+   improves is how sharply latents become pixels, the ceiling of every fidelity measure.
 
 Settings are plain values (``Settings``), a profile fills them, and any one can be overridden on
 the command line (``--unet_steps=200``), through the same helpers as ControlNet training
@@ -64,7 +69,7 @@ from .model import (
 
 __all__ = ["Settings", "PROFILES", "pretrain"]
 
-STAGE_IDS = {"vae": 1, "unet": 2}
+STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3}
 # What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
 # how often it saves, the later stage's settings) but none of these.
 STAGE_SETTINGS = {
@@ -73,6 +78,8 @@ STAGE_SETTINGS = {
     "unet": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
              "warmup_steps", "dataset_size", "unet_steps", "unet_batch", "unet_lr",
              "empty_prompt_ratio", "ema_decay"),
+    "decoder": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
+                "warmup_steps", "dataset_size", "decoder_steps", "decoder_batch", "decoder_lr"),
 }
 
 
@@ -81,7 +88,7 @@ class Settings:
     """Every setting of a pretraining run (the defaults are the quick profile)."""
 
     size: str = "tiny"  # model widths, see model.SIZES
-    resolution: int = 32
+    resolution: int = 64
     seed: int = 0
     vae_steps: int = 40
     vae_batch: int = 16
@@ -93,6 +100,9 @@ class Settings:
     warmup_steps: int = 10
     empty_prompt_ratio: float = 0.1  # SD drops 10% of captions for classifier-free guidance
     ema_decay: float = 0.99
+    decoder_steps: int = 10  # 0 skips the decoder fine-tune
+    decoder_batch: int = 16
+    decoder_lr: float = 5e-4
     checkpoint_every: int = 20
     dataset_size: int = 50_000  # per family
     threads: int = 1
@@ -106,7 +116,8 @@ class Settings:
             "vae_batch": positive_int(), "vae_lr": positive_number(),
             "kl_weight": non_negative_number(),
             "unet_steps": positive_int(), "unet_batch": positive_int(),
-            "unet_lr": positive_number(),
+            "unet_lr": positive_number(), "decoder_steps": non_negative_int(),
+            "decoder_batch": positive_int(), "decoder_lr": positive_number(),
             "warmup_steps": non_negative_int(), "empty_prompt_ratio": fraction(),
             "ema_decay": ((lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
                           "a number from 0 up to, not including, 1"),
@@ -124,7 +135,8 @@ class Settings:
 PROFILES: dict[str, dict] = {
     "quick": {},
     "full": dict(size="small", vae_steps=1500, vae_batch=32, unet_steps=4000, unet_batch=48,
-                 warmup_steps=200, ema_decay=0.999, checkpoint_every=250),
+                 warmup_steps=200, ema_decay=0.999, checkpoint_every=250, decoder_steps=2000,
+                 decoder_batch=32),
 }
 
 
@@ -146,9 +158,10 @@ def _batch(datasets, size: int, gen: torch.Generator) -> dict:
 
 def _lr(step: int, s: Settings, peak: float, total: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < s.warmup_steps:
-        return peak * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
+    warmup = min(s.warmup_steps, total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -170,30 +183,42 @@ def _resume(checkpoint: Path, modules: dict, optimizer: torch.optim.Optimizer, s
 # ------------------------------------------------------------------------------ stages
 
 
-def _train_vae(vae, datasets, s: Settings, run_dir: Path, log) -> float:
-    checkpoint = run_dir / "vae.safetensors"
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
-    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, "vae")
+def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: str) -> float:
+    """Stage 1 (``"vae"``): the whole VAE, reconstruction + KL. Stage 3 (``"decoder"``): the
+    decoder and the convolution before it, reconstruction only, the encoder frozen."""
+    decoder_only = stage == "decoder"
+    steps, batch, peak = ((s.decoder_steps, s.decoder_batch, s.decoder_lr) if decoder_only
+                          else (s.vae_steps, s.vae_batch, s.vae_lr))
+    params = ([*vae.post_quant_conv.parameters(), *vae.decoder.parameters()] if decoder_only
+              else list(vae.parameters()))
+    checkpoint = run_dir / f"{stage}.safetensors"
+    optimizer = torch.optim.AdamW(params, lr=peak)
+    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, stage)
     began = time.time()
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     vae.train()
-    for step in tqdm(range(start, s.vae_steps), desc="VAE", initial=start, total=s.vae_steps):
-        gen = _generator(s.seed, "vae", step)
-        images = _batch(datasets, s.vae_batch, gen)["image"]
-        posterior = vae.encode(images).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator=gen)).sample
-        mse = F.mse_loss(reconstruction, images)
-        loss = mse + s.kl_weight * posterior.kl().mean()
+    for step in tqdm(range(start, steps), desc=stage, initial=start, total=steps):
+        gen = _generator(s.seed, stage, step)
+        images = _batch(datasets, batch, gen)["image"]
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.sample(generator=gen)
+        mse = F.mse_loss(vae.decode(latents).sample, images)
+        loss = mse if decoder_only else mse + s.kl_weight * posterior.kl().mean()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, s, s.vae_lr, s.vae_steps)
+            group["lr"] = _lr(step, s, peak, steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        log({"stage": "vae", "step": step, "mse": mse.item()})
-        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vae_steps:
+        log({"stage": stage, "step": step, "mse": mse.item()})
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == steps:
             save_checkpoint(checkpoint, {"vae": vae}, optimizer, step + 1,
                             dataclasses.asdict(s), elapsed + time.time() - began)
+    vae.requires_grad_(False)
     vae.eval()
-    return elapsed + time.time() - began if start < s.vae_steps else elapsed
+    return elapsed + time.time() - began if start < steps else elapsed
 
 
 @torch.no_grad()
@@ -275,8 +300,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custom",
              command: list[str] | None = None):
-    """Run both stages (resuming from ``run_dir`` where checkpoints exist), save the pipeline to
-    ``out`` with ``save_pretrained`` (safetensors), copy the per-step log to
+    """Run the three stages (resuming from ``run_dir`` where checkpoints exist), save the
+    pipeline to ``out`` with ``save_pretrained`` (safetensors), copy the per-step log to
     ``out/pretraining_log.jsonl`` and write ``out/pretraining.json`` (command, profile,
     settings, device, wall time, steps, final losses). Returns the pipeline."""
     s = settings.check()
@@ -297,11 +322,11 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
-        vae_seconds = _train_vae(vae, datasets, s, run_dir, log)
+        vae_seconds = _train_autoencoder(vae, datasets, s, run_dir, log, "vae")
         vae.register_to_config(scaling_factor=_measure_latent_scale(vae, datasets, s))
-        vae.requires_grad_(False)
         pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
         unet_seconds = _train_unet(pipe, datasets, s, run_dir, log)
+        decoder_seconds = _train_autoencoder(vae, datasets, s, run_dir, log, "decoder")
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     # The per-step losses travel with the model, so a reader without the run folder (or a
@@ -315,8 +340,10 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
         "device": f"cpu ({platform.processor() or platform.machine()}), "
                   f"{s.threads} thread(s), torch {torch.__version__}",
         "wall_time_s": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1),
+                        "decoder": round(decoder_seconds, 1),
                         "this_invocation": round(time.time() - started, 1)},
-        "steps": {"vae": s.vae_steps, "unet": s.unet_steps},
+        "steps": {"vae": s.vae_steps, "unet": s.unet_steps,
+                  "decoder": s.decoder_steps},
         "parameters": {name: sum(p.numel() for p in m.parameters())
                        for name, m in (("vae", vae), ("text_encoder", text_encoder),
                                        ("unet", unet))},
@@ -334,14 +361,17 @@ def _latest_entries(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         latest[(entry["stage"], entry["step"])] = entry
-    order = {"vae": 0, "unet": 1}
+    order = {"vae": 0, "unet": 1, "decoder": 2}
     return [latest[key] for key in sorted(latest, key=lambda k: (order[k[0]], k[1]))]
 
 
 def _final_losses(path: Path, window: int = 100) -> dict:
     """Mean of the last ``window`` logged values of each stage (the whole run, resumes included)."""
     entries = _latest_entries(path)
-    vae = [e["mse"] for e in entries if e["stage"] == "vae"][-window:]
-    unet = [e["loss"] for e in entries if e["stage"] == "unet"][-window:]
-    return {f"vae_mse_last_{window}": float(np.mean(vae)) if vae else None,
-            f"unet_loss_last_{window}": float(np.mean(unet)) if unet else None}
+    def last(stage: str, key: str) -> float | None:
+        values = [e[key] for e in entries if e["stage"] == stage][-window:]
+        return float(np.mean(values)) if values else None
+
+    return {f"vae_mse_last_{window}": last("vae", "mse"),
+            f"unet_loss_last_{window}": last("unet", "loss"),
+            f"decoder_mse_last_{window}": last("decoder", "mse")}
