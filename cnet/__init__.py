@@ -26,7 +26,7 @@ from .convert import (
 )
 from .hint import PaperHintEncoder, ReleasedHintEncoder, make_hint_encoder
 from .injection import ControlledUNet, inject_residuals
-from .residuals import ControlResiduals, control_scales, guess_mode_scales
+from .residuals import ControlResiduals, cfg_resolution_weights, control_scales, guess_mode_scales
 from .zero_conv import ZeroConv2d, sgd_step, zero_conv, zero_conv_grads
 
 __version__ = "0.1.0"
@@ -41,6 +41,7 @@ __all__ = [
     "control_scales",
     "from_diffusers",
     "from_official",
+    "cfg_resolution_weights",
     "guess_mode_scales",
     "inject_residuals",
     "load_official_state_dict",

@@ -399,5 +399,6 @@ class ControlNet(nn.Module):
         then globally average-pooled if ``global_pool`` (the order of the released code;
         diffusers drops the guess-mode ramp when pooling)."""
         raw = self(sample, timestep, encoder_hidden_states, condition)
-        out = raw.scaled(control_scales(self.n_residuals, scale, guess_mode, guess_rule))
+        heights = [r.shape[-2] for r in raw.tensors()]
+        out = raw.scaled(control_scales(self.n_residuals, scale, guess_mode, guess_rule, heights))
         return out.pooled() if self.global_pool else out

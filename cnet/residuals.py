@@ -3,7 +3,9 @@ r"""The ControlNet's outputs and their scales (paper §3.2).
 A ControlNet for SD returns 12 + 1 *residuals* :math:`r_0 \dots r_{11}, r_{12}`, one per skip
 connection of the locked U-Net and one for its middle block (:class:`ControlResiduals`). Before
 they are added, each is multiplied by a control scale :math:`s_i` (:func:`control_scales`):
-1 by default, or guess mode's ramp (:func:`guess_mode_scales`), shallow residuals weakest.
+1 by default, or guess mode's ramp (:func:`guess_mode_scales`), shallow residuals weakest: the
+released demos' ramp, diffusers' ramp, or the paper's CFG resolution weighting
+(:func:`cfg_resolution_weights`, ICCV §3.4).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ __all__ = [
     "GUESS_MODE_BASE",
     "ControlResiduals",
     "GuessRule",
+    "cfg_resolution_weights",
     "control_scales",
     "guess_mode_scales",
 ]
 
-GuessRule = Literal["released", "diffusers"]
+GuessRule = Literal["released", "diffusers", "cfg_rw"]
 
 #: The released demos' guess-mode base: scale_i = 0.825 ** (12 - i) (gradio_*.py, "Magic number").
 GUESS_MODE_BASE = 0.825
@@ -79,7 +82,19 @@ class ControlResiduals:
         return ControlResiduals.from_tensors([scatter(r) for r in self.tensors()])
 
 
-def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released") -> tuple[float, ...]:
+def cfg_resolution_weights(heights: Sequence[int]) -> tuple[float, ...]:
+    r"""Classifier-free guidance resolution weighting (CFG-RW, ICCV §3.4): with the condition
+    added to the conditional branch only, residual :math:`i` of height :math:`h_i` is multiplied
+    by :math:`w_i = 64 / h_i`. 64 is SD1.5's latent size, the height of its first residual, so
+    for a U-Net of any latent size :math:`w_i = h_0 / h_i`: 1 at full latent resolution, 8 at
+    1/8 of it (SD1.5: 1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8)."""
+    if not heights or any(h < 1 for h in heights):
+        raise ValueError(f"heights: expected residual heights >= 1, got {list(heights)}")
+    return tuple(heights[0] / h for h in heights)
+
+
+def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released",
+                      heights: Sequence[int] | None = None) -> tuple[float, ...]:
     r"""Guess mode's per-residual scales, shallow residuals weakest, the middle one 1.
 
     * ``rule="released"`` (the released demos, gradio_*.py):
@@ -90,6 +105,8 @@ def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released") -> tu
     The two are the same geometric ramp with slightly different ratios:
     :math:`10^{-1/12} = 0.82540\ldots` against 0.825, so diffusers' first scale is exactly 0.1
     where the released one is :math:`0.825^{12} = 0.0994`; they differ by at most 0.6 %.
+    * ``rule="cfg_rw"``: the paper's :func:`cfg_resolution_weights`, from the residuals'
+      ``heights``.
     """
     if n_residuals < 1:
         raise ValueError(f"expected n_residuals >= 1, got {n_residuals}")
@@ -97,7 +114,11 @@ def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released") -> tu
         return tuple(GUESS_MODE_BASE ** float(n_residuals - 1 - i) for i in range(n_residuals))
     if rule == "diffusers":
         return tuple(torch.logspace(-1, 0, n_residuals).tolist())
-    raise ValueError(f"guess_rule: expected 'released' or 'diffusers', got {rule!r}")
+    if rule == "cfg_rw":
+        if heights is None or len(heights) != n_residuals:
+            raise ValueError(f"guess_rule 'cfg_rw' needs the {n_residuals} residuals' heights")
+        return cfg_resolution_weights(heights)
+    raise ValueError(f"guess_rule: expected 'released', 'diffusers' or 'cfg_rw', got {rule!r}")
 
 
 def control_scales(
@@ -105,9 +126,11 @@ def control_scales(
     scale: float | Sequence[float] = 1.0,
     guess_mode: bool = False,
     guess_rule: GuessRule = "released",
+    heights: Sequence[int] | None = None,
 ) -> tuple[float, ...]:
     """The scales :math:`s_i` for ``n_residuals`` residuals: ``scale`` (one number, or one per
-    residual), times :func:`guess_mode_scales` when ``guess_mode`` is on."""
+    residual), times :func:`guess_mode_scales` when ``guess_mode`` is on (``heights``: the
+    residuals' heights, for the ``cfg_rw`` rule)."""
     if isinstance(scale, (int, float)):
         scales = (float(scale),) * n_residuals
     else:
@@ -118,7 +141,7 @@ def control_scales(
                 f"{n_residuals - 1} skip connections + 1 middle block), got {len(scales)}"
             )
     if guess_mode:
-        ramp = guess_mode_scales(n_residuals, guess_rule)
+        ramp = guess_mode_scales(n_residuals, guess_rule, heights)
         if guess_rule == "diffusers":  # float32 products, as diffusers computes them
             return tuple((torch.tensor(ramp) * torch.tensor(scales)).tolist())
         scales = tuple(s * g for s, g in zip(scales, ramp))

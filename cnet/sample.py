@@ -9,17 +9,23 @@ ControlNets with per-residual scales, which diffusers' ``ControlNetModel`` canno
 
 Guess mode with classifier-free guidance follows the released code and diffusers: the
 unconditional half of the batch gets no control at all.
+
+Timing: ``control_guidance_start`` / ``control_guidance_end`` (fractions of the sampling steps,
+diffusers' names and rule) switch control off outside a window: step :math:`i` of :math:`T` is
+controlled unless :math:`i/T < \text{start}` or :math:`(i+1)/T > \text{end}`. ``on_residuals``
+sees the residuals of every step (after scaling), e.g. to record their magnitudes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from .injection import ControlledUNet
+from .injection import ControlledUNet, inject_residuals
+from .residuals import ControlResiduals
 
 __all__ = ["sample"]
 
@@ -39,12 +45,20 @@ def sample(
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     scheduler: DDIMScheduler | None = None,
+    control_guidance_start: float = 0.0,
+    control_guidance_end: float = 1.0,
+    on_residuals: Callable[[int, ControlResiduals], None] | None = None,
 ) -> torch.Tensor:
     """Generate images for ``prompts`` (one each), controlled by ``conditions`` in [0, 1] (one
     tensor (N, 3, H, W), or one per ControlNet). ``controlled=None`` samples the plain base.
     Returns images (N, 3, H, W) in [-1, 1]. The scheduler defaults to DDIM with the pipeline's
     configuration; ``latents`` or ``generator`` fix the starting noise. ``guess_rule`` picks
-    guess mode's scale ramp (:func:`cnet.guess_mode_scales`: the released code's or diffusers')."""
+    guess mode's scale ramp (:func:`cnet.guess_mode_scales`: the released code's or diffusers').
+    The control window and ``on_residuals`` are described in the module docstring."""
+    if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
+        raise ValueError(
+            f"control_guidance_start, control_guidance_end: {control_guidance_start!r}, "
+            f"{control_guidance_end!r} are not allowed; expected 0 <= start < end <= 1")
     device, dtype = pipe.unet.device, pipe.unet.dtype
     n = len(prompts)
     cfg = guidance_scale > 1.0
@@ -69,14 +83,20 @@ def sample(
         if guess_mode and cfg:  # control on the conditional half only
             mask = torch.arange(2 * n, device=device) >= n
 
-    for t in scheduler.timesteps:
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents] * 2) if cfg else latents
         x = scheduler.scale_model_input(x, t)
         if controlled is None:
             eps = pipe.unet(x, t, encoder_hidden_states=embeds).sample
         else:
-            eps = controlled(x, t, embeds, conds, scales, guess_mode=guess_mode,
-                             guess_rule=guess_rule, control_mask=mask)
+            outside = i / steps < control_guidance_start or (i + 1) / steps > control_guidance_end
+            residuals = controlled.residuals(x, t, embeds, conds,
+                                             _times(scales, 0.0 if outside else 1.0),
+                                             guess_mode, guess_rule, mask)
+            if on_residuals is not None:
+                on_residuals(i, residuals)
+            eps = inject_residuals(pipe.unet, x, t, embeds, residuals)
         if cfg:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -84,3 +104,11 @@ def sample(
 
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return images.clamp(-1, 1)
+
+
+def _times(scales, factor: float):
+    """Scales (one number, one per residual, or one of either per ControlNet) times ``factor``,
+    as diffusers multiplies its conditioning scale by the window's keep factor."""
+    if isinstance(scales, (int, float)):
+        return scales * factor
+    return [_times(s, factor) for s in scales]

@@ -22,6 +22,7 @@ from cnet import (
     ControlledUNet,
     ControlNet,
     ControlResiduals,
+    cfg_resolution_weights,
     control_scales,
     guess_mode_scales,
     inject_residuals,
@@ -205,6 +206,25 @@ def test_guess_mode_scales_released_and_diffusers():
     assert abs(diffusers[0] - 0.1) < 1e-7 and abs(released[0] - 0.0994) < 1e-4
     ratio = [d / r for d, r in zip(diffusers, released)]
     assert max(ratio) < 1.006 and min(ratio) >= 1.0  # 10^(-1/12) = 0.82540 vs 0.825
+
+
+def test_cfg_resolution_weights_are_64_over_h_on_sd15_and_scale_the_residuals(unet):
+    """ICCV §3.4: w_i = 64 / h_i, h_i the height of residual i (64, 32, 16, 8 on SD1.5)."""
+    with torch.device("meta"):
+        heights = [p.height for p in injection_points(UNet2DConditionModel(**SD15_FULL_SIZE))]
+    assert cfg_resolution_weights(heights) == tuple(64 / h for h in heights)
+    assert cfg_resolution_weights(heights) == (1,) * 3 + (2,) * 3 + (4,) * 3 + (8,) * 4
+    with pytest.raises(ValueError, match="needs the 13 residuals' heights"):
+        guess_mode_scales(13, "cfg_rw")
+    net, _ = paired_controlnets(unet)
+    x, t, text, c = inputs(unet, 1, 8, 8)
+    with torch.no_grad():
+        raw = net(x, t, text, c)
+        weighted = net.residuals(x, t, text, c, guess_mode=True, guess_rule="cfg_rw")
+    tiny_heights = [r.shape[-2] for r in raw.tensors()]
+    assert len(set(tiny_heights)) > 1  # several resolutions, so the weights differ
+    for r, w, h in zip(raw.tensors(), weighted.tensors(), tiny_heights, strict=True):
+        assert torch.equal(w, r * (tiny_heights[0] / h))
 
 
 def test_control_scales_combine_and_check_length():

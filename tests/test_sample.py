@@ -55,3 +55,31 @@ def test_the_control_matters_and_none_is_the_plain_base(parts):
     untrained = sample(pipe, fresh, PROMPTS, conditions, num_inference_steps=3,
                        latents=latents.clone())
     assert torch.equal(untrained, plain)  # Eq. 4 through a whole sampling run
+
+
+@pytest.mark.parametrize("window", [(0.25, 1.0), (0.0, 0.5), (0.25, 0.75)])
+def test_control_window_equals_diffusers_control_guidance_start_end(parts, window):
+    pipe, controlnet, conditions, latents = parts
+    reference = StableDiffusionControlNetPipeline(
+        **pipe.components, controlnet=to_diffusers(controlnet)
+    )
+    reference.set_progress_bar_config(disable=True)
+    start, end = window
+    expected = reference(
+        PROMPTS, image=conditions, num_inference_steps=4, guidance_scale=4.0,
+        latents=latents.clone(), output_type="pt", height=RES, width=RES,
+        control_guidance_start=start, control_guidance_end=end,
+    ).images
+    seen = {}
+    got = sample(pipe, ControlledUNet(pipe.unet, controlnet), PROMPTS, conditions,
+                 num_inference_steps=4, guidance_scale=4.0, latents=latents.clone(),
+                 control_guidance_start=start, control_guidance_end=end,
+                 on_residuals=lambda i, r: seen.setdefault(i, max(t.abs().max().item()
+                                                                   for t in r.tensors())))
+    assert (got * 0.5 + 0.5 - expected).abs().max() <= 1e-5
+    # step i of 4 is controlled iff start <= i/4 and (i+1)/4 <= end; elsewhere exactly zero
+    assert sorted(seen) == [0, 1, 2, 3]
+    for i, largest in seen.items():
+        assert (largest > 0) == (start <= i / 4 and (i + 1) / 4 <= end), (i, largest)
+    with pytest.raises(ValueError, match="expected 0 <= start < end <= 1"):
+        sample(pipe, None, PROMPTS, control_guidance_start=0.5, control_guidance_end=0.5)

@@ -8,6 +8,7 @@ cnet train`` writes them to ``<run>/figures/`` and to another folder only when a
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from .training_plots import (
     plot_zero_conv_growth,
 )
 
-__all__ = ["figures_dir", "repo_root", "run_figures", "save_figure", "write_run_figures"]
+__all__ = ["figures_dir", "repo_root", "run_figures", "save_figure", "save_numbers",
+           "write_run_figures"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,15 @@ def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None) ->
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def save_numbers(numbers: dict, name: str, folder: str | Path | None = None) -> Path:
+    """Write the numbers behind a figure to ``<folder>/<name>.json`` beside it."""
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(numbers, indent=1) + "\n")
     return path
 
 

@@ -56,10 +56,11 @@ def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.T
 @torch.no_grad()
 def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, data: CachedData,
              steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-             seed: int = 1234,
-             batch_size: int = 64) -> tuple[dict, torch.Tensor]:
+             seed: int = 1234, batch_size: int = 64,
+             **control) -> tuple[dict, torch.Tensor]:
     """Sample the evaluation set (its prompts and conditions) with fixed seeds and measure
-    :func:`fidelity`. ``controlled=None`` measures the base alone. Returns the mean IoU, the
+    :func:`fidelity`. ``controlled=None`` measures the base alone; ``control`` goes to
+    :func:`cnet.sample` (``scales``, ``control_guidance_start``, ...). Returns the mean IoU, the
     share of samples with both colours right, the count, and the images (N, 3, H, W)."""
     images = []
     for start in range(0, len(data.extras["prompt"]), batch_size):
@@ -67,7 +68,7 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
         g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
         images.append(sample(pipe, controlled, data.extras["prompt"][start:end],
                              data.condition[start:end], num_inference_steps=steps,
-                             guidance_scale=guidance, generator=g).float().cpu())
+                             guidance_scale=guidance, generator=g, **control).float().cpu())
     images = torch.cat(images)
     per_image = fidelity(images, data.extras["foreground"], data.extras["background"],
                          data.extras["region"])
