@@ -55,10 +55,7 @@ def sample(
     configuration; ``latents`` or ``generator`` fix the starting noise. ``guess_rule`` picks
     guess mode's scale ramp (:func:`cnet.guess_mode_scales`: the released code's or diffusers').
     The control window and ``on_residuals`` are described in the module docstring."""
-    if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
-        raise ValueError(
-            f"control_guidance_start, control_guidance_end: {control_guidance_start!r}, "
-            f"{control_guidance_end!r} are not allowed; expected 0 <= start < end <= 1")
+    _check_window(control_guidance_start, control_guidance_end)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     n = len(prompts)
     cfg = guidance_scale > 1.0
@@ -68,20 +65,10 @@ def sample(
     embeds = torch.cat([uncond_embeds, cond_embeds]) if cfg else cond_embeds
     scheduler = scheduler or DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    size = pipe.unet.config.sample_size
-    shape = (n, pipe.unet.config.in_channels, size, size)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+    latents = _initial_latents(pipe, n, scheduler, generator, latents)
 
     if controlled is not None:
-        conds = [conditions] if isinstance(conditions, torch.Tensor) else list(conditions)
-        conds = [c.to(device, dtype) for c in conds]
-        if cfg:
-            conds = [torch.cat([c, c]) for c in conds]
-        mask = None
-        if guess_mode and cfg:  # control on the conditional half only
-            mask = torch.arange(2 * n, device=device) >= n
+        conds, mask = _control_inputs(conditions, n, cfg, guess_mode, device, dtype)
 
     steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
@@ -112,3 +99,31 @@ def _times(scales, factor: float):
     if isinstance(scales, (int, float)):
         return scales * factor
     return [_times(s, factor) for s in scales]
+
+
+def _control_inputs(conditions, n: int, cfg: bool, guess_mode: bool, device, dtype):
+    """The condition images as the batch needs them (doubled for classifier-free guidance), and
+    which samples get control (guess mode with guidance: the conditional half only)."""
+    conds = [conditions] if isinstance(conditions, torch.Tensor) else list(conditions)
+    conds = [c.to(device, dtype) for c in conds]
+    if cfg:
+        conds = [torch.cat([c, c]) for c in conds]
+    mask = torch.arange(2 * n, device=device) >= n if guess_mode and cfg else None
+    return conds, mask
+
+
+def _check_window(start: float, end: float) -> None:
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"control_guidance_start, control_guidance_end: {start!r}, {end!r} are "
+                         "not allowed; expected 0 <= start < end <= 1")
+
+
+def _initial_latents(pipe, n: int, scheduler, generator, latents):
+    """The starting noise: ``latents`` if given, else drawn from ``generator``, scaled as the
+    scheduler expects."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    size = pipe.unet.config.sample_size
+    if latents is None:
+        latents = randn_tensor((n, pipe.unet.config.in_channels, size, size),
+                               generator=generator, device=device, dtype=dtype)
+    return latents.to(device, dtype) * scheduler.init_noise_sigma
