@@ -11,6 +11,8 @@
                                folder, with the run's log, config and samples
     python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
                                on the same evaluation conditions; recorded in its run.json
+    python -m cnet control     notebook 06's measurements of a shipped ControlNet (strength,
+                               timing, residuals during sampling): figures and their numbers
 
 A bad setting is refused with one line naming it, before any work starts.
 """
@@ -88,17 +90,44 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"shipped {args.run} to {out}")
 
 
+def _check_measurement(args: argparse.Namespace) -> None:
+    if not 2 <= args.samples <= 1000:
+        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer from "
+                           "2 to 1000")
+    if args.threads < 1:
+        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+
+
+def run_control(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .course.control import measure_control
+    from .course.figures import save_figure, save_numbers
+    from .injection import ControlledUNet
+    from .train import cache_data, load_base, load_controlnet
+    from .train.evaluate import sampler_settings
+
+    _check_measurement(args)
+    controlnet = load_controlnet(args.folder)  # FileNotFoundError, one line, for a wrong folder
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    pipe = load_base(args.base)
+    controlled = ControlledUNet(pipe.unet, controlnet).eval()
+    data = cache_data(pipe, "fill", args.samples, "eval", seed=0)
+    numbers, figures = measure_control(pipe, controlled, data, **sampler_settings(args.profile),
+                                       label=Path(args.folder).name)
+    for name, fig in figures.items():
+        print(f"wrote {save_figure(fig, name)}")
+    print(f"wrote {save_numbers(numbers, '06_control')}")
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .train import load_base, load_controlnet
     from .train.evaluate import measure_controlnet, sampler_settings
 
-    if not 2 <= args.samples <= 1000:
-        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer from "
-                           "2 to 1000")
-    if args.threads < 1:
-        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    _check_measurement(args)
     folder = Path(args.folder)
     controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
     record_path = folder / "run.json"
@@ -151,20 +180,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
     export.add_argument("--samples_kept", type=int, default=8)
-    evaluate = sub.add_parser("evaluate", help="a ControlNet against the base and the VAE's "
-                                               "ceiling, on the same evaluation conditions")
-    evaluate.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
-    evaluate.add_argument("--base", default=None,
-                          help="the base it controls (default: the one its run.json names)")
-    evaluate.add_argument("--samples", type=int, default=200)
-    evaluate.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                          help="whose evaluation sampler to sample with (steps, guidance)")
-    evaluate.add_argument("--threads", type=int, default=1)
+    for name, help_text, samples in (
+            ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
+                         "evaluation conditions", 200),
+            ("control", "notebook 06's measurements of a Fill ControlNet: strength, timing, "
+                        "residuals during sampling", 64)):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
+        command.add_argument("--base", default=None if name == "evaluate" else TrainConfig.base,
+                             help="the base it controls (evaluate's default: the one its "
+                                  "run.json names)")
+        command.add_argument("--samples", type=int, default=samples)
+        command.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                             help="whose evaluation sampler to sample with (steps, guidance)")
+        command.add_argument("--threads", type=int, default=1)
     return parser
 
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
-            "export": run_export, "evaluate": run_evaluate}
+            "export": run_export, "evaluate": run_evaluate, "control": run_control}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 the value and what is allowed, before any work starts; a run's figures stay in its own folder."""
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -130,3 +131,21 @@ def test_evaluate_refuses_bad_values_in_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no ControlNetModel in") and err.count("\n") == 1
+
+
+def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CNET_FIGURES", str(tmp_path))
+    shipped = repo_root() / "models" / "controlnet-fill"
+    assert main(["control", str(shipped), "--samples", "2", "--profile", "quick",
+                 "--base", str(repo_root() / "models" / "miniature-sd")]) == 0
+    names = {"06_strength", "06_strength_samples", "06_timing", "06_timing_samples",
+             "06_residuals_during_sampling"}
+    assert {p.stem for p in tmp_path.glob("*.png")} == names
+    numbers = json.loads((tmp_path / "06_control.json").read_text())
+    assert numbers["conditions"] == 2 and len(numbers["strength"]) == 7
+    assert [w["start"] for w in numbers["window"]] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.75]
+    assert len(numbers["residual_rms"]) == 13 and len(numbers["residual_rms"][0]) == 10
+    # scale 0 adds nothing: the base alone, the same number
+    assert numbers["strength"][0]["iou"] == numbers["base_alone"]["iou"]
+    assert main(["control", str(shipped), "--samples", "1"]) == 2
+    assert "samples: 1 is not allowed" in capsys.readouterr().err

@@ -24,8 +24,8 @@ from ..train.data import CachedData
 from ..train.evaluate import FULL_SAMPLER, evaluate
 
 __all__ = [
-    "STRENGTHS", "WINDOWS", "plot_residual_heatmap", "plot_sample_strip", "plot_sweep",
-    "residual_magnitudes", "strength_sweep", "window_sweep",
+    "STRENGTHS", "WINDOWS", "measure_control", "plot_residual_heatmap", "plot_sample_strip",
+    "plot_sweep", "residual_magnitudes", "strength_sweep", "window_sweep",
 ]
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -108,9 +108,9 @@ def plot_sample_strip(images: torch.Tensor, labels: Sequence[str], conditions: t
     fig, axes = plt.subplots(n, settings + 1, figsize=(1.3 * (settings + 1), 1.35 * n + 0.4),
                              squeeze=False)
     for row in range(n):
-        axes[row, 0].imshow(conditions[row].permute(1, 2, 0), interpolation="nearest")
+        axes[row, 0].imshow(conditions[row].permute(1, 2, 0).numpy(), interpolation="nearest")
         for col in range(settings):
-            picture = ((images[col, row] + 1) / 2).clamp(0, 1).permute(1, 2, 0)
+            picture = ((images[col, row] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
             axes[row, col + 1].imshow(picture, interpolation="nearest")
     for col, label in enumerate(["condition", *labels]):
         axes[0, col].set_title(label, fontsize=7)
@@ -129,7 +129,7 @@ def plot_residual_heatmap(magnitudes: torch.Tensor, title: str = ""):
 
     relative = magnitudes / magnitudes.amax(dim=1, keepdim=True).clamp(min=1e-12)
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    image = ax.imshow(relative, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    image = ax.imshow(relative.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set(xlabel="sampling step (DDIM, first = noisiest)", ylabel="residual",
            xticks=range(0, magnitudes.shape[1], 2), yticks=range(magnitudes.shape[0]),
            yticklabels=[f"{i}" if i < magnitudes.shape[0] - 1 else f"{i} (middle)"
@@ -138,3 +138,44 @@ def plot_residual_heatmap(magnitudes: torch.Tensor, title: str = ""):
     fig.colorbar(image, ax=ax, label="RMS / its row's largest")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ all of it
+
+
+def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, data: CachedData,
+                    steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+                    label: str = "controlnet-fill") -> tuple[dict, dict]:
+    """Everything notebook 06 measures, as numbers (for ``figures/06_control.json``) and
+    figures (name -> figure, titled as the notebook titles them), what ``python -m cnet
+    control`` writes."""
+    base_alone, _ = evaluate(pipe, None, data, steps, guidance)
+    strength, strength_images = strength_sweep(pipe, controlled, data, STRENGTHS, steps, guidance)
+    window, window_images = window_sweep(pipe, controlled, data, WINDOWS, steps, guidance)
+    magnitudes = residual_magnitudes(pipe, controlled, data, steps, guidance)
+    numbers = {"conditions": len(data.condition),
+               "sampler": f"DDIM, {steps} steps, guidance {guidance}, seed 1234",
+               "base_alone": base_alone, "strength": strength, "window": window,
+               "residual_rms": magnitudes.tolist()}
+    shown = [STRENGTHS.index(s) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    labels = [f"[{s:.2f}, {e:.2f}]" for s, e in WINDOWS]
+    conditions, n = data.condition[:6], len(data.condition)
+    figures = {
+        "06_strength": plot_sweep(strength, STRENGTHS, "conditioning scale s",
+                                  base=base_alone["iou"],
+                                  title=f"{label}: fidelity against strength ({n} conditions)"),
+        "06_strength_samples": plot_sample_strip(
+            strength_images[shown, :6], [f"s = {STRENGTHS[i]}" for i in shown], conditions,
+            title="Same conditions and seeds, scale by scale"),
+        "06_timing": plot_sweep(window, range(len(WINDOWS)),
+                                "control window (fractions of the sampling steps)",
+                                base=base_alone["iou"],
+                                title=f"{label}: fidelity against the control window "
+                                      f"({n} conditions)"),
+        "06_timing_samples": plot_sample_strip(window_images[:, :6], labels, conditions,
+                                               title="Same conditions and seeds, window by window"),
+        "06_residuals_during_sampling": plot_residual_heatmap(
+            magnitudes, title=f"The 13 residuals' RMS during sampling ({label})"),
+    }
+    figures["06_timing"].axes[0].set_xticks(range(len(WINDOWS)), labels, fontsize=7)
+    return numbers, figures
