@@ -95,7 +95,8 @@ def cfg_resolution_weights(heights: Sequence[int]) -> tuple[float, ...]:
 
 def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released",
                       heights: Sequence[int] | None = None) -> tuple[float, ...]:
-    r"""Guess mode's per-residual scales, shallow residuals weakest, the middle one 1.
+    r"""Guess mode's per-residual scales, shallow residuals weakest (the middle one 1 in the
+    released and diffusers ramps).
 
     * ``rule="released"`` (the released demos, gradio_*.py):
       :math:`s_i = 0.825^{\,n-1-i}`, i.e. :math:`0.825^{12-i}` for SD's 13 residuals.

@@ -24,8 +24,9 @@ from ..train.data import CachedData
 from ..train.evaluate import FULL_SAMPLER, evaluate
 
 __all__ = [
-    "STRENGTHS", "WINDOWS", "measure_control", "plot_residual_heatmap", "plot_sample_strip",
-    "plot_sweep", "residual_magnitudes", "strength_sweep", "window_sweep",
+    "STRENGTHS", "WINDOWS", "control_numbers", "measure_control", "plot_residual_heatmap",
+    "plot_sample_strip", "plot_sweep", "residual_magnitudes", "strength_figures",
+    "strength_sweep", "timing_figures", "window_sweep",
 ]
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -140,42 +141,61 @@ def plot_residual_heatmap(magnitudes: torch.Tensor, title: str = ""):
     return fig
 
 
-# ------------------------------------------------------------------------------ all of it
+# ------------------------------------------------------------------------------ what ships
+
+
+def strength_figures(rows: list[dict], images: torch.Tensor, base_iou: float,
+                     conditions: torch.Tensor, label: str) -> dict:
+    """``06_strength`` (fidelity against the scale) and ``06_strength_samples`` (six conditions
+    at scales 0, 0.25, 0.5, 1 and 2) of a :func:`strength_sweep` over :data:`STRENGTHS`."""
+    shown = [STRENGTHS.index(s) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    title = f"{label}: fidelity against strength ({images.shape[1]} conditions)"
+    return {
+        "06_strength": plot_sweep(rows, STRENGTHS, "conditioning scale s", base=base_iou,
+                                  title=title),
+        "06_strength_samples": plot_sample_strip(
+            images[shown, :6], [f"s = {STRENGTHS[i]}" for i in shown], conditions[:6],
+            title="Same conditions and seeds, scale by scale"),
+    }
+
+
+def timing_figures(rows: list[dict], images: torch.Tensor, base_iou: float,
+                   conditions: torch.Tensor, label: str) -> dict:
+    """``06_timing`` (fidelity against the window) and ``06_timing_samples`` of a
+    :func:`window_sweep` over :data:`WINDOWS`."""
+    labels = [f"[{s:.2f}, {e:.2f}]" for s, e in WINDOWS]
+    title = f"{label}: fidelity against the control window ({images.shape[1]} conditions)"
+    sweep = plot_sweep(rows, range(len(WINDOWS)), "control window (fractions of the sampling "
+                       "steps)", base=base_iou, title=title)
+    sweep.axes[0].set_xticks(range(len(WINDOWS)), labels, fontsize=7)
+    return {"06_timing": sweep,
+            "06_timing_samples": plot_sample_strip(images[:, :6], labels, conditions[:6],
+                                                   title="Same conditions and seeds, window by "
+                                                         "window")}
+
+
+def control_numbers(base_alone: dict, strength: list[dict], window: list[dict],
+                    magnitudes: torch.Tensor, steps: int, guidance: float) -> dict:
+    """The numbers behind notebook 06's figures, as ``figures/06_control.json`` holds them."""
+    return {"conditions": base_alone["n"],
+            "sampler": f"DDIM, {steps} steps, guidance {guidance}, seed 1234",
+            "base_alone": base_alone, "strength": strength, "window": window,
+            "residual_rms": magnitudes.tolist()}
 
 
 def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, data: CachedData,
                     steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
                     label: str = "controlnet-fill") -> tuple[dict, dict]:
-    """Everything notebook 06 measures, as numbers (for ``figures/06_control.json``) and
-    figures (name -> figure, titled as the notebook titles them), what ``python -m cnet
-    control`` writes."""
+    """Everything notebook 06 measures, section by section as the notebook does it: the numbers
+    and the figures (name -> figure) that ``python -m cnet control`` writes."""
     base_alone, _ = evaluate(pipe, None, data, steps, guidance)
     strength, strength_images = strength_sweep(pipe, controlled, data, STRENGTHS, steps, guidance)
     window, window_images = window_sweep(pipe, controlled, data, WINDOWS, steps, guidance)
     magnitudes = residual_magnitudes(pipe, controlled, data, steps, guidance)
-    numbers = {"conditions": len(data.condition),
-               "sampler": f"DDIM, {steps} steps, guidance {guidance}, seed 1234",
-               "base_alone": base_alone, "strength": strength, "window": window,
-               "residual_rms": magnitudes.tolist()}
-    shown = [STRENGTHS.index(s) for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
-    labels = [f"[{s:.2f}, {e:.2f}]" for s, e in WINDOWS]
-    conditions, n = data.condition[:6], len(data.condition)
     figures = {
-        "06_strength": plot_sweep(strength, STRENGTHS, "conditioning scale s",
-                                  base=base_alone["iou"],
-                                  title=f"{label}: fidelity against strength ({n} conditions)"),
-        "06_strength_samples": plot_sample_strip(
-            strength_images[shown, :6], [f"s = {STRENGTHS[i]}" for i in shown], conditions,
-            title="Same conditions and seeds, scale by scale"),
-        "06_timing": plot_sweep(window, range(len(WINDOWS)),
-                                "control window (fractions of the sampling steps)",
-                                base=base_alone["iou"],
-                                title=f"{label}: fidelity against the control window "
-                                      f"({n} conditions)"),
-        "06_timing_samples": plot_sample_strip(window_images[:, :6], labels, conditions,
-                                               title="Same conditions and seeds, window by window"),
+        **strength_figures(strength, strength_images, base_alone["iou"], data.condition, label),
+        **timing_figures(window, window_images, base_alone["iou"], data.condition, label),
         "06_residuals_during_sampling": plot_residual_heatmap(
             magnitudes, title=f"The 13 residuals' RMS during sampling ({label})"),
     }
-    figures["06_timing"].axes[0].set_xticks(range(len(WINDOWS)), labels, fontsize=7)
-    return numbers, figures
+    return control_numbers(base_alone, strength, window, magnitudes, steps, guidance), figures

@@ -26,9 +26,12 @@ from ..sample import sample
 from ..world.data import COLOUR_NAMES
 from ..world.metrics import classify_colours, colours_drawn, iou
 from .config import PROFILES, TrainConfig
-from .data import CachedData, cache_data
+from .data import CachedData, cache_data, task_dataset
 
-__all__ = ["FULL_SAMPLER", "evaluate", "fidelity", "measure_controlnet", "sampler_settings"]
+__all__ = [
+    "FULL_SAMPLER", "evaluate", "fidelity", "measure_controlnet", "sampler_settings",
+    "vae_round_trip",
+]
 
 
 def sampler_settings(profile: str) -> dict:
@@ -51,6 +54,13 @@ def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.T
     colours = colours_drawn(images, [[COLOUR_NAMES[int(i)]] for i in foreground],
                             [COLOUR_NAMES[int(i)] for i in background])
     return {"iou": ious, "colours_ok": colours["both_ok"]}
+
+
+@torch.no_grad()
+def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
+    """Images encoded to the latent mode and decoded again: what the VAE alone keeps of them."""
+    latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
+    return pipe.vae.decode(latents).sample.float().cpu()
 
 
 @torch.no_grad()
@@ -86,17 +96,16 @@ def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, ta
                        guidance: float = FULL_SAMPLER["guidance"], seed: int = 0) -> dict:
     """A ControlNet, the base alone and the VAE's ceiling on the same ``samples`` evaluation
     conditions, by :func:`fidelity`: the ceiling is the IoU of the evaluation images themselves
-    after a VAE round trip (latent mean, decoded), the most any model sampling latents can reach."""
+    after :func:`vae_round_trip` (as ``python -m cnet.world evaluate`` measures the base's
+    ceiling), the most any model sampling latents can reach."""
     data = cache_data(pipe, task, samples, "eval", seed)
     base, _ = evaluate(pipe, None, data, steps, guidance)
     controlled = ControlledUNet(pipe.unet, controlnet.to(pipe.unet.device)).eval()
     trained, _ = evaluate(pipe, controlled, data, steps, guidance)
-    decoded = torch.cat([
-        pipe.vae.decode(chunk.to(pipe.vae.device, pipe.vae.dtype)).sample.float().cpu()
-        for chunk in data.latent_mean.split(64)
-    ])
-    ceiling = fidelity(decoded, data.extras["foreground"], data.extras["background"],
-                       data.extras["region"])
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = task_dataset(task, samples, "eval", resolution, seed).batch(range(samples))["image"]
+    ceiling = fidelity(vae_round_trip(pipe, images), data.extras["foreground"],
+                       data.extras["background"], data.extras["region"])
     return {"task": task, "samples": samples,
             "sampler": f"DDIM, {steps} steps, guidance {guidance}",
             "controlnet": trained, "base": base,

@@ -37,7 +37,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from ..train.config import PROFILES, SettingError
-from ..train.evaluate import FULL_SAMPLER, fidelity, sampler_settings
+from ..train.evaluate import FULL_SAMPLER, fidelity, sampler_settings, vae_round_trip
 from .data import COLOUR_NAMES, SHAPES, FillDataset, ShapesDataset, check_resolution, colour_index
 from .metrics import classify_colours, colours_drawn, fit_shape
 from .model import check_prompt
@@ -45,13 +45,6 @@ from .model import check_prompt
 __all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "chance_iou"]
 
 RECOGNISABLE_IOU = 0.75
-
-
-@torch.no_grad()
-def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
-    """Images encoded to the latent mode and decoded again: what the VAE alone keeps of them."""
-    latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
-    return pipe.vae.decode(latents).sample.float().cpu()
 
 
 def generate(pipe: StableDiffusionPipeline, prompts: list[str],
