@@ -12,7 +12,8 @@
     python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
                                on the same evaluation conditions; recorded in its run.json
     python -m cnet control     notebook 06's measurements of a shipped ControlNet (strength,
-                               timing, residuals during sampling): figures and their numbers
+                               timing, residuals during sampling, the empty prompt, transfer
+                               to a fine-tune of the base): figures and their numbers
 
 A bad setting is refused with one line naming it, before any work starts.
 """
@@ -106,16 +107,22 @@ def run_control(args: argparse.Namespace) -> None:
     from .injection import ControlledUNet
     from .train import cache_data, load_base, load_controlnet
     from .train.evaluate import sampler_settings
+    from .world.finetune import style_of
 
     _check_measurement(args)
     controlnet = load_controlnet(args.folder)  # FileNotFoundError, one line, for a wrong folder
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pipe = load_base(args.base)
+    fine_tune = load_base(args.fine_tune)
+    style = style_of(args.fine_tune)
     controlled = ControlledUNet(pipe.unet, controlnet).eval()
     data = cache_data(pipe, "fill", args.samples, "eval", seed=0)
-    numbers, figures = measure_control(pipe, controlled, data, **sampler_settings(args.profile),
-                                       label=Path(args.folder).name)
+    fine_tune_data = cache_data(fine_tune, "fill", args.samples, "eval", seed=0, style=style)
+    numbers, figures = measure_control(pipe, controlled, data, fine_tune, fine_tune_data,
+                                       **sampler_settings(args.profile),
+                                       label=Path(args.folder).name,
+                                       fine_tune_label=Path(args.fine_tune).name)
     for name, fig in figures.items():
         print(f"wrote {save_figure(fig, name)}")
     print(f"wrote {save_numbers(numbers, '06_control')}")
@@ -126,6 +133,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     from .train import load_base, load_controlnet
     from .train.evaluate import measure_controlnet, sampler_settings
+    from .world.finetune import style_of
 
     _check_measurement(args)
     folder = Path(args.folder)
@@ -137,7 +145,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = measure_controlnet(load_base(base), controlnet, config.get("task", "fill"),
-                                args.samples, **sampler_settings(args.profile))
+                                args.samples, **sampler_settings(args.profile),
+                                style=style_of(base))
     argv = sys.argv[1:] if args.argv is None else args.argv
     record["evaluation"] = {"command": " ".join(["python", "-m", "cnet", *argv]),
                             "base_model": str(base), **result}
@@ -184,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
             ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
                          "evaluation conditions", 200),
             ("control", "notebook 06's measurements of a Fill ControlNet: strength, timing, "
-                        "residuals during sampling", 64)):
+                        "residuals during sampling, the empty prompt, transfer to a fine-tune",
+             64)):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
         command.add_argument("--base", default=None if name == "evaluate" else TrainConfig.base,
@@ -194,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--profile", choices=sorted(PROFILES), default="full",
                              help="whose evaluation sampler to sample with (steps, guidance)")
         command.add_argument("--threads", type=int, default=1)
+        if name == "control":
+            command.add_argument("--fine_tune", default="models/miniature-sd-cycled",
+                                 help="a fine-tune of the base, for the transfer measurement")
     return parser
 
 

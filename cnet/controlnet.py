@@ -30,6 +30,7 @@ locked U-Net's own forward with ``down_block_additional_residuals`` and
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -264,6 +265,30 @@ class ControlNet(nn.Module):
             unet_config=dict(unet.config),
             global_pool=global_pool,
         )
+
+    @torch.no_grad()
+    def transferred(self, base: UNet2DConditionModel,
+                    fine_tune: UNet2DConditionModel) -> ControlNet:
+        r"""A copy of this ControlNet moved from the ``base`` it was trained on to a ``fine_tune``
+        of that base, by the released code's rule (``tool_transfer_control.py``): every weight
+        the copy took from the U-Net gets the fine-tune's change added,
+
+        .. math:: \Theta_c' = \Theta_c + (\Theta_{\text{fine-tune}} - \Theta_{\text{base}}),
+
+        while the condition encoder and the zero convolutions, which the U-Net does not have,
+        stay as they are. The paper's own claim is the simpler one: the ControlNet works on the
+        fine-tune unchanged. ``self`` is left as it is."""
+        base_weights, tuned_weights = base.state_dict(), fine_tune.state_dict()
+        moved = copy.deepcopy(self)
+        for name, weight in moved.state_dict().items():
+            if name in base_weights:
+                tuned = tuned_weights.get(name)
+                if tuned is None or tuned.shape != weight.shape:
+                    found = "no such weight" if tuned is None else f"shape {tuple(tuned.shape)}"
+                    raise ValueError(f"fine_tune: {name} has {found}, the ControlNet's copy "
+                                     f"{tuple(weight.shape)}: not a fine-tune of this base")
+                weight += (tuned_weights[name] - base_weights[name]).to(weight)
+        return moved
 
     # ---- sizes -----------------------------------------------------------------------------
 

@@ -137,9 +137,11 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     monkeypatch.setenv("CNET_FIGURES", str(tmp_path))
     shipped = repo_root() / "models" / "controlnet-fill"
     assert main(["control", str(shipped), "--samples", "2", "--profile", "quick",
-                 "--base", str(repo_root() / "models" / "miniature-sd")]) == 0
+                 "--base", str(repo_root() / "models" / "miniature-sd"),
+                 "--fine_tune", str(repo_root() / "models" / "miniature-sd-cycled")]) == 0
     names = {"06_strength", "06_strength_samples", "06_timing", "06_timing_samples",
-             "06_residuals_during_sampling"}
+             "06_residuals_during_sampling", "06_prompt_free", "06_prompt_free_samples",
+             "06_transfer"}
     assert {p.stem for p in tmp_path.glob("*.png")} == names
     numbers = json.loads((tmp_path / "06_control.json").read_text())
     assert numbers["conditions"] == 2 and len(numbers["strength"]) == 7
@@ -147,5 +149,11 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     assert len(numbers["residual_rms"]) == 13 and len(numbers["residual_rms"][0]) == 10
     # scale 0 adds nothing: the base alone, the same number
     assert numbers["strength"][0]["iou"] == numbers["base_alone"]["iou"]
+    assert [(r["mode"], r["guidance"]) for r in numbers["prompt_free"]][:3] == [
+        ("base alone", 3.0), ("plain", 3.0), ("plain", 7.5)]
+    assert len(numbers["prompt_free"]) == 7
+    assert numbers["transfer"]["fine_tune"] == "miniature-sd-cycled"
+    assert [r["model"] for r in numbers["transfer"]["rows"]] == [
+        "fine-tune alone", "ControlNet unchanged", "ControlNet transferred"]
     assert main(["control", str(shipped), "--samples", "1"]) == 2
     assert "samples: 1 is not allowed" in capsys.readouterr().err

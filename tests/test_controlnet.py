@@ -1,5 +1,7 @@
 """§3.2: a ControlNet over a whole diffusers U-Net, checked against diffusers' ControlNetModel."""
 
+import copy
+
 import pytest
 import torch
 from _tiny_unets import (
@@ -386,3 +388,32 @@ def test_controlnet_of_another_unet_is_refused(unet):
     other = tiny_unet(unet_config(2, 1, 8, (True, False)))
     with pytest.raises(ValueError, match="this U-Net's skip connections expect"):
         ControlledUNet(unet, ControlNet.from_unet(other))
+
+
+def test_transfer_rule_adds_the_fine_tunes_change_to_the_copy_only(unet):
+    """tool_transfer_control.py's rule: Θc' = Θc + (Θfine-tune − Θbase) for every weight copied
+    from the U-Net; condition encoder and zero convolutions as they were; the original untouched."""
+    net = ControlNet.from_unet(unet)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    unmoved = net.transferred(unet, unet).state_dict()  # a fine-tune that changed nothing
+    assert all(torch.equal(v, before[k]) for k, v in unmoved.items())
+    tuned = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01)
+    moved = net.transferred(unet, tuned).state_dict()
+    base_weights, tuned_weights = unet.state_dict(), tuned.state_dict()
+    copied = [k for k in moved if k in base_weights]
+    assert copied and all(k.startswith(("conv_in", "time_", "down_blocks", "mid_block"))
+                          for k in copied)
+    for name, weight in moved.items():
+        expected = before[name] + (tuned_weights[name] - base_weights[name]) if name in copied \
+            else before[name]
+        assert torch.equal(weight, expected), name
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    other = tiny_unet(unet_config(2, 1, 8, (True, False)))
+    with pytest.raises(ValueError, match="fine_tune: .* not a fine-tune of this base"):
+        net.transferred(unet, other)

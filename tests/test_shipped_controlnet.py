@@ -144,3 +144,73 @@ def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_pat
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="stopped at step 3 of 5"):
         export_run(tmp_path / "run", tmp_path / "other")
+
+
+FINE_TUNE = repo_root() / "models" / "miniature-sd-cycled"
+
+
+def test_shipped_models_stay_small_and_the_fine_tune_is_its_bases_but_for_the_unet():
+    total = sum(p.stat().st_size for p in (repo_root() / "models").rglob("*") if p.is_file())
+    assert total < 42e6, f"models/ holds {total / 1e6:.1f} MB"
+    record = json.loads((FINE_TUNE / "finetune.json").read_text())
+    assert record["style"] == "cycled" and "--profile full" in record["command"]
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (FINE_TUNE / part).read_bytes() == (BASE / part).read_bytes(), part
+
+
+@pytest.mark.parametrize("rule", ["unchanged", "transferred"])
+def test_diffusers_pipeline_on_the_fine_tune_gives_cnets_images_and_numbers(base, rule):
+    """Transfer through diffusers' own classes: StableDiffusionControlNetPipeline built from the
+    shipped fine-tune folder and a ControlNetModel (the shipped one, or moved by the released
+    transfer rule) draws what cnet.sample draws, so the fidelity is the same number."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from cnet import ControlledUNet, to_diffusers
+    from cnet.sample import sample
+    from cnet.train.evaluate import fidelity
+
+    fine_tune = load_base(FINE_TUNE)
+    controlnet = load_controlnet(SHIPPED)
+    if rule == "transferred":
+        controlnet = controlnet.transferred(base.unet, fine_tune.unet)
+    data = cache_data(fine_tune, "fill", 4, "eval", seed=0, style="cycled")
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        FINE_TUNE, controlnet=to_diffusers(controlnet), local_files_only=True,
+        low_cpu_mem_usage=False, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(data.extras["prompt"], image=data.condition, num_inference_steps=10,
+                  guidance_scale=3.0, latents=latents.clone(), output_type="pt").images * 2 - 1
+    ours = sample(fine_tune, ControlledUNet(fine_tune.unet, controlnet), data.extras["prompt"],
+                  data.condition, num_inference_steps=10, guidance_scale=3.0,
+                  latents=latents.clone())
+    assert (ours - theirs).abs().max() <= 2e-5
+    measured = [fidelity(x, data.extras["foreground"], data.extras["background"],
+                         data.extras["region"], "cycled") for x in (ours, theirs)]
+    assert torch.equal(measured[0]["iou"], measured[1]["iou"])
+
+
+def test_control_explorer_resamples_live_and_scale_zero_is_the_base(base):
+    from cnet import ControlledUNet
+    from cnet.course.widgets import ControlExplorer
+    from cnet.sample import sample
+
+    data = cache_data(base, "fill", 3, "eval", seed=0)
+    explorer = ControlExplorer(base, ControlledUNet(base.unet, load_controlnet(SHIPPED)).eval(),
+                               data, steps=10)
+    controlled_iou, image = explorer.iou, explorer.image.value
+    assert len(image) > 1000 and "IoU with the requested disc" in explorer.summary.value
+    explorer.scale.value = 0.0
+    alone = sample(base, None, data.extras["prompt"][:1], num_inference_steps=10,
+                   guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(explorer.sample, alone)  # scale 0: the locked base, bit for bit
+    assert explorer.iou < controlled_iou and explorer.image.value != image
+    explorer.condition.value = 2
+    assert explorer.summary.value.startswith(f"“{data.extras['prompt'][2]}”")
+    explorer.scale.value = 1.0
+    whole_window = explorer.sample
+    explorer.window.value = (0.75, 1.0)  # control in the last quarter of the steps only
+    assert not torch.equal(explorer.sample, whole_window)
+    assert not torch.equal(explorer.sample, sample(
+        base, None, data.extras["prompt"][2:3], num_inference_steps=10, guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0)))

@@ -202,3 +202,23 @@ def test_batched_generation_is_fast():
     # A U-Net training step on 64 images takes ~0.5 s on one CPU thread; rendering must not
     # compete with it. Generous bound for a loaded machine.
     assert time.perf_counter() - start < 1.5
+
+
+@pytest.mark.parametrize("family", [FillDataset, ShapesDataset])
+def test_a_style_repaints_the_same_scenes_and_nothing_else(family):
+    from cnet.world.data import STYLES
+    from cnet.world.metrics import classify_colours
+
+    plain, cycled = (family(size=16, split="eval", style=s).batch(range(16))
+                     for s in ("plain", "cycled"))
+    assert plain["prompt"] == cycled["prompt"]
+    for key in plain:  # Canny edges are found in the painted image, so they may differ
+        if key not in ("image", "prompt", "canny"):
+            assert torch.equal(plain[key], cycled[key]), key
+    names = classify_colours(plain["image"])
+    # every pixel of colour c is painted with the next palette colour, exactly
+    expected = torch.from_numpy(STYLES["cycled"])[names].permute(0, 3, 1, 2) * 2 - 1
+    assert torch.equal(cycled["image"], expected)
+    assert torch.equal(classify_colours(cycled["image"], "cycled"), names)
+    with pytest.raises(ValueError, match="style: unknown style 'neon'; expected one of plain, "):
+        family(size=1, style="neon")

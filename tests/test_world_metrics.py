@@ -103,3 +103,26 @@ def test_fit_shape_names_each_rendered_shape(shape):
 def test_fit_shape_of_empty_mask_is_none():
     result = fit_shape(torch.zeros(1, 32, 32, dtype=torch.bool))
     assert result["shape"] == [None] and result["iou"].max() == 0
+
+
+def test_layout_iou_ignores_which_colour_fills_the_region():
+    from cnet.train.evaluate import fidelity
+    from cnet.world.metrics import layout_iou
+
+    scenes = FillDataset(size=4, split="eval").scenes(range(4))
+    plain, cycled = (FillDataset(size=4, split="eval", style=s).batch(range(4))
+                     for s in ("plain", "cycled"))
+    region = plain["layers"] > 0
+    foreground, background = (torch.from_numpy(a.copy()) for a in (scenes.colour[:, 0],
+                                                                   scenes.background))
+    exact = fidelity(plain["image"], foreground, background, region)
+    assert torch.equal(exact["iou"], torch.ones(4))
+    assert torch.equal(exact["layout_iou"], exact["iou"])
+    # the same discs painted in other colours: no prompted colour is drawn, the layout is exact
+    repainted = fidelity(cycled["image"], foreground, background, region)
+    assert torch.equal(repainted["iou"], torch.zeros(4))
+    assert torch.equal(repainted["layout_iou"], torch.ones(4))
+    # one colour everywhere: |R| / HW, as for the prompted IoU of an image all in that colour
+    flat = torch.ones_like(plain["image"])
+    area = region.flatten(1).float().mean(1)
+    torch.testing.assert_close(layout_iou(flat, region), area, rtol=0, atol=1e-7)

@@ -226,3 +226,35 @@ def test_command_line_applies_overrides_on_top_of_the_profile(tmp_path):
     assert "--unet_steps=3" in record["command"]
     with pytest.raises(SystemExit):
         main(["train"])
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
+def test_style_fine_tune_changes_the_unet_alone_and_stores_it_in_half_precision(tmp_path):
+    from cnet.train.config import SettingError
+    from cnet.world.__main__ import main
+    from cnet.world.finetune import FINETUNE_PROFILES, finetune, style_of
+
+    settings = Settings(**FINETUNE_PROFILES["quick"])
+    pipe = finetune(SHIPPED, settings, tmp_path / "variant", tmp_path / "run",
+                    command=["python", "-m", "cnet.world", "finetune"])
+    out = tmp_path / "variant"
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "tokenizer/tokenizer.json"):
+        assert (out / part).read_bytes() == (SHIPPED / part).read_bytes(), part
+    stored = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    loaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    base = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    assert loaded.unet.dtype == torch.float32
+    ours, theirs = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # returned as stored
+    assert any(not torch.equal(v, base.unet.state_dict()[k]) for k, v in theirs.items())
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["style"] == style_of(out) == "cycled" and style_of(SHIPPED) == "plain"
+    log = [json.loads(line) for line in (out / "finetune_log.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["step"]) for e in log] == [("style", k) for k in range(4)]
+    with pytest.raises(SettingError, match="style: 'plain' is not allowed for a fine-tune"):
+        finetune(SHIPPED, Settings(style="plain"), tmp_path / "x", tmp_path / "x_run")
+    with pytest.raises(SystemExit, match="error: style: 'sepia' is not allowed; expected one of"):
+        main(["finetune", "--out", str(tmp_path / "y"), "--style", "sepia"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "variant"]

@@ -6,6 +6,13 @@ r"""Control on a trained ControlNet, measured (notebook 06): how strongly, and w
 * **Timing**: control only within a window of the sampling steps (diffusers'
   ``control_guidance_start`` / ``control_guidance_end``), and the 13 residuals' magnitudes at
   every step of sampling.
+* **Without a prompt**: the empty prompt with classifier-free guidance, control on both halves
+  of the guidance batch (plain), or on the conditional half only with guess mode's ramp
+  (the released demos) or the paper's CFG resolution weighting (ICCV §3.4); measured by the
+  colour-blind layout IoU, since no colour is asked for.
+* **Transfer**: the ControlNet attached unchanged to a fine-tune of its base (the paper's claim
+  for community models), and moved onto it by the released code's rule
+  (:meth:`cnet.ControlNet.transferred`).
 
 Every number is the one fidelity definition (:func:`cnet.train.fidelity`) on a fixed evaluation
 set with fixed seeds; ``python -m cnet control`` recomputes them into a JSON beside the figures.
@@ -18,15 +25,17 @@ from collections.abc import Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from ..sample import sample
 from ..train.data import CachedData
 from ..train.evaluate import FULL_SAMPLER, evaluate
 
 __all__ = [
-    "STRENGTHS", "WINDOWS", "control_numbers", "measure_control", "plot_residual_heatmap",
-    "plot_sample_strip", "plot_sweep", "residual_magnitudes", "strength_figures",
-    "strength_sweep", "timing_figures", "window_sweep",
+    "PROMPT_FREE_MODES", "STRENGTHS", "WINDOWS", "control_numbers", "measure_control",
+    "plot_residual_heatmap", "plot_sample_strip", "plot_sweep", "prompt_free_figures",
+    "prompt_free_sweep", "residual_magnitudes", "strength_figures", "strength_sweep",
+    "timing_figures", "transfer_figures", "transfer_sweep", "window_sweep",
 ]
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -57,6 +66,52 @@ def window_sweep(pipe: StableDiffusionPipeline, controlled: ControlledUNet, data
         metrics, drawn = evaluate(pipe, controlled, data, steps, guidance,
                                   control_guidance_start=start, control_guidance_end=end)
         rows.append({"start": start, "end": end, **metrics})
+        images.append(drawn)
+    return rows, torch.stack(images)
+
+
+#: How control is applied when the prompt is empty: name -> keyword arguments of
+#: :func:`cnet.sample`.
+PROMPT_FREE_MODES = {
+    "plain": {},
+    "guess mode (released ramp)": {"guess_mode": True, "guess_rule": "released"},
+    "CFG-RW (paper)": {"guess_mode": True, "guess_rule": "cfg_rw"},
+}
+
+
+def prompt_free_sweep(pipe: StableDiffusionPipeline, controlled: ControlledUNet,
+                      data: CachedData, guidances: Sequence[float] = (3.0, 7.5),
+                      steps: int = FULL_SAMPLER["steps"]) -> tuple[list[dict], torch.Tensor]:
+    """Layout IoU with the empty prompt: the base alone (at the first guidance), then each of
+    :data:`PROMPT_FREE_MODES` at each guidance scale; the images (rows, N, 3, H, W)."""
+    metrics, drawn = evaluate(pipe, None, data, steps, guidances[0], prompt_free=True)
+    rows, images = [{"mode": "base alone", "guidance": guidances[0], **metrics}], [drawn]
+    for mode, control in PROMPT_FREE_MODES.items():
+        for guidance in guidances:
+            metrics, drawn = evaluate(pipe, controlled, data, steps, guidance, prompt_free=True,
+                                      **control)
+            rows.append({"mode": mode, "guidance": guidance, **metrics})
+            images.append(drawn)
+    return rows, torch.stack(images)
+
+
+def transfer_sweep(base: StableDiffusionPipeline, fine_tune: StableDiffusionPipeline,
+                   controlnet: ControlNet, data: CachedData, steps: int = FULL_SAMPLER["steps"],
+                   guidance: float = FULL_SAMPLER["guidance"]) -> tuple[list[dict], torch.Tensor]:
+    """On ``fine_tune`` (``data`` rendered in its style): the fine-tune alone, ``controlnet``
+    attached unchanged, and ``controlnet`` moved by :meth:`cnet.ControlNet.transferred`; the
+    images (3, N, 3, H, W)."""
+    device = fine_tune.unet.device
+    variants = {
+        "fine-tune alone": None,
+        "ControlNet unchanged": ControlledUNet(fine_tune.unet, controlnet.to(device)).eval(),
+        "ControlNet transferred": ControlledUNet(
+            fine_tune.unet, controlnet.transferred(base.unet, fine_tune.unet).to(device)).eval(),
+    }
+    rows, images = [], []
+    for name, controlled in variants.items():
+        metrics, drawn = evaluate(fine_tune, controlled, data, steps, guidance)
+        rows.append({"model": name, **metrics})
         images.append(drawn)
     return rows, torch.stack(images)
 
@@ -174,28 +229,87 @@ def timing_figures(rows: list[dict], images: torch.Tensor, base_iou: float,
                                                          "window")}
 
 
+def prompt_free_figures(rows: list[dict], images: torch.Tensor, prompted_layout_iou: float,
+                        conditions: torch.Tensor, label: str) -> dict:
+    """``06_prompt_free`` (layout IoU of each way of applying control to the empty prompt, at
+    each guidance scale) and ``06_prompt_free_samples`` of a :func:`prompt_free_sweep`."""
+    import matplotlib.pyplot as plt
+
+    guidances = sorted({r["guidance"] for r in rows[1:]})
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    width = 0.8 / len(guidances)
+    for k, guidance in enumerate(guidances):
+        chosen = [r for r in rows[1:] if r["guidance"] == guidance]
+        bars = ax.bar([m + (k - (len(guidances) - 1) / 2) * width for m in range(len(chosen))],
+                      [r["layout_iou"] for r in chosen], width, label=f"guidance {guidance:g}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(rows[0]["layout_iou"], color="tab:red", lw=0.8, ls=":",
+               label=f"base alone {rows[0]['layout_iou']:.2f}")
+    ax.axhline(prompted_layout_iou, color="gray", lw=0.8, ls="--",
+               label=f"with the prompt, scale 1: {prompted_layout_iou:.2f}")
+    ax.set_xticks(range(len(PROMPT_FREE_MODES)), list(PROMPT_FREE_MODES), fontsize=8)
+    ax.set(ylabel="layout IoU (any colour)", ylim=(0, 1.3), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0],
+           title=f"{label} with the empty prompt ({rows[0]['n']} conditions)")
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    fig.tight_layout()
+    labels = ["base alone"] + [f"{r['mode'].split(' (')[0]}, g {r['guidance']:g}"
+                               for r in rows[1:]]
+    return {"06_prompt_free": fig,
+            "06_prompt_free_samples": plot_sample_strip(
+                images[:, :6], labels, conditions[:6],
+                title="The empty prompt: same conditions and seeds, mode by mode")}
+
+
+def transfer_figures(rows: list[dict], images: torch.Tensor, on_base: dict,
+                     on_base_images: torch.Tensor, conditions: torch.Tensor, fine_tune: str
+                     ) -> dict:
+    """``06_transfer``: the ControlNet on its own base, then the :func:`transfer_sweep` on the
+    fine-tune, six conditions, each column titled with its mean IoU."""
+    labels = [f"base + ControlNet\nIoU {on_base['iou']:.2f}"] + [
+        f"{r['model'].replace('ControlNet ', 'CN ')}\nIoU {r['iou']:.2f}" for r in rows]
+    strip = torch.cat([on_base_images[None, :6], images[:, :6]])
+    return {"06_transfer": plot_sample_strip(
+        strip, labels, conditions[:6],
+        title=f"The same prompts on the base and on its fine-tune {fine_tune}")}
+
+
 def control_numbers(base_alone: dict, strength: list[dict], window: list[dict],
-                    magnitudes: torch.Tensor, steps: int, guidance: float) -> dict:
+                    magnitudes: torch.Tensor, prompt_free: list[dict], transfer: list[dict],
+                    fine_tune: str, steps: int, guidance: float) -> dict:
     """The numbers behind notebook 06's figures, as ``figures/06_control.json`` holds them."""
     return {"conditions": base_alone["n"],
             "sampler": f"DDIM, {steps} steps, guidance {guidance}, seed 1234",
             "base_alone": base_alone, "strength": strength, "window": window,
-            "residual_rms": magnitudes.tolist()}
+            "residual_rms": magnitudes.tolist(), "prompt_free": prompt_free,
+            "transfer": {"fine_tune": fine_tune, "rows": transfer}}
 
 
 def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, data: CachedData,
+                    fine_tune: StableDiffusionPipeline, fine_tune_data: CachedData,
                     steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-                    label: str = "controlnet-fill") -> tuple[dict, dict]:
+                    label: str = "controlnet-fill", fine_tune_label: str = "miniature-sd-cycled"
+                    ) -> tuple[dict, dict]:
     """Everything notebook 06 measures, section by section as the notebook does it: the numbers
-    and the figures (name -> figure) that ``python -m cnet control`` writes."""
+    and the figures (name -> figure) that ``python -m cnet control`` writes. ``fine_tune`` is
+    a fine-tune of ``pipe`` and ``fine_tune_data`` the same conditions in its style."""
     base_alone, _ = evaluate(pipe, None, data, steps, guidance)
     strength, strength_images = strength_sweep(pipe, controlled, data, STRENGTHS, steps, guidance)
     window, window_images = window_sweep(pipe, controlled, data, WINDOWS, steps, guidance)
     magnitudes = residual_magnitudes(pipe, controlled, data, steps, guidance)
+    prompt_free, prompt_free_images = prompt_free_sweep(pipe, controlled, data, steps=steps)
+    transfer, transfer_images = transfer_sweep(pipe, fine_tune, controlled.controlnets[0],
+                                               fine_tune_data, steps, guidance)
+    at_one = STRENGTHS.index(1.0)
     figures = {
         **strength_figures(strength, strength_images, base_alone["iou"], data.condition, label),
         **timing_figures(window, window_images, base_alone["iou"], data.condition, label),
         "06_residuals_during_sampling": plot_residual_heatmap(
             magnitudes, title=f"The 13 residuals' RMS during sampling ({label})"),
+        **prompt_free_figures(prompt_free, prompt_free_images, strength[at_one]["layout_iou"],
+                              data.condition, label),
+        **transfer_figures(transfer, transfer_images, strength[at_one], strength_images[at_one],
+                           data.condition, fine_tune_label),
     }
-    return control_numbers(base_alone, strength, window, magnitudes, steps, guidance), figures
+    numbers = control_numbers(base_alone, strength, window, magnitudes, prompt_free, transfer,
+                              fine_tune_label, steps, guidance)
+    return numbers, figures

@@ -59,12 +59,14 @@ def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> Cont
                                 condition_size=resolution)
 
 
-def task_dataset(task: str, size: int, split: str, resolution: int, seed: int):
-    """The world's dataset a task trains on: Fill, or Shapes for one of its conditions."""
+def task_dataset(task: str, size: int, split: str, resolution: int, seed: int,
+                 style: str = "plain"):
+    """The world's dataset a task trains on: Fill, or Shapes for one of its conditions, painted
+    in ``style``'s palette."""
     if task not in TASKS:
         raise ValueError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     cls = FillDataset if task == "fill" else ShapesDataset
-    return cls(size=size, split=split, resolution=resolution, seed=seed)
+    return cls(size=size, split=split, resolution=resolution, seed=seed, style=style)
 
 
 def _condition_key(task: str) -> str:
@@ -87,12 +89,12 @@ class CachedData:
 
 @torch.no_grad()
 def cache_data(pipe: StableDiffusionPipeline, task: str, size: int, split: str, seed: int,
-               chunk: int = 256) -> CachedData:
-    """Render ``size`` samples of ``task`` and push them through the frozen VAE and text
-    encoder once."""
+               chunk: int = 256, style: str = "plain") -> CachedData:
+    """Render ``size`` samples of ``task`` (in ``style``'s palette, which fidelity is then
+    measured in) and push them through the frozen VAE and text encoder once."""
     device = pipe.unet.device
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    dataset = task_dataset(task, size, split, resolution, seed)
+    dataset = task_dataset(task, size, split, resolution, seed, style)
     key = _condition_key(task)
     means, stds, conditions, prompts_all, layers, fg, bg = [], [], [], [], [], [], []
     for start in range(0, size, chunk):
@@ -118,7 +120,7 @@ def cache_data(pipe: StableDiffusionPipeline, task: str, size: int, split: str, 
         condition=torch.cat(conditions), embeddings=embeddings, prompts=distinct,
         prompt_index=torch.tensor([lookup[p] for p in prompts_all]),
         extras={"region": torch.cat(layers) > 0, "foreground": torch.cat(fg),
-                "background": torch.cat(bg), "prompt": prompts_all},
+                "background": torch.cat(bg), "prompt": prompts_all, "style": style},
     )
 
 

@@ -8,6 +8,11 @@ foreground colour cover the region the condition encloses:
   :math:`R` the region inside the requested outline. Stray pixels of that colour count against
   the sample, as a missing part of the disc does.
 * **colours_ok**: both prompted colours drawn (:func:`cnet.world.metrics.colours_drawn`).
+* **layout_iou**: the same IoU with :math:`F` the pixels of whichever colour fills :math:`R` most
+  (:func:`cnet.world.metrics.layout_iou`): the fidelity of a sample made without a prompt.
+
+Colours are named in the palette of the data's style (:data:`cnet.world.data.STYLES`): a base
+fine-tuned to another palette is measured in that palette.
 
 The base alone (``python -m cnet.world evaluate``), every evaluation of a training run
 (``log.jsonl``, ``run.json``) and the notebooks all call :func:`fidelity`, and sample with the
@@ -24,7 +29,7 @@ from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from ..sample import sample
 from ..world.data import COLOUR_NAMES
-from ..world.metrics import classify_colours, colours_drawn, iou
+from ..world.metrics import classify_colours, colours_drawn, iou, layout_iou
 from .config import PROFILES, TrainConfig
 from .data import CachedData, cache_data, task_dataset
 
@@ -45,15 +50,17 @@ FULL_SAMPLER = sampler_settings("full")
 
 
 def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
-             region: torch.Tensor) -> dict[str, torch.Tensor]:
+             region: torch.Tensor, style: str = "plain") -> dict[str, torch.Tensor]:
     """Per-image fidelity of ``images`` (N, 3, H, W) in [-1, 1] to a requested region
     (N, H, W) bool, with prompted ``foreground`` and ``background`` palette indices (N,):
-    ``{"iou": (N,) float, "colours_ok": (N,) bool}`` (see the module docstring)."""
-    drawn = classify_colours(images)
+    ``{"iou": (N,) float, "colours_ok": (N,) bool, "layout_iou": (N,) float}`` (see the module
+    docstring)."""
+    drawn = classify_colours(images, style)
     ious = iou(drawn == foreground[:, None, None], region)
     colours = colours_drawn(images, [[COLOUR_NAMES[int(i)]] for i in foreground],
-                            [COLOUR_NAMES[int(i)] for i in background])
-    return {"iou": ious, "colours_ok": colours["both_ok"]}
+                            [COLOUR_NAMES[int(i)] for i in background], style=style)
+    return {"iou": ious, "colours_ok": colours["both_ok"],
+            "layout_iou": layout_iou(images, region, style)}
 
 
 @torch.no_grad()
@@ -66,25 +73,32 @@ def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch
 @torch.no_grad()
 def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, data: CachedData,
              steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-             seed: int = 1234, batch_size: int = 64,
+             seed: int = 1234, batch_size: int = 64, prompt_free: bool = False,
              **control) -> tuple[dict, torch.Tensor]:
     """Sample the evaluation set (its prompts and conditions) with fixed seeds and measure
     :func:`fidelity`. ``controlled=None`` measures the base alone; ``control`` goes to
-    :func:`cnet.sample` (``scales``, ``control_guidance_start``, ...). Returns the mean IoU, the
-    share of samples with both colours right, the count, and the images (N, 3, H, W)."""
+    :func:`cnet.sample` (``scales``, ``guess_mode``, ``control_guidance_start``, ...). Returns
+    the mean IoU, the share of samples with both colours right, the count, and the images
+    (N, 3, H, W). ``prompt_free`` samples every condition with the empty prompt instead and
+    returns only what can be measured without one: the mean ``layout_iou`` and the count."""
+    prompts = data.extras["prompt"]
     images = []
-    for start in range(0, len(data.extras["prompt"]), batch_size):
+    for start in range(0, len(prompts), batch_size):
         end = start + batch_size
         g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
-        images.append(sample(pipe, controlled, data.extras["prompt"][start:end],
+        batch_prompts = [""] * len(prompts[start:end]) if prompt_free else prompts[start:end]
+        images.append(sample(pipe, controlled, batch_prompts,
                              data.condition[start:end], num_inference_steps=steps,
                              guidance_scale=guidance, generator=g, **control).float().cpu())
     images = torch.cat(images)
     per_image = fidelity(images, data.extras["foreground"], data.extras["background"],
-                         data.extras["region"])
+                         data.extras["region"], data.extras.get("style", "plain"))
+    if prompt_free:
+        return {"layout_iou": float(per_image["layout_iou"].mean()), "n": len(images)}, images
     metrics = {
         "iou": float(per_image["iou"].mean()),
         "colours_ok": float(per_image["colours_ok"].float().mean()),
+        "layout_iou": float(per_image["layout_iou"].mean()),
         "n": len(images),
     }
     return metrics, images
@@ -93,20 +107,23 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
 @torch.no_grad()
 def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, task: str,
                        samples: int = 200, steps: int = FULL_SAMPLER["steps"],
-                       guidance: float = FULL_SAMPLER["guidance"], seed: int = 0) -> dict:
+                       guidance: float = FULL_SAMPLER["guidance"], seed: int = 0,
+                       style: str = "plain") -> dict:
     """A ControlNet, the base alone and the VAE's ceiling on the same ``samples`` evaluation
     conditions, by :func:`fidelity`: the ceiling is the IoU of the evaluation images themselves
     after :func:`vae_round_trip` (as ``python -m cnet.world evaluate`` measures the base's
-    ceiling), the most any model sampling latents can reach."""
-    data = cache_data(pipe, task, samples, "eval", seed)
+    ceiling), the most any model sampling latents can reach. ``style``: the palette the base
+    paints in (a fine-tuned variant's), which the images are rendered and measured in."""
+    data = cache_data(pipe, task, samples, "eval", seed, style=style)
     base, _ = evaluate(pipe, None, data, steps, guidance)
     controlled = ControlledUNet(pipe.unet, controlnet.to(pipe.unet.device)).eval()
     trained, _ = evaluate(pipe, controlled, data, steps, guidance)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = task_dataset(task, samples, "eval", resolution, seed).batch(range(samples))["image"]
-    ceiling = fidelity(vae_round_trip(pipe, images), data.extras["foreground"],
-                       data.extras["background"], data.extras["region"])
-    return {"task": task, "samples": samples,
+    dataset = task_dataset(task, samples, "eval", resolution, seed, style)
+    ceiling = fidelity(vae_round_trip(pipe, dataset.batch(range(samples))["image"]),
+                       data.extras["foreground"], data.extras["background"],
+                       data.extras["region"], style)
+    return {"task": task, "samples": samples, "style": style,
             "sampler": f"DDIM, {steps} steps, guidance {guidance}",
             "controlnet": trained, "base": base,
             "vae_ceiling": {"iou": float(ceiling["iou"].mean()),

@@ -1,11 +1,12 @@
 """Command line of the miniature world.
 
     python -m cnet.world pretrain --profile quick|full --out FOLDER [--run_dir DIR] [--field VALUE]
+    python -m cnet.world finetune --profile quick|full --out FOLDER [--base FOLDER] [--style S]
     python -m cnet.world evaluate --model FOLDER [--samples N] [--profile full] [--seed S]
 
-``pretrain`` takes every field of ``cnet.world.pretrain.Settings`` as ``--field VALUE``, applied
-on top of the profile (nanoGPT-style: plain values, overridable). A bad value is refused with one
-line naming the setting, before any work starts.
+``pretrain`` and ``finetune`` take every field of ``cnet.world.pretrain.Settings`` as
+``--field VALUE``, applied on top of the profile (nanoGPT-style: plain values, overridable). A
+bad value is refused with one line naming the setting, before any work starts.
 """
 
 from __future__ import annotations
@@ -17,20 +18,44 @@ from pathlib import Path
 from ..train.config import SettingError, add_flags, settings_from_flags
 
 
-def _pretrain(argv: list[str]) -> None:
-    from .pretrain import PROFILES, Settings, pretrain
+def _parse(command: str, profiles: dict, argv: list[str], extra=None):
+    """``--profile``, ``--out``, ``--run_dir`` and every ``Settings`` field as a flag; returns the
+    parsed arguments, the checked settings (profile, then flags) and the run folder."""
+    from .pretrain import Settings
 
-    parser = argparse.ArgumentParser(prog="python -m cnet.world pretrain")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser = argparse.ArgumentParser(prog=f"python -m cnet.world {command}")
+    parser.add_argument("--profile", choices=sorted(profiles), default="quick")
     parser.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
     parser.add_argument("--run_dir", type=Path, default=None,
                         help="checkpoints and log (default: runs/<out's name>); resumes from it")
+    if extra is not None:
+        extra(parser)
     add_flags(parser, Settings)
     args = parser.parse_args(argv)
-    settings = settings_from_flags(Settings, args, PROFILES[args.profile]).check()
-    run_dir = args.run_dir or Path("runs") / args.out.name
+    settings = settings_from_flags(Settings, args, profiles[args.profile]).check()
+    return args, settings, args.run_dir or Path("runs") / args.out.name
+
+
+def _pretrain(argv: list[str]) -> None:
+    from .pretrain import PROFILES, pretrain
+
+    args, settings, run_dir = _parse("pretrain", PROFILES, argv)
     pretrain(settings, args.out, run_dir, profile=args.profile,
              command=["python", "-m", "cnet.world", "pretrain", *argv])
+
+
+def _finetune(argv: list[str]) -> None:
+    from .finetune import FINETUNE_PROFILES, finetune
+
+    def base_flag(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--base", type=Path, default=Path("models/miniature-sd"),
+                            help="the pipeline folder to fine-tune")
+
+    args, settings, run_dir = _parse("finetune", FINETUNE_PROFILES, argv, base_flag)
+    if not (args.base / "model_index.json").exists():
+        raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
+    finetune(args.base, settings, args.out, run_dir,
+             command=["python", "-m", "cnet.world", "finetune", *argv])
 
 
 def _evaluate(argv: list[str]) -> None:
@@ -41,7 +66,7 @@ def _evaluate(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"pretrain": _pretrain, "evaluate": _evaluate}
+    commands = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate}
     if not argv or argv[0] not in commands:
         sys.exit(f"usage: python -m cnet.world {{{','.join(commands)}}} ... (see --help)")
     try:

@@ -31,13 +31,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .palette import COLOUR_NAMES, PALETTE, PALETTE_RGB, STYLES, colour_index, palette_of
+
 __all__ = [
     "PALETTE",
+    "STYLES",
     "SHAPES",
     "SEGMENTATION_COLOURS",
     "CONDITIONS",
     "DEFAULT_RESOLUTION",
     "colour_index",
+    "palette_of",
     "shape_index",
     "check_resolution",
     "shape_masks",
@@ -51,25 +55,6 @@ __all__ = [
 ]
 
 DEFAULT_RESOLUTION = 64
-
-# Well-separated named colours (RGB, 0-255): nearest-colour classification of a generated image
-# must be unambiguous, so no two entries are close.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (245, 140, 20),
-    "yellow": (240, 220, 40),
-    "green": (40, 160, 60),
-    "cyan": (40, 210, 220),
-    "blue": (40, 70, 220),
-    "purple": (130, 50, 180),
-    "pink": (250, 140, 200),
-    "brown": (120, 70, 30),
-    "white": (245, 245, 245),
-    "gray": (128, 128, 128),
-    "black": (20, 20, 20),
-}
-COLOUR_NAMES: tuple[str, ...] = tuple(PALETTE)
-PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32) / 255.0  # (colours, 3) in [0, 1]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 # Segmentation label 0 is the background, label k + 1 is SHAPES[k] (ADE20K-style class colours).
@@ -95,13 +80,6 @@ MAX_SHAPES = 3
 _SPLITS = {"train": 0, "eval": 1}
 # Canny thresholds of the released ControlNet demo (gradio_canny2image.py defaults).
 CANNY_LOW, CANNY_HIGH = 100, 200
-
-
-def colour_index(name: str) -> int:
-    """Index of a named colour in :data:`PALETTE`; ValueError naming the palette otherwise."""
-    if name not in PALETTE:
-        raise ValueError(f"unknown colour {name!r}; expected one of {', '.join(COLOUR_NAMES)}")
-    return COLOUR_NAMES.index(name)
 
 
 def shape_index(name: str) -> int:
@@ -222,12 +200,14 @@ class SceneBatch:
 
 
 def _render(scenes: SceneBatch, resolution: int, conditions: Sequence[str],
-            scribble_rngs: Sequence[np.random.Generator] = ()) -> dict:
-    """Rasterise a batch of scenes into images, layer maps, full shape masks and the requested
-    conditions (numpy arrays; the scribble draws its randomness from ``scribble_rngs``)."""
+            scribble_rngs: Sequence[np.random.Generator] = (),
+            palette: np.ndarray = PALETTE_RGB) -> dict:
+    """Rasterise a batch of scenes into images (painted with ``palette``), layer maps, full shape
+    masks and the requested conditions (numpy arrays; the scribble draws its randomness from
+    ``scribble_rngs``)."""
     batch, slots = scenes.shape.shape
     image = np.broadcast_to(
-        PALETTE_RGB[scenes.background][:, :, None, None], (batch, 3, resolution, resolution)
+        palette[scenes.background][:, :, None, None], (batch, 3, resolution, resolution)
     ).copy()
     layers = np.zeros((batch, resolution, resolution), np.int64)  # slot + 1 of the front shape
     full_masks = np.zeros((batch, slots, resolution, resolution), bool)
@@ -236,7 +216,7 @@ def _render(scenes: SceneBatch, resolution: int, conditions: Sequence[str],
                            resolution)
         mask &= scenes.present[:, k, None, None]
         full_masks[:, k] = mask
-        image = np.where(mask[:, None], PALETTE_RGB[scenes.colour[:, k]][:, :, None, None], image)
+        image = np.where(mask[:, None], palette[scenes.colour[:, k]][:, :, None, None], image)
         layers[mask] = k + 1
     out = {"image": image * 2 - 1, "layers": layers, "shape_masks": full_masks}
     front_slot = np.clip(layers - 1, 0, None)
@@ -371,13 +351,17 @@ def render_shapes(
 class _ProceduralDataset(Dataset):
     """A fixed-size, indexable view of an infinite procedural stream: sample ``i`` of a split is
     a pure function of ``(seed, split, i)``, so it is reproducible in any order, and ``batch``
-    renders many indices at once (vectorised), for training loops that skip the DataLoader."""
+    renders many indices at once (vectorised), for training loops that skip the DataLoader.
+    ``style`` (:data:`STYLES`) picks the palette only: the scenes, prompts and conditions of
+    index ``i`` are the same in every style (but Canny edges, found in the painted image)."""
 
     family = ""
     conditions: tuple[str, ...] = ()
 
     def __init__(self, size: int = 50_000, split: str = "train",
-                 resolution: int = DEFAULT_RESOLUTION, seed: int = 0):
+                 resolution: int = DEFAULT_RESOLUTION, seed: int = 0, style: str = "plain"):
+        self.palette = palette_of(style)
+        self.style = style
         if split not in _SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(_SPLITS)}")
         if size < 1:
@@ -408,7 +392,7 @@ class _ProceduralDataset(Dataset):
         ``prompt`` (list of B strings). Identical, byte for byte, to stacking ``self[i]``."""
         scenes = self.scenes(indices)
         rngs = [self._rng(int(i), stream=1) for i in indices]
-        out = _render(scenes, self.resolution, self.conditions, rngs)
+        out = _render(scenes, self.resolution, self.conditions, rngs, self.palette)
         return _to_sample(out, scenes.prompts())
 
     def __getitem__(self, index: int) -> dict:

@@ -6,7 +6,8 @@ known exactly and every colour in a prompt is a palette entry, so the check is d
 
 * **colour classification**: each pixel is given the nearest palette colour (in RGB);
 * **IoU** of the generated foreground (pixels of the prompted colour) with the region a
-  requested outline encloses (Fill);
+  requested outline encloses (Fill), and its colour-blind form for an empty prompt (**layout
+  IoU**: the region drawn in whichever colour fills it most);
 * **mIoU** over shape classes of a label map recovered from colours (segmentation);
 * **edge F1** with a pixel tolerance (outline, Canny);
 * **depth-order accuracy**: for each pair of overlapping shapes, is the nearer one drawn on top;
@@ -24,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import COLOUR_NAMES, PALETTE_RGB, SHAPES, colour_index, shape_index, shape_masks
+from .data import COLOUR_NAMES, SHAPES, colour_index, palette_of, shape_index, shape_masks
 
 __all__ = [
     "classify_colours",
     "iou",
+    "layout_iou",
     "mean_iou",
     "edge_f1",
     "depth_order_accuracy",
@@ -37,11 +39,11 @@ __all__ = [
 ]
 
 
-def classify_colours(images: torch.Tensor) -> torch.Tensor:
+def classify_colours(images: torch.Tensor, style: str = "plain") -> torch.Tensor:
     """Nearest palette colour of every pixel: (B, 3, H, W) in [-1, 1] -> (B, H, W) palette
-    indices into ``COLOUR_NAMES``."""
+    indices into ``COLOUR_NAMES``, in the palette of ``style`` (:data:`cnet.world.data.STYLES`)."""
     rgb = (images.float().clamp(-1, 1) + 1) / 2
-    palette = torch.from_numpy(PALETTE_RGB).to(rgb)  # (colours, 3)
+    palette = torch.from_numpy(palette_of(style)).to(rgb)  # (colours, 3)
     distances = ((rgb[:, None] - palette[None, :, :, None, None]) ** 2).sum(dim=2)
     return distances.argmin(dim=1)
 
@@ -53,6 +55,18 @@ def iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     intersection = (predicted & target).sum(1).float()
     union = (predicted | target).sum(1).float()
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def layout_iou(images: torch.Tensor, region: torch.Tensor, style: str = "plain") -> torch.Tensor:
+    r"""IoU with the requested ``region`` (B, H, W) when no colour is asked for (an empty prompt):
+    :math:`|F \cap R| / |F \cup R|` with :math:`F` every pixel of the palette colour drawn most
+    often inside :math:`R`, whatever that colour is. With a prompt, :math:`F` would be the
+    prompted colour's pixels (the IoU of :func:`cnet.train.evaluate.fidelity`); an image of one
+    colour scores :math:`|R| / HW` either way."""
+    drawn = classify_colours(images, style)
+    counts = torch.stack([torch.bincount(d[r], minlength=len(COLOUR_NAMES))
+                          for d, r in zip(drawn, region.bool(), strict=True)])
+    return iou(drawn == counts.argmax(1)[:, None, None], region)
 
 
 def mean_iou(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
@@ -114,14 +128,15 @@ def depth_order_accuracy(images: torch.Tensor, shape_masks_: torch.Tensor,
 
 
 def colours_drawn(images: torch.Tensor, foregrounds: Sequence[Sequence[str]],
-                  backgrounds: Sequence[str], min_fraction: float = 0.01) -> dict:
+                  backgrounds: Sequence[str], min_fraction: float = 0.01,
+                  style: str = "plain") -> dict:
     """Prompt adherence for colours. The background is right when the prompted background colour
     is the majority colour of the image's border ring; the foreground is right when every
     prompted foreground colour covers at least ``min_fraction`` of the image and together they
     are the majority of the pixels not of the background colour (so a circle of the wrong colour
     with a few pixels of the right one does not pass). Returns per-image bool tensors
-    ``background_ok``, ``foreground_ok``, ``both_ok``."""
-    drawn = classify_colours(images)
+    ``background_ok``, ``foreground_ok``, ``both_ok``. Colours are named in ``style``'s palette."""
+    drawn = classify_colours(images, style)
     border = torch.cat([drawn[:, 0], drawn[:, -1], drawn[:, 1:-1, 0], drawn[:, 1:-1, -1]], 1)
     background_ok, foreground_ok = [], []
     pixels = drawn[0].numel()

@@ -66,10 +66,11 @@ from .model import (
     build_vae,
     encode_prompts,
 )
+from .palette import STYLES
 
 __all__ = ["Settings", "PROFILES", "pretrain"]
 
-STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3}
+STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3, "style": 4}
 # What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
 # how often it saves, the later stage's settings) but none of these.
 STAGE_SETTINGS = {
@@ -80,6 +81,8 @@ STAGE_SETTINGS = {
              "empty_prompt_ratio", "ema_decay"),
     "decoder": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
                 "warmup_steps", "dataset_size", "decoder_steps", "decoder_batch", "decoder_lr"),
+    "style": ("resolution", "seed", "warmup_steps", "dataset_size", "unet_steps", "unet_batch",
+              "unet_lr", "empty_prompt_ratio", "ema_decay", "style"),
 }
 
 
@@ -106,6 +109,7 @@ class Settings:
     checkpoint_every: int = 20
     dataset_size: int = 50_000  # per family
     threads: int = 1
+    style: str = "plain"  # the palette of the training images (cnet.world.data.STYLES)
 
     def check(self) -> Settings:
         """Refuse any value that cannot work (:class:`cnet.train.config.SettingError`)."""
@@ -123,6 +127,7 @@ class Settings:
                           "a number from 0 up to, not including, 1"),
             "checkpoint_every": positive_int(),
             "dataset_size": positive_int(), "threads": positive_int(),
+            "style": one_of(*STYLES),
         })
         try:
             check_resolution(self.resolution, VAE_DOWNSAMPLING)
@@ -169,14 +174,14 @@ def _lr(step: int, s: Settings, peak: float, total: int) -> float:
 
 
 def _resume(checkpoint: Path, modules: dict, optimizer: torch.optim.Optimizer, s: Settings,
-            stage: str) -> tuple[int, float]:
+            stage: str, steps: int) -> tuple[int, float]:
     """(step, training seconds so far) of a stage's checkpoint, restored into the modules and
     the optimizer; (0, 0.0) where there is none yet."""
     if not checkpoint.exists():
         return 0, 0.0
     settings = dataclasses.asdict(s)
     may_change = [k for k in settings if k not in STAGE_SETTINGS[stage]]
-    check_resumable(checkpoint, settings, settings[f"{stage}_steps"], may_change)
+    check_resumable(checkpoint, settings, steps, may_change)
     return load_checkpoint(checkpoint, modules, optimizer), checkpoint_wall_time(checkpoint)
 
 
@@ -193,7 +198,7 @@ def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: st
               else list(vae.parameters()))
     checkpoint = run_dir / f"{stage}.safetensors"
     optimizer = torch.optim.AdamW(params, lr=peak)
-    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, stage)
+    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, stage, steps)
     began = time.time()
     vae.requires_grad_(False)
     for p in params:
@@ -229,23 +234,30 @@ def _measure_latent_scale(vae, datasets, s: Settings) -> float:
     return float(1.0 / vae.encode(images).latent_dist.mode().std())
 
 
-def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
-    checkpoint = run_dir / "unet.safetensors"
+def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "unet") -> float:
+    """Stage 2 (``"unet"``): U-Net and text encoder from scratch. ``"style"``: the U-Net alone,
+    from the pipeline's weights (a fine-tune; the text encoder stays as it is). Both keep an EMA
+    of what they train, and the EMA is what ships."""
+    checkpoint = run_dir / f"{stage}.safetensors"
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    ema_unet, ema_text = [_frozen_copy(m) for m in (unet, text_encoder)]
-    params = [*text_encoder.parameters(), *unet.parameters()]
+    trained = {"unet": unet} if stage == "style" else {"unet": unet, "text_encoder": text_encoder}
+    emas = {name: _frozen_copy(m) for name, m in trained.items()}
+    params = [p for m in reversed(trained.values()) for p in m.parameters()]
+    for m in (unet, text_encoder):
+        m.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=s.unet_lr)
     ddpm, _ = build_schedulers()
-    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet,
-               "ema_text_encoder": ema_text}
-    start, elapsed = _resume(checkpoint, modules, optimizer, s, "unet")
+    modules = {**trained, **{f"ema_{name}": m for name, m in emas.items()}}
+    start, elapsed = _resume(checkpoint, modules, optimizer, s, stage, s.unet_steps)
     began = time.time()
-    unet.train()
-    text_encoder.train()
+    for m in trained.values():
+        m.train()
     scale = vae.config.scaling_factor
-    for step in tqdm(range(start, s.unet_steps), desc="U-Net + text encoder", initial=start,
+    for step in tqdm(range(start, s.unet_steps), desc=" + ".join(trained), initial=start,
                      total=s.unet_steps):
-        gen = _generator(s.seed, "unet", step)
+        gen = _generator(s.seed, stage, step)
         batch = _batch(datasets, s.unet_batch, gen)
         with torch.no_grad():
             latents = vae.encode(batch["image"]).latent_dist.sample(generator=gen) * scale
@@ -266,17 +278,17 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log) -> float:
         # EMA warm-up (as diffusers' EMAModel): early on, a decay of 0.999 would keep most of
         # the random initialisation in the average.
         decay = min(s.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        log({"stage": "unet", "step": step, "loss": loss.item()})
+        for name, m in trained.items():
+            _ema_update(emas[name], m, decay)
+        log({"stage": stage, "step": step, "loss": loss.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
             save_checkpoint(checkpoint, modules, optimizer, step + 1, dataclasses.asdict(s),
                             elapsed + time.time() - began)
     # The EMA weights are the ones that ship.
-    unet.load_state_dict(ema_unet.state_dict())
-    text_encoder.load_state_dict(ema_text.state_dict())
-    unet.eval()
-    text_encoder.eval()
+    for name, m in trained.items():
+        m.load_state_dict(emas[name].state_dict())
+        m.requires_grad_(False)
+        m.eval()
     return elapsed + time.time() - began if start < s.unet_steps else elapsed
 
 
@@ -361,7 +373,7 @@ def _latest_entries(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         latest[(entry["stage"], entry["step"])] = entry
-    order = {"vae": 0, "unet": 1, "decoder": 2}
+    order = {"vae": 0, "unet": 1, "decoder": 2, "style": 3}
     return [latest[key] for key in sorted(latest, key=lambda k: (order[k[0]], k[1]))]
 
 
