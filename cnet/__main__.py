@@ -114,7 +114,15 @@ def run_control(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pipe = load_base(args.base)
+    if not (Path(args.fine_tune) / "model_index.json").exists():
+        raise FileNotFoundError(f"--fine_tune: no diffusers pipeline folder at {args.fine_tune}; "
+                                "make one with `python -m cnet.world finetune`")
     fine_tune = load_base(args.fine_tune)
+    public = [{k: v for k, v in m.config.items() if not k.startswith("_")}
+              for m in (pipe.unet, fine_tune.unet)]
+    if public[0] != public[1]:
+        raise SettingError(f"fine_tune: {args.fine_tune} is not allowed; expected a fine-tune of "
+                           f"{args.base} (its U-Net has another configuration)")
     style = style_of(args.fine_tune)
     controlled = ControlledUNet(pipe.unet, controlnet).eval()
     data = cache_data(pipe, "fill", args.samples, "eval", seed=0)

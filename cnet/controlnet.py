@@ -281,13 +281,13 @@ class ControlNet(nn.Module):
         base_weights, tuned_weights = base.state_dict(), fine_tune.state_dict()
         moved = copy.deepcopy(self)
         for name, weight in moved.state_dict().items():
-            if name in base_weights:
-                tuned = tuned_weights.get(name)
-                if tuned is None or tuned.shape != weight.shape:
-                    found = "no such weight" if tuned is None else f"shape {tuple(tuned.shape)}"
-                    raise ValueError(f"fine_tune: {name} has {found}, the ControlNet's copy "
-                                     f"{tuple(weight.shape)}: not a fine-tune of this base")
-                weight += (tuned_weights[name] - base_weights[name]).to(weight)
+            if name not in base_weights:
+                continue  # the condition encoder and the zero convolutions
+            for role, weights in (("base", base_weights), ("fine_tune", tuned_weights)):
+                if name not in weights or weights[name].shape != weight.shape:
+                    raise ValueError(f"{role}: not the U-Net this ControlNet was copied from "
+                                     f"({name} is {tuple(weight.shape)} in the ControlNet)")
+            weight += (tuned_weights[name] - base_weights[name]).to(weight)
         return moved
 
     # ---- sizes -----------------------------------------------------------------------------

@@ -406,14 +406,16 @@ def test_transfer_rule_adds_the_fine_tunes_change_to_the_copy_only(unet):
             p.add_(0.01)
     moved = net.transferred(unet, tuned).state_dict()
     base_weights, tuned_weights = unet.state_dict(), tuned.state_dict()
-    copied = [k for k in moved if k in base_weights]
-    assert copied and all(k.startswith(("conv_in", "time_", "down_blocks", "mid_block"))
-                          for k in copied)
+    copied = [k for k in moved if k.startswith(("conv_in", "time_", "down_blocks", "mid_block"))]
+    assert len(copied) == len(base_weights) - sum(  # every U-Net weight but the decoder side
+        k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in base_weights)
     for name, weight in moved.items():
         expected = before[name] + (tuned_weights[name] - base_weights[name]) if name in copied \
             else before[name]
         assert torch.equal(weight, expected), name
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     other = tiny_unet(unet_config(2, 1, 8, (True, False)))
-    with pytest.raises(ValueError, match="fine_tune: .* not a fine-tune of this base"):
+    with pytest.raises(ValueError, match="fine_tune: not the U-Net this ControlNet was copied"):
         net.transferred(unet, other)
+    with pytest.raises(ValueError, match="base: not the U-Net this ControlNet was copied"):
+        net.transferred(other, unet)

@@ -211,6 +211,10 @@ def test_control_explorer_resamples_live_and_scale_zero_is_the_base(base):
     whole_window = explorer.sample
     explorer.window.value = (0.75, 1.0)  # control in the last quarter of the steps only
     assert not torch.equal(explorer.sample, whole_window)
+    last_quarter = explorer.sample
+    explorer.window.value = (0.5, 0.5)  # an empty window: said, not sampled
+    assert explorer.summary.value.startswith("not sampled: ")
+    assert explorer.sample is last_quarter
     assert not torch.equal(explorer.sample, sample(
         base, None, data.extras["prompt"][2:3], num_inference_steps=10, guidance_scale=3.0,
         generator=torch.Generator().manual_seed(0)))

@@ -220,5 +220,5 @@ def test_a_style_repaints_the_same_scenes_and_nothing_else(family):
     expected = torch.from_numpy(STYLES["cycled"])[names].permute(0, 3, 1, 2) * 2 - 1
     assert torch.equal(cycled["image"], expected)
     assert torch.equal(classify_colours(cycled["image"], "cycled"), names)
-    with pytest.raises(ValueError, match="style: unknown style 'neon'; expected one of plain, "):
+    with pytest.raises(ValueError, match="style: 'neon' is not allowed; expected one of plain, "):
         family(size=1, style="neon")

@@ -248,7 +248,8 @@ def test_style_fine_tune_changes_the_unet_alone_and_stores_it_in_half_precision(
     assert loaded.unet.dtype == torch.float32
     ours, theirs = pipe.unet.state_dict(), loaded.unet.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # returned as stored
-    assert any(not torch.equal(v, base.unet.state_dict()[k]) for k, v in theirs.items())
+    base_as_stored = {k: v.half().float() for k, v in base.unet.state_dict().items()}
+    assert any(not torch.equal(v, base_as_stored[k]) for k, v in theirs.items())  # it trained
     record = json.loads((out / "finetune.json").read_text())
     assert record["style"] == style_of(out) == "cycled" and style_of(SHIPPED) == "plain"
     log = [json.loads(line) for line in (out / "finetune_log.jsonl").read_text().splitlines()]
@@ -257,4 +258,33 @@ def test_style_fine_tune_changes_the_unet_alone_and_stores_it_in_half_precision(
         finetune(SHIPPED, Settings(style="plain"), tmp_path / "x", tmp_path / "x_run")
     with pytest.raises(SystemExit, match="error: style: 'sepia' is not allowed; expected one of"):
         main(["finetune", "--out", str(tmp_path / "y"), "--style", "sepia"])
+    with pytest.raises(SystemExit, match="error: size: 'small' is not allowed for a fine-tune"):
+        main(["finetune", "--out", str(tmp_path / "y"), "--size", "small"])
+    with pytest.raises(SettingError, match="style: 'cycled' is not allowed for pretraining"):
+        pretrain(Settings(style="cycled"), tmp_path / "z", tmp_path / "z_run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "variant"]
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
+def test_style_fine_tune_resumes_exactly(tmp_path, monkeypatch):
+    from cnet.world.finetune import FINETUNE_PROFILES, finetune
+
+    settings = Settings(**FINETUNE_PROFILES["quick"])
+    straight = finetune(SHIPPED, settings, tmp_path / "a", tmp_path / "a_run")
+    original, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def crash_in_the_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_in_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(SHIPPED, settings, tmp_path / "b", tmp_path / "b_run")
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", original)
+    resumed = finetune(SHIPPED, settings, tmp_path / "b", tmp_path / "b_run")
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [(tmp_path / d / "finetune_log.jsonl").read_text() for d in ("a", "b")]
+    assert logs[0] == logs[1]

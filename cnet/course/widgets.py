@@ -99,12 +99,16 @@ class ControlExplorer:
         i, (start, end) = self.condition.value, self.window.value
         extras = self.data.extras
         condition = self.data.condition[i : i + 1]
-        self.sample = sample(
-            self.pipe, self.controlled, extras["prompt"][i : i + 1], condition,
-            num_inference_steps=self.steps, guidance_scale=self.guidance.value,
-            scales=self.scale.value, control_guidance_start=start, control_guidance_end=end,
-            generator=torch.Generator(self.pipe.unet.device).manual_seed(self.seed),
-        ).float().cpu()
+        try:
+            self.sample = sample(
+                self.pipe, self.controlled, extras["prompt"][i : i + 1], condition,
+                num_inference_steps=self.steps, guidance_scale=self.guidance.value,
+                scales=self.scale.value, control_guidance_start=start, control_guidance_end=end,
+                generator=torch.Generator(self.pipe.unet.device).manual_seed(self.seed),
+            ).float().cpu()
+        except ValueError as error:  # e.g. an empty window: say so, keep the last picture
+            self.summary.value = f"not sampled: {error}"
+            return
         measured = fidelity(self.sample, extras["foreground"][i : i + 1],
                             extras["background"][i : i + 1], extras["region"][i : i + 1],
                             extras.get("style", "plain"))

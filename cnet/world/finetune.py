@@ -1,4 +1,4 @@
-"""A community fine-tune in miniature: the pretrained base's U-Net trained on in another style.
+"""A community fine-tune in miniature: the pretrained base's U-Net trained further in a new style.
 
     python -m cnet.world finetune --profile full --out models/miniature-sd-cycled
 
@@ -41,17 +41,16 @@ def finetune(base: Path, settings: Settings, out: Path, run_dir: Path,
              command: list[str] | None = None):
     """A community fine-tune in miniature: the base's U-Net trained on with the same loss on
     images painted in another palette (``settings.style``), the VAE, text encoder and tokenizer
-    left as they are, as most fine-tunes of SD1.5 were made. Saves a ``StableDiffusionPipeline``
+    left as they are. Of ``settings`` only the style stage's fields (``STAGE_SETTINGS["style"]``),
+    ``checkpoint_every`` and ``threads`` apply; any other one set away from its default is
+    refused. Saves a ``StableDiffusionPipeline``
     folder to ``out`` with the U-Net stored in half precision (as community checkpoints are
     usually shared; diffusers loads it back as float32), the log, and ``finetune.json``
     (command, base, style, settings, device, wall time, final loss). Returns the pipeline, its
     U-Net rounded as stored."""
     from diffusers import StableDiffusionPipeline
 
-    s = settings.check()
-    if s.style == "plain":
-        raise SettingError("style: 'plain' is not allowed for a fine-tune; expected a style the "
-                           f"base did not learn: {', '.join(k for k in STYLES if k != 'plain')}")
+    s = _check(settings)
     torch.set_num_threads(s.threads)
     started = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True,
@@ -93,6 +92,21 @@ def finetune(base: Path, settings: Settings, out: Path, run_dir: Path,
     }
     (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     return pipe
+
+
+def _check(settings: Settings) -> Settings:
+    """The settings a fine-tune uses, checked; any other one set away from its default, or the
+    base's own style, is refused in one line."""
+    s = settings.check()
+    used = (*STAGE_SETTINGS["style"], "checkpoint_every", "threads")
+    for name, value in dataclasses.asdict(s).items():
+        if name not in used and value != getattr(Settings(), name):
+            raise SettingError(f"{name}: {value!r} is not allowed for a fine-tune, which trains "
+                               f"the base's U-Net as it is; expected only {', '.join(used)}")
+    if s.style == "plain":
+        raise SettingError("style: 'plain' is not allowed for a fine-tune; expected a style the "
+                           f"base did not learn: {', '.join(k for k in STYLES if k != 'plain')}")
+    return s
 
 
 def style_of(base: str | Path) -> str:

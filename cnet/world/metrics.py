@@ -61,8 +61,8 @@ def layout_iou(images: torch.Tensor, region: torch.Tensor, style: str = "plain")
     r"""IoU with the requested ``region`` (B, H, W) when no colour is asked for (an empty prompt):
     :math:`|F \cap R| / |F \cup R|` with :math:`F` every pixel of the palette colour drawn most
     often inside :math:`R`, whatever that colour is. With a prompt, :math:`F` would be the
-    prompted colour's pixels (the IoU of :func:`cnet.train.evaluate.fidelity`); an image of one
-    colour scores :math:`|R| / HW` either way."""
+    prompted colour's pixels (the IoU of :func:`cnet.train.evaluate.fidelity`). An image of one
+    colour scores :math:`|R| / HW` here, whichever colour it is."""
     drawn = classify_colours(images, style)
     counts = torch.stack([torch.bincount(d[r], minlength=len(COLOUR_NAMES))
                           for d, r in zip(drawn, region.bool(), strict=True)])

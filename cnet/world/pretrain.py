@@ -317,6 +317,9 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
     ``out/pretraining_log.jsonl`` and write ``out/pretraining.json`` (command, profile,
     settings, device, wall time, steps, final losses). Returns the pipeline."""
     s = settings.check()
+    if s.style != "plain":
+        raise SettingError(f"style: {s.style!r} is not allowed for pretraining; expected 'plain' "
+                           "(another style is a fine-tune: python -m cnet.world finetune)")
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)  # model initialisation
     np.random.seed(s.seed)
