@@ -108,23 +108,29 @@ def _tiny(**overrides) -> Settings:
     return Settings(**{**values, **overrides})
 
 
-def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
-    straight = pretrain(_tiny(), tmp_path / "a" / "model", tmp_path / "a" / "run")
+def _interrupted(monkeypatch, run, steps_done: int) -> None:
+    """``run()`` stopped in U-Net step ``steps_done + 1``, as Ctrl-C would stop it: the U-Net
+    stages clip their gradients once per step."""
     calls = {"n": 0}
     original = torch.nn.utils.clip_grad_norm_
 
-    def crash_in_the_sixth_unet_step(*args, **kwargs):
-        # the U-Net stage clips its gradients once per step: stop it mid-run, as Ctrl-C would
+    def crash(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 5:
+        if calls["n"] > steps_done:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_in_the_sixth_unet_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
-    assert calls["n"] == 6
+        run()
+    assert calls["n"] == steps_done + 1
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", original)
+
+
+def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    straight = pretrain(_tiny(), tmp_path / "a" / "model", tmp_path / "a" / "run")
+    _interrupted(monkeypatch, lambda: pretrain(_tiny(), tmp_path / "b" / "model",
+                                               tmp_path / "b" / "run"), steps_done=5)
     resumed = pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
     for name in ("unet", "text_encoder", "vae"):
         a = getattr(straight, name).state_dict()
@@ -271,18 +277,8 @@ def test_style_fine_tune_resumes_exactly(tmp_path, monkeypatch):
 
     settings = Settings(**FINETUNE_PROFILES["quick"])
     straight = finetune(SHIPPED, settings, tmp_path / "a", tmp_path / "a_run")
-    original, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
-
-    def crash_in_the_third_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_in_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(SHIPPED, settings, tmp_path / "b", tmp_path / "b_run")
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", original)
+    _interrupted(monkeypatch, lambda: finetune(SHIPPED, settings, tmp_path / "b",
+                                               tmp_path / "b_run"), steps_done=2)
     resumed = finetune(SHIPPED, settings, tmp_path / "b", tmp_path / "b_run")
     a, b = straight.unet.state_dict(), resumed.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
