@@ -12,8 +12,9 @@
     python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
                                on the same evaluation conditions; recorded in its run.json
     python -m cnet control     notebook 06's measurements of a shipped ControlNet (strength,
-                               timing, residuals during sampling, the empty prompt, transfer
-                               to a fine-tune of the base): figures and their numbers
+                               timing, residuals during sampling, the empty prompt, two
+                               ControlNets at once, transfer to a fine-tune of the base):
+                               figures and their numbers
 
 A bad setting is refused with one line naming it, before any work starts.
 """
@@ -87,7 +88,7 @@ def run_export(args: argparse.Namespace) -> None:
     if args.samples_kept < 1:
         raise SettingError(f"samples_kept: {args.samples_kept!r} is not allowed; expected an "
                            "integer >= 1")
-    out = export_run(args.run, args.out, samples_kept=args.samples_kept)
+    out = export_run(args.run, args.out, samples_kept=args.samples_kept, half=args.half)
     print(f"shipped {args.run} to {out}")
 
 
@@ -102,6 +103,7 @@ def _check_measurement(args: argparse.Namespace) -> None:
 def run_control(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .course.composition import composition_scenes
     from .course.control import measure_control
     from .course.figures import save_figure, save_numbers
     from .injection import ControlledUNet
@@ -127,7 +129,10 @@ def run_control(args: argparse.Namespace) -> None:
     controlled = ControlledUNet(pipe.unet, controlnet).eval()
     data = cache_data(pipe, "fill", args.samples, "eval", seed=0)
     fine_tune_data = cache_data(fine_tune, "fill", args.samples, "eval", seed=0, style=style)
-    numbers, figures = measure_control(pipe, controlled, data, fine_tune, fine_tune_data,
+    segmentation = load_controlnet(args.segmentation)
+    scenes = composition_scenes(args.samples, seed=0)
+    numbers, figures = measure_control(pipe, controlled, data, segmentation, scenes,
+                                       fine_tune, fine_tune_data,
                                        **sampler_settings(args.profile),
                                        label=Path(args.folder).name,
                                        fine_tune_label=Path(args.fine_tune).name)
@@ -197,11 +202,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
     export.add_argument("--samples_kept", type=int, default=8)
+    export.add_argument("--half", action="store_true",
+                        help="store the weights in half precision (half the bytes)")
     for name, help_text, samples in (
             ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
                          "evaluation conditions", 200),
             ("control", "notebook 06's measurements of a Fill ControlNet: strength, timing, "
-                        "residuals during sampling, the empty prompt, transfer to a fine-tune",
+                        "residuals during sampling, the empty prompt, two ControlNets at once, "
+                        "transfer to a fine-tune",
              64)):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
@@ -213,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="whose evaluation sampler to sample with (steps, guidance)")
         command.add_argument("--threads", type=int, default=1)
         if name == "control":
+            command.add_argument("--segmentation", default="models/controlnet-segmentation",
+                                 help="a second ControlNet, composed with the first")
             command.add_argument("--fine_tune", default="models/miniature-sd-cycled",
                                  help="a fine-tune of the base, for the transfer measurement")
     return parser

@@ -138,10 +138,11 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     shipped = repo_root() / "models" / "controlnet-fill"
     assert main(["control", str(shipped), "--samples", "2", "--profile", "quick",
                  "--base", str(repo_root() / "models" / "miniature-sd"),
+                 "--segmentation", str(repo_root() / "models" / "controlnet-segmentation"),
                  "--fine_tune", str(repo_root() / "models" / "miniature-sd-cycled")]) == 0
     names = {"06_strength", "06_strength_samples", "06_timing", "06_timing_samples",
              "06_residuals_during_sampling", "06_prompt_free", "06_prompt_free_samples",
-             "06_transfer"}
+             "06_composition", "06_transfer"}
     assert {p.stem for p in tmp_path.glob("*.png")} == names
     numbers = json.loads((tmp_path / "06_control.json").read_text())
     assert numbers["conditions"] == 2 and len(numbers["strength"]) == 7
@@ -152,6 +153,8 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     assert [(r["mode"], r["guidance"]) for r in numbers["prompt_free"]][:3] == [
         ("base alone", 3.0), ("plain", 3.0), ("plain", 7.5)]
     assert len(numbers["prompt_free"]) == 7
+    assert [r["composition"] for r in numbers["composition"]][0] == "base alone"
+    assert len(numbers["composition"]) == 5 and numbers["composition"][0]["n"] == 2
     assert numbers["transfer"]["fine_tune"] == "miniature-sd-cycled"
     assert [r["model"] for r in numbers["transfer"]["rows"]] == [
         "fine-tune alone", "ControlNet unchanged", "ControlNet transferred"]

@@ -10,6 +10,7 @@ r"""Control on a trained ControlNet, measured (notebook 06): how strongly, and w
   of the guidance batch (plain), or on the conditional half only with guess mode's ramp
   (the released demos) or the paper's CFG resolution weighting (ICCV §3.4); measured by the
   colour-blind layout IoU, since no colour is asked for.
+* **Composition**: two ControlNets at once, their residuals added (:mod:`cnet.course.composition`).
 * **Transfer**: the ControlNet attached unchanged to a fine-tune of its base (the paper's claim
   for community models), and moved onto it by the released code's rule
   (:meth:`cnet.ControlNet.transferred`).
@@ -30,10 +31,12 @@ from ..injection import ControlledUNet
 from ..sample import sample
 from ..train.data import CachedData
 from ..train.evaluate import FULL_SAMPLER, evaluate
+from .composition import CompositionData, composition_sweep
 
 __all__ = [
-    "PROMPT_FREE_MODES", "STRENGTHS", "WINDOWS", "control_numbers", "measure_control",
-    "plot_residual_heatmap", "plot_sample_strip", "plot_sweep", "prompt_free_figures",
+    "PROMPT_FREE_MODES", "STRENGTHS", "WINDOWS", "composition_figures", "control_numbers",
+    "measure_control", "plot_residual_heatmap", "plot_sample_strip", "plot_sweep",
+    "prompt_free_figures",
     "prompt_free_sweep", "residual_magnitudes", "strength_figures", "strength_sweep",
     "timing_figures", "transfer_figures", "transfer_sweep", "window_sweep",
 ]
@@ -273,30 +276,48 @@ def transfer_figures(rows: list[dict], images: torch.Tensor, on_base: dict,
         title=f"The same prompts on the base and on its fine-tune {fine_tune}")}
 
 
+def composition_figures(rows: list[dict], images: torch.Tensor, data: CompositionData) -> dict:
+    """``06_composition``: six scenes, their two conditions in one picture, then one column per
+    row of :func:`composition_sweep`, titled with both objects' mean layout IoU."""
+    # the two conditions in one picture: the circle's outline over the shape's class map
+    shown = torch.maximum(data.outline[:6], data.segmentation[:6])
+    names = [r["composition"].replace(", ", ",\n") for r in rows]
+    labels = [f"{name}\ncircle {r['circle_layout_iou']:.2f}, shape {r['shape_layout_iou']:.2f}"
+              for name, r in zip(names, rows, strict=True)]
+    return {"06_composition": plot_sample_strip(
+        images[:, :6], labels, shown,
+        title="Two objects, two ControlNets: each object's layout IoU with its region")}
+
+
 def control_numbers(base_alone: dict, strength: list[dict], window: list[dict],
-                    magnitudes: torch.Tensor, prompt_free: list[dict], transfer: list[dict],
-                    fine_tune: str, steps: int, guidance: float) -> dict:
+                    magnitudes: torch.Tensor, prompt_free: list[dict], composition: list[dict],
+                    transfer: list[dict], fine_tune: str, steps: int, guidance: float) -> dict:
     """The numbers behind notebook 06's figures, as ``figures/06_control.json`` holds them."""
     return {"conditions": base_alone["n"],
             "sampler": f"DDIM, {steps} steps, guidance {guidance}, seed 1234",
             "base_alone": base_alone, "strength": strength, "window": window,
             "residual_rms": magnitudes.tolist(), "prompt_free": prompt_free,
-            "transfer": {"fine_tune": fine_tune, "rows": transfer}}
+            "composition": composition, "transfer": {"fine_tune": fine_tune, "rows": transfer}}
 
 
 def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, data: CachedData,
+                    segmentation: ControlNet, scenes: CompositionData,
                     fine_tune: StableDiffusionPipeline, fine_tune_data: CachedData,
                     steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
                     label: str = "controlnet-fill", fine_tune_label: str = "miniature-sd-cycled"
                     ) -> tuple[dict, dict]:
     """Everything notebook 06 measures, section by section as the notebook does it: the numbers
-    and the figures (name -> figure) that ``python -m cnet control`` writes. ``fine_tune`` is
-    a fine-tune of ``pipe`` and ``fine_tune_data`` the same conditions in its style."""
+    and the figures (name -> figure) that ``python -m cnet control`` writes. ``segmentation``
+    is the second ControlNet composed with the first on the two-object ``scenes``;
+    ``fine_tune`` is a fine-tune of ``pipe`` and ``fine_tune_data`` the same conditions in its
+    style."""
     base_alone, _ = evaluate(pipe, None, data, steps, guidance)
     strength, strength_images = strength_sweep(pipe, controlled, data, STRENGTHS, steps, guidance)
     window, window_images = window_sweep(pipe, controlled, data, WINDOWS, steps, guidance)
     magnitudes = residual_magnitudes(pipe, controlled, data, steps, guidance)
     prompt_free, prompt_free_images = prompt_free_sweep(pipe, controlled, data, steps=steps)
+    composition, composition_images = composition_sweep(pipe, controlled.controlnets[0],
+                                                        segmentation, scenes, steps, guidance)
     transfer, transfer_images = transfer_sweep(pipe, fine_tune, controlled.controlnets[0],
                                                fine_tune_data, steps, guidance)
     at_one = STRENGTHS.index(1.0)
@@ -307,9 +328,10 @@ def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, d
             magnitudes, title=f"The 13 residuals' RMS during sampling ({label})"),
         **prompt_free_figures(prompt_free, prompt_free_images, strength[at_one]["layout_iou"],
                               data.condition, label),
+        **composition_figures(composition, composition_images, scenes),
         **transfer_figures(transfer, transfer_images, strength[at_one], strength_images[at_one],
                            data.condition, fine_tune_label),
     }
-    numbers = control_numbers(base_alone, strength, window, magnitudes, prompt_free, transfer,
-                              fine_tune_label, steps, guidance)
+    numbers = control_numbers(base_alone, strength, window, magnitudes, prompt_free, composition,
+                              transfer, fine_tune_label, steps, guidance)
     return numbers, figures

@@ -34,8 +34,8 @@ from .config import PROFILES, TrainConfig
 from .data import CachedData, cache_data, task_dataset
 
 __all__ = [
-    "FULL_SAMPLER", "evaluate", "fidelity", "measure_controlnet", "sampler_settings",
-    "vae_round_trip",
+    "FULL_SAMPLER", "evaluate", "fidelity", "measure_controlnet", "sample_set",
+    "sampler_settings", "vae_round_trip",
 ]
 
 
@@ -71,6 +71,26 @@ def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch
 
 
 @torch.no_grad()
+def sample_set(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None,
+               prompts: list[str], conditions: torch.Tensor | list[torch.Tensor] | None,
+               steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+               seed: int = 1234, batch_size: int = 64, **control) -> torch.Tensor:
+    """:func:`cnet.sample` over a whole set in batches, the starting noise of the batch from
+    index ``start`` seeded by ``seed + start`` (so a set's images do not depend on what else is
+    sampled); ``conditions``: one tensor, or one per ControlNet. Images (N, 3, H, W) on the CPU."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        batch = ([c[start:end] for c in conditions] if isinstance(conditions, (list, tuple))
+                 else None if conditions is None else conditions[start:end])
+        g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
+        images.append(sample(pipe, controlled, prompts[start:end], batch,
+                             num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                             **control).float().cpu())
+    return torch.cat(images)
+
+
+@torch.no_grad()
 def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, data: CachedData,
              steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
              seed: int = 1234, batch_size: int = 64, prompt_free: bool = False,
@@ -81,16 +101,9 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
     the mean IoU, the share of samples with both colours right, the count, and the images
     (N, 3, H, W). ``prompt_free`` samples every condition with the empty prompt instead and
     returns only what can be measured without one: the mean ``layout_iou`` and the count."""
-    prompts = data.extras["prompt"]
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        end = start + batch_size
-        g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
-        batch_prompts = [""] * len(prompts[start:end]) if prompt_free else prompts[start:end]
-        images.append(sample(pipe, controlled, batch_prompts,
-                             data.condition[start:end], num_inference_steps=steps,
-                             guidance_scale=guidance, generator=g, **control).float().cpu())
-    images = torch.cat(images)
+    prompts = [""] * len(data.extras["prompt"]) if prompt_free else data.extras["prompt"]
+    images = sample_set(pipe, controlled, prompts, data.condition, steps, guidance, seed,
+                        batch_size, **control)
     per_image = fidelity(images, data.extras["foreground"], data.extras["background"],
                          data.extras["region"], data.extras.get("style", "plain"))
     if prompt_free:

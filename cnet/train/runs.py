@@ -206,12 +206,25 @@ def read_config(run: str | Path) -> TrainConfig:
 RUN_FILES = ("log.jsonl", "config.json", "run.json")
 
 
-def export_run(run: str | Path, out: str | Path, samples_kept: int = 8) -> Path:
+def store_half(module: torch.nn.Module, folder: str | Path) -> None:
+    """Replace the weights a diffusers ``save_pretrained`` wrote to ``folder`` by the same
+    weights in half precision (half the bytes, as community checkpoints are usually shared;
+    diffusers' ``from_pretrained`` loads them back as float32), and round ``module`` to what is
+    now stored, so that what a caller measures next is what ships."""
+    half = {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    save_file(half, Path(folder) / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "pt"})
+    module.load_state_dict({k: v.float() for k, v in half.items()})
+
+
+def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
+               half: bool = False) -> Path:
     """Ship a finished run: its ControlNet as a diffusers ``ControlNetModel`` folder
-    (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``) beside the
-    run's log, config and summary, and the evaluation samples of its first ``samples_kept``
-    conditions at every evaluation. ``out`` is then itself a run folder: :func:`read_log` reads
-    it as it reads ``run``. The optimizer state is left behind."""
+    (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``; with
+    ``half``, stored in half precision by :func:`store_half`) beside the run's log, config and
+    summary, and the evaluation samples of its first ``samples_kept`` conditions at every
+    evaluation. ``out`` is then itself a run folder: :func:`read_log` reads it as it reads
+    ``run``. The optimizer state is left behind."""
     run, out = Path(run), Path(out)
     checkpoint = run / "checkpoint.safetensors"
     if not checkpoint.is_file():
@@ -231,7 +244,10 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8) -> Path:
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    to_diffusers(controlnet).save_pretrained(staging / "controlnet", safe_serialization=True)
+    shipped = to_diffusers(controlnet)
+    shipped.save_pretrained(staging / "controlnet", safe_serialization=True)
+    if half:
+        store_half(shipped, staging / "controlnet")
     for name in RUN_FILES:
         (staging / name).write_bytes((run / name).read_bytes())
     samples = load_file(run / "samples.safetensors")

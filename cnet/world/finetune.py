@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from ..train.config import SettingError
+from ..train.runs import store_half
 from .data import FillDataset, ShapesDataset
 from .palette import STYLES
 from .pretrain import STAGE_SETTINGS, Settings, _latest_entries, _train_unet
@@ -72,10 +72,7 @@ def finetune(base: Path, settings: Settings, out: Path, run_dir: Path,
         seconds = _train_unet(pipe, datasets, s, run_dir, log, stage="style")
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    unet_file = out / "unet" / "diffusion_pytorch_model.safetensors"
-    half = {k: v.to(torch.float16).contiguous() for k, v in pipe.unet.state_dict().items()}
-    save_file(half, unet_file, metadata={"format": "pt"})
-    pipe.unet.load_state_dict({k: v.float() for k, v in half.items()})
+    store_half(pipe.unet, out / "unet")
     entries = _latest_entries(run_dir / "log.jsonl")
     (out / "finetune_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     losses = [e["loss"] for e in entries][-100:]
