@@ -259,7 +259,7 @@ def prompt_free_figures(rows: list[dict], images: torch.Tensor, prompted_layout_
                                for r in rows[1:]]
     return {"06_prompt_free": fig,
             "06_prompt_free_samples": plot_sample_strip(
-                images[:, :6], labels, conditions[:6],
+                images[:, :4], labels, conditions[:4],
                 title="The empty prompt: same conditions and seeds, mode by mode")}
 
 
