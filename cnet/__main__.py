@@ -50,7 +50,12 @@ def run_train(args: argparse.Namespace) -> None:
     from .course.figures import write_run_figures
     from .train import train
 
+    from accelerate import PartialState
+
     profile, config = _train_settings(args, "full" if torch.cuda.is_available() else "quick")
+    if not PartialState(cpu=config.device == "cpu").is_main_process:
+        train(config, profile=profile)  # one of several processes: the main one reports
+        return
     print(f"training a ControlNet ({config.task}) on {config.base}, profile {profile}, "
           f"{config.steps} steps, device {config.resolved_device()}")
     summary = train(config, profile=profile)

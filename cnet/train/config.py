@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "PRECISIONS",
     "PROFILES",
     "TASKS",
     "SettingError",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 TASKS = ("fill", "outline", "canny", "segmentation", "depth", "scribble")
+# mixed precision, as accelerate names it; "auto" chooses by device (cnet.train.engine)
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 class SettingError(ValueError):
@@ -64,6 +67,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
+    mixed_precision: str = "auto"  # auto: bf16 or fp16 by GPU, fp32 on CPU (cnet.train.engine)
+    gradient_checkpointing: bool = False  # recompute the copy's activations in backward
     resume: bool = True
 
     def resolved_device(self) -> torch.device:
@@ -158,6 +163,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "checkpoint_every": positive_int(),
     "seed": non_negative_int(),
     "device": device_rule(),
+    "mixed_precision": one_of(*PRECISIONS),
 }
 
 

@@ -46,6 +46,7 @@ from typing import TextIO
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -54,9 +55,11 @@ from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from .config import TrainConfig
 from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
+from .engine import checkpoint_trainable_copy, make_accelerator, process_share
 from .evaluate import evaluate
 from .runs import (
     check_resumable,
+    checkpoint_metadata,
     checkpoint_wall_time,
     finite_or_none,
     load_checkpoint,
@@ -78,7 +81,9 @@ FIRST_STEPS_LOGGED = 10
 
 # Settings a run may change when it resumes (where it runs, how long it goes on, how often it
 # saves): none of them changes what the steps already taken compute.
-RESUMABLE_CHANGES = ("out", "resume", "device", "steps", "checkpoint_every")
+# Gradient checkpointing recomputes the same activations, so it may change too.
+RESUMABLE_CHANGES = ("out", "resume", "device", "steps", "checkpoint_every",
+                     "gradient_checkpointing")
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,12 +135,13 @@ class _Run:
 
     config: TrainConfig
     out: Path
-    device: torch.device
+    accelerator: Accelerator
     pipe: StableDiffusionPipeline
     controlnet: ControlNet
-    controlled: ControlledUNet
+    controlled: ControlledUNet  # the module itself, for sampling
+    model: torch.nn.Module  # the same, as accelerate prepared it (DDP-wrapped in several processes)
     noise_scheduler: DDPMScheduler
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper: loss scaling, accumulation
     trainable: dict[str, torch.nn.Module]
     start: int  # the step this invocation starts from
     earlier_wall_time: float  # training time behind the checkpoint it resumed from
@@ -150,14 +156,31 @@ class _Run:
     def checkpoint(self) -> Path:
         return self.out / "checkpoint.safetensors"
 
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        """The process that writes: checkpoints, logs, samples (one writer, so nothing is
+        written twice or half)."""
+        return self.accelerator.is_main_process
+
     def wall_time(self) -> float:
         return self.earlier_wall_time + time.perf_counter() - self.started
 
-    def save(self, step: int) -> None:
-        save_checkpoint(self.checkpoint, self.trainable, self.optimizer, step,
-                        dataclasses.asdict(self.config), self.wall_time())
+    def save(self, step: int, wait: bool = True) -> None:
+        if self.main:
+            scaler = self.accelerator.scaler
+            save_checkpoint(self.checkpoint, self.trainable, self.optimizer, step,
+                            dataclasses.asdict(self.config), self.wall_time(),
+                            extra={"grad_scaler": scaler.state_dict()} if scaler else None)
+        if wait:  # no process runs ahead of a checkpoint it might be killed before
+            self.accelerator.wait_for_everyone()
 
     def log(self, entry: dict) -> None:
+        if not self.main:
+            return
         self.log_file.write(json.dumps(entry) + "\n")
         self.log_file.flush()
         if self.on_log is not None:
@@ -179,9 +202,11 @@ def _make_optimizer(controlnet: ControlNet, unet, config: TrainConfig,
 
 
 def _setup(config: TrainConfig) -> _Run:
-    """Load the base, build the ControlNet and optimizer, restore the checkpoint if resuming."""
+    """Load the base, build the ControlNet and optimizer, restore the checkpoint if resuming,
+    and hand model and optimizer to accelerate."""
     config.check()
-    device = config.resolved_device()
+    accelerator = make_accelerator(config)
+    device = accelerator.device
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.safetensors"
@@ -191,13 +216,19 @@ def _setup(config: TrainConfig) -> _Run:
     torch.manual_seed(config.seed)
     pipe = load_base(config.base, device)
     controlnet = build_controlnet(pipe, config).to(device)
+    if config.gradient_checkpointing:
+        checkpoint_trainable_copy(controlnet)
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     optimizer = _make_optimizer(controlnet, pipe.unet, config, device)
     trainable = {"controlnet": controlnet}
     if not config.sd_locked:
         trainable["unet"] = pipe.unet
     start = load_checkpoint(checkpoint, trainable, optimizer) if resuming else 0
-    return _Run(config, out, device, pipe, controlnet, controlled,
+    model, optimizer = accelerator.prepare(controlled, optimizer)
+    scaler_state = checkpoint_metadata(checkpoint).get("grad_scaler") if start > 0 else None
+    if accelerator.scaler is not None and scaler_state:
+        accelerator.scaler.load_state_dict(json.loads(scaler_state))
+    return _Run(config, out, accelerator, pipe, controlnet, controlled, model,
                 DDPMScheduler.from_config(pipe.scheduler.config), optimizer, trainable, start,
                 checkpoint_wall_time(checkpoint) if start > 0 else 0.0)
 
@@ -206,6 +237,8 @@ def _load_data(run: _Run) -> None:
     config = run.config
     run.data = cache_data(run.pipe, config.task, config.train_size, "train", config.seed)
     run.eval_data = cache_data(run.pipe, config.task, config.eval_size, "eval", config.seed)
+    if not run.main:
+        return
     truncate_log(run.out / "log.jsonl", run.start)
     run.log_file = (run.out / "log.jsonl").open("a")
     samples_path = run.out / "samples.safetensors"
@@ -221,48 +254,57 @@ def _load_data(run: _Run) -> None:
 
 
 def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
-    """One optimizer step (``grad_accum`` micro-batches). Returns the loss and the log entry of
-    the step, measured before the update (so step 0 shows the zero convolutions at exactly 0),
-    or None where this step is not logged."""
-    config = run.config
+    """One optimizer step (``grad_accum`` micro-batches, each split across the processes).
+    Returns the loss and the log entry of the step, measured before the update (so step 0
+    shows the zero convolutions at exactly 0), or None where this step is not logged."""
+    config, accelerator = run.config, run.accelerator
     run.optimizer.zero_grad(set_to_none=False)
     scaling = run.pipe.vae.config.scaling_factor
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=run.device)
     for micro in range(config.grad_accum):
-        batch = draw_batch(run.data, config, step, micro, run.noise_scheduler, run.device)
-        with autocast:
-            loss = diffusion_loss(run.controlled, batch, run.noise_scheduler, scaling)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step}; stopped, the last good "
-                f"checkpoint ({run.checkpoint}) is kept. Try a lower --lr."
-            )
-        (loss / config.grad_accum).backward()
-        loss_sum += loss.item() / config.grad_accum
+        batch = process_share(draw_batch(run.data, config, step, micro, run.noise_scheduler),
+                              accelerator)
+        # accelerate: autocast (in the prepared model), loss / grad_accum, loss scaling, and no
+        # gradient all-reduce until the last micro-batch
+        with accelerator.accumulate(run.model):
+            loss = diffusion_loss(run.model, batch, run.noise_scheduler, scaling)
+            accelerator.backward(loss)
+        loss_sum += loss.detach() / config.grad_accum
+    loss_value = accelerator.reduce(loss_sum, "mean").item()  # every process agrees on it
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(
+            f"loss is {loss_value} at step {step}; stopped, the last good "
+            f"checkpoint ({run.checkpoint}) is kept. Try a lower --lr."
+        )
     entry = None
     if step < FIRST_STEPS_LOGGED or step % config.log_every == 0:
-        entry = {"step": step, "loss": loss_sum,
+        accelerator.unscale_gradients()  # fp16: the norms logged are the true gradients'
+        entry = {"step": step, "loss": loss_value,
                  "weight_norm": zero_conv_norms(run.controlnet),
                  "grad_norm": zero_conv_norms(run.controlnet, grads=True),
                  "copy_grad_norm": _grad_norm(run.controlnet.theta_c_parameters())}
     run.optimizer.step()
-    return loss_sum, entry
+    if entry is not None and accelerator.optimizer_step_was_skipped:
+        entry["update_skipped"] = True  # fp16: the gradients overflowed, the scale is lowered
+    return loss_value, entry
 
 
 def _evaluate(run: _Run, step: int) -> dict:
-    """Fidelity on the evaluation set; its images are kept in ``samples.safetensors``."""
-    run.controlled.eval()
-    metrics, images = evaluate(run.pipe, run.controlled, run.eval_data, run.config.eval_steps,
-                               run.config.guidance_scale)
-    run.controlled.train()
-    run.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(torch.uint8).contiguous()
-    path = run.out / "samples.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(run.samples, tmp)
-    tmp.replace(path)
-    run.log({"step": step, "eval": metrics})
+    """Fidelity on the evaluation set, measured by the main process; its images are kept in
+    ``samples.safetensors``."""
+    metrics = {}
+    if run.main:
+        run.controlled.eval()
+        metrics, images = evaluate(run.pipe, run.controlled, run.eval_data,
+                                   run.config.eval_steps, run.config.guidance_scale)
+        run.controlled.train()
+        run.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(torch.uint8).contiguous()
+        path = run.out / "samples.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(run.samples, tmp)
+        tmp.replace(path)
+        run.log({"step": step, "eval": metrics})
+    run.accelerator.wait_for_everyone()
     return metrics
 
 
@@ -285,7 +327,7 @@ def _run_steps(run: _Run) -> dict:
     # redrawn at most once a second: in a notebook every redraw is a widget message, and a
     # flood of them can outrun the kernel's output channel (nbval then loses the cell's end)
     bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
-               desc="train", dynamic_ncols=True, mininterval=1.0)
+               desc="train", dynamic_ncols=True, mininterval=1.0, disable=not run.main)
     try:
         for step in bar:
             loss, entry = _train_step(run, step)
@@ -300,12 +342,13 @@ def _run_steps(run: _Run) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", iou=f"{last_eval.get('iou', float('nan')):.3f}",
                             refresh=False)
     except KeyboardInterrupt:
-        run.save(completed)
+        run.save(completed, wait=False)  # the other processes may not have been interrupted
         print(f"\ninterrupted: saved step {completed} to {run.checkpoint}; run again to resume")
         raise
     finally:
         bar.close()
-        run.log_file.close()
+        if run.log_file is not None:
+            run.log_file.close()
     return last_eval
 
 
@@ -327,12 +370,15 @@ def train(config: TrainConfig, profile: str = "custom",
         # a finished run: running it again must not overwrite what it measured
         print(f"{run.out} already finished {config.steps} steps; nothing to do")
         return json.loads((run.out / "run.json").read_text())
-    (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if run.main:
+        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     _load_data(run)
     run.started = time.perf_counter()
     last_eval = _run_steps(run)
     summary = {
         "profile": profile, "device": str(run.device),
+        "processes": run.accelerator.num_processes,
+        "mixed_precision": run.accelerator.mixed_precision,
         "device_name": (torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
                         else f"cpu, {torch.get_num_threads()} thread(s)"),
         "steps": config.steps, "resumed_from": run.start,
@@ -342,5 +388,6 @@ def train(config: TrainConfig, profile: str = "custom",
         "wall_time_this_invocation_s": round(time.perf_counter() - run.started, 1),
         "final_eval": last_eval, "config": dataclasses.asdict(config),
     }
-    (run.out / "run.json").write_text(json.dumps(summary, indent=2))
+    if run.main:
+        (run.out / "run.json").write_text(json.dumps(summary, indent=2))
     return summary

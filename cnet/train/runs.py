@@ -61,15 +61,19 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
 
 def save_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
                     optimizer: torch.optim.Optimizer | None, step: int,
-                    config: Mapping[str, Any], wall_time_s: float = 0.0) -> None:
+                    config: Mapping[str, Any], wall_time_s: float = 0.0,
+                    extra: Mapping[str, Any] | None = None) -> None:
     """Weights of every module, the optimizer state, the step, the settings and the training
-    time so far, in one file written to a temporary name and moved into place."""
+    time so far, in one file written to a temporary name and moved into place. ``extra``: more
+    state a resume needs (e.g. fp16's loss scale), stored as JSON in the metadata under its
+    keys."""
     tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous()
                for prefix, module in modules.items() for k, v in module.state_dict().items()}
     if optimizer is not None:
         tensors.update(_optimizer_tensors(optimizer))
     metadata = {"step": str(step), "config": json.dumps(dict(config)),
                 "wall_time_s": f"{wall_time_s:.1f}"}
+    metadata.update({key: json.dumps(value) for key, value in (extra or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
