@@ -11,6 +11,9 @@
                                folder, with the run's log, config and samples
     python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
                                on the same evaluation conditions; recorded in its run.json
+    python -m cnet bench       speed and memory as ratios measured side by side (ControlNet vs
+                               fine-tuning, cached vs per-step encoding, scaling); --quick for
+                               CI's check, --out bench/results to replace the committed results
     python -m cnet control     notebook 06's measurements of a shipped ControlNet (strength,
                                timing, residuals during sampling, the empty prompt, two
                                ControlNets at once, transfer to a fine-tune of the base):
@@ -47,10 +50,10 @@ def _train_settings(args: argparse.Namespace, default_profile: str) -> tuple[str
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from .course.figures import write_run_figures
     from .train import train
-
-    from accelerate import PartialState
 
     profile, config = _train_settings(args, "full" if torch.cuda.is_available() else "quick")
     if not PartialState(cpu=config.device == "cpu").is_main_process:
@@ -180,6 +183,16 @@ def run_lessons(args: argparse.Namespace) -> None:
     lessons(seed=args.seed, steps=args.steps)
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench as bench
+
+    if args.threads is not None and args.threads < 1:
+        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    for name, path in bench("quick" if args.quick else "full", args.out, args.threads,
+                            tuple(args.suites)).items():
+        print(f"{name}: wrote {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +222,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--samples_kept", type=int, default=8)
     export.add_argument("--half", action="store_true",
                         help="store the weights in half precision (half the bytes)")
+    bench = sub.add_parser("bench", help="speed and memory figures, as ratios measured in one run")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
+    bench.add_argument("--out", default="runs/bench",
+                       help="where the JSON and figures go (bench/results: the committed ones)")
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--suites", nargs="+", default=["step_cost", "loop_cost", "scaling",
+                                                        "loop_overheads"],
+                       choices=["step_cost", "loop_cost", "scaling", "loop_overheads"])
     for name, help_text, samples in (
             ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
                          "evaluation conditions", 200),
@@ -234,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
-            "export": run_export, "evaluate": run_evaluate, "control": run_control}
+            "export": run_export, "evaluate": run_evaluate, "control": run_control,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,9 @@ processes, and each process's share of a step's batch.
 
 One process or many, the loop is the same (:mod:`cnet.train.loop`):
 
-    python -m cnet train ...                                     # one process
-    torchrun --standalone --nproc_per_node 2 -m cnet train --device cpu ...   # 2 CPU processes (gloo)
-    accelerate launch --multi_gpu --num_processes 2 -m cnet train ...         # 2 GPUs (NCCL)
+    python -m cnet train ...                                           # one process
+    torchrun --standalone --nproc_per_node 2 -m cnet train --device cpu ...  # 2 CPU (gloo)
+    accelerate launch --multi_gpu --num_processes 2 -m cnet train ...        # 2 GPUs (NCCL)
 
 (``accelerate launch --cpu`` starts several CPU processes only through MPI; torchrun sets the
 same environment that accelerate reads, so the first line is how cnet runs several CPU

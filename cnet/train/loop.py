@@ -39,7 +39,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -107,21 +107,46 @@ def diffusion_loss(controlled: ControlledUNet, batch: dict, noise_scheduler: DDP
     return F.mse_loss(eps.float(), batch["noise"].float())
 
 
-def _norm(tensors: Iterable[torch.Tensor | None]) -> float:
-    return math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors
-                         if t is not None))
+def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
+    """The L2 norm of each group of tensors, all brought to the host in one transfer: a GPU
+    waits once per logged step, not once per tensor."""
+    norms = []
+    for tensors in groups.values():
+        parts = [torch.linalg.vector_norm(t.detach().float()) for t in tensors if t is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack(parts)) if parts
+                     else torch.zeros((), device=_device_of(groups)))
+    return dict(zip(groups, torch.stack(norms).tolist(), strict=True))
+
+
+def _device_of(groups: dict[str, list[torch.Tensor | None]]) -> torch.device:
+    return next((t.device for ts in groups.values() for t in ts if t is not None),
+                torch.device("cpu"))
+
+
+def _zero_conv_groups(controlnet: ControlNet, grads: bool) -> dict[str, list]:
+    return {name: [conv.weight.grad, conv.bias.grad] if grads else [conv.weight, conv.bias]
+            for name, conv in controlnet.zero_convolutions.items()}
 
 
 def zero_conv_norms(controlnet: ControlNet, grads: bool = False) -> dict[str, float]:
     """The weight norm (or gradient norm) of each zero convolution, by the names of
     :attr:`ControlNet.zero_convolutions`."""
-    return {name: _norm([conv.weight.grad, conv.bias.grad] if grads
-                        else [conv.weight, conv.bias])
-            for name, conv in controlnet.zero_convolutions.items()}
+    return _norms(_zero_conv_groups(controlnet, grads))
 
 
-def _grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
-    return _norm(p.grad for p in parameters)
+def logged_norms(controlnet: ControlNet) -> dict:
+    """What a logged step records: each zero convolution's weight norm and gradient norm, and
+    the trainable copy's gradient norm, in one transfer to the host."""
+    groups = {("weight_norm", k): v for k, v in _zero_conv_groups(controlnet, False).items()}
+    groups |= {("grad_norm", k): v for k, v in _zero_conv_groups(controlnet, True).items()}
+    groups[("copy_grad_norm", "")] = [p.grad for p in controlnet.theta_c_parameters()]
+    entry: dict = {"weight_norm": {}, "grad_norm": {}}
+    for (kind, name), norm in _norms(groups).items():
+        if kind == "copy_grad_norm":
+            entry[kind] = norm
+        else:
+            entry[kind][name] = norm
+    return entry
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,10 +304,7 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
     entry = None
     if step < FIRST_STEPS_LOGGED or step % config.log_every == 0:
         accelerator.unscale_gradients()  # fp16: the norms logged are the true gradients'
-        entry = {"step": step, "loss": loss_value,
-                 "weight_norm": zero_conv_norms(run.controlnet),
-                 "grad_norm": zero_conv_norms(run.controlnet, grads=True),
-                 "copy_grad_norm": _grad_norm(run.controlnet.theta_c_parameters())}
+        entry = {"step": step, "loss": loss_value, **logged_norms(run.controlnet)}
     run.optimizer.step()
     if entry is not None and accelerator.optimizer_step_was_skipped:
         entry["update_skipped"] = True  # fp16: the gradients overflowed, the scale is lowered

@@ -1,0 +1,167 @@
+"""The benchmarks, each a set of ratios measured side by side in one run.
+
+* :func:`step_cost`: a ControlNet step against fine-tuning the whole U-Net (the paper's cost
+  claim, §3.2: +34 % time and +23 % memory per step on one A100).
+* :func:`loop_cost`: cnet's loop, which caches latents and text embeddings once, against a
+  loop in the style of diffusers' ``train_controlnet.py``, which runs the VAE and the text
+  encoder on every step.
+* :func:`scaling`: how a ControlNet step's time grows with batch size and resolution.
+* :func:`loop_overheads`: what the real training step (:mod:`cnet.train.loop`) spends outside
+  the model: drawing the batch from the cache, and the per-step log of norms.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..train import TrainConfig, draw_batch, load_base
+from .measure import interleaved_times, peak_memory, ratio
+from .workloads import (
+    Batch,
+    Step,
+    controlnet_step,
+    finetune_step,
+    make_batch,
+    sd15_text_encoder,
+    sd15_unet,
+    sd15_vae,
+)
+
+__all__ = ["loop_cost", "loop_overheads", "scaling", "step_cost"]
+
+
+def _median_ms(times: list[float]) -> float:
+    return round(1000 * sorted(times)[len(times) // 2], 2)
+
+
+def _unet(workload: dict, device: torch.device):
+    if workload["unet"] == "miniature":
+        return load_base(workload.get("base", TrainConfig.base)).unet.to(device)
+    return sd15_unet(workload["width"], workload["latent_size"]).to(device)
+
+
+def step_cost(workload: dict, repeats: int, device: torch.device) -> dict:
+    """ControlNet step / fine-tuning step: time (ratio of medians) and peak tensor memory."""
+    batch = make_batch(_unet(workload, device), workload["batch"], workload["latent_size"],
+                       workload.get("text_length", 77), device)
+    steps = {"controlnet": controlnet_step(_unet(workload, device), batch),
+             "finetune": finetune_step(_unet(workload, device), batch)}
+    times = interleaved_times({k: s.run for k, s in steps.items()}, repeats, 1, device)
+    memory = {k: peak_memory(s.run, s.modules, s.optimizer, device,
+                             extra=list(batch.as_dict().values()))
+              for k, s in steps.items()}
+    locked = sum(p.numel() for p in steps["finetune"].modules[0].parameters())
+    return {
+        "workload": workload, "unet_parameters": locked,
+        "trainable_parameters": {k: s.trainable_parameters for k, s in steps.items()},
+        "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
+        "peak_bytes": memory,
+        "time_ratio": ratio(times, "controlnet", "finetune"),
+        "memory_ratio": memory["controlnet"] / memory["finetune"],
+    }
+
+
+def _per_step_encoding(step: Step, vae, text_encoder, images: torch.Tensor,
+                       input_ids: torch.Tensor, batch: Batch) -> Step:
+    """The same step preceded by what a diffusers-style loop does on every step: the VAE encodes
+    the batch's images and the text encoder its prompts (no gradients through either)."""
+    scaling = vae.config.scaling_factor
+
+    def run() -> float:
+        with torch.no_grad():
+            batch.latents = vae.encode(images).latent_dist.sample() * scaling
+            batch.embeddings = text_encoder(input_ids)[0]
+        return step.run()
+
+    return replace(step, run=run, modules=[*step.modules, vae, text_encoder])
+
+
+def loop_cost(workload: dict, repeats: int, device: torch.device) -> dict:
+    """Samples per second of the cached loop and of the per-step-encoding loop, on the same
+    model and batch; SD's VAE at ``resolution`` and SD1.5's text encoder (random weights)."""
+    resolution, n = workload["resolution"], workload["batch"]
+    if workload["unet"] == "miniature":  # the shipped base's own VAE and text encoder
+        pipe = load_base(workload.get("base", TrainConfig.base), device)
+        unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
+    else:
+        unet = sd15_unet(workload["width"], resolution // 8).to(device)
+        vae, text = sd15_vae().to(device).eval(), sd15_text_encoder().to(device).eval()
+    for part in (vae, text):
+        part.requires_grad_(False)
+    length = text.config.max_position_embeddings
+    batch = make_batch(unet, n, resolution // 8, length, device)
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1).to(device)
+    input_ids = torch.randint(0, text.config.vocab_size, (n, length), generator=g).to(device)
+    cached = controlnet_step(unet, batch)
+    encoding = _per_step_encoding(cached, vae, text, images, input_ids, batch)
+    times = interleaved_times({"cached": cached.run, "per_step_encoding": encoding.run},
+                              repeats, 1, device)
+    encode_only = interleaved_times(
+        {"vae_and_text": lambda: _encode_only(vae, text, images, input_ids)}, repeats, 1, device)
+    return {
+        "workload": workload, "step_ms": {k: _median_ms(t) for k, t in times.items()},
+        "encode_ms": _median_ms(encode_only["vae_and_text"]), "times_s": times,
+        "samples_per_s": {k: n * 1000 / _median_ms(t) for k, t in times.items()},
+        "speedup": ratio(times, "per_step_encoding", "cached"),
+    }
+
+
+@torch.no_grad()
+def _encode_only(vae, text_encoder, images, input_ids) -> None:
+    vae.encode(images).latent_dist.sample()
+    text_encoder(input_ids)
+
+
+def scaling(workload: dict, batches: list[int], latent_sizes: list[int], repeats: int,
+            device: torch.device) -> dict:
+    """ControlNet step time against batch size (at the workload's latent size) and against
+    latent size (at its batch), each point relative to the first."""
+    def times_for(batch_size: int, latent_size: int) -> float:
+        unet = sd15_unet(workload["width"], latent_size).to(device)
+        step = controlnet_step(unet, make_batch(unet, batch_size, latent_size, 77, device))
+        return _median_ms(interleaved_times({"s": step.run}, repeats, 1, device)["s"])
+
+    by_batch = {b: times_for(b, workload["latent_size"]) for b in batches}
+    by_size = {s: times_for(workload["batch"], s) for s in latent_sizes}
+    return {
+        "workload": workload,
+        "batch": {"sizes": batches, "step_ms": list(by_batch.values()),
+                  "relative": [t / by_batch[batches[0]] for t in by_batch.values()]},
+        "latent_size": {"sizes": latent_sizes, "step_ms": list(by_size.values()),
+                        "relative": [t / by_size[latent_sizes[0]] for t in by_size.values()]},
+    }
+
+
+def loop_overheads(config: TrainConfig, repeats: int) -> dict:
+    """On the real training step of the shipped base: the share of a step spent drawing its
+    batch from the cache, and what logging every step's norms costs against not logging."""
+    from ..train import loop
+
+    with tempfile.TemporaryDirectory() as out:
+        config = replace(config, out=out, eval_every=0, resume=False)
+        run = loop._setup(config)
+        loop._load_data(run)
+        scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
+        steps = iter(range(loop.FIRST_STEPS_LOGGED, 10**9))
+
+        def step(logged: bool):
+            run.config.log_every = 1 if logged else 10**9
+            return loop._train_step(run, next(steps))
+
+        times = interleaved_times(
+            {"draw_batch": lambda: draw_batch(run.data, config, 0, 0, scheduler),
+             "step_logged": lambda: step(True), "step_unlogged": lambda: step(False)},
+            repeats, 1, run.device)
+        run.log_file.close()
+    return {
+        "config": {k: getattr(config, k) for k in ("base", "batch_size", "train_size")},
+        "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
+        "data_share": ratio(times, "draw_batch", "step_unlogged"),
+        "logging_ratio": ratio(times, "step_logged", "step_unlogged"),
+    }
+
