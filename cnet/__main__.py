@@ -188,8 +188,10 @@ def run_bench(args: argparse.Namespace) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    argv = sys.argv[1:] if args.argv is None else args.argv
     for name, path in bench("quick" if args.quick else "full", args.out, args.threads,
-                            tuple(args.suites)).items():
+                            tuple(args.suites),
+                            command=" ".join(["python", "-m", "cnet", *argv])).items():
         print(f"{name}: wrote {path}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -62,9 +61,8 @@ PLANS: dict[str, dict] = {
 }
 
 
-def _record(name: str, result: dict, plan: str, out: Path) -> Path:
-    record = {"suite": name, "plan": plan,
-              "command": " ".join(["python", "-m", "cnet", *sys.argv[1:]]) or "python -m cnet",
+def _record(name: str, result: dict, plan: str, out: Path, command: str) -> Path:
+    record = {"suite": name, "plan": plan, "command": command,
               "date": datetime.date.today().isoformat(), "machine": machine(),
               "results": result}
     path = out / f"{name}.json"
@@ -74,8 +72,10 @@ def _record(name: str, result: dict, plan: str, out: Path) -> Path:
 
 def run_bench(plan: str = "full", out: str | Path = "runs/bench", threads: int | None = None,
               suites: tuple[str, ...] = ("step_cost", "loop_cost", "scaling",
-                                         "loop_overheads")) -> dict[str, Path]:
-    """Run the plan's suites, write each one's JSON and figure to ``out``; returns the paths."""
+                                         "loop_overheads"),
+              command: str = "python -m cnet bench") -> dict[str, Path]:
+    """Run the plan's suites, write each one's JSON (with ``command``, the machine and the
+    date) and figure to ``out``; returns the paths."""
     import matplotlib.pyplot as plt
 
     from .report import draw
@@ -100,7 +100,7 @@ def run_bench(plan: str = "full", out: str | Path = "runs/bench", threads: int |
         config = TrainConfig(**settings["loop_overheads"], device=device.type)
         results["loop_overheads"] = loop_overheads(config, max(repeats, 5))
     for name, result in results.items():
-        written[name] = _record(name, result, plan, out)
+        written[name] = _record(name, result, plan, out, command)
         figure = draw(name, result, plan)
         if figure is not None:
             figure.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")

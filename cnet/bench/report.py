@@ -5,9 +5,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["draw", "workload_label"]
+__all__ = ["draw", "tables", "workload_label"]
 
-# The paper's figures for a ControlNet step against fine-tuning SD (§3.2, one A100 40 GB).
+# The paper's figures for a ControlNet step against fine-tuning SD (ICCV §3.2, one A100 40 GB).
 PAPER_TIME_RATIO, PAPER_MEMORY_RATIO = 1.34, 1.23
 
 
@@ -58,9 +58,12 @@ def _loop_cost(results: list[dict], plan: str) -> Figure:
 
 
 def _scaling(result: dict, plan: str) -> Figure:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, xlabel in ((axes[0], "batch", "batch size"),
-                            (axes[1], "latent_size", "image size (px)")):
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    workload = result["workload"]
+    for ax, key, xlabel, fixed in (
+            (axes[0], "batch", "batch size", f"at {8 * workload['latent_size']} px"),
+            (axes[1], "latent_size", "image size (px)", f"at batch {workload['batch']}")):
+        ax.set_title(fixed, fontsize=8)
         part = result[key]
         sizes = part["sizes"] if key == "batch" else [8 * s for s in part["sizes"]]
         ax.plot(sizes, part["relative"], "o-", label="measured")
@@ -72,8 +75,8 @@ def _scaling(result: dict, plan: str) -> Figure:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("step time / first point's")
         ax.legend(fontsize=7)
-    fig.suptitle(f"ControlNet step time, {workload_label(result['workload'])} ({plan} bench)"
-                 .replace("\n", ", "), fontsize=9)
+    name = workload_label(workload).split("\n")[0]
+    fig.suptitle(f"ControlNet step time, {name} ({plan} bench)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -85,3 +88,56 @@ def draw(name: str, result, plan: str) -> Figure | None:
         return None
     fig = drawers[name](result, plan)
     return fig
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}×"
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.0f} MiB"
+
+
+def tables(results: dict[str, dict]) -> dict[str, str]:
+    """The README's tables, written from the results' JSON (``{suite: record}``), so that what
+    the README quotes is what was measured."""
+    out = {}
+    rows = ["| U-Net | parameters | ControlNet trains | step time | peak memory | time ratio "
+            "| memory ratio |", "|---|---|---|---|---|---|---|"]
+    for r in results["step_cost"]["results"]:
+        rows.append(
+            f"| {workload_label(r['workload']).replace(chr(10), ', ')} "
+            f"| {r['unet_parameters'] / 1e6:.1f}M "
+            f"| {r['trainable_parameters']['controlnet'] / 1e6:.1f}M "
+            f"| {r['step_ms']['controlnet']:.0f} / {r['step_ms']['finetune']:.0f} ms "
+            f"| {_mib(r['peak_bytes']['controlnet'])} / {_mib(r['peak_bytes']['finetune'])} "
+            f"| **{_x(r['time_ratio'])}** | **{_x(r['memory_ratio'])}** |")
+    rows.append("| paper, ICCV §3.2 (SD1.5, one A100 40 GB; parameters counted from "
+                "diffusers' classes) | 859.5M | 361.3M | | | 1.34× | 1.23× |")
+    out["step_cost"] = "\n".join(rows)
+    rows = ["| model | cached | VAE + text encoder every step | encoding alone | speed-up |",
+            "|---|---|---|---|---|"]
+    for r in results["loop_cost"]["results"]:
+        rows.append(
+            f"| {workload_label(r['workload']).replace(chr(10), ', ')} "
+            f"| {r['samples_per_s']['cached']:.3g} samples/s "
+            f"| {r['samples_per_s']['per_step_encoding']:.3g} samples/s "
+            f"| {r['encode_ms']:.0f} ms | **{_x(r['speedup'])}** |")
+    out["loop_cost"] = "\n".join(rows)
+    s = results["scaling"]["results"]
+    name = workload_label(s["workload"]).split("\n")[0]
+    out["scaling"] = "\n".join([
+        f"| {name}, ControlNet step | " + " | ".join(str(b) for b in s["batch"]["sizes"]) + " |",
+        "|---|" + "---|" * len(s["batch"]["sizes"]),
+        f"| time vs batch size, at {8 * s['workload']['latent_size']} px | "
+        + " | ".join(_x(v) for v in s["batch"]["relative"]) + " |",
+        "| image size (px) | " + " | ".join(str(8 * v) for v in s["latent_size"]["sizes"]) + " |",
+        f"| time vs image size, at batch {s['workload']['batch']} | "
+        + " | ".join(_x(v) for v in s["latent_size"]["relative"]) + " |"])
+    o = results["loop_overheads"]["results"]
+    out["loop_overheads"] = "\n".join([
+        "| drawing the batch from the cache / a step | a logged step / an unlogged one |",
+        "|---|---|",
+        f"| {o['data_share']:.2%} ({o['step_ms']['draw_batch']:.1f} of "
+        f"{o['step_ms']['step_unlogged']:.0f} ms) | {o['logging_ratio']:.3f}× |"])
+    return out

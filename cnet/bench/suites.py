@@ -1,7 +1,7 @@
 """The benchmarks, each a set of ratios measured side by side in one run.
 
 * :func:`step_cost`: a ControlNet step against fine-tuning the whole U-Net (the paper's cost
-  claim, §3.2: +34 % time and +23 % memory per step on one A100).
+  claim, ICCV §3.2: +34 % time and +23 % memory per step on one A100).
 * :func:`loop_cost`: cnet's loop, which caches latents and text embeddings once, against a
   loop in the style of diffusers' ``train_controlnet.py``, which runs the VAE and the text
   encoder on every step.
@@ -45,12 +45,17 @@ def _unet(workload: dict, device: torch.device):
 
 
 def step_cost(workload: dict, repeats: int, device: torch.device) -> dict:
-    """ControlNet step / fine-tuning step: time (ratio of medians) and peak tensor memory."""
+    """ControlNet step / fine-tuning step: time (ratio of medians) and peak tensor memory; and
+    the condition encoder's forward and backward alone, the part of a ControlNet step that runs
+    at the image's resolution rather than the latents'."""
     batch = make_batch(_unet(workload, device), workload["batch"], workload["latent_size"],
                        workload.get("text_length", 77), device)
     steps = {"controlnet": controlnet_step(_unet(workload, device), batch),
              "finetune": finetune_step(_unet(workload, device), batch)}
-    times = interleaved_times({k: s.run for k, s in steps.items()}, repeats, 1, device)
+    hint = steps["controlnet"].modules[0].controlnets[0].hint_encoder
+    times = interleaved_times({**{k: s.run for k, s in steps.items()},
+                               "condition_encoder": lambda: hint(batch.condition).sum().backward()},
+                              repeats, 1, device)
     memory = {k: peak_memory(s.run, s.modules, s.optimizer, device,
                              extra=list(batch.as_dict().values()))
               for k, s in steps.items()}
@@ -61,6 +66,7 @@ def step_cost(workload: dict, repeats: int, device: torch.device) -> dict:
         "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
         "peak_bytes": memory,
         "time_ratio": ratio(times, "controlnet", "finetune"),
+        "condition_encoder_share": ratio(times, "condition_encoder", "controlnet"),
         "memory_ratio": memory["controlnet"] / memory["finetune"],
     }
 
