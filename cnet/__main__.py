@@ -9,6 +9,8 @@
                                5e-4) and draw their fidelity curves side by side
     python -m cnet export      ship a finished run: its ControlNet as a diffusers ControlNetModel
                                folder, with the run's log, config and samples
+    python -m cnet sample      generate from any ControlNet (a run's checkpoint or a shipped
+                               folder): --controlnet RUN_OR_FOLDER --condition IMG --prompt ...
     python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
                                on the same evaluation conditions; recorded in its run.json
     python -m cnet bench       speed and memory as ratios measured side by side (ControlNet vs
@@ -59,13 +61,18 @@ def run_train(args: argparse.Namespace) -> None:
     if not PartialState(cpu=config.device == "cpu").is_main_process:
         train(config, profile=profile)  # one of several processes: the main one reports
         return
-    print(f"training a ControlNet ({config.task}) on {config.base}, profile {profile}, "
+    what = f"the pairs in {config.data}" if config.data else config.task
+    print(f"training a ControlNet ({what}) on {config.base}, profile {profile}, "
           f"{config.steps} steps, device {config.resolved_device()}")
     summary = train(config, profile=profile)
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; last evaluation "
           f"{summary['final_eval']}; outputs in {config.out}")
     if config.eval_every == 0:
         print("no evaluations (--eval_every 0), so no fidelity figures")
+        return
+    if config.data:
+        print(f"validation grids (conditions above samples) in {config.out}/validation; "
+              f"edge F1 per evaluation in {config.out}/log.jsonl")
         return
     label = f"profile {profile}, {summary['device_name']}, {config.steps} steps"
     prefix = f"05_{profile}_" if args.figures else ""
@@ -183,6 +190,49 @@ def run_lessons(args: argparse.Namespace) -> None:
     lessons(seed=args.seed, steps=args.steps)
 
 
+def run_sample(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .injection import ControlledUNet
+    from .train import load_base, load_controlnet
+    from .train.evaluate import edge_reconstruction_f1, sample_set, validation_grid
+    from .train.folders import load_image
+
+    if args.steps < 1 or args.guidance < 0:
+        raise SettingError(f"steps, guidance: {args.steps!r}, {args.guidance!r} are not allowed; "
+                           "expected an integer >= 1 and a number >= 0")
+    folder = Path(args.controlnet)
+    controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
+    base = args.base or _base_of(folder)
+    pipe = load_base(base)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    conditions = torch.stack([load_image(Path(c), resolution) for c in args.condition])
+    prompts = args.prompt * len(conditions) if len(args.prompt) == 1 else args.prompt
+    if len(prompts) != len(conditions):
+        raise SettingError(f"prompt: {len(args.prompt)} prompts for {len(conditions)} "
+                           "conditions; expected one prompt, or one per condition")
+    controlled = ControlledUNet(pipe.unet, controlnet.to(pipe.unet.device)).eval()
+    images = sample_set(pipe, controlled, prompts, conditions, args.steps, args.guidance,
+                        seed=args.seed, scales=args.scale)
+    validation_grid(conditions, images).save(args.out)
+    f1 = edge_reconstruction_f1(images, conditions)
+    print(f"wrote {args.out} (each condition above its sample; base {base})")
+    print("edge F1 of each sample's Canny edges against its condition (for edge-like "
+          "conditions): " + ", ".join(f"{v:.3f}" for v in f1.tolist()))
+
+
+def _base_of(folder) -> str:
+    """The base a run or a shipped ControlNet was trained on, as it recorded it."""
+    for name, key in (("config.json", None), ("run.json", "config")):
+        path = folder / name
+        if path.is_file():
+            record = json.loads(path.read_text())
+            record = record.get(key, {}) if key else record
+            if "base" in record:
+                return record["base"]
+    return TrainConfig.base
+
+
 def run_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench as bench
 
@@ -224,6 +274,19 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--samples_kept", type=int, default=8)
     export.add_argument("--half", action="store_true",
                         help="store the weights in half precision (half the bytes)")
+    sample = sub.add_parser("sample", help="generate from a run's checkpoint or a shipped "
+                                           "ControlNet, conditions above samples in one PNG")
+    sample.add_argument("--controlnet", required=True, help="a run folder or a shipped one")
+    sample.add_argument("--condition", required=True, nargs="+", help="condition image files")
+    sample.add_argument("--prompt", required=True, nargs="+",
+                        help="one prompt, or one per condition")
+    sample.add_argument("--base", default=None, help="default: the base the ControlNet "
+                                                     "was trained on")
+    sample.add_argument("--out", default="sample.png")
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--guidance", type=float, default=3.0)
+    sample.add_argument("--scale", type=float, default=1.0, help="control scale")
+    sample.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="speed and memory figures, as ratios measured in one run")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
     bench.add_argument("--out", default="runs/bench",
@@ -258,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
             "export": run_export, "evaluate": run_evaluate, "control": run_control,
-            "bench": run_bench}
+            "bench": run_bench, "sample": run_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

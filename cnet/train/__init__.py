@@ -5,6 +5,9 @@ module         what it holds
 =============  ============================================================================
 config         :class:`TrainConfig` and its profiles; settings checked, fields as flags
 data           the locked base, the task's data cached once, each step's batch
+engine         accelerate: device, mixed precision, processes, gradient checkpointing
+folders        pairs from a folder (the tutorial's prompt.json, diffusers' metadata.jsonl)
+norms          what a logged step records: the zero convs' and the copy's norms
 loop           the loss, one step, the run (:func:`train`)
 runs           the checkpoint format, resume, reading a run's log, shipping a run
 evaluate       the one definition of condition fidelity, and the sampler it is measured with
@@ -24,7 +27,8 @@ from .data import (
     task_dataset,
 )
 from .evaluate import evaluate, fidelity, sampler_settings
-from .loop import TrainingDiverged, diffusion_loss, train, zero_conv_norms
+from .loop import TrainingDiverged, diffusion_loss, train
+from .norms import zero_conv_norms
 from .runs import TrainingLog, export_run, load_checkpoint, load_controlnet, read_log
 
 __all__ = [

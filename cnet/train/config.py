@@ -48,6 +48,10 @@ class TrainConfig:
 
     base: str = "models/miniature-sd"  # a StableDiffusionPipeline folder (diffusers format)
     task: str = "fill"  # "fill", or a Shapes condition: outline, canny, segmentation, ...
+    data: str = ""  # a folder of pairs instead of the world's task (cnet.train.folders)
+    image_column: str = "image"  # metadata.jsonl's columns, as diffusers' script names them
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
     out: str = "runs/controlnet-fill-quick"
     steps: int = 800
     batch_size: int = 16
@@ -78,19 +82,29 @@ class TrainConfig:
         """Refuse any value that cannot work (:class:`SettingError`); returns the config."""
         check_settings(self, _TRAIN_RULES)
         base = Path(self.base)
-        if not (base / "model_index.json").exists():
+        if not (base / "model_index.json").exists() and not _looks_like_hub_id(self.base):
             raise SettingError(
                 f"base: {self.base!r} is not a diffusers pipeline folder (no model_index.json "
-                "there); expected e.g. models/miniature-sd"
+                "there); expected e.g. models/miniature-sd, or a hub id such as "
+                "stable-diffusion-v1-5/stable-diffusion-v1-5 where a hub is reachable"
             )
+        if self.data and not Path(self.data).is_dir():
+            raise SettingError(f"data: {self.data!r} is not a folder; expected a folder with "
+                               "prompt.json or metadata.jsonl (cnet.train.folders)")
         return self
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+            and not Path(parts[0]).exists())
 
 
 # A profile is the settings it changes from the defaults (the quick profile). Its eval_steps and
 # guidance_scale are also the sampler every fidelity number of that profile is measured with
 # (cnet.train.evaluate.sampler_settings).
 PROFILES: dict[str, dict] = {
-    "quick": {},
+    "quick": {"lr": 2e-3},  # why: cnet.train.loop
     "full": dict(
         out="runs/controlnet-fill-full", steps=3000, batch_size=32, train_size=20_000,
         eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,

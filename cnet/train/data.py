@@ -8,6 +8,7 @@ draws its batch from that cache with a generator seeded by ``(seed, step, micro-
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,16 +35,20 @@ __all__ = [
 def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
     """Load a diffusers ``StableDiffusionPipeline`` folder offline and lock VAE, text encoder and
     U-Net (:func:`cnet.lock`)."""
-    path = Path(path)
-    if not (path / "model_index.json").exists():
+    local = (Path(path) / "model_index.json").exists()
+    if not local and (Path(path).exists() or len(str(path).split("/")) != 2):
         raise FileNotFoundError(
             f"expected a diffusers pipeline folder with model_index.json at {path}; build the "
             "miniature base with `python -m cnet.world pretrain`"
         )
-    # the miniature models are small: load them plainly rather than through accelerate's
-    # low-memory path (which diffusers would otherwise ask for, with a warning, where it is absent)
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True,
-                                                   low_cpu_mem_usage=False)
+    # a hub id (org/name) downloads where a hub is reachable; the miniature models are small:
+    # load them plainly rather than through the low-memory path
+    # sampling here never runs SD's safety checker: it would only take (GPU) memory
+    index = json.loads((Path(path) / "model_index.json").read_text()) if local else {}
+    checker = {} if local and not (index.get("safety_checker") or [None])[0] else {
+        "safety_checker": None, "requires_safety_checker": False}
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=local,
+                                                   low_cpu_mem_usage=not local, **checker)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):

@@ -18,24 +18,32 @@ The base alone (``python -m cnet.world evaluate``), every evaluation of a traini
 (``log.jsonl``, ``run.json``) and the notebooks all call :func:`fidelity`, and sample with the
 sampler of a profile (:func:`sampler_settings`: DDIM, ``eval_steps`` steps, classifier-free
 guidance ``guidance_scale``).
+
+Data from a folder has no exact ground truth. Its validation (:func:`validate`) measures what a
+user can check on any edge-like condition (Canny edges, outlines, scribbles, Fill50K):
+**edge_f1**, the F1 of the sample's Canny edges (OpenCV, the released annotator's thresholds)
+against the condition's lines within 2 pixels, beside the same score of the held-out images
+themselves (**edge_f1_images**, the most a perfect sample reaches).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from ..sample import sample
-from ..world.data import COLOUR_NAMES
-from ..world.metrics import classify_colours, colours_drawn, iou, layout_iou
+from ..world.data import COLOUR_NAMES, canny_edges
+from ..world.metrics import classify_colours, colours_drawn, edge_f1, iou, layout_iou
 from .config import PROFILES, TrainConfig
 from .data import CachedData, cache_data, task_dataset
 
 __all__ = [
-    "FULL_SAMPLER", "evaluate", "fidelity", "measure_controlnet", "sample_set",
-    "sampler_settings", "vae_round_trip",
+    "FULL_SAMPLER", "edge_reconstruction_f1", "evaluate", "fidelity", "measure_controlnet",
+    "sample_set", "sampler_settings", "vae_round_trip", "validate", "validation_grid",
 ]
 
 
@@ -141,3 +149,40 @@ def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, ta
             "controlnet": trained, "base": base,
             "vae_ceiling": {"iou": float(ceiling["iou"].mean()),
                             "colours_ok": float(ceiling["colours_ok"].float().mean())}}
+
+
+def edge_reconstruction_f1(images: torch.Tensor, conditions: torch.Tensor,
+                           tolerance: int = 2) -> torch.Tensor:
+    """Per image: F1 of the Canny edges of ``images`` (N, 3, H, W) in [-1, 1] against the
+    lines of ``conditions`` (N, 3, H, W) in [0, 1] (pixels brighter than 0.5)."""
+    rgb = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    edges = torch.from_numpy(canny_edges(rgb.permute(0, 2, 3, 1).numpy()))
+    return edge_f1(edges, conditions.mean(1) > 0.5, tolerance)
+
+
+@torch.no_grad()
+def validate(pipe: StableDiffusionPipeline, controlled: ControlledUNet, validation: dict,
+             steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
+             seed: int = 1234) -> tuple[dict, torch.Tensor]:
+    """Sample a folder's held-out pairs (their prompts and conditions) with fixed seeds and
+    measure :func:`edge_reconstruction_f1`, for the samples and for the held-out images."""
+    images = sample_set(pipe, controlled, validation["prompt"], validation["condition"], steps,
+                        guidance, seed)
+    ceiling = edge_reconstruction_f1(validation["image"] * 2 - 1, validation["condition"])
+    return {"edge_f1": float(edge_reconstruction_f1(images, validation["condition"]).mean()),
+            "edge_f1_images": float(ceiling.mean()), "n": len(images)}, images
+
+
+def validation_grid(conditions: torch.Tensor, images: torch.Tensor, columns: int = 8) -> Image:
+    """A grid for a person to judge convergence by: each condition (in [0, 1]) above the sample
+    made from it (in [-1, 1]), ``columns`` pairs a row."""
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * 2 * h, min(n, columns) * w, 3), np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[2 * r * h:(2 * r + 1) * h, c * w:(c + 1) * w] = (
+            conditions[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        grid[(2 * r + 1) * h:(2 * r + 2) * h, c * w:(c + 1) * w] = (
+            (images[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(grid)

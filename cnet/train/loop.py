@@ -19,6 +19,10 @@ What happens, and why:
   generator seeded with ``(seed, k)``; a checkpoint holds the weights, the optimizer state and
   ``k``. A resumed CPU run equals the uninterrupted one, bit for bit. A non-finite loss stops
   the run and leaves the last good checkpoint; Ctrl-C saves first.
+* **Engine** (:mod:`cnet.train.engine`): accelerate places the run, autocasts to the chosen
+  precision (with loss scaling for fp16), accumulates gradients and, under torchrun or
+  ``accelerate launch``, averages them over processes, each of which computes its slice of
+  every micro-batch; the main process alone writes and evaluates.
 * **Logged.** Every ``log_every`` steps (and each of the first ten): the loss, each zero
   convolution's weight norm and gradient norm, the trainable copy's gradient norm. Every
   ``eval_every`` steps: condition fidelity on a fixed evaluation set
@@ -26,11 +30,14 @@ What happens, and why:
 
 Learning rate: the released tutorial uses 1e-5 with batch 4 for SD1.5's 361M-parameter
 ControlNet. The miniature ControlNet is ~1000× smaller and trains with larger batches, and
-it tolerates a larger step: both profiles use 1e-3. On the shipped base a quick-profile run at
-2e-4 stayed at the base's fidelity for all of its 800 steps (IoU 0.32-0.34 at every evaluation),
-while the same run at 1e-3 rose from 0.33 at step 400 to 0.80 at step 600 (both measured before
-the base's decoder fine-tune, which changes how samples are decoded, not what a ControlNet learns).
-``--lr`` overrides it.
+it tolerates a larger step: the full profile uses 1e-3, the quick profile 2e-3. On the shipped
+base a quick-profile run at 2e-4 stayed at the base's fidelity for all of its 800 steps (IoU
+0.32-0.34 at every evaluation). At 1e-3 the quick run's jump comes late and its timing varies:
+with seed 0 on one machine fidelity rose from 0.33 at step 400 to 0.80 at step 600, with the
+same seed and settings on another (a different CPU, so other rounding) it stayed at 0.32-0.36
+for all 800 steps, and with seed 1 it jumped at steps 400-500. At 2e-3 seed 0 left the base's
+level at step 300 and was at 0.80 by step 500 (1 thread, evaluations every 100 steps), leaving
+the 800 steps of a CPU run a margin. ``--lr`` overrides it.
 """
 
 from __future__ import annotations
@@ -53,10 +60,12 @@ from tqdm.auto import tqdm
 
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
-from .config import TrainConfig
+from .config import SettingError, TrainConfig
 from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
-from .evaluate import evaluate
+from .evaluate import evaluate, validate, validation_grid
+from .folders import folder_data
+from .norms import logged_norms
 from .runs import (
     check_resumable,
     checkpoint_metadata,
@@ -72,7 +81,6 @@ __all__ = [
     "TrainingDiverged",
     "diffusion_loss",
     "train",
-    "zero_conv_norms",
 ]
 
 # The first steps are always logged, whatever ``log_every``: they hold Eq. 6 and Eq. 8 (the
@@ -100,53 +108,27 @@ def diffusion_loss(controlled: ControlledUNet, batch: dict, noise_scheduler: DDP
     r"""The ε-prediction loss with control: :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t,
     c_f)\rVert^2`, :math:`z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon`
     (diffusers' ``DDPMScheduler.add_noise``), :math:`z_0` the VAE latent times the VAE's
-    ``scaling_factor``, as Stable Diffusion was trained."""
+    ``scaling_factor``, as Stable Diffusion was trained. A base that predicts another target
+    (its scheduler's ``prediction_type``: SD2's v-prediction) regresses that one instead."""
     z0 = batch["latents"] * scaling_factor
     zt = noise_scheduler.add_noise(z0, batch["noise"], batch["timesteps"])
-    eps = controlled(zt, batch["timesteps"], batch["embeddings"], batch["condition"])
-    return F.mse_loss(eps.float(), batch["noise"].float())
+    prediction = controlled(zt, batch["timesteps"], batch["embeddings"], batch["condition"])
+    return F.mse_loss(prediction.float(), _target(noise_scheduler, z0, batch).float())
 
 
-def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
-    """The L2 norm of each group of tensors, all brought to the host in one transfer: a GPU
-    waits once per logged step, not once per tensor."""
-    norms = []
-    for tensors in groups.values():
-        parts = [torch.linalg.vector_norm(t.detach().float()) for t in tensors if t is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack(parts)) if parts
-                     else torch.zeros((), device=_device_of(groups)))
-    return dict(zip(groups, torch.stack(norms).tolist(), strict=True))
-
-
-def _device_of(groups: dict[str, list[torch.Tensor | None]]) -> torch.device:
-    return next((t.device for ts in groups.values() for t in ts if t is not None),
-                torch.device("cpu"))
-
-
-def _zero_conv_groups(controlnet: ControlNet, grads: bool) -> dict[str, list]:
-    return {name: [conv.weight.grad, conv.bias.grad] if grads else [conv.weight, conv.bias]
-            for name, conv in controlnet.zero_convolutions.items()}
-
-
-def zero_conv_norms(controlnet: ControlNet, grads: bool = False) -> dict[str, float]:
-    """The weight norm (or gradient norm) of each zero convolution, by the names of
-    :attr:`ControlNet.zero_convolutions`."""
-    return _norms(_zero_conv_groups(controlnet, grads))
-
-
-def logged_norms(controlnet: ControlNet) -> dict:
-    """What a logged step records: each zero convolution's weight norm and gradient norm, and
-    the trainable copy's gradient norm, in one transfer to the host."""
-    groups = {("weight_norm", k): v for k, v in _zero_conv_groups(controlnet, False).items()}
-    groups |= {("grad_norm", k): v for k, v in _zero_conv_groups(controlnet, True).items()}
-    groups[("copy_grad_norm", "")] = [p.grad for p in controlnet.theta_c_parameters()]
-    entry: dict = {"weight_norm": {}, "grad_norm": {}}
-    for (kind, name), norm in _norms(groups).items():
-        if kind == "copy_grad_norm":
-            entry[kind] = norm
-        else:
-            entry[kind][name] = norm
-    return entry
+def _target(noise_scheduler: DDPMScheduler, z0: torch.Tensor, batch: dict) -> torch.Tensor:
+    r"""What the base predicts, by its scheduler's ``prediction_type``: the noise (SD1.x), the
+    velocity :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1-\bar\alpha_t}\, z_0`
+    (SD2's 768 px models), or the clean latent."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return batch["noise"]
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(z0, batch["noise"], batch["timesteps"])
+    if kind == "sample":
+        return z0
+    raise SettingError(f"base: prediction_type {kind!r} is not allowed; expected epsilon, "
+                       "v_prediction or sample")
 
 
 # ------------------------------------------------------------------------------------------
@@ -260,8 +242,16 @@ def _setup(config: TrainConfig) -> _Run:
 
 def _load_data(run: _Run) -> None:
     config = run.config
-    run.data = cache_data(run.pipe, config.task, config.train_size, "train", config.seed)
-    run.eval_data = cache_data(run.pipe, config.task, config.eval_size, "eval", config.seed)
+    if config.data:  # a folder: the main process caches it to disk, the others read that
+        if run.main:
+            run.data, run.eval_data = folder_data(run.pipe, config, run.out / "cache")
+        run.accelerator.wait_for_everyone()
+        if not run.main:
+            run.data, run.eval_data = folder_data(run.pipe, config, run.out / "cache")
+    else:
+        run.data = cache_data(run.pipe, config.task, config.train_size, "train", config.seed)
+        run.eval_data = cache_data(run.pipe, config.task, config.eval_size, "eval",
+                                   config.seed)
     if not run.main:
         return
     truncate_log(run.out / "log.jsonl", run.start)
@@ -312,14 +302,19 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
 
 
 def _evaluate(run: _Run, step: int) -> dict:
-    """Fidelity on the evaluation set, measured by the main process; its images are kept in
-    ``samples.safetensors``."""
+    """Fidelity on the evaluation set (a folder's: its validation, :func:`validate`), measured
+    by the main process; its images are kept in ``samples.safetensors`` and drawn under their
+    conditions in ``validation/step_<k>.png``."""
     metrics = {}
     if run.main:
         run.controlled.eval()
-        metrics, images = evaluate(run.pipe, run.controlled, run.eval_data,
-                                   run.config.eval_steps, run.config.guidance_scale)
+        measure = validate if run.config.data else evaluate
+        metrics, images = measure(run.pipe, run.controlled, run.eval_data,
+                                  run.config.eval_steps, run.config.guidance_scale)
         run.controlled.train()
+        conditions = run.eval_data["condition"] if run.config.data else run.eval_data.condition
+        (run.out / "validation").mkdir(exist_ok=True)
+        validation_grid(conditions, images).save(run.out / "validation" / f"step_{step:06d}.png")
         run.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(torch.uint8).contiguous()
         path = run.out / "samples.safetensors"
         tmp = path.with_name(path.name + ".tmp")
@@ -361,7 +356,9 @@ def _run_steps(run: _Run) -> dict:
                 last_eval = _evaluate(run, completed)
             if completed % config.checkpoint_every == 0 or completed == config.steps:
                 run.save(completed)
-            bar.set_postfix(loss=f"{loss:.4f}", iou=f"{last_eval.get('iou', float('nan')):.3f}",
+            metric = "edge_f1" if config.data else "iou"
+            bar.set_postfix({"loss": f"{loss:.4f}",
+                             metric: f"{last_eval.get(metric, float('nan')):.3f}"},
                             refresh=False)
     except KeyboardInterrupt:
         run.save(completed, wait=False)  # the other processes may not have been interrupted

@@ -190,8 +190,9 @@ def read_log(path: str | Path) -> TrainingLog:
         grad_norm={n: [e["grad_norm"][n] for e in train_entries] for n in names},
         copy_grad_norm=[e["copy_grad_norm"] for e in train_entries],
         eval_steps=[e["step"] for e in evals],
-        eval_iou=[e["eval"]["iou"] for e in evals],
-        eval_colours=[e["eval"]["colours_ok"] for e in evals],
+        # a folder's run has no exact fidelity (its validation measures edge F1)
+        eval_iou=[e["eval"].get("iou") for e in evals],
+        eval_colours=[e["eval"].get("colours_ok") for e in evals],
     )
 
 
@@ -263,11 +264,17 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
 
 
 def load_controlnet(folder: str | Path) -> ControlNet:
-    """A shipped ControlNet (see :func:`export_run`), or any diffusers ``ControlNetModel``
-    folder, as a cnet :class:`~cnet.controlnet.ControlNet`."""
+    """A shipped ControlNet (see :func:`export_run`), any diffusers ``ControlNetModel`` folder,
+    or a training run's folder (its latest checkpoint, finished or not), as a cnet
+    :class:`~cnet.controlnet.ControlNet`."""
     from diffusers import ControlNetModel
 
     folder = Path(folder)
+    if (folder / "checkpoint.safetensors").is_file() and not (folder / "controlnet").is_dir():
+        config = read_config(folder)
+        controlnet = build_controlnet(load_base(config.base), config)
+        load_checkpoint(folder / "checkpoint.safetensors", {"controlnet": controlnet}, None)
+        return controlnet.eval()
     if (folder / "controlnet" / "config.json").exists():
         folder = folder / "controlnet"
     if not (folder / "config.json").exists():

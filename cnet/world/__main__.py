@@ -3,6 +3,8 @@
     python -m cnet.world pretrain --profile quick|full --out FOLDER [--run_dir DIR] [--field VALUE]
     python -m cnet.world finetune --profile quick|full --out FOLDER [--base FOLDER] [--style S]
     python -m cnet.world evaluate --model FOLDER [--samples N] [--profile full] [--seed S]
+    python -m cnet.world export --layout tutorial|imagefolder --out FOLDER [--samples N]
+                                [--task fill|canny|...] [--resolution R]
 
 ``pretrain`` and ``finetune`` take every field of ``cnet.world.pretrain.Settings`` as
 ``--field VALUE``, applied on top of the profile (nanoGPT-style: plain values, overridable). A
@@ -64,9 +66,32 @@ def _evaluate(argv: list[str]) -> None:
     main(argv)
 
 
+def _export(argv: list[str]) -> None:
+    from ..train.config import TASKS
+    from .export import LAYOUTS, export_folder
+
+    parser = argparse.ArgumentParser(prog="python -m cnet.world export")
+    parser.add_argument("--layout", choices=LAYOUTS, default="tutorial")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--task", choices=TASKS, default="fill")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.samples < 1:
+        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer >= 1")
+    try:
+        out = export_folder(args.out, args.layout, args.samples, args.task, args.resolution,
+                            args.seed)
+    except (ValueError, FileExistsError) as error:
+        raise SettingError(str(error)) from None
+    print(f"wrote {args.samples} pairs to {out} ({args.layout} layout)")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate}
+    commands = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate,
+                "export": _export}
     if not argv or argv[0] not in commands:
         sys.exit(f"usage: python -m cnet.world {{{','.join(commands)}}} ... (see --help)")
     try:

@@ -1,0 +1,53 @@
+"""What a logged training step records of the ControlNet: each zero convolution's weight and
+gradient norm and the trainable copy's gradient norm (Eq. 6 and Eq. 8 made visible: the copy's
+gradient is exactly zero at update 1), brought to the host in one transfer."""
+
+from __future__ import annotations
+
+import torch
+
+from ..controlnet import ControlNet
+
+__all__ = ["logged_norms", "zero_conv_norms"]
+
+
+def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
+    """The L2 norm of each group of tensors, all brought to the host in one transfer: a GPU
+    waits once per logged step, not once per tensor."""
+    norms = []
+    for tensors in groups.values():
+        parts = [torch.linalg.vector_norm(t.detach().float()) for t in tensors if t is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack(parts)) if parts
+                     else torch.zeros((), device=_device_of(groups)))
+    return dict(zip(groups, torch.stack(norms).tolist(), strict=True))
+
+
+def _device_of(groups: dict[str, list[torch.Tensor | None]]) -> torch.device:
+    return next((t.device for ts in groups.values() for t in ts if t is not None),
+                torch.device("cpu"))
+
+
+def _zero_conv_groups(controlnet: ControlNet, grads: bool) -> dict[str, list]:
+    return {name: [conv.weight.grad, conv.bias.grad] if grads else [conv.weight, conv.bias]
+            for name, conv in controlnet.zero_convolutions.items()}
+
+
+def zero_conv_norms(controlnet: ControlNet, grads: bool = False) -> dict[str, float]:
+    """The weight norm (or gradient norm) of each zero convolution, by the names of
+    :attr:`ControlNet.zero_convolutions`."""
+    return _norms(_zero_conv_groups(controlnet, grads))
+
+
+def logged_norms(controlnet: ControlNet) -> dict:
+    """What a logged step records: each zero convolution's weight norm and gradient norm, and
+    the trainable copy's gradient norm, in one transfer to the host."""
+    groups = {("weight_norm", k): v for k, v in _zero_conv_groups(controlnet, False).items()}
+    groups |= {("grad_norm", k): v for k, v in _zero_conv_groups(controlnet, True).items()}
+    groups[("copy_grad_norm", "")] = [p.grad for p in controlnet.theta_c_parameters()]
+    entry: dict = {"weight_norm": {}, "grad_norm": {}}
+    for (kind, name), norm in _norms(groups).items():
+        if kind == "copy_grad_norm":
+            entry[kind] = norm
+        else:
+            entry[kind][name] = norm
+    return entry
