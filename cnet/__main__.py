@@ -52,13 +52,12 @@ def _train_settings(args: argparse.Namespace, default_profile: str) -> tuple[str
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from accelerate import PartialState
-
     from .course.figures import write_run_figures
     from .train import train
+    from .train.engine import process_state
 
     profile, config = _train_settings(args, "full" if torch.cuda.is_available() else "quick")
-    if not PartialState(cpu=config.device == "cpu").is_main_process:
+    if not process_state(config.device == "cpu").is_main_process:
         train(config, profile=profile)  # one of several processes: the main one reports
         return
     what = f"the pairs in {config.data}" if config.data else config.task
@@ -204,7 +203,7 @@ def run_sample(args: argparse.Namespace) -> None:
     folder = Path(args.controlnet)
     controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
     base = args.base or _base_of(folder)
-    pipe = load_base(base)
+    pipe = load_base(base, "cuda" if torch.cuda.is_available() else "cpu")
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     conditions = torch.stack([load_image(Path(c), resolution) for c in args.condition])
     prompts = args.prompt * len(conditions) if len(args.prompt) == 1 else args.prompt
@@ -245,6 +244,30 @@ def run_bench(args: argparse.Namespace) -> None:
         print(f"{name}: wrote {path}")
 
 
+def _add_sample_and_bench(sub) -> None:
+    sample = sub.add_parser("sample", help="generate from a run's checkpoint or a shipped "
+                                           "ControlNet, conditions above samples in one PNG")
+    sample.add_argument("--controlnet", required=True, help="a run folder or a shipped one")
+    sample.add_argument("--condition", required=True, nargs="+", help="condition image files")
+    sample.add_argument("--prompt", required=True, nargs="+",
+                        help="one prompt, or one per condition")
+    sample.add_argument("--base", default=None, help="default: the base the ControlNet "
+                                                     "was trained on")
+    sample.add_argument("--out", default="sample.png")
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--guidance", type=float, default=3.0)
+    sample.add_argument("--scale", type=float, default=1.0, help="control scale")
+    sample.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="speed and memory figures, as ratios measured in one run")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
+    bench.add_argument("--out", default="runs/bench",
+                       help="where the JSON and figures go (bench/results: the committed ones)")
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--suites", nargs="+", default=["step_cost", "loop_cost", "scaling",
+                                                        "loop_overheads"],
+                       choices=["step_cost", "loop_cost", "scaling", "loop_overheads"])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,27 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--samples_kept", type=int, default=8)
     export.add_argument("--half", action="store_true",
                         help="store the weights in half precision (half the bytes)")
-    sample = sub.add_parser("sample", help="generate from a run's checkpoint or a shipped "
-                                           "ControlNet, conditions above samples in one PNG")
-    sample.add_argument("--controlnet", required=True, help="a run folder or a shipped one")
-    sample.add_argument("--condition", required=True, nargs="+", help="condition image files")
-    sample.add_argument("--prompt", required=True, nargs="+",
-                        help="one prompt, or one per condition")
-    sample.add_argument("--base", default=None, help="default: the base the ControlNet "
-                                                     "was trained on")
-    sample.add_argument("--out", default="sample.png")
-    sample.add_argument("--steps", type=int, default=20)
-    sample.add_argument("--guidance", type=float, default=3.0)
-    sample.add_argument("--scale", type=float, default=1.0, help="control scale")
-    sample.add_argument("--seed", type=int, default=0)
-    bench = sub.add_parser("bench", help="speed and memory figures, as ratios measured in one run")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
-    bench.add_argument("--out", default="runs/bench",
-                       help="where the JSON and figures go (bench/results: the committed ones)")
-    bench.add_argument("--threads", type=int, default=None)
-    bench.add_argument("--suites", nargs="+", default=["step_cost", "loop_cost", "scaling",
-                                                        "loop_overheads"],
-                       choices=["step_cost", "loop_cost", "scaling", "loop_overheads"])
+    _add_sample_and_bench(sub)
     for name, help_text, samples in (
             ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
                          "evaluation conditions", 200),

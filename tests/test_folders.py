@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import cnet.train.folders as folders
 from cnet.__main__ import main
 from cnet.train import SettingError, TrainConfig, diffusion_loss, load_base, train
-from cnet.train.runs import export_run
+from cnet.train.runs import export_run, load_controlnet
 from cnet.world.data import FillDataset
 from cnet.world.export import export_folder
 
@@ -122,6 +122,15 @@ def test_metadata_columns_are_named_as_in_diffusers_script(bases, data, tmp_path
                             image_column="target", conditioning_image_column="hint",
                             caption_column="caption"))
     assert summary["steps"] == 2
+    # a Hugging Face datasets image folder: file_name, conditioning_image_file_name
+    hub_style = tmp_path / "hub-style"
+    hub_style.mkdir()
+    (hub_style / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": r["target"], "conditioning_image_file_name": r["hint"],
+                    "text": r["caption"]}) + "\n" for r in renamed))
+    pairs = folders.read_folder(hub_style)
+    assert [str(p) for p in pairs.images] == [r["target"] for r in renamed]
+    assert [str(p) for p in pairs.conditions] == [r["hint"] for r in renamed]
 
 
 def test_an_sd2_style_base_trains_on_the_velocity(bases, data, tmp_path):
@@ -189,6 +198,10 @@ def test_sample_from_a_checkpoint(bases, data, tmp_path, capsys):
     assert "edge F1" in capsys.readouterr().out
     assert main(["sample", "--controlnet", str(tmp_path / "none"), "--condition", str(out),
                  "--prompt", "x"]) == 2
+    train(_config(bases["sd1"], data["tutorial"], tmp_path / "unlocked", steps=1, eval_every=0,
+                  sd_locked=False))
+    with pytest.raises(SettingError, match="trained the U-Net's decoder too"):
+        load_controlnet(tmp_path / "unlocked")
 
 
 def _bad(tmp_path, name, listing=None, rows=(), files=()):

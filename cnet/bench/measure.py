@@ -108,13 +108,21 @@ def peak_memory(step: Callable[[], object], modules: list[torch.nn.Module],
     optimizer's state exists, as in every step but the first). ``extra``: more tensors that
     are held throughout (the batch)."""
     device = torch.device(device)
+    held = _tensors_held(modules, optimizer, list(extra))
     if device.type == "cuda":
+        # other steps' models live on the device too: count this step's tensors, and what the
+        # step allocates above what was there before it
+        own = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in held}.values())
+        del held  # no reference of ours may keep a tensor the step frees alive
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
         _sync(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    tracker = LiveTensorBytes(_tensors_held(modules, optimizer, list(extra)))
+        return int(torch.cuda.max_memory_allocated(device) - before + own)
+    tracker = LiveTensorBytes(held)
+    del held  # no reference of ours may keep a tensor the step frees alive
     with tracker:
         step()
     return tracker.peak

@@ -29,7 +29,9 @@ processes.)
 
 from __future__ import annotations
 
+import datetime
 import functools
+import os
 
 import torch
 import torch.utils.checkpoint
@@ -44,8 +46,25 @@ __all__ = [
     "checkpoint_trainable_copy",
     "make_accelerator",
     "process_share",
+    "process_state",
     "resolve_precision",
 ]
+
+# How long a process waits for the others at a barrier: the main process alone caches a
+# folder's latents while the rest wait, which on a large data set takes far longer than the
+# process group's default (10 minutes on NCCL).
+BARRIER_TIMEOUT = datetime.timedelta(hours=12)
+
+
+def _launched() -> bool:
+    """Started by torchrun or ``accelerate launch`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state(cpu: bool) -> PartialState:
+    """accelerate's view of this process (its rank, its device), the process group set up with
+    :data:`BARRIER_TIMEOUT`."""
+    return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT) if _launched() else PartialState(cpu=cpu)
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` made concrete for ``device``: bf16 where the GPU has it natively, fp16 (with
@@ -65,16 +84,18 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     """The run's :class:`accelerate.Accelerator`: its device, precision, gradient accumulation
     and, under torchrun or ``accelerate launch``, its process group."""
     cpu = config.device == "cpu"
-    distributed = PartialState(cpu=cpu).num_processes > 1
-    device = PartialState().device if distributed else config.resolved_device()
+    distributed = _launched()
+    if not distributed:
+        # One process may train several runs one after another (a notebook, the tests), each
+        # with its own device and precision; accelerate keeps one state per process, so it
+        # starts afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    state = process_state(cpu)
+    device = state.device if distributed else config.resolved_device()
     precision = resolve_precision(config.mixed_precision, device)
     if precision == "fp16" and device.type == "cpu":
         raise SettingError("mixed_precision: 'fp16' is not allowed on the CPU; expected no or "
                            "bf16 there (fp16 with loss scaling needs a GPU)")
-    if not distributed:
-        # One process may train several runs one after another (a notebook, the tests), each
-        # with its own precision; accelerate keeps one state per process, so it starts afresh.
-        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
                               gradient_accumulation_steps=config.grad_accum)
     if accelerator.device != device and not distributed:

@@ -103,6 +103,7 @@ def read_folder(path: str | Path, image_column: str = "image",
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise SettingError(f"data: {where} is not JSON ({error.msg})") from None
+        keys = tuple(_file_name_column(k, row) for k in keys)
         missing = [k for k in keys if k not in row]
         if missing:
             flags = {image_column: "--image_column", conditioning_image_column:
@@ -120,6 +121,17 @@ def read_folder(path: str | Path, image_column: str = "image",
     if not images:
         raise SettingError(f"data: {listing} lists no pairs")
     return FolderPairs(root, layout, images, conditions, prompts)
+
+
+def _file_name_column(key: str, row: dict) -> str:
+    """A Hugging Face ``datasets`` image folder names its image column ``file_name`` and other
+    image columns ``<name>_file_name``; either stands for the column asked for."""
+    if key in row:
+        return key
+    for alias in ("file_name" if key == "image" else None, f"{key}_file_name"):
+        if alias and alias in row:
+            return alias
+    return key
 
 
 def load_image(path: Path, resolution: int, partner: Path | None = None) -> torch.Tensor:
@@ -196,11 +208,13 @@ def _shard_valid(path: Path, fingerprint: str) -> bool:
 
 
 @torch.no_grad()
-def cache_folder(pipe, pairs: FolderPairs, cache: Path, chunk: int = 32) -> dict:
+def cache_folder(pipe, pairs: FolderPairs, cache: Path, chunk: int | None = None) -> dict:
     """Encode every image of ``pairs`` with the frozen VAE and every distinct prompt with the
     frozen text encoder, into ``cache`` (shards of ``SHARD`` samples; a shard already there for
     the same pairs, base and resolution is kept). Returns what :class:`FolderData` reads."""
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # the VAE's activations grow with the pixels: 32 images of 64 px, 1 of 512 px a chunk
+    chunk = chunk or max(1, 32 * 64**2 // resolution**2)
     fingerprint = f"{pairs.fingerprint()}-{resolution}-{_base_fingerprint(pipe)}"
     cache.mkdir(parents=True, exist_ok=True)
     device = pipe.unet.device

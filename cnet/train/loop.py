@@ -295,9 +295,13 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
     if step < FIRST_STEPS_LOGGED or step % config.log_every == 0:
         accelerator.unscale_gradients()  # fp16: the norms logged are the true gradients'
         entry = {"step": step, "loss": loss_value, **logged_norms(run.controlnet)}
+    scaler = accelerator.scaler
+    scale = scaler.get_scale() if scaler is not None else None
     run.optimizer.step()
-    if entry is not None and accelerator.optimizer_step_was_skipped:
-        entry["update_skipped"] = True  # fp16: the gradients overflowed, the scale is lowered
+    # fp16: the gradients overflowed, the update was skipped and the scale lowered (read from
+    # the scale, since fused AdamW skips inside its kernel and accelerate does not see it)
+    if entry is not None and scaler is not None and scaler.get_scale() < scale:
+        entry["update_skipped"] = True
     return loss_value, entry
 
 
@@ -330,6 +334,8 @@ def _last_evaluation(run: _Run) -> dict:
     log's last one, until the next evaluation."""
     if run.start == 0:
         return _evaluate(run, 0) if run.config.eval_every > 0 else {}
+    if not run.main:  # the main process may be rewriting the log (truncate_log)
+        return {}
     lines = (run.out / "log.jsonl").read_text().splitlines()
     evals = [json.loads(line)["eval"] for line in lines if '"eval"' in line]
     return evals[-1] if evals else {}

@@ -272,6 +272,9 @@ def load_controlnet(folder: str | Path) -> ControlNet:
     folder = Path(folder)
     if (folder / "checkpoint.safetensors").is_file() and not (folder / "controlnet").is_dir():
         config = read_config(folder)
+        if not config.sd_locked:
+            raise SettingError(f"{folder} trained the U-Net's decoder too (sd_locked false); its "
+                               "ControlNet alone would be sampled with the untrained decoder")
         controlnet = build_controlnet(load_base(config.base), config)
         load_checkpoint(folder / "checkpoint.safetensors", {"controlnet": controlnet}, None)
         return controlnet.eval()
