@@ -53,7 +53,7 @@ class TrainConfig:
     conditioning_image_column: str = "conditioning_image"
     caption_column: str = "text"
     out: str = "runs/controlnet-fill-quick"
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3  # why: cnet.train.loop

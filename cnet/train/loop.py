@@ -36,8 +36,9 @@ base a quick-profile run at 2e-4 stayed at the base's fidelity for all of its 80
 with seed 0 on one machine fidelity rose from 0.33 at step 400 to 0.80 at step 600, with the
 same seed and settings on another (a different CPU, so other rounding) it stayed at 0.32-0.36
 for all 800 steps, and with seed 1 it jumped at steps 400-500. At 2e-3 seed 0 left the base's
-level at step 300 and was at 0.80 by step 500 (1 thread, evaluations every 100 steps), leaving
-the 800 steps of a CPU run a margin. ``--lr`` overrides it.
+level at step 300 and was at 0.80 by step 500 (1 thread, evaluations every 100 steps), and with
+2 threads it left it at step 200 and was at 0.77 by step 400: the quick profile's 600 steps
+(800 at 1e-3) leave that jump a margin and fit a CPU notebook. ``--lr`` overrides it.
 """
 
 from __future__ import annotations
