@@ -6,20 +6,12 @@ import json
 
 import pytest
 import torch
-from _tiny_unets import tiny_sd_pipeline
 
 from cnet.__main__ import main
 from cnet.course.figures import repo_root
 from cnet.train import SettingError, TrainConfig
 
 REPO_FIGURES = repo_root() / "figures"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny-sd"
-    tiny_sd_pipeline().save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from _tiny_unets import tiny_sd_pipeline
 from accelerate.state import AcceleratorState
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,13 +23,6 @@ LR = 1e-3
 # RMS, so a rounding-level difference in a near-zero gradient can move its weight by a small
 # fraction of the learning rate: after 4 steps no weight differs by more than a tenth of it.
 WEIGHT_TOLERANCE = 0.1 * LR
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny-sd"
-    tiny_sd_pipeline().save_pretrained(path)
-    return path
 
 
 def _flags(base, out, **kw):

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_unets import tiny_sd_pipeline
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
@@ -30,13 +29,6 @@ from cnet.train.data import CachedData
 from cnet.train.runs import checkpoint_wall_time
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny-sd"
-    tiny_sd_pipeline().save_pretrained(path)
-    return path
 
 
 def _config(base, out, **kw):

@@ -151,8 +151,8 @@ def draw_batch(data: CachedData, config: TrainConfig, step: int, micro: int,
     g = step_generator(config.seed, step * config.grad_accum + micro)
     n = len(data.prompt_index)
     idx = torch.randint(0, n, (config.batch_size,), generator=g)
-    latents = data.latent_mean[idx] + data.latent_std[idx] * torch.randn(
-        data.latent_mean[idx].shape, generator=g)
+    mean = data.latent_mean[idx]  # read once: a folder's rows come from disk
+    latents = mean + data.latent_std[idx] * torch.randn(mean.shape, generator=g)
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
                               (config.batch_size,), generator=g)
