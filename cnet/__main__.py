@@ -7,6 +7,10 @@
                                its figures go to <out>/figures, or to --figures DIR
     python -m cnet compare     train runs that differ in one setting (--knob lr --values 1e-4
                                5e-4) and draw their fidelity curves side by side
+    python -m cnet ablate      the paper's ablations (connections, ControlNet-lite, empty prompts,
+                               data size) and the convergence curve over several seeds, each a
+                               setting of the same training loop; --figures writes notebook
+                               07's figures beside --results
     python -m cnet export      ship a finished run: its ControlNet as a diffusers ControlNetModel
                                folder, with the run's log, config and samples
     python -m cnet sample      generate from any ControlNet (a run's checkpoint or a shipped
@@ -94,6 +98,44 @@ def run_compare(args: argparse.Namespace) -> None:
     data = figures_dir() / f"{name}.json"
     data.write_text(json.dumps(comparison, indent=1) + "\n")
     print(f"wrote {path} and {data}")
+
+
+def run_ablate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .train import train
+    from .train.ablate import STUDIES, VARIANTS, ablation_config, run_studies, summarize
+    from .train.first_updates import first_updates
+
+    studies = args.studies or list(STUDIES)
+    if args.variants:  # train just these (e.g. to split the runs over several processes)
+        for variant in args.variants:
+            for seed in args.seeds:
+                ablation_config(variant, seed, args.root)  # every name checked first
+        for seed in args.seeds:
+            for variant in args.variants:
+                train(ablation_config(variant, seed, args.root), profile="ablation")
+        return
+    if not args.no_train:
+        run_studies(studies, args.seeds, args.root)
+    if args.no_summary:
+        return
+    from .bench.suites import variant_cost
+    from .course.ablation_plots import write_ablation_figures
+
+    settings = ablation_config("default", 0, args.root)
+    step_time = variant_cost(settings, {v: VARIANTS[v] for v in ("default", "gaussian", "none",
+                                                                 "lite")}, repeats=7)
+    step_time.pop("times_s")
+    command = "python -m cnet ablate " + " ".join(args.argv or [])
+    result = summarize(studies, args.seeds, args.root, step_time,
+                       first_updates(settings), command=command.strip())
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result) + "\n")
+    print(f"wrote {out}")
+    for path in write_ablation_figures(result, out.parent if args.figures else None):
+        print(f"wrote {path}")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -291,6 +333,21 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--knob", required=True, help="the TrainConfig setting to vary")
     compare.add_argument("--values", required=True, nargs="+", help="its values, one run each")
     compare.add_argument("--label", default="", help="added to the figure's title")
+    ablate = sub.add_parser("ablate", help="the paper's ablations and the convergence "
+                                           "evidence, several seeds each (notebook 07)")
+    ablate.add_argument("--studies", nargs="+", default=None,
+                        help="default: all (seeds connections lite prompt_dropout data_size lr "
+                             "grad_accum)")
+    ablate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ablate.add_argument("--root", default="runs/ablate", help="where the runs go")
+    ablate.add_argument("--results", default="runs/ablate/ablations.json",
+                        help="the summary JSON (figures/07_ablations.json: the shipped one)")
+    ablate.add_argument("--figures", action="store_true",
+                        help="write the figures beside --results as 07_*.png")
+    ablate.add_argument("--variants", nargs="+", default=None,
+                        help="only train these variants (no summary)")
+    ablate.add_argument("--no_train", action="store_true", help="summarize finished runs only")
+    ablate.add_argument("--no_summary", action="store_true", help="train only")
     export = sub.add_parser("export", help="ship a finished run as a diffusers ControlNetModel")
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
@@ -323,6 +380,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
+            "ablate": run_ablate,
             "export": run_export, "evaluate": run_evaluate, "control": run_control,
             "bench": run_bench, "sample": run_sample}
 

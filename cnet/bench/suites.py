@@ -8,6 +8,8 @@
 * :func:`scaling`: how a ControlNet step's time grows with batch size and resolution.
 * :func:`loop_overheads`: what the real training step (:mod:`cnet.train.loop`) spends outside
   the model: drawing the batch from the cache, and the per-step log of norms.
+* :func:`variant_cost`: the real training step of the paper's ablations (other connections,
+  ControlNet-lite) against the ControlNet's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .workloads import (
     sd15_vae,
 )
 
-__all__ = ["loop_cost", "loop_overheads", "scaling", "step_cost"]
+__all__ = ["loop_cost", "loop_overheads", "scaling", "step_cost", "variant_cost"]
 
 
 def _median_ms(times: list[float]) -> float:
@@ -171,3 +173,32 @@ def loop_overheads(config: TrainConfig, repeats: int) -> dict:
         "logging_ratio": ratio(times, "step_logged", "step_unlogged"),
     }
 
+
+
+def variant_cost(config: TrainConfig, variants: dict[str, dict], repeats: int) -> dict:
+    """The real training step (:mod:`cnet.train.loop`) of each of the paper's ablations
+    (``variants``: name → settings on top of ``config``, e.g. ``{"trainable_copy": "lite"}``),
+    timed in turn; ratios against the first. Also each one's trainable parameter count."""
+    from ..train import loop
+
+    runs, calls, parameters = {}, {}, {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, overrides in variants.items():
+            variant = replace(config, **overrides, out=f"{out}/{len(runs)}", eval_every=0,
+                              resume=False, train_size=min(config.train_size, 256))
+            run = runs[name] = loop._setup(variant)
+            loop._load_data(run)
+            steps = iter(range(loop.FIRST_STEPS_LOGGED, 10**9))
+            calls[name] = lambda run=run, steps=steps: loop._train_step(run, next(steps))
+            parameters[name] = sum(p.numel() for p in run.controlnet.parameters()
+                                   if p.requires_grad)
+        times = interleaved_times(calls, repeats, 1, next(iter(runs.values())).device)
+        for run in runs.values():
+            run.log_file.close()
+    first = next(iter(variants))
+    return {
+        "config": {k: getattr(config, k) for k in ("base", "batch_size", "grad_accum")},
+        "variants": variants, "trainable_parameters": parameters,
+        "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
+        "time_ratio": {k: ratio(times, k, first) for k in variants},
+    }

@@ -62,6 +62,11 @@ class TrainConfig:
     sd_locked: bool = True
     decoder_lr_scale: float = 0.1
     hint_encoder: str = "released"
+    # the paper's ablations (cnet.variants, ICCV §4.2): what connects the copy to the base, and
+    # the copy itself
+    connections: str = "zero"  # zero, gaussian (std = connection_gain x default init's), none
+    connection_gain: float = 1.0
+    trainable_copy: str = "full"  # full, or lite: one convolution per block
     train_size: int = 4096
     eval_size: int = 32
     eval_every: int = 50
@@ -168,6 +173,9 @@ _TRAIN_RULES: dict[str, Rule] = {
     "empty_prompt_ratio": fraction(),
     "decoder_lr_scale": non_negative_number(),
     "hint_encoder": one_of("released", "paper"),
+    "connections": one_of("zero", "gaussian", "none"),
+    "connection_gain": positive_number(),
+    "trainable_copy": one_of("full", "lite"),
     "train_size": positive_int(),
     "eval_size": positive_int(),
     "eval_every": non_negative_int(),

@@ -24,6 +24,12 @@ Definitions, on a lightly smoothed curve :math:`f(t)`:
   a while to reach its final level: then the onset share is large while the abruptness is not
   small. A step function has onset share 1, a linear ramp over :math:`n` evaluations about
   :math:`1/n`.
+
+The **onset** of a run (:func:`onset_step`, the ablations' measure of *when*) is read off the raw
+curve instead: the first evaluation whose fidelity is above the step-0 band, :math:`f(0) +`
+``margin``, and stays above it at the next evaluation. ``margin`` 0.05 IoU is about three
+standard errors of a 32-sample mean IoU on the shipped base (per-image IoU spreads by about
+0.1 there).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ConvergenceReport", "detect_sudden_convergence"]
+__all__ = ["ConvergenceReport", "detect_sudden_convergence", "onset_step"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +115,17 @@ def detect_sudden_convergence(
         baseline, final, onset_step=int(t[sharpest + 1]),
         onset_share=float(rises[sharpest] / gain),
     )
+
+
+def onset_step(steps: Sequence[int], fidelity: Sequence[float],
+               margin: float = 0.05) -> int | None:
+    """The first evaluation step whose fidelity exceeds the step-0 value by more than
+    ``margin`` at that evaluation and the next (None if no such step); ``steps[0]`` must be
+    the step-0 evaluation."""
+    if not steps or steps[0] != 0:
+        raise ValueError("expected the curve to start with its step-0 evaluation")
+    band = fidelity[0] + margin
+    for i in range(1, len(steps) - 1):
+        if fidelity[i] > band and fidelity[i + 1] > band:
+            return int(steps[i])
+    return None

@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from ..block import lock
 from ..controlnet import ControlNet
+from ..variants import make_lite, replace_connections
 from ..world.data import FillDataset, ShapesDataset
 from .config import TASKS, TrainConfig
 
@@ -58,10 +59,16 @@ def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDif
 
 def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> ControlNet:
     """The ControlNet a run trains: a trainable copy of the base's U-Net (§3.2) whose condition
-    encoder downsamples the base's image resolution to its latent resolution."""
+    encoder downsamples the base's image resolution to its latent resolution; or one of the
+    paper's ablations of it (``connections``, ``trainable_copy``: :mod:`cnet.variants`)."""
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return ControlNet.from_unet(pipe.unet, hint_encoder=config.hint_encoder,
-                                condition_size=resolution)
+    controlnet = ControlNet.from_unet(pipe.unet, hint_encoder=config.hint_encoder,
+                                      condition_size=resolution)
+    if config.trainable_copy == "lite":
+        make_lite(controlnet)
+    # the ablations' random weights come from the run's seed, as the condition encoder's do
+    generator = torch.Generator().manual_seed(config.seed)
+    return replace_connections(controlnet, config.connections, config.connection_gain, generator)
 
 
 def task_dataset(task: str, size: int, split: str, resolution: int, seed: int,

@@ -154,6 +154,7 @@ class _Run:
     start: int  # the step this invocation starts from
     earlier_wall_time: float  # training time behind the checkpoint it resumed from
     on_log: Callable[[dict], None] | None = None
+    on_update: Callable[[int, ControlNet], None] | None = None  # sees gradients, pre-update
     data: CachedData | None = None
     eval_data: CachedData | None = None
     samples: dict | None = None
@@ -296,6 +297,8 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
     if step < FIRST_STEPS_LOGGED or step % config.log_every == 0:
         accelerator.unscale_gradients()  # fp16: the norms logged are the true gradients'
         entry = {"step": step, "loss": loss_value, **logged_norms(run.controlnet)}
+    if run.on_update is not None:
+        run.on_update(step, run.controlnet)
     scaler = accelerator.scaler
     scale = scaler.get_scale() if scaler is not None else None
     run.optimizer.step()
@@ -384,14 +387,16 @@ def _run_steps(run: _Run) -> dict:
 
 
 def train(config: TrainConfig, profile: str = "custom",
-          on_log: Callable[[dict], None] | None = None) -> dict:
+          on_log: Callable[[dict], None] | None = None,
+          on_update: Callable[[int, ControlNet], None] | None = None) -> dict:
     """Train a ControlNet on the locked base ``config.base`` and return a summary (final step,
     wall time, last evaluation). Writes ``log.jsonl``, ``checkpoint.safetensors``,
     ``samples.safetensors`` (the evaluation images at each evaluation), ``config.json`` and,
     at the end, ``run.json`` (profile, device, wall time, last evaluation) to ``config.out``.
-    ``on_log`` sees every log entry as it is written."""
+    ``on_log`` sees every log entry as it is written; ``on_update(step, controlnet)`` sees the
+    ControlNet with step's gradients, just before the optimizer updates it."""
     run = _setup(config)
-    run.on_log = on_log
+    run.on_log, run.on_update = on_log, on_update
     if run.start == config.steps and (run.out / "run.json").exists():
         # a finished run: running it again must not overwrite what it measured
         print(f"{run.out} already finished {config.steps} steps; nothing to do")

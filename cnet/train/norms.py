@@ -1,6 +1,9 @@
 """What a logged training step records of the ControlNet: each zero convolution's weight and
-gradient norm and the trainable copy's gradient norm (Eq. 6 and Eq. 8 made visible: the copy's
-gradient is exactly zero at update 1), brought to the host in one transfer."""
+gradient norm, the trainable copy's gradient norm and that of the condition encoder's inner
+layers, brought to the host in one transfer. Eq. 6 and Eq. 8 made visible, as a three-update
+cascade: at update 1 only the 12 + 1 residual zero convolutions have a non-zero gradient; at
+update 2 the copy and the condition encoder's zero convolution too; the encoder's inner layers,
+behind that still-zero convolution, only from update 3."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 
 from ..controlnet import ControlNet
 
-__all__ = ["logged_norms", "zero_conv_norms"]
+__all__ = ["hint_inner_parameters", "logged_norms", "zero_conv_norms"]
 
 
 def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
@@ -28,8 +31,15 @@ def _device_of(groups: dict[str, list[torch.Tensor | None]]) -> torch.device:
 
 
 def _zero_conv_groups(controlnet: ControlNet, grads: bool) -> dict[str, list]:
+    # an ablation without connection layers (cnet.variants) has nothing to record there
     return {name: [conv.weight.grad, conv.bias.grad] if grads else [conv.weight, conv.bias]
-            for name, conv in controlnet.zero_convolutions.items()}
+            for name, conv in controlnet.zero_convolutions.items() if hasattr(conv, "weight")}
+
+
+def hint_inner_parameters(controlnet: ControlNet) -> list[torch.nn.Parameter]:
+    """The condition encoder's layers before its zero convolution."""
+    last = {id(p) for p in controlnet.hint_encoder.zero_conv.parameters()}
+    return [p for p in controlnet.hint_encoder.parameters() if id(p) not in last]
 
 
 def zero_conv_norms(controlnet: ControlNet, grads: bool = False) -> dict[str, float]:
@@ -39,14 +49,16 @@ def zero_conv_norms(controlnet: ControlNet, grads: bool = False) -> dict[str, fl
 
 
 def logged_norms(controlnet: ControlNet) -> dict:
-    """What a logged step records: each zero convolution's weight norm and gradient norm, and
-    the trainable copy's gradient norm, in one transfer to the host."""
+    """What a logged step records: each zero convolution's weight norm and gradient norm, the
+    trainable copy's gradient norm and the condition encoder's inner layers' (``hint_grad_norm``),
+    in one transfer to the host."""
     groups = {("weight_norm", k): v for k, v in _zero_conv_groups(controlnet, False).items()}
     groups |= {("grad_norm", k): v for k, v in _zero_conv_groups(controlnet, True).items()}
     groups[("copy_grad_norm", "")] = [p.grad for p in controlnet.theta_c_parameters()]
+    groups[("hint_grad_norm", "")] = [p.grad for p in hint_inner_parameters(controlnet)]
     entry: dict = {"weight_norm": {}, "grad_norm": {}}
     for (kind, name), norm in _norms(groups).items():
-        if kind == "copy_grad_norm":
+        if not name:
             entry[kind] = norm
         else:
             entry[kind][name] = norm

@@ -160,13 +160,16 @@ def finite_or_none(x: float) -> float | None:
 @dataclass
 class TrainingLog:
     """A run's ``log.jsonl`` as columns: per logged step the loss, each zero conv's weight and
-    gradient norm, the trainable copy's gradient norm; per evaluation the fidelity."""
+    gradient norm, the trainable copy's and the condition encoder's inner layers' gradient norms
+    (``hint_grad_norm``: None in logs written before it was recorded); per evaluation the
+    fidelity."""
 
     steps: list[int]
     loss: list[float]
     weight_norm: dict[str, list[float]]
     grad_norm: dict[str, list[float]]
     copy_grad_norm: list[float]
+    hint_grad_norm: list[float | None]
     eval_steps: list[int]
     eval_iou: list[float]
     eval_colours: list[float]
@@ -189,6 +192,7 @@ def read_log(path: str | Path) -> TrainingLog:
         weight_norm={n: [e["weight_norm"][n] for e in train_entries] for n in names},
         grad_norm={n: [e["grad_norm"][n] for e in train_entries] for n in names},
         copy_grad_norm=[e["copy_grad_norm"] for e in train_entries],
+        hint_grad_norm=[e.get("hint_grad_norm") for e in train_entries],
         eval_steps=[e["step"] for e in evals],
         # a folder's run has no exact fidelity (its validation measures edge F1)
         eval_iou=[e["eval"].get("iou") for e in evals],

@@ -1,0 +1,145 @@
+"""The paper's ablations (cnet.variants, cnet.train.ablate) and the first three updates
+(cnet.train.first_updates): other connections really replace the zero convolutions and break
+Eq. 4, ControlNet-lite keeps the interface and Eq. 4, the cascade of updates 1-2-3 holds with
+exact zeros on the real training step, the summary's statistics mean what they say, and the
+shipped results are the ones notebook 07 and the README quote."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_unets import inputs, tiny_unet, unet_config
+
+import cnet.train.ablate as ablate
+from cnet import ControlledUNet, ControlNet
+from cnet.train import SettingError, TrainConfig
+from cnet.train.convergence import onset_step
+from cnet.train.first_updates import GROUPS, first_updates
+from cnet.variants import default_init_std, make_lite, replace_connections
+
+SHIPPED = Path(__file__).resolve().parents[1] / "figures" / "07_ablations.json"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet(unet_config(levels=2, layers=1, base=8, attention=(True, False)))
+
+
+def _controlled(unet, **variant):
+    torch.manual_seed(0)
+    controlnet = ControlNet.from_unet(unet)
+    if variant.pop("lite", False):
+        make_lite(controlnet)
+    if variant:
+        replace_connections(controlnet, generator=torch.Generator().manual_seed(0), **variant)
+    return ControlledUNet(unet, controlnet)
+
+
+@torch.no_grad()
+def test_connections_break_eq4_and_lite_keeps_it(unet):
+    x, t, text, condition = inputs(unet, 2, 8, 8)
+    locked = unet(x, t, text).sample
+    assert torch.equal(_controlled(unet)(x, t, text, condition), locked)
+    assert torch.equal(_controlled(unet, lite=True)(x, t, text, condition), locked)
+    for kind in ("gaussian", "none"):
+        assert not torch.allclose(_controlled(unet, kind=kind)(x, t, text, condition), locked)
+
+
+def test_gaussian_std_follows_the_gain(unet):
+    for gain in (1.0, 0.1):
+        controlnet = _controlled(unet, kind="gaussian", gain=gain).controlnets[0]
+        # each layer's weights in units of its default initialisation's std
+        scaled = torch.cat([z.weight.reshape(-1) / default_init_std(z)
+                            for z in [*controlnet.zero_convs, controlnet.mid_zero_conv]])
+        assert scaled.std().item() == pytest.approx(gain, rel=0.1)
+
+
+def test_none_means_identity_and_lite_one_conv_per_block(unet):
+    controlnet = _controlled(unet, kind="none").controlnets[0]
+    assert all(isinstance(z, torch.nn.Identity) for z in controlnet.zero_convs)
+    assert "zero_conv.hint" in controlnet.zero_convolutions  # the encoder's layer stays a conv
+    lite = _controlled(unet, lite=True).controlnets[0]
+    full = ControlNet.from_unet(unet)
+    assert lite.skip_channels == full.skip_channels  # the same 12 + 1 slots
+    layers = [m for m in lite.down_blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(layers) == len(full.skip_channels) - 1  # one conv per layer / downsampler
+    assert not any(p.requires_grad for p in lite.time_embedding.parameters())
+    trainable = sum(p.numel() for p in lite.parameters() if p.requires_grad)
+    assert trainable < sum(p.numel() for p in full.parameters())
+
+
+def test_bad_variant_settings_are_refused():
+    with pytest.raises(SettingError, match="connections: 'random'"):
+        TrainConfig(connections="random").check()
+    with pytest.raises(SettingError, match="trainable_copy"):
+        TrainConfig(trainable_copy="tiny").check()
+    with pytest.raises(SettingError, match="variant: 'big'"):
+        ablate.ablation_config("big", 0)
+    with pytest.raises(SettingError, match="studies: 'nope'"):
+        ablate.run_studies(["nope"])
+
+
+def test_onset_needs_two_evaluations_above_the_band():
+    steps = [0, 25, 50, 75, 100, 125]
+    assert onset_step(steps, [0.30, 0.36, 0.31, 0.40, 0.60, 0.80]) == 75  # 25: a lone bump
+    assert onset_step(steps, [0.30, 0.32, 0.33, 0.31, 0.34, 0.40]) is None
+    with pytest.raises(ValueError, match="step-0"):
+        onset_step(steps[1:], [0.3] * 5)
+
+
+def test_spread_and_differs():
+    a, b = ablate.spread([0.8, 0.9, 0.85]), ablate.spread([0.5, 0.6, None])
+    assert a["n"] == 3 and a["mean"] == pytest.approx(0.85) and a["sd"] == pytest.approx(0.05)
+    assert b["n"] == 2 and b["of"] == 3
+    assert ablate.differs(a, b)
+    assert not ablate.differs(a, ablate.spread([0.7, 0.82]))  # ranges overlap
+
+
+def test_first_three_updates_exactly(base, tmp_path):
+    config = TrainConfig(base=str(base), out=str(tmp_path), batch_size=4, train_size=16,
+                         eval_size=4, lr=2e-3, device="cpu")
+    report = first_updates(config)
+    residual, hint_zero, hint_inner, copy = GROUPS
+    zero = [{g for g in GROUPS if u[g]["grad_exactly_zero"]} for u in report["updates"]]
+    assert zero == [{hint_zero, hint_inner, copy}, {hint_inner}, set()]
+    first = report["updates"][0]
+    # a zero gradient moves a parameter by AdamW's decay alone, bit for bit
+    assert all(first[g]["decay_only"] for g in (hint_zero, hint_inner, copy))
+    assert not first[hint_zero]["moved"]  # 0 decayed is 0
+    assert first[copy]["moved"]  # the copy shrinks at update 1 without any gradient
+    assert report["first_step"]["max_deviation_from_adamw_formula"] < 1e-8
+    assert report["first_step"]["max_abs_step"] <= config.lr
+
+
+def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
+    settings = dict(base=str(base), steps=6, eval_every=1, batch_size=4, train_size=16,
+                    eval_size=4, eval_steps=2, lr=2e-3, device="cpu")
+    monkeypatch.setattr(ablate, "ABLATION_SETTINGS", settings)
+    root = tmp_path / "ablate"
+    runs = ablate.run_studies(["lite"], seeds=[0, 1], root=root)
+    assert [r.relative_to(root).as_posix() for r in runs] == [
+        "default/seed0", "lite/seed0", "default/seed1", "lite/seed1"]
+    result = ablate.summarize(["lite"], [0, 1], root)
+    lite, default = result["variants"]["lite"], result["variants"]["default"]
+    assert lite["trainable_parameters"] < default["trainable_parameters"]
+    assert default["aggregate"]["step0_deviation"]["max"] == 0.0  # Eq. 4, for every seed
+    assert lite["aggregate"]["copy_drift"]["n"] == 0  # lite copies no blocks
+    assert default["aggregate"]["copy_drift"]["min"] > 0
+    assert len(default["runs"][0]["curves"]["eval_steps"]) == 7
+    assert set(result["studies"]["lite"]["differs_from_default"]["lite"]) == set(
+        default["aggregate"])
+    again = ablate.measure_run(runs[0])  # cached beside the run
+    assert again == json.loads(json.dumps(default["runs"][0]))
+
+
+def test_shipped_results_hold_the_cascade_and_every_seed():
+    result = json.loads(SHIPPED.read_text())
+    assert set(result["studies"]) == set(ablate.STUDIES)
+    for variant in result["variants"].values():
+        assert [r["seed"] for r in variant["runs"]] == result["seeds"] and len(result["seeds"]) >= 3
+    zero = [{g for g in GROUPS if u[g]["grad_exactly_zero"]}
+            for u in result["first_updates"]["updates"]]
+    assert zero == [set(GROUPS[1:]), {GROUPS[2]}, set()]
+    assert result["variants"]["default"]["aggregate"]["step0_deviation"]["max"] == 0.0
+    assert result["command"].startswith("python -m cnet ablate")
