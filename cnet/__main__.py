@@ -125,7 +125,7 @@ def run_ablate(args: argparse.Namespace) -> None:
 
     settings = ablation_config("default", 0, args.root)
     step_time = variant_cost(settings, {v: VARIANTS[v] for v in ("default", "gaussian", "none",
-                                                                 "lite")}, repeats=7)
+                                                                 "lite", "accum-2")}, repeats=7)
     step_time.pop("times_s")
     command = "python -m cnet ablate " + " ".join(args.argv or [])
     result = summarize(studies, args.seeds, args.root, step_time,

@@ -143,3 +143,13 @@ def test_shipped_results_hold_the_cascade_and_every_seed():
     assert zero == [set(GROUPS[1:]), {GROUPS[2]}, set()]
     assert result["variants"]["default"]["aggregate"]["step0_deviation"]["max"] == 0.0
     assert result["command"].startswith("python -m cnet ablate")
+
+
+def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
+    from cnet.__main__ import _parser, _train_settings
+
+    monkeypatch.chdir(SHIPPED.parents[1])  # the settings' base is relative to the clone
+    for variant in ablate.VARIANTS:
+        argv = ablate.train_command(variant, 2).split()[3:]
+        _, config = _train_settings(_parser().parse_args(argv), "quick")
+        assert config == ablate.ablation_config(variant, 2), variant

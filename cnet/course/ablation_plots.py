@@ -22,7 +22,7 @@ LABELS = {
     "gaussian-0.1": "Gaussian convs (std × 0.1)", "none": "no connection layer",
     "lite": "ControlNet-lite", "no-empty-prompts": "0 % empty prompts",
     "data-1k": "1k samples", "data-20k": "20k samples", "lr-1e-3": "lr 1e-3",
-    "accum-2": "2 micro-batches / update",
+    "accum-2": "2 micro-batches / update", "default-1200": "ControlNet, 1200 steps",
 }
 
 

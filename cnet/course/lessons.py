@@ -138,7 +138,7 @@ def gradient_flow(
 @torch.no_grad()
 def gaussian_connections_(controlled: ControlledBlock, std: float = 0.1, seed: int = 0) -> None:
     r"""Replace both zero convolutions' weights and biases by Gaussian draws
-    :math:`\mathcal N(0, \mathrm{std}^2)`: the paper's ablation (§4.3, Fig. 8), where the
+    :math:`\mathcal N(0, \mathrm{std}^2)`: the paper's ablation (ICCV §4.2), where the
     connection is an ordinary initialised layer and Eq. 3–4 no longer hold."""
     g = torch.Generator().manual_seed(seed)
     for z in (controlled.z1, controlled.z2):

@@ -12,7 +12,9 @@ seed. A study compares variants against the default ControlNet:
 ==============  ==========================================================================
 study           variants (settings on top of the default)
 ==============  ==========================================================================
-seeds           the default alone: the convergence curve with error bars
+seeds           the default, and the default trained on to 1200 steps: the convergence
+                curve with error bars (its first 600 steps are the default run's, bit for
+                bit: a run resumed equals the uninterrupted one)
 connections     Gaussian-initialised connections (std = 1 and 0.1 × PyTorch's default
                 initialisation's), and none (:mod:`cnet.variants`)
 lite            ControlNet-lite: one convolution per block of the trainable copy
@@ -49,7 +51,7 @@ from .loop import train
 from .runs import load_checkpoint, read_log
 
 __all__ = ["ABLATION_SETTINGS", "SEEDS", "STUDIES", "VARIANTS", "ablation_config",
-           "measure_run", "run_studies", "summarize"]
+           "measure_run", "run_studies", "summarize", "train_command"]
 
 #: On top of the quick profile: evaluations dense enough to time a jump of ~100 steps.
 ABLATION_SETTINGS: dict = {**PROFILES["quick"], "eval_every": 25}
@@ -65,9 +67,10 @@ VARIANTS: dict[str, dict] = {
     "data-20k": {"train_size": 20480},
     "lr-1e-3": {"lr": 1e-3},
     "accum-2": {"grad_accum": 2},
+    "default-1200": {"steps": 1200},
 }
 STUDIES: dict[str, tuple[str, ...]] = {
-    "seeds": ("default",),
+    "seeds": ("default", "default-1200"),
     "connections": ("default", "gaussian", "gaussian-0.1", "none"),
     "lite": ("default", "lite"),
     "prompt_dropout": ("default", "no-empty-prompts"),
@@ -84,6 +87,14 @@ def ablation_config(variant: str, seed: int, root: str | Path = "runs/ablate") -
                            + ", ".join(VARIANTS))
     return TrainConfig(**{**ABLATION_SETTINGS, **VARIANTS[variant]}, seed=seed,
                        out=f"{root}/{variant}/seed{seed}").check()
+
+
+def train_command(variant: str, seed: int, root: str | Path = "runs/ablate") -> str:
+    """The ``python -m cnet train`` line that makes the same run as the ablation's."""
+    flags = {k: v for k, v in ABLATION_SETTINGS.items() if PROFILES["quick"].get(k) != v}
+    flags |= {**VARIANTS[variant], "seed": seed, "out": f"{root}/{variant}/seed{seed}"}
+    return "python -m cnet train --profile quick " + " ".join(
+        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items())
 
 
 def _check_studies(studies: Sequence[str], seeds: Sequence[int]) -> None:
@@ -252,6 +263,7 @@ def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
         runs = [measure_run(ablation_config(variant, s, root).out, pipe) for s in seeds]
         result["variants"][variant] = {
             "settings": VARIANTS[variant], "runs": runs, "aggregate": aggregate(runs),
+            "train_commands": [train_command(variant, s, root) for s in seeds],
             "trainable_parameters": runs[0]["trainable_parameters"]}
     for study in studies:
         names = STUDIES[study]

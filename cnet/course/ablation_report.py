@@ -1,0 +1,70 @@
+"""The ablations' summary (:func:`cnet.train.ablate.summarize`) in words: the one table (README,
+notebook 07) and, per study, what each variant changes beyond the seed spread and what it
+does not."""
+
+from __future__ import annotations
+
+from ..train.ablate import differs
+from .ablation_plots import LABELS
+
+__all__ = ["ablation_table", "effects", "format_spread"]
+
+MEASURES = {
+    "onset": "onset step", "t50": "50 % step", "final_iou": "final IoU",
+    "final_colours_ok": "final colour accuracy", "prompt_free_layout_iou": "prompt-free layout IoU",
+    "step0_deviation": "step-0 deviation", "step0_colours_ok": "step-0 colour accuracy",
+    "copy_drift": "copy drift",
+}
+
+
+def format_spread(stats: dict, digits: int = 2, counts: bool = False) -> str:
+    """``mean ± sd`` over the seeds that have a value (``—`` where none has); ``counts`` adds
+    how many of them do, e.g. ``275 ± 35 (2/3)``."""
+    if not stats.get("n"):
+        return "—" + (f" (0/{stats['of']})" if counts else "")
+    sd = "" if stats["sd"] is None else f" ± {stats['sd']:.{digits}f}"
+    text = f"{stats['mean']:.{digits}f}{sd}"
+    return text + (f" ({stats['n']}/{stats['of']})" if counts else "")
+
+
+def ablation_table(result: dict) -> str:
+    """Variant, trainable parameters, step time against the ControlNet's (measured side by
+    side, :func:`cnet.bench.suites.variant_cost`; — where not measured), onset (mean ± sd, and
+    how many seeds left the step-0 band), final IoU and prompt-free layout IoU (mean ± sd)."""
+    ratios = result.get("step_time", {}).get("time_ratio", {})
+    lines = ["| variant | trainable parameters | step time | onset step (seeds with one) "
+             "| final IoU | prompt-free layout IoU |", "|---|---|---|---|---|---|"]
+    for name, variant in result["variants"].items():
+        stats = variant["aggregate"]
+        ratio = f"{ratios[name]:.2f}×" if name in ratios else "—"
+        lines.append(
+            f"| {LABELS.get(name, name)} | {variant['trainable_parameters'] / 1e6:.2f}M | {ratio} "
+            f"| {format_spread(stats['onset'], 0, counts=True)} "
+            f"| {format_spread(stats['final_iou'])} "
+            f"| {format_spread(stats['prompt_free_layout_iou'])} |")
+    return "\n".join(lines)
+
+
+def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
+    """One line per variant of ``study`` and measure, against the default: higher or lower
+    where the seeds' ranges do not overlap (:func:`cnet.train.ablate.differs`), else "within
+    the seed spread"."""
+    default = result["variants"]["default"]["aggregate"]
+    lines = []
+    for variant in result["studies"][study]["variants"]:
+        if variant == "default":
+            continue
+        stats = result["variants"][variant]["aggregate"]
+        for key in measures:
+            a, b = stats[key], default[key]
+            if not a.get("n") or not b.get("n"):
+                continue
+            if differs(a, b):
+                verdict = "higher" if a["mean"] > b["mean"] else "lower"
+                verdict += ", beyond the seed spread"
+            else:
+                verdict = "within the seed spread"
+            digits = 0 if key in ("onset", "t50") else 2
+            lines.append(f"{LABELS.get(variant, variant)}: {MEASURES[key]} "
+                         f"{format_spread(a, digits)} vs {format_spread(b, digits)}: {verdict}")
+    return lines
