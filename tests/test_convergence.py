@@ -29,7 +29,7 @@ def test_a_perfect_step_function_has_one_evaluation_of_width():
     report = detect_sudden_convergence(STEPS, curve)
     assert (report.start, report.step, report.end) == (4000, 4000, 4000)
     assert report.abruptness == 0.0 and report.sudden
-    assert report.onset_step == 4000 and report.onset_share == pytest.approx(1.0)
+    assert report.sharpest_step == 4000 and report.sharpest_share == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
@@ -47,18 +47,18 @@ def test_gradual_curves_are_not_sudden(curve, expected):
     if expected is not None:
         assert report.abruptness == pytest.approx(expected, rel=0.05)
         # 100 equal rises, measured against the gain between the edge medians (0.9 of the ramp)
-        assert report.onset_share == pytest.approx(1 / 90, rel=0.05)
+        assert report.sharpest_share == pytest.approx(1 / 90, rel=0.05)
 
 
-def test_an_abrupt_onset_followed_by_a_slow_climb_is_told_apart_from_both():
+def test_an_abrupt_rise_followed_by_a_slow_climb_is_told_apart_from_both():
     # flat at 0.3, a jump of half the gain in one evaluation at step 3000, then a linear climb
     climb = np.clip((STEPS - 3000) / 5000, 0, 1)
     curve = 0.3 + np.where(STEPS >= 3000, 0.25 + 0.25 * climb, 0.0)
     report = detect_sudden_convergence(STEPS, curve)
     assert report.converged and not report.sudden
-    assert report.onset_step == 3000
-    assert report.onset_share == pytest.approx(0.25 / (report.final - report.baseline), rel=0.02)
-    assert report.onset_share > 0.45
+    assert report.sharpest_step == 3000
+    assert report.sharpest_share == pytest.approx(0.25 / (report.final - report.baseline), rel=0.02)
+    assert report.sharpest_share > 0.45
 
 
 def test_a_flat_noisy_curve_has_not_converged():
@@ -82,12 +82,12 @@ def test_bad_input():
         detect_sudden_convergence(range(5), [0.1, float("nan"), 0.1, 0.1, 0.1])
 
 
-def test_the_onset_is_looked_for_within_the_jump_not_in_noise_around_it():
+def test_the_sharpest_interval_is_looked_for_within_the_jump_not_in_noise_around_it():
     # a jump spread evenly over five evaluations from step 5000, and a two-evaluation noise
     # bump long before it whose rise is larger than any single rise of the jump
     curve = 0.1 + 0.7 * np.clip((STEPS - 4900) / 500, 0, 1)
     curve[10:12] = 0.4
     report = detect_sudden_convergence(STEPS, curve)
     assert (report.start, report.end) == (5000, 5300)
-    assert 5000 <= report.onset_step <= 5300
-    assert report.onset_share == pytest.approx(0.2)
+    assert 5000 <= report.sharpest_step <= 5300
+    assert report.sharpest_share == pytest.approx(0.2)

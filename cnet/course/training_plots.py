@@ -38,7 +38,7 @@ def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
                    label=f"convergence step {report.step}"
                          f" ({'sudden' if report.sudden else 'gradual'}, "
                          f"abruptness {report.abruptness:.2f}; sharpest rise "
-                         f"{report.onset_share:.0%} of the gain, at step {report.onset_step})")
+                         f"{report.sharpest_share:.0%} of the gain, at step {report.sharpest_step})")
     loss_ax = ax.twinx()
     window = max(1, len(log.loss) // 100)
     loss_ax.plot(log.steps, _smooth(log.loss, window), color="tab:gray", lw=1, alpha=0.8,
@@ -108,7 +108,7 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
 
 
 def plot_sample_grid(samples: dict, conditions, steps, label: str = "") -> plt.Figure:
-    """The paper's Fig. 4 in miniature: the same conditions (rows) sampled with the same seeds
+    """v1 Fig. 4 (the paper's sudden-convergence samples) in miniature: the same conditions (rows) sampled with the same seeds
     at several training steps (columns). ``samples`` maps ``step_<n>`` to uint8 images."""
     rows = len(conditions)
     fig, axes = plt.subplots(rows, len(steps) + 1, figsize=(1.3 * (len(steps) + 1), 1.3 * rows),
@@ -139,7 +139,7 @@ def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Fi
         colour = colours(k / max(1, len(comparison)))
         report = entry["report"]
         text = (f"{knob}={value}: step {report['step']}, abruptness {report['abruptness']:.2f}, "
-                f"sharpest rise {report['onset_share']:.0%}"
+                f"sharpest rise {report['sharpest_share']:.0%}"
                 if report["converged"] else f"{knob}={value}: no jump")
         ax.plot(entry["eval_steps"], entry["eval_iou"], "o-", ms=2.5, lw=1.2, color=colour,
                 label=text)

@@ -235,7 +235,7 @@ def aggregate(runs: list[dict]) -> dict:
     pick = {
         "onset": lambda r: r["onset"], "t20": lambda r: r["report"]["start"],
         "t50": lambda r: r["report"]["step"], "t80": lambda r: r["report"]["end"],
-        "onset_share": lambda r: r["report"]["onset_share"],
+        "sharpest_share": lambda r: r["report"]["sharpest_share"],
         "final_iou": lambda r: r["final"]["iou"],
         "final_layout_iou": lambda r: r["final"]["layout_iou"],
         "final_colours_ok": lambda r: r["final"]["colours_ok"],

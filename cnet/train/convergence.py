@@ -1,8 +1,9 @@
-r"""Sudden convergence, measured (paper §3.3, Fig. 4).
+r"""Sudden convergence, measured (paper §3.3; v1 Fig. 4 shows it as samples).
 
 The paper observes that a ControlNet does not learn to follow its condition gradually: for
 thousands of steps its samples ignore the condition, then within a short stretch of training
-they start following it ("sudden convergence", at step 6133 in Fig. 4). This module reads a
+they start following it ("sudden convergence", at step 6133 in v1 Fig. 4, a set of samples, not
+a curve). This module reads a
 fidelity curve (condition fidelity against training step) and says where the jump happened and
 how abrupt it was.
 
@@ -15,15 +16,16 @@ Definitions, on a lightly smoothed curve :math:`f(t)`:
   :math:`f < f_0 + 0.2\Delta`; the **convergence step** :math:`t_{50}` = first evaluation in
   :math:`[t_{20}, t_{80}]` with :math:`f \ge f_0 + 0.5\Delta`;
 * **abruptness** = :math:`(t_{80} - t_{20}) / t_{50}`: the share of the training so far that the
-  jump took. A linear ramp from step 0 gives about 1.1, an exponential approach more; the
-  paper's Fig. 4 curve is well under 0.1. ``sudden`` is ``abruptness <= sudden_below``
+  jump took. A linear ramp from step 0 gives about 1.1, an exponential approach more; a jump
+  within a few hundred steps after 6133 steps of waiting, as the paper's samples suggest, would
+  be under 0.1. ``sudden`` is ``abruptness <= sudden_below``
   (0.25 by default);
-* **onset**: the sharpest rise between two consecutive evaluations within the jump (those ending
-  at :math:`t_{20} \dots t_{80}`), as a share of the gain (``onset_share``), and the evaluation it
-  ends at (``onset_step``). A curve can start following its condition abruptly and still take
-  a while to reach its final level: then the onset share is large while the abruptness is not
-  small. A step function has onset share 1, a linear ramp over :math:`n` evaluations about
-  :math:`1/n`.
+* **sharpest interval**: the sharpest rise between two consecutive evaluations within the jump
+  (those ending at :math:`t_{20} \dots t_{80}`), as a share of the gain (``sharpest_share``),
+  and the evaluation it ends at (``sharpest_step``). A curve can start following its condition
+  abruptly and still take a while to reach its final level: then the sharpest share is large
+  while the abruptness is not small. A step function has sharpest share 1, a linear ramp over
+  :math:`n` evaluations about :math:`1/n`.
 
 The **onset** of a run (:func:`onset_step`, the ablations' measure of *when*) is read off the raw
 curve instead: the first evaluation whose fidelity is above the step-0 band, :math:`f(0) +`
@@ -52,8 +54,8 @@ class ConvergenceReport:
     sudden: bool
     baseline: float
     final: float
-    onset_step: int | None = None  # the evaluation ending the sharpest rise
-    onset_share: float | None = None  # that rise as a share of the gain (final - baseline)
+    sharpest_step: int | None = None  # the evaluation ending the sharpest rise
+    sharpest_share: float | None = None  # that rise as a share of the gain (final - baseline)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,8 +114,8 @@ def detect_sudden_convergence(
     sharpest = first + int(np.argmax(rises[first : max(i80, first + 1)]))
     return ConvergenceReport(
         True, step50, int(t[i20]), int(t[i80]), abruptness, abruptness <= sudden_below,
-        baseline, final, onset_step=int(t[sharpest + 1]),
-        onset_share=float(rises[sharpest] / gain),
+        baseline, final, sharpest_step=int(t[sharpest + 1]),
+        sharpest_share=float(rises[sharpest] / gain),
     )
 
 
