@@ -103,8 +103,14 @@ def run_compare(args: argparse.Namespace) -> None:
 def run_ablate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .train import train
-    from .train.ablate import STUDIES, VARIANTS, ablation_config, run_studies, summarize
+    from .train.ablate import (
+        STUDIES,
+        VARIANTS,
+        ablation_config,
+        run_studies,
+        summarize,
+        train_variant,
+    )
     from .train.first_updates import first_updates
 
     studies = args.studies or list(STUDIES)
@@ -114,7 +120,7 @@ def run_ablate(args: argparse.Namespace) -> None:
                 ablation_config(variant, seed, args.root)  # every name checked first
         for seed in args.seeds:
             for variant in args.variants:
-                train(ablation_config(variant, seed, args.root), profile="ablation")
+                train_variant(variant, seed, args.root)
         return
     if not args.no_train:
         run_studies(studies, args.seeds, args.root)
@@ -127,7 +133,7 @@ def run_ablate(args: argparse.Namespace) -> None:
     step_time = variant_cost(settings, {v: VARIANTS[v] for v in ("default", "gaussian", "none",
                                                                  "lite", "accum-2")}, repeats=7)
     step_time.pop("times_s")
-    command = "python -m cnet ablate " + " ".join(args.argv or [])
+    command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     result = summarize(studies, args.seeds, args.root, step_time,
                        first_updates(settings), command=command.strip())
     out = Path(args.results)
@@ -310,6 +316,24 @@ def _add_sample_and_bench(sub) -> None:
                        choices=["step_cost", "loop_cost", "scaling", "loop_overheads"])
 
 
+def _add_ablate(sub) -> None:
+    ablate = sub.add_parser("ablate", help="the paper's ablations and the convergence "
+                                           "evidence, several seeds each (notebook 07)")
+    ablate.add_argument("--studies", nargs="+", default=None,
+                        help="default: all (seeds connections lite prompt_dropout data_size lr "
+                             "grad_accum)")
+    ablate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ablate.add_argument("--root", default="runs/ablate", help="where the runs go")
+    ablate.add_argument("--results", default="runs/ablate/ablations.json",
+                        help="the summary JSON (figures/07_ablations.json: the shipped one)")
+    ablate.add_argument("--figures", action="store_true",
+                        help="write the figures beside --results as 07_*.png")
+    ablate.add_argument("--variants", nargs="+", default=None,
+                        help="only train these variants (no summary)")
+    ablate.add_argument("--no_train", action="store_true", help="summarize finished runs only")
+    ablate.add_argument("--no_summary", action="store_true", help="train only")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,21 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--knob", required=True, help="the TrainConfig setting to vary")
     compare.add_argument("--values", required=True, nargs="+", help="its values, one run each")
     compare.add_argument("--label", default="", help="added to the figure's title")
-    ablate = sub.add_parser("ablate", help="the paper's ablations and the convergence "
-                                           "evidence, several seeds each (notebook 07)")
-    ablate.add_argument("--studies", nargs="+", default=None,
-                        help="default: all (seeds connections lite prompt_dropout data_size lr "
-                             "grad_accum)")
-    ablate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ablate.add_argument("--root", default="runs/ablate", help="where the runs go")
-    ablate.add_argument("--results", default="runs/ablate/ablations.json",
-                        help="the summary JSON (figures/07_ablations.json: the shipped one)")
-    ablate.add_argument("--figures", action="store_true",
-                        help="write the figures beside --results as 07_*.png")
-    ablate.add_argument("--variants", nargs="+", default=None,
-                        help="only train these variants (no summary)")
-    ablate.add_argument("--no_train", action="store_true", help="summarize finished runs only")
-    ablate.add_argument("--no_summary", action="store_true", help="train only")
+    _add_ablate(sub)
     export = sub.add_parser("export", help="ship a finished run as a diffusers ControlNetModel")
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")

@@ -13,7 +13,7 @@ from _tiny_unets import inputs, tiny_unet, unet_config
 
 import cnet.train.ablate as ablate
 from cnet import ControlledUNet, ControlNet
-from cnet.train import SettingError, TrainConfig
+from cnet.train import SettingError, TrainConfig, read_log
 from cnet.train.convergence import onset_step
 from cnet.train.first_updates import GROUPS, first_updates
 from cnet.variants import default_init_std, make_lite, replace_connections
@@ -92,8 +92,10 @@ def test_spread_and_differs():
     a, b = ablate.spread([0.8, 0.9, 0.85]), ablate.spread([0.5, 0.6, None])
     assert a["n"] == 3 and a["mean"] == pytest.approx(0.85) and a["sd"] == pytest.approx(0.05)
     assert b["n"] == 2 and b["of"] == 3
-    assert ablate.differs(a, b)
-    assert not ablate.differs(a, ablate.spread([0.7, 0.82]))  # ranges overlap
+    assert ablate.differs(a, ablate.spread([0.5, 0.6, 0.55]))
+    assert not ablate.differs(a, b)  # a seed without a value: no verdict
+    assert not ablate.differs(a, ablate.spread([0.7, 0.82, 0.75]))  # ranges overlap
+    assert not ablate.differs(ablate.spread([0.9]), ablate.spread([0.1]))  # one seed each
 
 
 def test_first_three_updates_exactly(base, tmp_path):
@@ -109,7 +111,8 @@ def test_first_three_updates_exactly(base, tmp_path):
     assert not first[hint_zero]["moved"]  # 0 decayed is 0
     assert first[copy]["moved"]  # the copy shrinks at update 1 without any gradient
     assert report["first_step"]["max_deviation_from_adamw_formula"] < 1e-8
-    assert report["first_step"]["max_abs_step"] <= config.lr
+    # |step| = lr |g| / (|g| + eps) < lr, with lr as the optimizer holds it (float32)
+    assert report["first_step"]["max_abs_step"] <= float(torch.tensor(config.lr))
 
 
 def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
@@ -129,8 +132,22 @@ def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
     assert len(default["runs"][0]["curves"]["eval_steps"]) == 7
     assert set(result["studies"]["lite"]["differs_from_default"]["lite"]) == set(
         default["aggregate"])
-    again = ablate.measure_run(runs[0])  # cached beside the run
-    assert again == json.loads(json.dumps(default["runs"][0]))
+    log = read_log(runs[0])  # the cascade in the log: the encoder's inner layers from update 3
+    assert log.hint_grad_norm[:2] == [0.0, 0.0] and log.hint_grad_norm[2] > 0
+    assert log.copy_grad_norm[0] == 0.0 and log.copy_grad_norm[1] > 0
+
+
+def test_a_continued_variant_starts_from_the_run_it_continues(base, tmp_path, monkeypatch):
+    settings = dict(base=str(base), steps=4, eval_every=2, batch_size=4, train_size=16,
+                    eval_size=4, eval_steps=2, lr=2e-3, device="cpu")
+    monkeypatch.setattr(ablate, "ABLATION_SETTINGS", settings)
+    monkeypatch.setitem(ablate.VARIANTS, "default-1200", {"steps": 6})
+    root = tmp_path / "ablate"
+    ablate.run_studies(["seeds"], seeds=[0], root=root)
+    short, long = (read_log(root / v / "seed0") for v in ("default", "default-1200"))
+    assert long.steps == list(range(6)) and short.steps == list(range(4))
+    assert long.loss[:4] == short.loss and long.eval_iou[:3] == short.eval_iou
+    assert json.loads((root / "default-1200/seed0/run.json").read_text())["resumed_from"] == 4
 
 
 def test_shipped_results_hold_the_cascade_and_every_seed():

@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cnet"
 # the package's own __init__ ("cnet") re-exports the core and must stay inside it too
 CORE = {"cnet", "cnet.zero_conv", "cnet.block", "cnet.hint", "cnet.residuals", "cnet.controlnet",
-        "cnet.injection", "cnet.convert", "cnet.sample"}
+        "cnet.injection", "cnet.convert", "cnet.sample", "cnet.variants"}
 UPPER = ("cnet.train", "cnet.world", "cnet.course")
 MAX_FILE_LINES = 440  # about 400, with a tenth of leeway
 MAX_FUNCTION_LINES = 60

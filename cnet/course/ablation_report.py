@@ -47,8 +47,9 @@ def ablation_table(result: dict) -> str:
 
 def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
     """One line per variant of ``study`` and measure, against the default: higher or lower
-    where the seeds' ranges do not overlap (:func:`cnet.train.ablate.differs`), else "within
-    the seed spread"."""
+    where the seeds' ranges do not overlap (:func:`cnet.train.ablate.differs`), "within the
+    seed spread" where they do, and how many seeds have a value where not all do (a run with
+    no onset)."""
     default = result["variants"]["default"]["aggregate"]
     lines = []
     for variant in result["studies"][study]["variants"]:
@@ -57,14 +58,18 @@ def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
         stats = result["variants"][variant]["aggregate"]
         for key in measures:
             a, b = stats[key], default[key]
-            if not a.get("n") or not b.get("n"):
+            if not a.get("n") and not b.get("n"):
                 continue
+            complete = a["n"] == a["of"] and b["n"] == b["of"]
             if differs(a, b):
                 verdict = "higher" if a["mean"] > b["mean"] else "lower"
                 verdict += ", beyond the seed spread"
-            else:
+            elif complete:
                 verdict = "within the seed spread"
+            else:
+                verdict = "not every seed has one: no verdict"
             digits = 0 if key in ("onset", "t50") else 2
             lines.append(f"{LABELS.get(variant, variant)}: {MEASURES[key]} "
-                         f"{format_spread(a, digits)} vs {format_spread(b, digits)}: {verdict}")
+                         f"{format_spread(a, digits, not complete)} vs "
+                         f"{format_spread(b, digits, not complete)}: {verdict}")
     return lines

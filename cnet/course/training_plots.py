@@ -38,7 +38,8 @@ def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
                    label=f"convergence step {report.step}"
                          f" ({'sudden' if report.sudden else 'gradual'}, "
                          f"abruptness {report.abruptness:.2f}; sharpest rise "
-                         f"{report.sharpest_share:.0%} of the gain, at step {report.sharpest_step})")
+                         f"{report.sharpest_share:.0%} of the gain, at step "
+                         f"{report.sharpest_step})")
     loss_ax = ax.twinx()
     window = max(1, len(log.loss) // 100)
     loss_ax.plot(log.steps, _smooth(log.loss, window), color="tab:gray", lw=1, alpha=0.8,
@@ -85,8 +86,9 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
     series = {
         "trainable copy Θ_c": log.copy_grad_norm[:steps],
         "condition encoder's zero conv": log.grad_norm["zero_conv.hint"][:steps],
-        "middle zero conv (Θ_z2)": log.grad_norm["zero_conv.mid"][:steps],
     }
+    if "zero_conv.mid" in log.grad_norm:  # a run without connection layers has none there
+        series["middle zero conv (Θ_z2)"] = log.grad_norm["zero_conv.mid"][:steps]
     positive = [v for vals in series.values() for v in vals if v > 0]
     floor = min(positive) / 10 if positive else 1e-12
     for k, (name, values) in enumerate(series.items()):
@@ -108,8 +110,9 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
 
 
 def plot_sample_grid(samples: dict, conditions, steps, label: str = "") -> plt.Figure:
-    """v1 Fig. 4 (the paper's sudden-convergence samples) in miniature: the same conditions (rows) sampled with the same seeds
-    at several training steps (columns). ``samples`` maps ``step_<n>`` to uint8 images."""
+    """v1 Fig. 4 (the paper's sudden-convergence samples) in miniature: the same conditions
+    (rows) sampled with the same seeds at several training steps (columns). ``samples`` maps
+    ``step_<n>`` to uint8 images."""
     rows = len(conditions)
     fig, axes = plt.subplots(rows, len(steps) + 1, figsize=(1.3 * (len(steps) + 1), 1.3 * rows),
                              squeeze=False)

@@ -16,7 +16,8 @@ seeds           the default, and the default trained on to 1200 steps: the conve
                 curve with error bars (its first 600 steps are the default run's, bit for
                 bit: a run resumed equals the uninterrupted one)
 connections     Gaussian-initialised connections (std = 1 and 0.1 × PyTorch's default
-                initialisation's), and none (:mod:`cnet.variants`)
+                initialisation's), the paper's; and none, cnet's own contrast
+                (:mod:`cnet.variants`)
 lite            ControlNet-lite: one convolution per block of the trainable copy
 prompt_dropout  no empty prompts (the default replaces 50 % of them)
 data_size       1k and 20k training samples (the default: 4096)
@@ -24,7 +25,9 @@ lr, grad_accum  notebook 05's knobs: lr 1e-3 (default 2e-3), 2 micro-batches per
 ==============  ==========================================================================
 
 What each run is measured by (:func:`measure_run`): its fidelity curve and, from it, the onset
-(:func:`cnet.train.convergence.onset_step`) and the 20/50/80 % steps and sharpest single
+(:func:`cnet.train.convergence.onset_step`, against the locked base's fidelity on the same
+evaluation set: the default run's step-0 value, so that a variant damaged at step 0 does not
+count its recovery as an onset) and the 20/50/80 % steps and sharpest single
 interval (:func:`cnet.train.convergence.detect_sudden_convergence`); at step 0, how far the
 controlled U-Net's prediction is from the locked one's; at the end, fidelity with the
 prompts and with empty prompts, colour accuracy (the prompt still obeyed) and how far the
@@ -35,6 +38,7 @@ runs, mean and spread over seeds, into one JSON (``figures/07_ablations.json``).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +55,7 @@ from .loop import train
 from .runs import load_checkpoint, read_log
 
 __all__ = ["ABLATION_SETTINGS", "SEEDS", "STUDIES", "VARIANTS", "ablation_config",
-           "measure_run", "run_studies", "summarize", "train_command"]
+           "measure_run", "run_studies", "summarize", "train_command", "train_variant"]
 
 #: On top of the quick profile: evaluations dense enough to time a jump of ~100 steps.
 ABLATION_SETTINGS: dict = {**PROFILES["quick"], "eval_every": 25}
@@ -69,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     "accum-2": {"grad_accum": 2},
     "default-1200": {"steps": 1200},
 }
+#: Variants that continue another's run: their folder starts as a copy of it (same settings but
+#: ``steps``, which a run may change when it resumes), so their first steps are its steps.
+CONTINUES = {"default-1200": "default"}
 STUDIES: dict[str, tuple[str, ...]] = {
     "seeds": ("default", "default-1200"),
     "connections": ("default", "gaussian", "gaussian-0.1", "none"),
@@ -113,11 +120,24 @@ def run_studies(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
     settings gives the same one)."""
     _check_studies(studies, seeds)
     variants = list(dict.fromkeys(v for s in studies for v in STUDIES[s]))
-    configs = [ablation_config(v, seed, root) for seed in seeds for v in variants]
-    for config in configs:
-        print(f"--- {config.out}")
-        train(config, profile="ablation")
-    return [Path(c.out) for c in configs]
+    runs = [(v, seed) for seed in seeds for v in variants]
+    for variant, seed in runs:
+        train_variant(variant, seed, root)
+    return [Path(ablation_config(v, seed, root).out) for v, seed in runs]
+
+
+def train_variant(variant: str, seed: int, root: str | Path = "runs/ablate") -> dict:
+    """Train (or resume, or leave, when finished) one run; a variant that continues another
+    (:data:`CONTINUES`) starts from a copy of that run's folder, once it has finished."""
+    config = ablation_config(variant, seed, root)
+    source = CONTINUES.get(variant)
+    if source and not Path(config.out).exists():
+        first = ablation_config(source, seed, root)
+        if not (Path(first.out) / "run.json").exists():
+            train(first, profile="ablation")
+        shutil.copytree(first.out, config.out, ignore=shutil.ignore_patterns("ablation.json"))
+    print(f"--- {config.out}")
+    return train(config, profile="ablation")
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,7 +149,8 @@ def run_studies(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
 def step0_deviation(pipe, config: TrainConfig, data, seed: int = 0) -> float:
     r"""How far the controlled U-Net's prediction is from the locked U-Net's before any
     update, :math:`\lVert \epsilon_c - \epsilon \rVert / \lVert \epsilon \rVert`, on the
-    evaluation set's latents at 8 noise levels (exactly 0 with zero convolutions, Eq. 4)."""
+    evaluation set's latents, each at its own noise level from t = 50 to 950 (exactly 0 with
+    zero convolutions, Eq. 4)."""
     torch.manual_seed(config.seed)  # as the loop builds it
     controlled = ControlledUNet(pipe.unet, build_controlnet(pipe, config))
     g = torch.Generator().manual_seed(seed)
@@ -174,15 +195,20 @@ def _curves(folder: Path) -> dict:
     }
 
 
-def measure_run(folder: str | Path, pipe=None) -> dict:
+MEASURES_VERSION = 2  # bump when measure_run measures something else: the caches are redone
+
+
+def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -> dict:
     """Everything the ablations report of one finished run (cached in the run's
-    ``ablation.json`` next to the checkpoint it measured)."""
+    ``ablation.json`` next to the checkpoint it measured). ``reference``: the fidelity the
+    onset is counted from (default: the run's own at step 0)."""
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())
     cache = folder / "ablation.json"
+    key = {"steps": run["steps"], "version": MEASURES_VERSION, "reference": reference}
     if cache.exists():
         cached = json.loads(cache.read_text())
-        if cached.get("steps") == run["steps"]:
+        if cached.get("key") == key:
             return cached
     config = TrainConfig(**run["config"])
     pipe = pipe or load_base(config.base)
@@ -194,9 +220,9 @@ def measure_run(folder: str | Path, pipe=None) -> dict:
     prompt_free, _ = evaluate(pipe, ControlledUNet(pipe.unet, trained.eval()), eval_data,
                               config.eval_steps, config.guidance_scale, prompt_free=True)
     result = {
-        "run": str(folder), "seed": config.seed, "steps": run["steps"],
+        "key": key, "run": str(folder), "seed": config.seed, "steps": run["steps"],
         "wall_time_s": run["wall_time_s"], "curves": curves, "report": report.as_dict(),
-        "onset": onset_step(curves["eval_steps"], curves["iou"]),
+        "onset": onset_step(curves["eval_steps"], curves["iou"], reference=reference),
         "final": run["final_eval"], "prompt_free_layout_iou": prompt_free["layout_iou"],
         "step0_deviation": step0_deviation(pipe, config, eval_data),
         "copy_drift": _copy_drift(pipe, config, folder / "checkpoint.safetensors"),
@@ -213,7 +239,8 @@ def measure_run(folder: str | Path, pipe=None) -> dict:
 
 def spread(values: Sequence[float | None]) -> dict:
     """Mean, sample standard deviation, min and max over the seeds that have a value, and how
-    many of them do (an onset is None where a run never left the step-0 band)."""
+    many of them do (an onset is None where a run did not leave the step-0 band for two
+    evaluations in a row)."""
     have = [float(v) for v in values if v is not None]
     out = {"n": len(have), "of": len(values)}
     if have:
@@ -223,11 +250,13 @@ def spread(values: Sequence[float | None]) -> dict:
 
 
 def differs(a: dict, b: dict) -> bool:
-    """Two spreads' seed ranges do not overlap: the one way cnet calls a difference between
-    variants larger than the seed-to-seed spread."""
-    if not a.get("n") or not b.get("n"):
-        return False
-    return a["max"] < b["min"] or b["max"] < a["min"]
+    """Two spreads' seed ranges do not overlap, every seed having a value on both sides and at
+    least two of them: the one way cnet calls a difference between variants larger than the
+    seed-to-seed spread. It is a weak test: with 3 seeds against 3, two samples of the same
+    distribution fail to overlap with probability 2 · 3! 3! / 6! = 0.1, so among many
+    comparisons some such calls are chance."""
+    full = all(s.get("n", 0) >= 2 and s["n"] == s["of"] for s in (a, b))
+    return full and (a["max"] < b["min"] or b["max"] < a["min"])
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -259,8 +288,11 @@ def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
     pipe = load_base(ablation_config(variants[0], seeds[0], root).base)
     result: dict = {"command": command, "settings": ABLATION_SETTINGS, "seeds": list(seeds),
                     "variants": {}, "studies": {}}
+    reference = {s: measure_run(ablation_config("default", s, root).out, pipe)["curves"]["iou"][0]
+                 for s in seeds}  # the locked base's fidelity on each seed's evaluation set
     for variant in variants:
-        runs = [measure_run(ablation_config(variant, s, root).out, pipe) for s in seeds]
+        runs = [measure_run(ablation_config(variant, s, root).out, pipe,
+                            None if variant == "default" else reference[s]) for s in seeds]
         result["variants"][variant] = {
             "settings": VARIANTS[variant], "runs": runs, "aggregate": aggregate(runs),
             "train_commands": [train_command(variant, s, root) for s in seeds],
@@ -272,7 +304,7 @@ def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
             "variants": list(names),
             "differs_from_default": {
                 v: {k: differs(result["variants"][v]["aggregate"][k], base[k]) for k in base}
-                for v in names if base is not None and v != "default"}}
+                for v in names if base is not None and v != "default" and v not in CONTINUES}}
     if step_time is not None:
         result["step_time"] = step_time
     if first_updates is not None:

@@ -119,14 +119,14 @@ def detect_sudden_convergence(
     )
 
 
-def onset_step(steps: Sequence[int], fidelity: Sequence[float],
-               margin: float = 0.05) -> int | None:
-    """The first evaluation step whose fidelity exceeds the step-0 value by more than
-    ``margin`` at that evaluation and the next (None if no such step); ``steps[0]`` must be
-    the step-0 evaluation."""
+def onset_step(steps: Sequence[int], fidelity: Sequence[float], margin: float = 0.05,
+               reference: float | None = None) -> int | None:
+    """The first evaluation step whose fidelity exceeds ``reference`` (default: the step-0
+    value) by more than ``margin`` at that evaluation and the next (None if no such step);
+    ``steps[0]`` must be the step-0 evaluation."""
     if not steps or steps[0] != 0:
         raise ValueError("expected the curve to start with its step-0 evaluation")
-    band = fidelity[0] + margin
+    band = (fidelity[0] if reference is None else reference) + margin
     for i in range(1, len(steps) - 1):
         if fidelity[i] > band and fidelity[i + 1] > band:
             return int(steps[i])

@@ -394,7 +394,8 @@ def train(config: TrainConfig, profile: str = "custom",
     ``samples.safetensors`` (the evaluation images at each evaluation), ``config.json`` and,
     at the end, ``run.json`` (profile, device, wall time, last evaluation) to ``config.out``.
     ``on_log`` sees every log entry as it is written; ``on_update(step, controlnet)`` sees the
-    ControlNet with step's gradients, just before the optimizer updates it."""
+    ControlNet with step's gradients, just before the optimizer updates it (under fp16 they
+    are unscaled on logged steps only)."""
     run = _setup(config)
     run.on_log, run.on_update = on_log, on_update
     if run.start == config.steps and (run.out / "run.json").exists():

@@ -242,6 +242,10 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
     if config.hint_encoder != "released":
         raise SettingError("only the released hint encoder has a diffusers ControlNetModel "
                            f"form; this run used {config.hint_encoder!r}")
+    if config.connections == "none" or config.trainable_copy == "lite":
+        raise SettingError("a ControlNetModel has zero convolutions and a full trainable copy; "
+                           f"this run is an ablation (connections {config.connections!r}, "
+                           f"trainable_copy {config.trainable_copy!r}), kept as its run folder")
     controlnet = build_controlnet(load_base(config.base), config)
     step = load_checkpoint(checkpoint, {"controlnet": controlnet}, None)
     if step != config.steps:
