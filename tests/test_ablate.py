@@ -130,7 +130,7 @@ def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
     assert lite["aggregate"]["copy_drift"]["n"] == 0  # lite copies no blocks
     assert default["aggregate"]["copy_drift"]["min"] > 0
     assert len(default["runs"][0]["curves"]["eval_steps"]) == 7
-    assert set(result["studies"]["lite"]["differs_from_default"]["lite"]) == set(
+    assert set(result["studies"]["lite"]["differs_from_reference"]["lite"]) == set(
         default["aggregate"])
     log = read_log(runs[0])  # the cascade in the log: the encoder's inner layers from update 3
     assert log.hint_grad_norm[:2] == [0.0, 0.0] and log.hint_grad_norm[2] > 0

@@ -23,6 +23,8 @@ LABELS = {
     "lite": "ControlNet-lite", "no-empty-prompts": "0 % empty prompts",
     "data-1k": "1k samples", "data-20k": "20k samples", "lr-1e-3": "lr 1e-3",
     "accum-2": "2 micro-batches / update", "default-1200": "ControlNet, 1200 steps",
+    "gaussian-1200": "Gaussian convs (std × 1), 1200 steps",
+    "lite-1200": "ControlNet-lite, 1200 steps",
 }
 
 
@@ -43,15 +45,14 @@ def plot_seed_convergence(result: dict, variant: str = "default") -> plt.Figure:
         if run["onset"]:
             axes[0].axvline(run["onset"], color=colour, ls=":", lw=1)
         axes[1].plot(c["norm_steps"], c["hint_weight_norm"], color=colour, label=label)
-        axes[2].semilogy(c["norm_steps"], np.maximum(c["copy_grad_norm"], 1e-12), color=colour,
-                         lw=0.8, label=label)
+        axes[2].plot(c["norm_steps"], c["copy_grad_norm"], color=colour, lw=0.8, label=label)
     mean = np.mean([r["curves"]["iou"] for r in runs], axis=0)
     axes[0].plot(runs[0]["curves"]["eval_steps"], mean, "k-", lw=2, label="mean over seeds")
     axes[0].set_ylabel("IoU with the condition")
     axes[0].set_title(f"{_label(variant)}: {len(runs)} seeds, evaluated every "
                       f"{result['settings']['eval_every']} steps", fontsize=10)
     axes[1].set_ylabel("‖Θ_z1‖ (encoder's zero conv)")
-    axes[2].set_ylabel("‖∇Θ_c‖ (copy)")
+    axes[2].set_ylabel("‖∇Θ_c‖ (copy; 0 at update 1)")
     axes[2].set_xlabel("training step")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -175,10 +176,10 @@ def step0_samples(result: dict, variants=("default", "gaussian", "gaussian-0.1",
 
 def write_ablation_figures(result: dict, folder: str | Path | None = None) -> list[Path]:
     """Every figure of notebook 07 as ``07_*.png`` in ``folder`` (default: figures/)."""
-    figures = {"07_seed_convergence": plot_seed_convergence(result)}
+    longest = "default-1200" if "default-1200" in result["variants"] else "default"
+    figures = {"07_seed_convergence": plot_seed_convergence(result, longest)}
     for study in result["studies"]:
-        if study != "seeds":
-            figures[f"07_{study}"] = plot_study(result, study)
+        figures[f"07_{study}"] = plot_study(result, study)
     if "connections" in result["studies"]:
         figures["07_step0_damage"] = plot_step0_damage(result)
         grid = step0_samples(result)
@@ -188,7 +189,7 @@ def write_ablation_figures(result: dict, folder: str | Path | None = None) -> li
         figures["07_prompt_dropout_layout"] = plot_study(result, "prompt_dropout", "layout_iou")
     if "first_updates" in result:
         figures["07_first_updates"] = plot_first_updates(result["first_updates"])
-    grid = samples_around_onset(result["variants"]["default"]["runs"][0])
+    grid = samples_around_onset(result["variants"][longest]["runs"][0])
     if grid is not None:
         figures["07_samples_around_onset"] = grid
     paths = [save_figure(fig, name, folder) for name, fig in figures.items()]

@@ -46,14 +46,18 @@ def ablation_table(result: dict) -> str:
 
 
 def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
-    """One line per variant of ``study`` and measure, against the default: higher or lower
+    """One line per variant of ``study`` and measure, against the study's reference (the
+    default ControlNet at the same number of steps): higher or lower
     where the seeds' ranges do not overlap (:func:`cnet.train.ablate.differs`), "within the
     seed spread" where they do, and how many seeds have a value where not all do (a run with
     no onset)."""
-    default = result["variants"]["default"]["aggregate"]
+    reference = result["studies"][study]["reference"]
+    if reference is None:
+        return []
+    default = result["variants"][reference]["aggregate"]
     lines = []
     for variant in result["studies"][study]["variants"]:
-        if variant == "default":
+        if variant == reference:
             continue
         stats = result["variants"][variant]["aggregate"]
         for key in measures:

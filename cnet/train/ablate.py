@@ -22,6 +22,8 @@ lite            ControlNet-lite: one convolution per block of the trainable copy
 prompt_dropout  no empty prompts (the default replaces 50 % of them)
 data_size       1k and 20k training samples (the default: 4096)
 lr, grad_accum  notebook 05's knobs: lr 1e-3 (default 2e-3), 2 micro-batches per update
+long            the default, Gaussian connections and ControlNet-lite, each continued to 1200
+                steps (against the default at 1200)
 ==============  ==========================================================================
 
 What each run is measured by (:func:`measure_run`): its fidelity curve and, from it, the onset
@@ -72,10 +74,12 @@ VARIANTS: dict[str, dict] = {
     "lr-1e-3": {"lr": 1e-3},
     "accum-2": {"grad_accum": 2},
     "default-1200": {"steps": 1200},
+    "gaussian-1200": {"connections": "gaussian", "connection_gain": 1.0, "steps": 1200},
+    "lite-1200": {"trainable_copy": "lite", "steps": 1200},
 }
 #: Variants that continue another's run: their folder starts as a copy of it (same settings but
 #: ``steps``, which a run may change when it resumes), so their first steps are its steps.
-CONTINUES = {"default-1200": "default"}
+CONTINUES = {"default-1200": "default", "gaussian-1200": "gaussian", "lite-1200": "lite"}
 STUDIES: dict[str, tuple[str, ...]] = {
     "seeds": ("default", "default-1200"),
     "connections": ("default", "gaussian", "gaussian-0.1", "none"),
@@ -84,7 +88,10 @@ STUDIES: dict[str, tuple[str, ...]] = {
     "data_size": ("data-1k", "default", "data-20k"),
     "lr": ("default", "lr-1e-3"),
     "grad_accum": ("default", "accum-2"),
+    "long": ("default-1200", "gaussian-1200", "lite-1200"),
 }
+#: What a study's variants are compared against (none for the seeds study: its two are one run).
+REFERENCE = {"seeds": None, "long": "default-1200"}
 
 
 def ablation_config(variant: str, seed: int, root: str | Path = "runs/ablate") -> TrainConfig:
@@ -281,8 +288,9 @@ def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
               root: str | Path = "runs/ablate", step_time: dict | None = None,
               first_updates: dict | None = None, command: str = "") -> dict:
     """Measure every finished run of ``studies`` and gather them: per variant its settings,
-    trainable parameters, runs and aggregate; per study its variants and, for each variant
-    against the default, which measures differ beyond the seed spread (:func:`differs`)."""
+    trainable parameters, runs and aggregate; per study its variants, its reference (the
+    default, or :data:`REFERENCE`'s) and, for each variant against it, which measures differ
+    beyond the seed spread (:func:`differs`)."""
     _check_studies(studies, seeds)
     variants = list(dict.fromkeys(v for s in studies for v in STUDIES[s]))
     pipe = load_base(ablation_config(variants[0], seeds[0], root).base)
@@ -298,13 +306,13 @@ def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
             "train_commands": [train_command(variant, s, root) for s in seeds],
             "trainable_parameters": runs[0]["trainable_parameters"]}
     for study in studies:
-        names = STUDIES[study]
-        base = result["variants"]["default"]["aggregate"] if "default" in names else None
+        names, reference = STUDIES[study], REFERENCE.get(study, "default")
+        base = result["variants"][reference]["aggregate"] if reference else {}
         result["studies"][study] = {
-            "variants": list(names),
-            "differs_from_default": {
+            "variants": list(names), "reference": reference,
+            "differs_from_reference": {
                 v: {k: differs(result["variants"][v]["aggregate"][k], base[k]) for k in base}
-                for v in names if base is not None and v != "default" and v not in CONTINUES}}
+                for v in names if reference and v != reference}}
     if step_time is not None:
         result["step_time"] = step_time
     if first_updates is not None:
