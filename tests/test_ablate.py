@@ -170,3 +170,17 @@ def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
         argv = ablate.train_command(variant, 2).split()[3:]
         _, config = _train_settings(_parser().parse_args(argv), "quick")
         assert config == ablate.ablation_config(variant, 2), variant
+
+
+def test_readme_quotes_the_shipped_table():
+    from cnet.course.ablation_report import ablation_table
+
+    readme = (SHIPPED.parents[1] / "README.md").read_text()
+    assert ablation_table(json.loads(SHIPPED.read_text())) in readme
+
+
+def test_bench_readme_quotes_the_shipped_step_times():
+    from cnet.course.ablation_report import step_time_table
+
+    bench_readme = (SHIPPED.parents[1] / "bench" / "README.md").read_text()
+    assert step_time_table(json.loads(SHIPPED.read_text())) in bench_readme

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..train.ablate import differs
 from .ablation_plots import LABELS
 
-__all__ = ["ablation_table", "effects", "format_spread"]
+__all__ = ["ablation_table", "effects", "format_spread", "step_time_table"]
 
 MEASURES = {
     "onset": "onset step", "t50": "50 % step", "final_iou": "final IoU",
@@ -77,3 +77,16 @@ def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
                          f"{format_spread(a, digits, not complete)} vs "
                          f"{format_spread(b, digits, not complete)}: {verdict}")
     return lines
+
+
+def step_time_table(result: dict) -> str:
+    """The ablations' step times (median ms, ratio to the ControlNet's) and trainable
+    parameters, as bench/README.md quotes them."""
+    step = result["step_time"]
+    lines = ["| variant | trainable parameters | step (median) | against the ControlNet |",
+             "|---|---|---|---|"]
+    for name, ratio in step["time_ratio"].items():
+        parameters = step["trainable_parameters"][name] / 1e6
+        lines.append(f"| {LABELS.get(name, name)} | {parameters:.2f}M "
+                     f"| {step['step_ms'][name]:.0f} ms | {ratio:.2f}× |")
+    return "\n".join(lines)
