@@ -184,3 +184,11 @@ def test_bench_readme_quotes_the_shipped_step_times():
 
     bench_readme = (SHIPPED.parents[1] / "bench" / "README.md").read_text()
     assert step_time_table(json.loads(SHIPPED.read_text())) in bench_readme
+
+
+def test_a_run_that_stops_predicting_the_noise_counts_as_diverged():
+    steps = list(range(100))
+    healthy = [0.09] * 100
+    assert ablate.diverged_at(steps, healthy) is None
+    blown = [0.09] * 60 + [1.0] * 40  # finite, but predicting nothing of the noise
+    assert 60 < ablate.diverged_at(steps, blown) < 85

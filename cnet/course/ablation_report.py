@@ -30,10 +30,11 @@ def format_spread(stats: dict, digits: int = 2, counts: bool = False) -> str:
 def ablation_table(result: dict) -> str:
     """Variant, trainable parameters, step time against the ControlNet's (measured side by
     side, :func:`cnet.bench.suites.variant_cost`; — where not measured), onset (mean ± sd, and
-    how many seeds left the step-0 band), final IoU and prompt-free layout IoU (mean ± sd)."""
+    how many seeds left the step-0 band), final IoU and prompt-free layout IoU (mean ± sd), and
+    how many seeds diverged (:func:`cnet.train.ablate.diverged_at`)."""
     ratios = result.get("step_time", {}).get("time_ratio", {})
     lines = ["| variant | trainable parameters | step time | onset step (seeds with one) "
-             "| final IoU | prompt-free layout IoU |", "|---|---|---|---|---|---|"]
+             "| final IoU | prompt-free layout IoU | diverged |", "|---|---|---|---|---|---|---|"]
     for name, variant in result["variants"].items():
         stats = variant["aggregate"]
         ratio = f"{ratios[name]:.2f}×" if name in ratios else "—"
@@ -41,7 +42,8 @@ def ablation_table(result: dict) -> str:
             f"| {LABELS.get(name, name)} | {variant['trainable_parameters'] / 1e6:.2f}M | {ratio} "
             f"| {format_spread(stats['onset'], 0, counts=True)} "
             f"| {format_spread(stats['final_iou'])} "
-            f"| {format_spread(stats['prompt_free_layout_iou'])} |")
+            f"| {format_spread(stats['prompt_free_layout_iou'])} "
+            f"| {stats['diverged_at']['n']}/{stats['diverged_at']['of']} |")
     return "\n".join(lines)
 
 

@@ -33,7 +33,8 @@ count its recovery as an onset) and the 20/50/80 % steps and sharpest single
 interval (:func:`cnet.train.convergence.detect_sudden_convergence`); at step 0, how far the
 controlled U-Net's prediction is from the locked one's; at the end, fidelity with the
 prompts and with empty prompts, colour accuracy (the prompt still obeyed) and how far the
-trainable copy drifted from the weights it was copied from. :func:`summarize` gathers the
+trainable copy drifted from the weights it was copied from; and whether the run diverged
+(:func:`diverged_at`). :func:`summarize` gathers the
 runs, mean and spread over seeds, into one JSON (``figures/07_ablations.json``).
 """
 
@@ -56,8 +57,9 @@ from .evaluate import evaluate
 from .loop import train
 from .runs import load_checkpoint, read_log
 
-__all__ = ["ABLATION_SETTINGS", "SEEDS", "STUDIES", "VARIANTS", "ablation_config",
-           "measure_run", "run_studies", "summarize", "train_command", "train_variant"]
+__all__ = ["ABLATION_SETTINGS", "DIVERGED_LOSS", "SEEDS", "STUDIES", "VARIANTS", "ablation_config",
+           "diverged_at", "measure_run", "run_studies", "summarize", "train_command",
+           "train_variant"]
 
 #: On top of the quick profile: evaluations dense enough to time a jump of ~100 steps.
 ABLATION_SETTINGS: dict = {**PROFILES["quick"], "eval_every": 25}
@@ -183,6 +185,11 @@ def _copy_drift(pipe, config: TrainConfig, checkpoint: Path) -> float | None:
     return float((after - before).norm() / before.norm())
 
 
+def _loss(folder: Path) -> tuple[list[int], list[float]]:
+    log = read_log(folder)
+    return log.steps, log.loss
+
+
 def _curves(folder: Path) -> dict:
     log = read_log(folder)
     entries = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
@@ -202,7 +209,20 @@ def _curves(folder: Path) -> dict:
     }
 
 
-MEASURES_VERSION = 2  # bump when measure_run measures something else: the caches are redone
+MEASURES_VERSION = 3  # bump when measure_run measures something else: the caches are redone
+#: A run has diverged where its loss, averaged over 25 logged steps, passes this: a working
+#: miniature ControlNet's ε-loss is about 0.08, one that predicts nothing of the noise about 1
+#: (the noise's variance).
+DIVERGED_LOSS = 0.5
+
+
+def diverged_at(steps: Sequence[int], loss: Sequence[float], window: int = 25) -> int | None:
+    """The first logged step at which the mean loss of the ``window`` steps ending there passes
+    :data:`DIVERGED_LOSS` (None if it never does). The loop stops only on a non-finite loss;
+    this finds a run that stays finite but no longer predicts the noise."""
+    means = np.convolve(np.asarray(loss, dtype=np.float64), np.ones(window) / window, "valid")
+    above = np.nonzero(means > DIVERGED_LOSS)[0]
+    return int(steps[above[0] + window - 1]) if len(above) else None
 
 
 def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -> dict:
@@ -230,6 +250,7 @@ def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -
         "key": key, "run": str(folder), "seed": config.seed, "steps": run["steps"],
         "wall_time_s": run["wall_time_s"], "curves": curves, "report": report.as_dict(),
         "onset": onset_step(curves["eval_steps"], curves["iou"], reference=reference),
+        "diverged_at": diverged_at(*_loss(folder)),
         "final": run["final_eval"], "prompt_free_layout_iou": prompt_free["layout_iou"],
         "step0_deviation": step0_deviation(pipe, config, eval_data),
         "copy_drift": _copy_drift(pipe, config, folder / "checkpoint.safetensors"),
@@ -280,6 +301,7 @@ def aggregate(runs: list[dict]) -> dict:
         "step0_colours_ok": lambda r: r["curves"]["colours_ok"][0],
         "step0_deviation": lambda r: r["step0_deviation"],
         "copy_drift": lambda r: r["copy_drift"], "wall_time_s": lambda r: r["wall_time_s"],
+        "diverged_at": lambda r: r["diverged_at"],
     }
     return {name: spread([f(r) for r in runs]) for name, f in pick.items()}
 
