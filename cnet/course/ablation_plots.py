@@ -192,6 +192,8 @@ def write_ablation_figures(result: dict, folder: str | Path | None = None) -> li
     grid = samples_around_onset(result["variants"][longest]["runs"][0])
     if grid is not None:
         figures["07_samples_around_onset"] = grid
-    paths = [save_figure(fig, name, folder) for name, fig in figures.items()]
+    # the sample grids are many small images: a lower resolution keeps them light in a notebook
+    paths = [save_figure(fig, name, folder, dpi=60 if "samples" in name else 110)
+             for name, fig in figures.items()]
     plt.close("all")
     return paths

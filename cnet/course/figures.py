@@ -49,12 +49,13 @@ def figures_dir() -> Path:
     return path
 
 
-def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:
+def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None,
+                dpi: int = 110) -> Path:
     """Write ``fig`` to ``<folder>/<name>.png`` (default :func:`figures_dir`); returns the path."""
     folder = Path(folder) if folder is not None else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
 
 
