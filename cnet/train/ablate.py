@@ -185,13 +185,7 @@ def _copy_drift(pipe, config: TrainConfig, checkpoint: Path) -> float | None:
     return float((after - before).norm() / before.norm())
 
 
-def _loss(folder: Path) -> tuple[list[int], list[float]]:
-    log = read_log(folder)
-    return log.steps, log.loss
-
-
-def _curves(folder: Path) -> dict:
-    log = read_log(folder)
+def _curves(folder: Path, log) -> dict:
     entries = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     evals = [e["eval"] for e in entries if "eval" in e]
     every = 5  # the norms are logged every step; 1 in 5 is plenty for a plot
@@ -239,7 +233,8 @@ def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -
             return cached
     config = TrainConfig(**run["config"])
     pipe = pipe or load_base(config.base)
-    curves = _curves(folder)
+    log = read_log(folder)
+    curves = _curves(folder, log)
     report = detect_sudden_convergence(curves["eval_steps"], curves["iou"])
     eval_data = cache_data(pipe, config.task, config.eval_size, "eval", config.seed)
     trained = build_controlnet(pipe, config)
@@ -250,7 +245,7 @@ def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -
         "key": key, "run": str(folder), "seed": config.seed, "steps": run["steps"],
         "wall_time_s": run["wall_time_s"], "curves": curves, "report": report.as_dict(),
         "onset": onset_step(curves["eval_steps"], curves["iou"], reference=reference),
-        "diverged_at": diverged_at(*_loss(folder)),
+        "diverged_at": diverged_at(log.steps, log.loss),
         "final": run["final_eval"], "prompt_free_layout_iou": prompt_free["layout_iou"],
         "step0_deviation": step0_deviation(pipe, config, eval_data),
         "copy_drift": _copy_drift(pipe, config, folder / "checkpoint.safetensors"),
