@@ -20,6 +20,8 @@
     python -m cnet bench       speed and memory as ratios measured side by side (ControlNet vs
                                fine-tuning, cached vs per-step encoding, scaling); --quick for
                                CI's check, --out bench/results to replace the committed results
+    python -m cnet course      stamp a repository's URL (a fork's) into every notebook's setup
+                               cell and the README's "Open in Colab" links: --repo URL
     python -m cnet control     notebook 06's measurements of a shipped ControlNet (strength,
                                timing, residuals during sampling, the empty prompt, two
                                ControlNets at once, transfer to a fine-tune of the base):
@@ -237,6 +239,21 @@ def run_lessons(args: argparse.Namespace) -> None:
     lessons(seed=args.seed, steps=args.steps)
 
 
+def run_course(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .course.colab import colab_link, stamp_repository
+
+    root = Path(args.root)
+    if not ((root / "notebooks").is_dir() and (root / "README.md").is_file()):
+        raise SettingError(f"root: {args.root!r} is not a clone of the repository (expected "
+                           "notebooks/ and README.md in it)")
+    for path in stamp_repository(args.repo, root, args.branch):
+        print(f"stamped {path.relative_to(root)}")
+    if args.repo and colab_link(args.repo, "README.md") is None:
+        print(f"note: {args.repo} is not on GitHub, so the README lists no Colab links")
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -311,9 +328,8 @@ def _add_sample_and_bench(sub) -> None:
     bench.add_argument("--out", default="runs/bench",
                        help="where the JSON and figures go (bench/results: the committed ones)")
     bench.add_argument("--threads", type=int, default=None)
-    bench.add_argument("--suites", nargs="+", default=["step_cost", "loop_cost", "scaling",
-                                                        "loop_overheads"],
-                       choices=["step_cost", "loop_cost", "scaling", "loop_overheads"])
+    suites = ["step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost"]
+    bench.add_argument("--suites", nargs="+", default=suites, choices=suites)
 
 
 def _add_ablate(sub) -> None:
@@ -358,6 +374,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--values", required=True, nargs="+", help="its values, one run each")
     compare.add_argument("--label", default="", help="added to the figure's title")
     _add_ablate(sub)
+    course = sub.add_parser("course", help="stamp the repository's URL into the notebooks' "
+                                           "setup cells and the README's Colab links")
+    course.add_argument("--repo", required=True,
+                        help="the repository's git URL, e.g. https://github.com/you/cnet")
+    course.add_argument("--branch", default="main", help="the branch Colab links open")
+    course.add_argument("--root", default=".", help="the clone to stamp (default: here)")
     export = sub.add_parser("export", help="ship a finished run as a diffusers ControlNetModel")
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
@@ -390,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
-            "ablate": run_ablate,
+            "ablate": run_ablate, "course": run_course,
             "export": run_export, "evaluate": run_evaluate, "control": run_control,
             "bench": run_bench, "sample": run_sample}
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from .block import trainable_copy
 from .hint import (
+    EncodedCondition,
     HintEncoderKind,
     PaperHintEncoder,
     ReleasedHintEncoder,
@@ -342,7 +343,13 @@ class ControlNet(nn.Module):
         n, _, h, w = sample.shape
         f, c = self.downscale_factor, self.condition_channels
         expected = f"({n}, {c}, {f * h}, {f * w}) ({f}x the latent's {h}x{w}, in [0, 1])"
-        if condition.dim() != 4 or tuple(condition.shape) != (n, c, f * h, f * w):
+        if isinstance(condition, EncodedCondition):
+            if condition.encoder != id(self.hint_encoder):
+                raise ValueError("condition: encoded by another ControlNet's condition encoder")
+            shape, condition = (n, self.conv_in.out_channels, h, w), condition.features
+            if tuple(condition.shape) != shape:
+                raise _condition_size_error(f"{shape}, encoded", condition)
+        elif condition.dim() != 4 or tuple(condition.shape) != (n, c, f * h, f * w):
             raise _condition_size_error(expected, condition)
         dim = self.cross_attention_dim
         if isinstance(dim, int) and (
@@ -376,23 +383,31 @@ class ControlNet(nn.Module):
         t_emb = self.time_proj(timestep.expand(n)).to(dtype=sample.dtype)
         return self.time_embedding(t_emb)
 
+    def encode_condition(self, condition: torch.Tensor | EncodedCondition) -> EncodedCondition:
+        r""":math:`Z(\mathcal{E}(c_i); \Theta_{z1})` (Eq. 9 and Eq. 2's inner zero convolution),
+        which :meth:`forward` also accepts in place of the images: encode once, sample many."""
+        if isinstance(condition, EncodedCondition):
+            return condition
+        return EncodedCondition(self.hint_encoder(condition), id(self.hint_encoder))
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        condition: torch.Tensor,
+        condition: torch.Tensor | EncodedCondition,
     ) -> ControlResiduals:
         r"""The 12 + 1 residuals (unscaled) for a noisy latent, a timestep, a text embedding
         and a condition image in [0, 1] of ``downscale_factor`` × the latent's size.
 
         ``sample`` (N, C, h, w), ``timestep`` a number or (N,), ``encoder_hidden_states``
-        (N, L, cross_attention_dim), ``condition`` (N, 3, 8h, 8w) for SD.
+        (N, L, cross_attention_dim), ``condition`` (N, 3, 8h, 8w) for SD, or its
+        :meth:`encode_condition`.
         """
         self._check_inputs(sample, encoder_hidden_states, condition)
         emb = self.embed_time(timestep, sample)
         # x + Z(c_f; Θ_z1) with c_f = E(c_i), Eq. 9: the condition enters after conv_in.
-        h = self.conv_in(sample) + self.hint_encoder(condition)
+        h = self.conv_in(sample) + self.encode_condition(condition).features
         features = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
@@ -411,13 +426,9 @@ class ControlNet(nn.Module):
         return ControlResiduals(down=down, mid=self.mid_zero_conv(h))
 
     def residuals(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        condition: torch.Tensor,
-        scale: float | Sequence[float] = 1.0,
-        guess_mode: bool = False,
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor, condition: torch.Tensor | EncodedCondition,
+        scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
         guess_rule: GuessRule = "released",
     ) -> ControlResiduals:
         r"""The residuals as the locked U-Net receives them: scaled by :func:`control_scales`,

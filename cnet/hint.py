@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,6 +42,7 @@ from torch import nn
 from .zero_conv import ZeroConv2d
 
 __all__ = [
+    "EncodedCondition",
     "PAPER_HINT_CHANNELS",
     "RELEASED_HINT_CHANNELS",
     "PaperHintEncoder",
@@ -51,6 +53,23 @@ __all__ = [
 ]
 
 HintEncoderKind = Literal["released", "paper"]
+
+
+
+@dataclass(frozen=True)
+class EncodedCondition:
+    r"""A batch of conditions already encoded, :math:`Z(\mathcal{E}(c_i); \Theta_{z1})`: the term
+    the condition adds to the copy's first features in Eq. 2 (``ControlNet.encode_condition``).
+    It depends on neither the timestep nor the noisy latent, so a sampler encodes each condition
+    once rather than at every step (on the miniature, the encoder is about half of a controlled
+    U-Net step on the CPU). It holds only while the encoder's weights stay as they were."""
+
+    features: torch.Tensor
+    encoder: int  # id() of the encoder that made it, so that no other ControlNet takes it
+
+    def __getitem__(self, index) -> EncodedCondition:
+        return EncodedCondition(self.features[index], self.encoder)
+
 
 #: Channels of the released encoder's stages (cldm/cldm.py; diffusers' default): one stage at
 #: full resolution, then one per stride-2 convolution.

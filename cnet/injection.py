@@ -22,6 +22,7 @@ from torch import nn
 
 from .block import lock
 from .controlnet import ControlNet, unet_skip_channels
+from .hint import EncodedCondition
 from .residuals import ControlResiduals, GuessRule
 
 __all__ = ["ControlledUNet", "inject_residuals"]
@@ -114,7 +115,7 @@ class ControlledUNet(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        conditions: torch.Tensor | Sequence[torch.Tensor],
+        conditions: torch.Tensor | EncodedCondition | Sequence[torch.Tensor | EncodedCondition],
         scales: float | Sequence[float] | Sequence[float | Sequence[float]] = 1.0,
         guess_mode: bool = False,
         guess_rule: GuessRule = "released",
@@ -130,7 +131,7 @@ class ControlledUNet(nn.Module):
         classifier-free guidance: no control on the unconditional half).
         """
         k = len(self.controlnets)
-        if isinstance(conditions, torch.Tensor):
+        if isinstance(conditions, (torch.Tensor, EncodedCondition)):
             conditions = [conditions]
         if len(conditions) != k:
             raise ValueError(

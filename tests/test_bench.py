@@ -12,7 +12,7 @@ from cnet.__main__ import _parser, main
 from cnet.bench.measure import LiveTensorBytes, interleaved_times, peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads")
+SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost")
 
 
 def test_live_tensor_bytes_counts_what_is_alive_exactly():
@@ -60,6 +60,8 @@ def test_quick_bench_writes_every_suite(tmp_path, capsys):
         _check_record(record, name, "quick")
     assert {p.name for p in tmp_path.glob("*.png")} == {"step_cost.png", "loop_cost.png",
                                                           "scaling.png"}
+    sampling = json.loads((tmp_path / "sampling_cost.json").read_text())["results"]
+    assert sampling["bit_for_bit"] is True  # exact, not timed: encoding once changes no number
     step = json.loads((tmp_path / "step_cost.json").read_text())["results"][0]
     # exact, not timed: the ControlNet step holds no gradient or Adam state for the locked U-Net
     assert step["memory_ratio"] < 1
@@ -73,7 +75,8 @@ def _check_record(record: dict, name: str, plan: str) -> None:
     results = record["results"]
     for entry in results if isinstance(results, list) else [results]:
         numbers = {"step_cost": ("time_ratio", "memory_ratio"), "loop_cost": ("speedup",),
-                   "scaling": (), "loop_overheads": ("data_share", "logging_ratio")}[name]
+                   "scaling": (), "loop_overheads": ("data_share", "logging_ratio"),
+                   "sampling_cost": ("time_ratio",)}[name]
         for key in numbers:
             assert math.isfinite(entry[key]) and entry[key] > 0, key
         if name == "scaling":

@@ -366,6 +366,27 @@ def test_bad_inputs_name_the_expected_shape(unet):
         inject_residuals(unet, x, t, text, short)
 
 
+def test_a_condition_encoded_once_gives_the_same_residuals_bit_for_bit(unet):
+    net, other = ControlNet.from_unet(unet), ControlNet.from_unet(unet)
+    randomize_(net, 0)  # a trained encoder: its zero conv is no longer 0
+    x, t, text, c = inputs(unet, 2, 8, 16)
+    encoded = net.encode_condition(c)
+    assert net.encode_condition(encoded) is encoded
+    assert encoded.features.abs().sum() > 0
+    for timestep in (t, t + 100):  # one encoding serves every sampling step
+        fresh, reused = net(x, timestep, text, c), net(x, timestep, text, encoded)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.tensors(), reused.tensors()))
+    mask = torch.tensor([False, True])
+    controlled = ControlledUNet(unet, net)
+    # guess mode's mask picks rows of the encoded batch (the encoder saw both rows: float error)
+    assert max_abs_diff(controlled(x, t, text, encoded, control_mask=mask),
+                        controlled(x, t, text, c, control_mask=mask)) < TOL
+    with pytest.raises(ValueError, match="condition: encoded by another ControlNet's"):
+        other(x, t, text, encoded)
+    with pytest.raises(ValueError, match=r"condition: expected shape \(1, .*, 8, 16\), encoded"):
+        net(x[:1], t, text[:1], encoded)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

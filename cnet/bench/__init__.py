@@ -11,7 +11,7 @@ module             what it holds
 =================  ===========================================================================
 workloads          SD1.5-topology U-Nets at a width, SD's VAE and text encoder, the two steps
 measure            interleaved timing, peak tensor memory, the machine
-suites             step_cost, loop_cost, scaling, loop_overheads
+suites             step_cost, loop_cost, scaling, loop_overheads, sampling_cost
 report             the figures
 =================  ===========================================================================
 """
@@ -26,7 +26,7 @@ import torch
 
 from ..train import TrainConfig
 from .measure import machine
-from .suites import loop_cost, loop_overheads, scaling, step_cost
+from .suites import loop_cost, loop_overheads, sampling_cost, scaling, step_cost
 
 __all__ = ["PLANS", "run_bench"]
 
@@ -41,6 +41,7 @@ PLANS: dict[str, dict] = {
                                  "batch": 1},
                     "batches": [1, 2], "latent_sizes": [4, 8]},
         "loop_overheads": {"batch_size": 4, "train_size": 16},
+        "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 2},
     },
     "full": {
         "repeats": 5,
@@ -57,6 +58,7 @@ PLANS: dict[str, dict] = {
                                  "batch": 2},
                     "batches": [1, 2, 4, 8], "latent_sizes": [8, 16, 32, 64]},
         "loop_overheads": {"batch_size": 32, "train_size": 1024},
+        "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 64},
     },
 }
 
@@ -72,7 +74,7 @@ def _record(name: str, result: dict, plan: str, out: Path, command: str) -> Path
 
 def run_bench(plan: str = "full", out: str | Path = "runs/bench", threads: int | None = None,
               suites: tuple[str, ...] = ("step_cost", "loop_cost", "scaling",
-                                         "loop_overheads"),
+                                         "loop_overheads", "sampling_cost"),
               command: str = "python -m cnet bench") -> dict[str, Path]:
     """Run the plan's suites, write each one's JSON (with ``command``, the machine and the
     date) and figure to ``out``; returns the paths."""
@@ -99,6 +101,9 @@ def run_bench(plan: str = "full", out: str | Path = "runs/bench", threads: int |
     if "loop_overheads" in suites:
         config = TrainConfig(**settings["loop_overheads"], device=device.type)
         results["loop_overheads"] = loop_overheads(config, max(repeats, 5))
+    if "sampling_cost" in suites:
+        results["sampling_cost"] = sampling_cost(settings["sampling_cost"], max(repeats, 5),
+                                                 device)
     for name, result in results.items():
         written[name] = _record(name, result, plan, out, command)
         figure = draw(name, result, plan)

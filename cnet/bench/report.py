@@ -140,4 +140,11 @@ def tables(results: dict[str, dict]) -> dict[str, str]:
         "|---|---|",
         f"| {o['data_share']:.2%} ({o['step_ms']['draw_batch']:.1f} of "
         f"{o['step_ms']['step_unlogged']:.0f} ms) | {o['logging_ratio']:.3f}× |"])
+    c = results["sampling_cost"]["results"]
+    out["sampling_cost"] = "\n".join([
+        "| rows (2 × batch) | encoded at every step | encoded once | the encoding alone "
+        "| step time ratio | same prediction |", "|---|---|---|---|---|---|",
+        f"| {2 * c['workload']['batch']} | {c['step_ms']['encoded_each_step']:.0f} ms "
+        f"| {c['step_ms']['encoded_once']:.0f} ms | {c['step_ms']['encoding']:.0f} ms "
+        f"| **{_x(c['time_ratio'])}** | {'bit for bit' if c['bit_for_bit'] else 'no'} |"])
     return out

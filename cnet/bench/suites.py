@@ -10,6 +10,8 @@
   the model: drawing the batch from the cache, and the per-step log of norms.
 * :func:`variant_cost`: the real training step of the paper's ablations (other connections,
   ControlNet-lite) against the ControlNet's.
+* :func:`sampling_cost`: a sampling step with the condition encoded at every step (diffusers'
+  pipeline) against encoded once before the loop (:func:`cnet.sample.sample`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .workloads import (
     sd15_vae,
 )
 
-__all__ = ["loop_cost", "loop_overheads", "scaling", "step_cost", "variant_cost"]
+__all__ = ["loop_cost", "loop_overheads", "sampling_cost", "scaling", "step_cost",
+           "variant_cost"]
 
 
 def _median_ms(times: list[float]) -> float:
@@ -202,3 +205,31 @@ def variant_cost(config: TrainConfig, variants: dict[str, dict], repeats: int) -
         "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
         "time_ratio": {k: ratio(times, k, first) for k in variants},
     }
+
+
+def sampling_cost(workload: dict, repeats: int, device: torch.device) -> dict:
+    """One denoising step of the shipped base with a ControlNet, under classifier-free guidance
+    (2 × ``batch`` rows): the condition encoded at the step, as diffusers' pipeline does, against
+    encoded once before the loop (:meth:`cnet.ControlNet.encode_condition`); the encoding alone;
+    and whether the two steps predict the same noise, bit for bit."""
+    from ..injection import ControlledUNet
+    from ..train import load_controlnet
+
+    pipe = load_base(workload.get("base", TrainConfig.base))
+    net = load_controlnet(workload["controlnet"])
+    controlled = ControlledUNet(pipe.unet, net).to(device).eval()
+    n, size, g = 2 * workload["batch"], pipe.unet.config.sample_size, torch.Generator()
+    x = torch.randn(n, pipe.unet.config.in_channels, size, size, generator=g.manual_seed(0))
+    condition = torch.rand(n, net.condition_channels, net.downscale_factor * size,
+                           net.downscale_factor * size, generator=g).to(device)
+    text = pipe.encode_prompt(["red circle with blue background"] * n, device, 1, False)[0]
+    x, encoded = x.to(device), net.encode_condition(condition)
+    calls = {"encoded_each_step": lambda: controlled(x, 500, text, condition),
+             "encoded_once": lambda: controlled(x, 500, text, encoded),
+             "encoding": lambda: net.encode_condition(condition)}
+    with torch.no_grad():
+        same = torch.equal(calls["encoded_each_step"](), calls["encoded_once"]())
+        times = interleaved_times(calls, repeats, 1, device)
+    return {"workload": workload, "step_ms": {k: _median_ms(t) for k, t in times.items()},
+            "times_s": times, "bit_for_bit": same,
+            "time_ratio": ratio(times, "encoded_once", "encoded_each_step")}

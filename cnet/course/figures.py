@@ -32,10 +32,19 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def repo_root() -> Path | None:
-    """The clone this package lives in (a folder holding both cnet/ and notebooks/), or None
-    for an installed copy."""
-    root = PACKAGE_ROOT.parent
-    return root if (root / "notebooks").is_dir() else None
+    """The clone whose models/, notebooks/ and figures/ the course uses: the one this package
+    lives in; else ``$CNET_ROOT`` (which every notebook's setup cell sets to the clone it found
+    or made); else a clone holding the current folder. None for an installed copy with no clone
+    in sight."""
+    candidates = [PACKAGE_ROOT.parent]
+    if os.environ.get("CNET_ROOT"):
+        candidates.append(Path(os.environ["CNET_ROOT"]))
+    candidates += [Path.cwd(), *Path.cwd().parents]
+    return next((p for p in candidates if _is_clone(p)), None)
+
+
+def _is_clone(folder: Path) -> bool:
+    return (folder / "notebooks").is_dir() and (folder / "models").is_dir()
 
 
 def figures_dir() -> Path:
