@@ -108,11 +108,12 @@ print(nb.cells[-1].outputs[0]["text"])
                     reason="needs git and this clone's history")
 def test_a_notebook_alone_in_a_fresh_environment_clones_installs_and_runs(tmp_path):
     python = _fresh_environment(tmp_path / "venv")
-    assert subprocess.run([python, "-c", "import cnet"], capture_output=True).returncode != 0
     alone = tmp_path / "alone"
     alone.mkdir()
-    notebook = shutil.copy(ROOT / "notebooks" / "01_zero_convolution.ipynb", alone)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CNET_ROOT")}
+    assert subprocess.run([python, "-c", "import cnet"], cwd=alone, env=env,
+                          capture_output=True).returncode != 0  # no cnet in there
+    notebook = shutil.copy(ROOT / "notebooks" / "01_zero_convolution.ipynb", alone)
     env["CNET_REPO_URL"] = str(ROOT)  # this clone's committed tree stands in for GitHub
     done = subprocess.run([python, "-c", RUN_ALONE, notebook, str(alone)], cwd=alone, env=env,
                           capture_output=True, text=True, timeout=900)
