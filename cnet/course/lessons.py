@@ -34,6 +34,7 @@ class ZeroConvTrajectory:
     bias_norm: list[float] = field(default_factory=list)
     input_grad_norm: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    first_step: list[float] = field(default_factory=list)  # |ΔW| of each entry at update 1
 
 
 def zero_conv_trajectory(
@@ -42,6 +43,8 @@ def zero_conv_trajectory(
     steps: int = 20,
     channels: tuple[int, int] = (4, 3),
     seed: int = 0,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.01,
 ) -> ZeroConvTrajectory:
     r"""Train one zero convolution from :math:`W = B = 0` by plain gradient descent (Eq. 7),
     using only the closed forms of Eq. 5 and Eq. 6, towards a target that a 1×1 convolution can
@@ -52,7 +55,14 @@ def zero_conv_trajectory(
     back to the input, :math:`\lVert \partial L/\partial I \rVert` (0 at t = 0 by Eq. 6,
     non-zero from t = 1 by Eq. 8). ``input_scale = 0`` shows the caveat: with
     :math:`I = 0`, :math:`W` never leaves zero.
+
+    ``optimizer="adamw"`` takes torch's AdamW step (decoupled ``weight_decay``) on the same
+    closed-form gradients instead, as training does: its first update moves every entry by
+    :math:`-\mathrm{lr}\,g/(|g| + \epsilon) \approx -\mathrm{lr}\,\mathrm{sign}(g)`, whatever the
+    size of :math:`g`, where Eq. 7 moves it by :math:`-\mathrm{lr}\,g`.
     """
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer: {optimizer!r} is not allowed; expected 'sgd' or 'adamw'")
     c_in, c_out = channels
     g = torch.Generator().manual_seed(seed)
     I = input_scale * torch.randn(8, c_in, 4, 4, generator=g, dtype=torch.float64)
@@ -63,6 +73,7 @@ def zero_conv_trajectory(
     B = torch.zeros(c_out, dtype=torch.float64)
     positions = I.shape[0] * I.shape[2] * I.shape[3]
     out = ZeroConvTrajectory()
+    adamw = torch.optim.AdamW([W, B], lr=lr, weight_decay=weight_decay)
     for t in range(steps + 1):
         Z = zero_conv(I, W, B)
         upstream = (Z - T) / positions  # ∂L/∂Z
@@ -71,8 +82,16 @@ def zero_conv_trajectory(
         out.bias_norm.append(float(B.norm()))
         out.input_grad_norm.append(float(grad_I.norm()))
         out.loss.append(float(0.5 * ((Z - T) ** 2).sum() / positions))
-        if t < steps:
+        if t == steps:
+            break
+        before = W.clone()
+        if optimizer == "sgd":
             W, B = sgd_step(W, B, grad_W, grad_B, lr)
+        else:  # the closed-form gradients, handed to torch's AdamW (updates W, B in place)
+            W.grad, B.grad = grad_W, grad_B
+            adamw.step()
+        if t == 0:
+            out.first_step = (W - before).abs().flatten().tolist()
     return out
 
 

@@ -8,13 +8,14 @@ Colab and VS Code alike, and can be driven from a test without a kernel.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 
 from .lessons import zero_conv_trajectory
-from .plots import plot_zero_conv_trajectory
+from .plots import plot_gradient_flow, plot_zero_conv_trajectory
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -25,11 +26,18 @@ def _png(fig: plt.Figure) -> bytes:
 
 
 class ZeroConvExplorer:
-    r"""Learning rate, input scale and number of steps → how W leaves zero (Eq. 7) and when
-    :math:`\partial Z/\partial I` appears (Eq. 8). Input scale 0 shows the caveat: W stays 0."""
+    r"""Optimizer, learning rate, input scale and number of steps → how W leaves zero and when
+    :math:`\partial Z/\partial I` appears (Eq. 6–8). Plain gradient descent is Eq. 7's step,
+    :math:`-\mathrm{lr}\,g`; AdamW, which training uses, moves every entry by about lr at its first
+    update (:math:`-\mathrm{lr}\,\mathrm{sign}(g)`). Input scale 0 shows the caveat: W stays 0."""
 
-    def __init__(self, lr: float = 0.1, input_scale: float = 1.0, steps: int = 20, seed: int = 0):
+    OPTIMIZERS = (("SGD (Eq. 7)", "sgd"), ("AdamW", "adamw"))
+
+    def __init__(self, lr: float = 0.1, input_scale: float = 1.0, steps: int = 20, seed: int = 0,
+                 optimizer: str = "sgd"):
         self.seed = seed
+        self.optimizer = widgets.ToggleButtons(options=self.OPTIMIZERS, value=optimizer,
+                                               description="optimizer")
         self.lr = widgets.FloatLogSlider(value=lr, base=10, min=-4, max=0, step=0.25,
                                          description="learning rate")
         self.input_scale = widgets.FloatSlider(value=input_scale, min=0.0, max=3.0, step=0.25,
@@ -37,26 +45,181 @@ class ZeroConvExplorer:
         self.steps = widgets.IntSlider(value=steps, min=1, max=100, description="steps")
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
-        for control in (self.lr, self.input_scale, self.steps):
+        for control in (self.optimizer, self.lr, self.input_scale, self.steps):
             control.observe(lambda _change: self.update(), names="value")
-        self.widget = widgets.VBox(
-            [widgets.HBox([self.lr, self.input_scale, self.steps]), self.summary, self.image]
-        )
+        self.widget = widgets.VBox([
+            self.optimizer, widgets.HBox([self.lr, self.input_scale, self.steps]), self.summary,
+            self.image,
+        ])
         self.update()
 
     def update(self) -> None:
+        lr, name = self.lr.value, dict((v, k) for k, v in self.OPTIMIZERS)[self.optimizer.value]
         self.trajectory = t = zero_conv_trajectory(
-            lr=self.lr.value, input_scale=self.input_scale.value, steps=self.steps.value,
-            seed=self.seed,
+            lr=lr, input_scale=self.input_scale.value, steps=self.steps.value, seed=self.seed,
+            optimizer=self.optimizer.value,
         )
-        opened = next((k for k, g in enumerate(t.input_grad_norm) if g > 0), None)
+        rule = ("lr·|g| each, proportional to its gradient" if self.optimizer.value == "sgd"
+                else "about lr each, whatever its gradient: −lr·sign(g)")
+        opened = len(t.input_grad_norm) > 1 and t.input_grad_norm[1] > 0
         self.summary.value = (
-            f"‖W‖: {t.weight_norm[0]:g} at step 0 → {t.weight_norm[-1]:.4g} after "
-            f"{self.steps.value} steps. ∂L/∂I first non-zero at step "
-            f"{opened if opened is not None else 'never'} (‖∂L/∂I‖ = "
-            f"{t.input_grad_norm[-1]:.4g} at the end)."
+            f"{name}: update 1 moves W's entries by {min(t.first_step) / lr:.3g} to "
+            f"{max(t.first_step) / lr:.3g} × lr ({rule}). ‖W‖: 0 at step 0 → "
+            f"{t.weight_norm[-1]:.4g} after {self.steps.value} steps. ∂L/∂I: 0 at step 0 "
+            f"(Eq. 6), {'non-zero from step 1 (Eq. 8)' if opened else 'never non-zero: W stays 0'}."
         )
-        self.image.value = _png(plot_zero_conv_trajectory(t))
+        self.image.value = _png(plot_zero_conv_trajectory(t, title=name))
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class GradientFlowExplorer:
+    """Step through the updates of a :func:`cnet.course.lessons.gradient_flow` run: which of the
+    controlled block's parameters get gradient at update k (exact zeros drawn hollow)."""
+
+    GROUPS = (("z2", "Θ_z2 (out)"), ("theta_c", "Θ_c (copy)"), ("z1", "Θ_z1 (in)"))
+
+    def __init__(self, flow):
+        self.flow = flow
+        self.update_number = widgets.IntSlider(value=1, min=1, max=len(flow.loss),
+                                               description="update")
+        self.image = widgets.Image(format="png")
+        self.summary = widgets.HTML()
+        self.update_number.observe(lambda _change: self.update(), names="value")
+        self.widget = widgets.VBox([self.update_number, self.summary, self.image])
+        self.update()
+
+    def update(self) -> None:
+        k = self.update_number.value
+        self.nonzero = {g: self.flow.nonzero(g, k - 1) for g, _ in self.GROUPS}
+        self.summary.value = f"update {k}: non-zero gradient in " + ", ".join(
+            f"{label} {self.nonzero[g]} of {len(getattr(self.flow, g))} tensors"
+            for g, label in self.GROUPS)
+        fig = plot_gradient_flow(self.flow, steps=(k - 1,))
+        fig.axes[0].set_title(f"Where the gradient flows at update {k}", fontsize=10)
+        self.image.value = _png(fig)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+#: The heights of SD1.5's 13 residuals for 512-pixel images (latents 64 × 64).
+SD15_RESIDUAL_HEIGHTS = (64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8)
+
+
+class ScalesExplorer:
+    """Control scale and mode → the factor each of the 13 residuals is multiplied by, on the
+    conditional and on the unconditional branch of classifier-free guidance: plain control,
+    guess mode (the released and diffusers ramps) and CFG resolution weighting (ICCV §3.4)."""
+
+    MODES = (("plain", None), ("guess mode (released)", "released"),
+             ("guess mode (diffusers)", "diffusers"), ("CFG resolution weighting", "cfg_rw"))
+
+    def __init__(self, heights=SD15_RESIDUAL_HEIGHTS):
+        self.heights = tuple(heights)
+        self.scale = widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05,
+                                         description="scale")
+        self.mode = widgets.Dropdown(options=[m for m, _ in self.MODES], value="plain",
+                                     description="mode")
+        self.image = widgets.Image(format="png")
+        self.summary = widgets.HTML()
+        for control in (self.scale, self.mode):
+            control.observe(lambda _change: self.update(), names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.scale, self.mode]), self.summary,
+                                    self.image])
+        self.update()
+
+    def update(self) -> None:
+        from ..residuals import control_scales
+
+        rule = dict(self.MODES)[self.mode.value]
+        n = len(self.heights)
+        self.conditional = control_scales(n, self.scale.value, rule is not None, rule or "released",
+                                          self.heights)
+        # plain control reaches both branches; guess mode and CFG-RW the conditional one only
+        self.unconditional = self.conditional if rule is None else (0.0,) * n
+        fig, ax = plt.subplots(figsize=(7, 2.8))
+        xs = range(n)
+        ax.bar([x - 0.2 for x in xs], self.conditional, 0.4, label="conditional branch")
+        ax.bar([x + 0.2 for x in xs], self.unconditional, 0.4, label="unconditional branch")
+        ax.set_xticks(list(xs), [f"{i}\n{h}" for i, h in enumerate(self.heights)], fontsize=7)
+        ax.set_xlabel("residual i / its height h_i (the last one: the middle block)")
+        ax.set_ylabel("factor s_i")
+        ax.set_title(f"{self.mode.value}, scale {self.scale.value:.2f}", fontsize=10)
+        ax.set_ylim(0, 1.3 * max(1.0, *self.conditional))
+        ax.legend(fontsize=8, ncol=2, loc="upper left")
+        fig.tight_layout()
+        self.image.value = _png(fig)
+        self.summary.value = (f"{self.mode.value}: residual 0 × {self.conditional[0]:.3g}, the "
+                              f"middle one × {self.conditional[-1]:.3g} (conditional branch)")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class RunExplorer:
+    """Scrub through a training run (a run folder or a shipped ControlNet): its samples at
+    evaluation step k beside their conditions, and the fidelity and the zero convolutions'
+    norms up to k, on one time axis."""
+
+    def __init__(self, run, rows: int = 6):
+        from safetensors.torch import load_file
+
+        from ..train.data import condition_images
+        from ..train.runs import read_config, read_log
+
+        self.log, self.samples = read_log(run), load_file(Path(run) / "samples.safetensors")
+        self.sample_steps = sorted(int(k.split("_")[1]) for k in self.samples)
+        config = read_config(run)
+        first = self.samples[f"step_{self.sample_steps[0]}"]
+        self.rows = min(rows, len(first))
+        self.conditions = condition_images(config.task, config.eval_size, config.seed,
+                                           resolution=first.shape[-1])[: self.rows]
+        self.step = widgets.SelectionSlider(options=self.sample_steps, value=self.sample_steps[0],
+                                            description="step")
+        self.image = widgets.Image(format="png")
+        self.summary = widgets.HTML()
+        self.step.observe(lambda _change: self.update(), names="value")
+        self.widget = widgets.VBox([self.step, self.summary, self.image])
+        self.update()
+
+    def update(self) -> None:
+        k, log = self.step.value, self.log
+        self.iou = next((f for s, f in zip(log.eval_steps, log.eval_iou) if s == k), None)
+        norms = {name: values for name, values in log.weight_norm.items()}
+        at = max(i for i, s in enumerate(log.steps) if s <= k)
+        mid = norms.get("zero_conv.mid", next(iter(norms.values())))[at]
+        self.summary.value = (f"step {k}: IoU {self.iou:.3f}" if self.iou is not None
+                              else f"step {k}") + f"; the middle zero conv's norm {mid:.3g}"
+        fig = plt.figure(figsize=(8, 4.2))
+        grid = fig.add_gridspec(3, self.rows)
+        images = self.samples[f"step_{k}"][: self.rows]
+        for i in range(self.rows):
+            for row, picture in ((0, self.conditions[i]), (1, images[i].float() / 255)):
+                ax = fig.add_subplot(grid[row, i])
+                ax.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
+                ax.axis("off")
+        curve, growth = fig.add_subplot(grid[2, : self.rows // 2]), fig.add_subplot(
+            grid[2, self.rows // 2:])
+        curve.plot(log.eval_steps, log.eval_iou, color="tab:green")
+        curve.set_ylabel("IoU", fontsize=8)
+        for name, values in norms.items():
+            growth.plot(log.steps, values, lw=0.8, color="tab:red" if name.endswith("hint")
+                        else ("black" if name.endswith("mid") else "tab:gray"))
+        growth.set_ylabel("zero conv ‖(W, B)‖", fontsize=8)
+        for ax in (curve, growth):
+            ax.axvline(k, color="tab:blue", lw=1)
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("training step", fontsize=8)
+        fig.suptitle(f"conditions / samples at step {k}", fontsize=9)
+        self.image.value = _png(fig)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
