@@ -94,7 +94,9 @@ def run_figures(run: str | Path, label: str = "") -> dict:
     samples = load_file(run / "samples.safetensors")
     steps = sorted(int(k.split("_")[1]) for k in samples)
     if report is not None and report.converged:
-        wanted = [steps[0], report.start, report.step, report.end, steps[-1]]
+        # the last sampled evaluation before the jump starts, so that "late" and "sudden" differ
+        before = max((s for s in steps if s < report.start), default=steps[0])
+        wanted = [steps[0], before, report.start, report.step, report.end, steps[-1]]
     else:
         wanted = [steps[round(q * (len(steps) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
     shown = sorted({min(steps, key=lambda s, w=w: abs(s - w)) for w in wanted})

@@ -66,12 +66,12 @@ def plot_zero_conv_growth(log, label: str = "") -> plt.Figure:
         is_hint, is_mid = name.endswith("hint"), name.endswith("mid")
         ax.plot(log.steps, log.weight_norm[name], lw=2 if (is_hint or is_mid) else 1,
                 color="tab:red" if is_hint else ("black" if is_mid else cmap(k / len(names))),
-                label=name.replace("zero_conv.", "") if (is_hint or is_mid or k % 3 == 0)
-                else None)
+                label=name.replace("zero_conv.", ""))
     ax.set_xlabel("training step")
     ax.set_ylabel("‖(W, B)‖ (Frobenius norm)")
     ax.set_title(f"Zero convolutions leaving zero{' — ' + label if label else ''}", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, title="zero conv", title_fontsize=7)
+    ax.legend(fontsize=6, ncol=2, title="zero conv", title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))  # all 14 named, beside the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
