@@ -4,8 +4,9 @@
 
 Runs each notebook top to bottom with nbclient (from its own folder, as nbval does), then drops
 widget state from the metadata and widget views from the outputs (they only make sense in a
-live kernel), so that the committed file holds prose, code, text outputs and small plots. The
-outputs of cells marked ``# NBVAL_CHECK_OUTPUT`` are what nbval compares against in CI.
+live kernel) and keeps only the last frame of a progress bar, so that the committed file holds
+prose, code, text outputs and small plots. The outputs of cells marked ``# NBVAL_CHECK_OUTPUT``
+are what nbval compares against in CI.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from nbclient import NotebookClient
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
+def last_frames(text: str) -> str:
+    """A progress bar redraws its line with carriage returns; a stored output keeps each line's
+    last frame (100 %), not the first one (0 %) that a viewer without a terminal shows."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
 def clean(nb: nbformat.NotebookNode) -> None:
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
@@ -28,9 +35,11 @@ def clean(nb: nbformat.NotebookNode) -> None:
         cell.metadata.pop("execution", None)
         kept = []
         for out in cell.outputs:
+            if out.get("output_type") == "stream":
+                out["text"] = last_frames(out["text"])
             if out.get("output_type") in ("display_data", "execute_result"):
-                out["data"].pop(WIDGET_VIEW, None)
-                if not out["data"]:
+                if WIDGET_VIEW in out["data"]:
+                    # a widget's text fallback is its state when drawn: a progress bar at 0 %
                     continue
             kept.append(out)
         cell.outputs = kept

@@ -139,7 +139,7 @@ def plot_generated(images, prompts: list[str], columns: int = 6, title: str = ""
     is given, each requested outline is drawn over its image in white, to show where the
     shape was asked for."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 1.95 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):

@@ -51,10 +51,10 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str],
              steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
              seed: int = 0, batch_size: int = 100,
              resolution: int | None = None, progress: bool = False) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] sampled by the pipeline (its DDIM scheduler) for
-    ``prompts``, with one seeded generator per batch. ValueError for a prompt outside the
-    world's vocabulary or longer than the tokenizer's length, or a resolution the VAE cannot
-    divide."""
+    """Images (B, 3, H, W) in [-1, 1], on the CPU, sampled by the pipeline (its DDIM scheduler,
+    on the pipeline's device) for ``prompts``, with one seeded generator per batch. ValueError
+    for a prompt outside the world's vocabulary or longer than the tokenizer's length, or a
+    resolution the VAE cannot divide."""
     for prompt in prompts:
         check_prompt(prompt, pipe.tokenizer)
     if resolution is not None:
@@ -66,7 +66,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str],
         out = pipe(prompts[start:start + batch_size], num_inference_steps=steps,
                    guidance_scale=guidance, height=resolution, width=resolution,
                    generator=torch.Generator().manual_seed(seed + start), output_type="pt")
-        images.append(out.images * 2 - 1)
+        images.append((out.images * 2 - 1).float().cpu())  # measured on the CPU, as the rest
     return torch.cat(images)
 
 
