@@ -25,7 +25,16 @@ def _png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
-class ZeroConvExplorer:
+class _Explorer:
+    """What every explorer shares: Jupyter shows its ``widget`` (controls, summary, figure)."""
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+class ZeroConvExplorer(_Explorer):
     r"""Optimizer, learning rate, input scale and number of steps → how W leaves zero and when
     :math:`\partial Z/\partial I` appears (Eq. 6–8). Plain gradient descent is Eq. 7's step,
     :math:`-\mathrm{lr}\,g`; AdamW, which training uses, moves every entry by about lr at its first
@@ -70,13 +79,8 @@ class ZeroConvExplorer:
         )
         self.image.value = _png(plot_zero_conv_trajectory(t, title=name))
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.widget)
-
-
-class GradientFlowExplorer:
+class GradientFlowExplorer(_Explorer):
     """Step through the updates of a :func:`cnet.course.lessons.gradient_flow` run: which of the
     controlled block's parameters get gradient at update k (exact zeros drawn hollow)."""
 
@@ -102,17 +106,12 @@ class GradientFlowExplorer:
         fig.axes[0].set_title(f"Where the gradient flows at update {k}", fontsize=10)
         self.image.value = _png(fig)
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
 
 #: The heights of SD1.5's 13 residuals for 512-pixel images (latents 64 × 64).
 SD15_RESIDUAL_HEIGHTS = (64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8)
 
 
-class ScalesExplorer:
+class ScalesExplorer(_Explorer):
     """Control scale and mode → the factor each of the 13 residuals is multiplied by, on the
     conditional and on the unconditional branch of classifier-free guidance: plain control,
     guess mode (the released and diffusers ramps) and CFG resolution weighting (ICCV §3.4)."""
@@ -158,13 +157,8 @@ class ScalesExplorer:
         self.summary.value = (f"{self.mode.value}: residual 0 × {self.conditional[0]:.3g}, the "
                               f"middle one × {self.conditional[-1]:.3g} (conditional branch)")
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.widget)
-
-
-class RunExplorer:
+class RunExplorer(_Explorer):
     """Scrub through a training run (a run folder or a shipped ControlNet): its samples at
     evaluation step k beside their conditions, and the fidelity and the zero convolutions'
     norms up to k, on one time axis."""
@@ -193,7 +187,7 @@ class RunExplorer:
     def update(self) -> None:
         k, log = self.step.value, self.log
         self.iou = next((f for s, f in zip(log.eval_steps, log.eval_iou) if s == k), None)
-        norms = {name: values for name, values in log.weight_norm.items()}
+        norms = log.weight_norm
         at = max(i for i, s in enumerate(log.steps) if s <= k)
         mid = norms.get("zero_conv.mid", next(iter(norms.values())))[at]
         self.summary.value = (f"step {k}: IoU {self.iou:.3f}" if self.iou is not None
@@ -221,13 +215,8 @@ class RunExplorer:
         fig.suptitle(f"conditions / samples at step {k}", fontsize=9)
         self.image.value = _png(fig)
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.widget)
-
-
-class ControlExplorer:
+class ControlExplorer(_Explorer):
     """Conditioning scale, control window, guidance and condition → one sample of a trained
     ControlNet, re-drawn on every change (DDIM, ``steps`` steps, the same starting noise), with
     its fidelity (:func:`cnet.train.fidelity`) beside it. ``data`` is an evaluation set from
@@ -288,8 +277,3 @@ class ControlExplorer:
             ax.set_title(title, fontsize=8)
             ax.axis("off")
         self.image.value = _png(fig)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
