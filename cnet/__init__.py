@@ -13,21 +13,35 @@ The package is built in layers, each importing only those below it:
 * :mod:`cnet.course`: what the notebooks call (lessons, plots, widgets, figures).
 """
 
+import importlib
+
 from .block import ControlledBlock, lock, trainable_copy
-from .controlnet import ControlNet, unet_skip_channels
-from .convert import (
-    from_diffusers,
-    from_official,
-    load_official_state_dict,
-    read_checkpoint,
-    save_official,
-    to_diffusers,
-    to_official_state_dict,
-)
-from .hint import PaperHintEncoder, ReleasedHintEncoder, make_hint_encoder
-from .injection import ControlledUNet, inject_residuals
 from .residuals import ControlResiduals, cfg_resolution_weights, control_scales, guess_mode_scales
 from .zero_conv import ZeroConv2d, sgd_step, zero_conv, zero_conv_grads
+
+# The rest of the core sits on diffusers, whose import takes seconds: it is loaded on first use,
+# so that the notebooks on the zero convolution and the block (torch only) start at once.
+_ON_FIRST_USE = {
+    "ControlNet": "controlnet", "unet_skip_channels": "controlnet",
+    "from_diffusers": "convert", "from_official": "convert",
+    "load_official_state_dict": "convert", "read_checkpoint": "convert",
+    "save_official": "convert", "to_diffusers": "convert", "to_official_state_dict": "convert",
+    "PaperHintEncoder": "hint", "ReleasedHintEncoder": "hint", "make_hint_encoder": "hint",
+    "ControlledUNet": "injection", "inject_residuals": "injection",
+}
+
+
+def __getattr__(name: str):
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module 'cnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_ON_FIRST_USE])
+
 
 __version__ = "0.1.0"
 

@@ -400,7 +400,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="the base it controls (evaluate's default: the one its "
                                   "run.json names)")
         command.add_argument("--samples", type=int, default=samples)
-        command.add_argument("--profile", choices=sorted(PROFILES), default="full",
+        command.add_argument("--profile", choices=sorted(PROFILES),  # control: notebook 06's
+                             default="quick" if name == "control" else "full",
                              help="whose evaluation sampler to sample with (steps, guidance)")
         command.add_argument("--threads", type=int, default=1)
         if name == "control":

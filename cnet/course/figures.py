@@ -15,9 +15,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from safetensors.torch import load_file
 
-from ..train.convergence import detect_sudden_convergence
-from ..train.data import condition_images
-from ..train.runs import read_config, read_log
 from .training_plots import (
     plot_fidelity_and_loss,
     plot_first_step_gradients,
@@ -82,6 +79,12 @@ def run_figures(run: str | Path, label: str = "") -> dict:
     convergence step, the zero convolutions' growth, the first steps' gradients, and a grid of
     samples before, at and after the jump. Returns ``{name: Figure}`` and the detector's report
     under ``"report"`` (None with fewer than 5 evaluations)."""
+    # imported here: cnet.train loads diffusers, which the notebooks that only save a figure of
+    # the math lessons (01, 02) do without
+    from ..train.convergence import detect_sudden_convergence
+    from ..train.data import condition_images
+    from ..train.runs import read_config, read_log
+
     run = Path(run)
     log = read_log(run)
     report = (detect_sudden_convergence(log.eval_steps, log.eval_iou)

@@ -85,6 +85,11 @@ def _condition_key(task: str) -> str:
     return "outline" if task == "fill" else task
 
 
+# The VAE encodes this many images at a time: at 64 px a larger batch's activations outgrow
+# the CPU's cache and encode at half the speed (the latents are the same bit for bit).
+VAE_CHUNK = 32
+
+
 @dataclass
 class CachedData:
     """What the frozen networks make of a dataset, computed once: the VAE's latent mean and std
@@ -113,9 +118,11 @@ def cache_data(pipe: StableDiffusionPipeline, task: str, size: int, split: str, 
         indices = list(range(start, min(size, start + chunk)))
         batch = dataset.batch(indices)
         scenes = dataset.scenes(indices)
-        dist = pipe.vae.encode(batch["image"].to(device, pipe.vae.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
+        images = batch["image"].to(device, pipe.vae.dtype)
+        for part in images.split(VAE_CHUNK):
+            dist = pipe.vae.encode(part).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
         conditions.append(batch[key].float())
         prompts_all += batch["prompt"]
         layers.append(batch["layers"])

@@ -45,6 +45,7 @@ __all__ = [
     "shape_index",
     "check_resolution",
     "shape_masks",
+    "every_shape_mask",
     "outline_of",
     "region_inside",
     "canny_edges",
@@ -114,6 +115,13 @@ def shape_masks(
 ) -> np.ndarray:
     """Boolean masks (B, H, W) of a batch of shapes given by shape index, centre and size r
     (the radius of the equal-area circle), all arrays of shape (B,). Vectorised over the batch."""
+    stacked = every_shape_mask(cx, cy, r, resolution)  # (shapes, B, H, W)
+    return np.take_along_axis(stacked, np.asarray(shape)[None, :, None, None], axis=0)[0]
+
+
+def every_shape_mask(cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
+                     resolution: int) -> np.ndarray:
+    """Boolean masks (shapes, B, H, W): each of :data:`SHAPES` at each centre and size."""
     x, y = _grid(resolution)
     dx = x - np.asarray(cx, np.float32)[:, None, None]
     dy = y - np.asarray(cy, np.float32)[:, None, None]
@@ -128,8 +136,7 @@ def shape_masks(
         c * dx - s * dy <= half_inradius
     )
     diamond = np.abs(dx) + np.abs(dy) <= _DIAMOND_HALF_DIAGONAL * r
-    stacked = np.stack([circle, square, triangle, diamond])  # (shapes, B, H, W)
-    return np.take_along_axis(stacked, np.asarray(shape)[None, :, None, None], axis=0)[0]
+    return np.stack([circle, square, triangle, diamond])
 
 
 def outline_of(layers: np.ndarray) -> np.ndarray:

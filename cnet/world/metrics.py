@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import COLOUR_NAMES, SHAPES, colour_index, palette_of, shape_index, shape_masks
+from .data import COLOUR_NAMES, SHAPES, colour_index, every_shape_mask, palette_of, shape_index
 
 __all__ = [
     "classify_colours",
@@ -175,13 +175,10 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
         cx = (xs * masks[b]).sum().item() / area
         cy = (ys * masks[b]).sum().item() / area
         r = np.sqrt(area / np.pi)
-        count = len(offsets)
-        for j, shape in enumerate(indices):
-            templates = shape_masks(
-                np.full(count, shape), np.array([cx + o[0] for o in offsets]),
-                np.array([cy + o[1] for o in offsets]), np.array([r * o[2] for o in offsets]),
-                height,
-            )
-            fits[b, j] = iou(torch.from_numpy(templates), masks[b].expand(count, -1, -1)).max()
+        templates = torch.from_numpy(every_shape_mask(  # (shapes, placements, H, W)
+            np.array([cx + o[0] for o in offsets]), np.array([cy + o[1] for o in offsets]),
+            np.array([r * o[2] for o in offsets]), height)[indices])
+        placed = templates.flatten(0, 1)
+        fits[b] = iou(placed, masks[b].expand(len(placed), -1, -1)).view(len(indices), -1).amax(1)
     names = [shapes[int(fits[b].argmax())] if masks[b].any() else None for b in range(batch)]
     return {"shape": names, "iou": fits}
