@@ -1,7 +1,17 @@
 """Fixtures the test modules share."""
 
 import pytest
+import torch
 from _tiny_unets import tiny_sd_pipeline
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """Commands under test set torch's thread count (``--threads``, pretraining's ``threads``);
+    the tests after them run with the count the suite started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

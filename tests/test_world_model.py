@@ -161,7 +161,8 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
 def test_quick_profile_runs_end_to_end(tmp_path):
     assert PROFILES["quick"] == {}  # the quick profile is Settings' defaults
-    pipe = pretrain(Settings(), tmp_path / "model", tmp_path / "run", profile="quick")
+    # the quick profile on both cores: the thread count is not part of a profile
+    pipe = pretrain(Settings(threads=2), tmp_path / "model", tmp_path / "run", profile="quick")
     record = json.loads((tmp_path / "model" / "pretraining.json").read_text())
     assert record["profile"] == "quick"
     log = [json.loads(line) for line in
