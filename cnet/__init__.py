@@ -6,7 +6,7 @@ Models" (ICCV 2023) is one short, named function or class; grep for ``Eq. N`` to
 The package is built in layers, each importing only those below it:
 
 * the math core: :mod:`cnet.zero_conv` (Eq. 5–8), :mod:`cnet.block` (Eq. 1–4),
-  :mod:`cnet.hint` (Eq. 9), :mod:`cnet.controlnet` (§3.2), :mod:`cnet.injection`,
+  :mod:`cnet.hint` (Eq. 9), :mod:`cnet.controlnet` (ICCV §3.2), :mod:`cnet.injection`,
   :mod:`cnet.convert` (official and diffusers layouts), :mod:`cnet.sample`;
 * :mod:`cnet.train` (training on a locked base) and :mod:`cnet.world` (the miniature Stable
   Diffusion world);

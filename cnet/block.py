@@ -1,4 +1,4 @@
-r"""Locked block, trainable copy, zero convolutions: the paper's Eq. 1–4 (§3.1).
+r"""Locked block, trainable copy, zero convolutions: the paper's Eq. 1–4 (ICCV §3.1).
 
 A neural block :math:`F(\cdot; \Theta)` maps a feature map :math:`x` to :math:`y = F(x; \Theta)`
 (**Eq. 1**). ControlNet *locks* :math:`\Theta`, *clones* it into a trainable copy

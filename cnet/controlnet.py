@@ -1,4 +1,4 @@
-r"""ControlNet on a whole Stable Diffusion U-Net: the paper's §3.2, over diffusers.
+r"""ControlNet on a whole Stable Diffusion U-Net: ICCV §3.2 of the paper, over diffusers.
 
 Stable Diffusion's U-Net has an encoder of 12 blocks at 4 resolutions, a middle block, and a
 decoder whose 12 blocks each take one *skip connection* from the encoder. ControlNet applies
@@ -151,7 +151,7 @@ def _condition_size_error(expected: str, condition: torch.Tensor) -> ValueError:
 
 
 class ControlNet(nn.Module):
-    r"""A ControlNet for a diffusers ``UNet2DConditionModel`` (§3.2): 12 + 1 residuals.
+    r"""A ControlNet for a diffusers ``UNet2DConditionModel`` (ICCV §3.2): 12 + 1 residuals.
 
     Build it with :meth:`from_unet` (trainable copy of a locked U-Net); :mod:`cnet.convert`
     builds one from a diffusers ``ControlNetModel`` or an lllyasviel checkpoint, and back.
@@ -220,7 +220,7 @@ class ControlNet(nn.Module):
         hint_channels: Sequence[int] | None = None,
         global_pool: bool = False,
     ) -> ControlNet:
-        r"""Clone the encoder and middle block of ``unet`` into a ControlNet (§3.2).
+        r"""Clone the encoder and middle block of ``unet`` into a ControlNet (ICCV §3.2).
 
         ``conv_in``, the time embedding, every down block and the mid block are deep copies
         (:func:`cnet.trainable_copy`): equal to the U-Net's weights bit for bit, trainable, no

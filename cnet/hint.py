@@ -1,4 +1,4 @@
-r"""The condition encoder :math:`E`: the paper's Eq. 9 (§3.2).
+r"""The condition encoder :math:`E`: the paper's Eq. 9 (ICCV §3.2).
 
 Stable Diffusion denoises 64×64 latents, but a condition (edges, depth, a segmentation map) is a
 512×512 image. ControlNet therefore maps the image-space condition :math:`c_i` into the
@@ -12,7 +12,7 @@ condition's resolution to the latent's (8× for SD: 512 → 64).
 
 The paper's text and the released code describe two different encoders; cnet offers both.
 
-* **Paper** (§3.2): "four convolution layers with 4×4 kernels and 2×2 strides (activated by
+* **Paper** (ICCV §3.2): "four convolution layers with 4×4 kernels and 2×2 strides (activated by
   ReLU, channels are 16, 32, 64, 128, initialized with Gaussian weights)". Four stride-2 layers
   would downsample 16×, not the 8× that SD needs, so :class:`PaperHintEncoder` strides only as
   many of its layers as the factor asks for (the first three for 8×) and keeps the size in the
@@ -74,7 +74,7 @@ class EncodedCondition:
 #: Channels of the released encoder's stages (cldm/cldm.py; diffusers' default): one stage at
 #: full resolution, then one per stride-2 convolution.
 RELEASED_HINT_CHANNELS: tuple[int, ...] = (16, 32, 96, 256)
-#: Channels of the paper's four 4×4 convolutions (§3.2).
+#: Channels of the paper's four 4×4 convolutions (ICCV §3.2).
 PAPER_HINT_CHANNELS: tuple[int, ...] = (16, 32, 64, 128)
 
 
@@ -215,7 +215,7 @@ def make_hint_encoder(
     downscale_factor: int = 8,
     channels: Sequence[int] | None = None,
 ) -> ReleasedHintEncoder | PaperHintEncoder:
-    """Build E (Eq. 9): ``kind="released"`` (cldm/cldm.py, diffusers) or ``"paper"`` (§3.2).
+    """Build E (Eq. 9): ``kind="released"`` (cldm/cldm.py, diffusers) or ``"paper"`` (ICCV §3.2).
 
     ``out_channels`` is the U-Net's first channel count (320 for SD); ``downscale_factor`` the
     condition-to-latent resolution ratio (8 for SD). ``channels`` overrides the stage channels;

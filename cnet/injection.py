@@ -1,4 +1,4 @@
-r"""Injection into the locked U-Net: the paper's §3.2 at full scale, for one or several
+r"""Injection into the locked U-Net: ICCV §3.2 of the paper at full scale, for one or several
 ControlNets.
 
 The ControlNet's residuals :math:`r_0 \dots r_{12}` enter the locked U-Net through its own
@@ -84,7 +84,7 @@ def _per_controlnet(value: Any, k: int, name: str) -> list[Any]:
 
 
 class ControlledUNet(nn.Module):
-    r"""The locked U-Net with one or several ControlNets injected (§3.2, Eq. 2 at full scale).
+    r"""The locked U-Net with one or several ControlNets injected (ICCV §3.2, Eq. 2 at full scale).
 
     ``unet`` is locked in place (:func:`cnet.lock`); each ControlNet's residuals are scaled
     (its own scale), added together (composition: several ControlNets simply add), and fed

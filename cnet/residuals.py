@@ -1,4 +1,4 @@
-r"""The ControlNet's outputs and their scales (paper §3.2).
+r"""The ControlNet's outputs and their scales (ICCV §3.2).
 
 A ControlNet for SD returns 12 + 1 *residuals* :math:`r_0 \dots r_{11}, r_{12}`, one per skip
 connection of the locked U-Net and one for its middle block (:class:`ControlResiduals`). Before

@@ -1,4 +1,4 @@
-r"""Zero convolution: the paper's Eq. 5–8 (§3.1).
+r"""Zero convolution: the paper's Eq. 5–8 (arXiv v1 §3.1).
 
 A *zero convolution* is a 1×1 convolution whose weight :math:`W` and bias :math:`B` both start
 at exactly 0. It is the only new ingredient ControlNet adds between a locked network and its

@@ -4,7 +4,7 @@ not depend on the values), and one training step of each kind on them.
 
 The two steps compared are the two ways to adapt SD to a condition:
 
-* **ControlNet** (§3.2): the locked U-Net and the trainable copy; AdamW over the ControlNet.
+* **ControlNet** (ICCV §3.2): the locked U-Net and the trainable copy; AdamW over the ControlNet.
 * **Fine-tuning**: the whole U-Net trains; AdamW over all of it.
 
 Both use the same batch, the same loss and the same optimizer settings as the training loop

@@ -1,6 +1,6 @@
 r"""Control on a trained ControlNet, measured (notebook 06): how strongly, and when.
 
-* **Strength**: every residual times one conditioning scale :math:`s` (paper §3.2's scales,
+* **Strength**: every residual times one conditioning scale :math:`s` (the scales of ICCV §3.2,
   diffusers' ``controlnet_conditioning_scale``); fidelity against :math:`s`, from the base alone
   at :math:`s = 0` (Eq. 4's situation: zero residuals) upwards.
 * **Timing**: control only within a window of the sampling steps (diffusers'

@@ -157,7 +157,7 @@ def plot_generated(images, prompts: list[str], columns: int = 6, title: str = ""
 
 # long: one diagram of the whole U-Net, drawn block by block
 def plot_injection_points(points, condition: str = "", title: str = "") -> plt.Figure:
-    """The 12 + 1 places a ControlNet's residuals enter the locked U-Net (§3.2): one row per
+    """The 12 + 1 places a ControlNet's residuals enter the locked U-Net (ICCV §3.2): one row per
     residual, locked encoder (left) → skip connection → locked decoder (middle) ← Z_i ←
     trainable copy (right); the middle block's residual in the bottom row. ``points`` are
     :class:`cnet.InjectionPoint` (``cnet.injection_points(unet)``)."""

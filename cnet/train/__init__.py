@@ -1,4 +1,4 @@
-"""Training a ControlNet on a locked Stable Diffusion base (paper §3.3).
+"""Training a ControlNet on a locked Stable Diffusion base (ICCV §3.3).
 
 =============  ============================================================================
 module         what it holds

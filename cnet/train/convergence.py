@@ -1,4 +1,4 @@
-r"""Sudden convergence, measured (paper §3.3; v1 Fig. 4 shows it as samples).
+r"""Sudden convergence, measured (ICCV §3.3; v1 Fig. 4 shows it as samples).
 
 The paper observes that a ControlNet does not learn to follow its condition gradually: for
 thousands of steps its samples ignore the condition, then within a short stretch of training

@@ -58,7 +58,7 @@ def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDif
 
 
 def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> ControlNet:
-    """The ControlNet a run trains: a trainable copy of the base's U-Net (§3.2) whose condition
+    """The ControlNet a run trains: a trainable copy of the base's U-Net (ICCV §3.2) whose condition
     encoder downsamples the base's image resolution to its latent resolution; or one of the
     paper's ablations of it (``connections``, ``trainable_copy``: :mod:`cnet.variants`)."""
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor

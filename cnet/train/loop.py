@@ -1,4 +1,4 @@
-r"""Training a ControlNet on a locked base (paper §3.3).
+r"""Training a ControlNet on a locked base (ICCV §3.3).
 
     python -m cnet train                               # quick profile on CPU, full on CUDA
     python -m cnet train --profile full --steps 8000 --lr 3e-4 --out runs/fill-full
