@@ -2,6 +2,7 @@
 
 Each equation of Zhang, Rao & Agrawala, "Adding Conditional Control to Text-to-Image Diffusion
 Models" (ICCV 2023) is one short, named function or class; grep for ``Eq. N`` to find it.
+Equation numbers are those of arXiv v1; a section number names its version ("ICCV §3.2").
 
 The package is built in layers, each importing only those below it:
 
@@ -13,7 +14,8 @@ The package is built in layers, each importing only those below it:
 * :mod:`cnet.course`: what the notebooks call (lessons, plots, widgets, figures).
 """
 
-import importlib
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .block import ControlledBlock, lock, trainable_copy
 from .residuals import ControlResiduals, cfg_resolution_weights, control_scales, guess_mode_scales
@@ -30,11 +32,25 @@ _ON_FIRST_USE = {
     "ControlledUNet": "injection", "inject_residuals": "injection",
 }
 
+if _TYPE_CHECKING:  # what the names above are, for type checkers and the layout test
+    from .controlnet import ControlNet, unet_skip_channels
+    from .convert import (
+        from_diffusers,
+        from_official,
+        load_official_state_dict,
+        read_checkpoint,
+        save_official,
+        to_diffusers,
+        to_official_state_dict,
+    )
+    from .hint import PaperHintEncoder, ReleasedHintEncoder, make_hint_encoder
+    from .injection import ControlledUNet, inject_residuals
+
 
 def __getattr__(name: str):
     if name not in _ON_FIRST_USE:
         raise AttributeError(f"module 'cnet' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
+    value = getattr(_import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
     globals()[name] = value
     return value
 

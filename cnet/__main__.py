@@ -402,7 +402,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--samples", type=int, default=samples)
         command.add_argument("--profile", choices=sorted(PROFILES),  # control: notebook 06's
                              default="quick" if name == "control" else "full",
-                             help="whose evaluation sampler to sample with (steps, guidance)")
+                             help="whose evaluation sampler (steps, guidance): %(default)s")
         command.add_argument("--threads", type=int, default=1)
         if name == "control":
             command.add_argument("--segmentation", default="models/controlnet-segmentation",

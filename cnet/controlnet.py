@@ -1,4 +1,4 @@
-r"""ControlNet on a whole Stable Diffusion U-Net: ICCV §3.2 of the paper, over diffusers.
+r"""ControlNet on a whole Stable Diffusion U-Net: the paper's ICCV §3.2, over diffusers.
 
 Stable Diffusion's U-Net has an encoder of 12 blocks at 4 resolutions, a middle block, and a
 decoder whose 12 blocks each take one *skip connection* from the encoder. ControlNet applies

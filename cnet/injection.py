@@ -1,4 +1,4 @@
-r"""Injection into the locked U-Net: ICCV §3.2 of the paper at full scale, for one or several
+r"""Injection into the locked U-Net: the paper's ICCV §3.2, at full scale, for one or several
 ControlNets.
 
 The ControlNet's residuals :math:`r_0 \dots r_{12}` enter the locked U-Net through its own

@@ -4,14 +4,15 @@ import pytest
 import torch
 from _tiny_unets import tiny_sd_pipeline
 
+THREADS_AT_START = torch.get_num_threads()
+
 
 @pytest.fixture(autouse=True)
 def _torch_threads_as_found():
-    """Commands under test set torch's thread count (``--threads``, pretraining's ``threads``);
-    the tests after them run with the count the suite started with."""
-    threads = torch.get_num_threads()
+    """Commands and fixtures under test set torch's thread count (``--threads``, pretraining's
+    ``threads``); every test after them runs with the count the suite started with."""
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS_AT_START)
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,7 @@ def test_evaluate_refuses_bad_values_in_one_line(tmp_path, capsys):
 def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CNET_FIGURES", str(tmp_path))
     shipped = repo_root() / "models" / "controlnet-fill"
-    assert main(["control", str(shipped), "--samples", "2", "--profile", "quick",
+    assert main(["control", str(shipped), "--samples", "2",  # the default: the quick sampler
                  "--base", str(repo_root() / "models" / "miniature-sd"),
                  "--segmentation", str(repo_root() / "models" / "controlnet-segmentation"),
                  "--fine_tune", str(repo_root() / "models" / "miniature-sd-cycled")]) == 0

@@ -310,7 +310,8 @@ def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, d
     and the figures (name -> figure) that ``python -m cnet control`` writes. ``segmentation``
     is the second ControlNet composed with the first on the two-object ``scenes``;
     ``fine_tune`` is a fine-tune of ``pipe`` and ``fine_tune_data`` the same conditions in its
-    style."""
+    style. ``steps`` and ``guidance``: the sampler (notebook 06 and the command's default pass
+    the quick profile's, :func:`cnet.train.sampler_settings`)."""
     base_alone, _ = evaluate(pipe, None, data, steps, guidance)
     strength, strength_images = strength_sweep(pipe, controlled, data, STRENGTHS, steps, guidance)
     window, window_images = window_sweep(pipe, controlled, data, WINDOWS, steps, guidance)

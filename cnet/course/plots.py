@@ -160,7 +160,8 @@ def plot_injection_points(points, condition: str = "", title: str = "") -> plt.F
     """The 12 + 1 places a ControlNet's residuals enter the locked U-Net (ICCV §3.2): one row per
     residual, locked encoder (left) → skip connection → locked decoder (middle) ← Z_i ←
     trainable copy (right); the middle block's residual in the bottom row. ``points`` are
-    :class:`cnet.InjectionPoint` (``cnet.injection_points(unet)``)."""
+    :class:`cnet.course.injection_points.InjectionPoint`
+    (``cnet.course.injection_points.injection_points(unet)``)."""
     import matplotlib.patches as mpatches
 
     skips, mid = points[:-1], points[-1]

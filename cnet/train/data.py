@@ -86,7 +86,7 @@ def _condition_key(task: str) -> str:
 
 
 # The VAE encodes this many images at a time: at 64 px a larger batch's activations outgrow
-# the CPU's cache and encode at half the speed (the latents are the same bit for bit).
+# the CPU's cache and encode at half the speed (on the CPU the latents are the same bit for bit).
 VAE_CHUNK = 32
 
 
