@@ -146,13 +146,32 @@ def run_ablate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def run_recipe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .train.recipe import RECIPES, run_recipes, summarize_recipes
+
+    recipes = args.recipes or list(RECIPES)
+    if not args.no_train:
+        run_recipes(recipes, args.seeds, args.root)
+    if args.no_summary:
+        return
+    command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    result = summarize_recipes(recipes, args.seeds, args.root, command=command.strip())
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def run_export(args: argparse.Namespace) -> None:
     from .train.runs import export_run
 
     if args.samples_kept < 1:
         raise SettingError(f"samples_kept: {args.samples_kept!r} is not allowed; expected an "
                            "integer >= 1")
-    out = export_run(args.run, args.out, samples_kept=args.samples_kept, half=args.half)
+    out = export_run(args.run, args.out, samples_kept=args.samples_kept, half=args.half,
+                     weights=args.weights)
     print(f"shipped {args.run} to {out}")
 
 
@@ -214,7 +233,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     _check_measurement(args)
     folder = Path(args.folder)
-    controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
+    controlnet = load_controlnet(folder, args.weights)  # one line for a wrong folder
     record_path = folder / "run.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     config = record.get("config", {})
@@ -266,7 +285,7 @@ def run_sample(args: argparse.Namespace) -> None:
         raise SettingError(f"steps, guidance: {args.steps!r}, {args.guidance!r} are not allowed; "
                            "expected an integer >= 1 and a number >= 0")
     folder = Path(args.controlnet)
-    controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
+    controlnet = load_controlnet(folder, args.weights)  # one line for a wrong folder
     base = args.base or _base_of(folder)
     pipe = load_base(base, "cuda" if torch.cuda.is_available() else "cpu")
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -323,6 +342,7 @@ def _add_sample_and_bench(sub) -> None:
     sample.add_argument("--guidance", type=float, default=3.0)
     sample.add_argument("--scale", type=float, default=1.0, help="control scale")
     sample.add_argument("--seed", type=int, default=0)
+    _add_weights_flag(sample)
     bench = sub.add_parser("bench", help="speed and memory figures, as ratios measured in one run")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
     bench.add_argument("--out", default="runs/bench",
@@ -350,6 +370,25 @@ def _add_ablate(sub) -> None:
     ablate.add_argument("--no_summary", action="store_true", help="train only")
 
 
+def _add_weights_flag(command) -> None:
+    command.add_argument("--weights", choices=("latest", "best"), default="latest",
+                         help="a training run's last checkpoint, or its best evaluation's "
+                              "weights (best.safetensors): %(default)s")
+
+
+def _add_recipe(sub) -> None:
+    recipe = sub.add_parser("recipe", help="the recipe study: learning rate, batch and "
+                                           "timestep sampling over seeds, each run continued "
+                                           "to twice its steps")
+    recipe.add_argument("--recipes", nargs="+", default=None, help="default: all")
+    recipe.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    recipe.add_argument("--root", default="runs/recipe", help="where the runs go")
+    recipe.add_argument("--results", default="runs/recipe/recipe_study.json",
+                        help="the summary JSON (figures/recipe_study.json: the shipped one)")
+    recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
+    recipe.add_argument("--no_summary", action="store_true", help="train only")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--values", required=True, nargs="+", help="its values, one run each")
     compare.add_argument("--label", default="", help="added to the figure's title")
     _add_ablate(sub)
+    _add_recipe(sub)
     course = sub.add_parser("course", help="stamp the repository's URL into the notebooks' "
                                            "setup cells and the README's Colab links")
     course.add_argument("--repo", required=True,
@@ -386,6 +426,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--samples_kept", type=int, default=8)
     export.add_argument("--half", action="store_true",
                         help="store the weights in half precision (half the bytes)")
+    _add_weights_flag(export)
     _add_sample_and_bench(sub)
     for name, help_text, samples in (
             ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
@@ -404,6 +445,8 @@ def _parser() -> argparse.ArgumentParser:
                              default="quick" if name == "control" else "full",
                              help="whose evaluation sampler (steps, guidance): %(default)s")
         command.add_argument("--threads", type=int, default=1)
+        if name == "evaluate":
+            _add_weights_flag(command)
         if name == "control":
             command.add_argument("--segmentation", default="models/controlnet-segmentation",
                                  help="a second ControlNet, composed with the first")
@@ -413,7 +456,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
-            "ablate": run_ablate, "course": run_course,
+            "ablate": run_ablate, "recipe": run_recipe, "course": run_course,
             "export": run_export, "evaluate": run_evaluate, "control": run_control,
             "bench": run_bench, "sample": run_sample}
 

@@ -24,6 +24,7 @@ __all__ = [
     "PRECISIONS",
     "PROFILES",
     "TASKS",
+    "TIMESTEP_SAMPLING",
     "SettingError",
     "TrainConfig",
     "add_flags",
@@ -35,6 +36,8 @@ __all__ = [
 TASKS = ("fill", "outline", "canny", "segmentation", "depth", "scribble")
 # mixed precision, as accelerate names it; "auto" chooses by device (cnet.train.engine)
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+# how a training step draws its timesteps (cnet.train.data.draw_timesteps)
+TIMESTEP_SAMPLING = ("uniform", "cubic")
 
 
 class SettingError(ValueError):
@@ -59,6 +62,7 @@ class TrainConfig:
     lr: float = 1e-3  # why: cnet.train.loop
     weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
     empty_prompt_ratio: float = 0.5
+    timesteps: str = "uniform"  # how training draws t: uniform, or cubic (cnet.train.data)
     sd_locked: bool = True
     decoder_lr_scale: float = 0.1
     hint_encoder: str = "released"
@@ -171,6 +175,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "lr": positive_number(),
     "weight_decay": non_negative_number(),
     "empty_prompt_ratio": fraction(),
+    "timesteps": one_of(*TIMESTEP_SAMPLING),
     "decoder_lr_scale": non_negative_number(),
     "hint_encoder": one_of("released", "paper"),
     "connections": one_of("zero", "gaussian", "none"),

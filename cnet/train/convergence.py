@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ConvergenceReport", "detect_sudden_convergence", "onset_step"]
+__all__ = ["ConvergenceReport", "detect_sudden_convergence", "fidelity_collapsed", "loss_spiked",
+           "onset_step"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,26 @@ def onset_step(steps: Sequence[int], fidelity: Sequence[float], margin: float = 
         if fidelity[i] > band and fidelity[i + 1] > band:
             return int(steps[i])
     return None
+
+
+def fidelity_collapsed(fidelity: Sequence[float], margin: float = 0.05) -> bool:
+    """A run that learned to follow its condition and then lost it: its best fidelity rose more
+    than ``2 * margin`` above the first evaluation's (step 0: the locked base's, exactly, with
+    zero convolutions), and the latest has fallen back below half of that gain. The shipped
+    ablation runs that collapsed fell from the base's level to far below it, and a run that
+    learned and then lost it falls back through it: both are caught."""
+    if len(fidelity) < 2:
+        return False
+    base, best = fidelity[0], max(fidelity)
+    return best - base > 2 * margin and fidelity[-1] < base + (best - base) / 2
+
+
+def loss_spiked(loss: Sequence[float], window: int = 25, factor: float = 2.0) -> bool:
+    """The mean loss of the last ``window`` logged steps is above ``factor`` × the mean of every
+    step logged before them (at least three windows of them). A run that collapsed in the
+    shipped ablations went from its working ε-loss (about 0.08) to about 1, the variance of the
+    noise: a model that predicts nothing of it."""
+    if len(loss) < 4 * window:
+        return False
+    recent = float(np.mean(loss[-window:]))
+    return recent > factor * float(np.mean(loss[:-window]))

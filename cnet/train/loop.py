@@ -62,18 +62,21 @@ from tqdm.auto import tqdm
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from .config import SettingError, TrainConfig
+from .convergence import fidelity_collapsed, loss_spiked
 from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
 from .evaluate import evaluate, validate, validation_grid
 from .folders import folder_data
 from .norms import logged_norms
 from .runs import (
+    BEST_WEIGHTS,
     check_resumable,
     checkpoint_metadata,
     checkpoint_wall_time,
     finite_or_none,
     load_checkpoint,
     save_checkpoint,
+    save_weights,
     truncate_log,
 )
 
@@ -160,10 +163,19 @@ class _Run:
     samples: dict | None = None
     log_file: TextIO | None = None
     started: float = 0.0  # perf_counter() when this invocation's training began
+    best: float = float("-inf")  # the best evaluation so far, whose weights are best.safetensors
+    fidelity: list[float] = dataclasses.field(default_factory=list)  # every evaluation's
+    losses: list[float] = dataclasses.field(default_factory=list)  # logged, this invocation
+    alerts: set[str] = dataclasses.field(default_factory=set)  # reported once each
 
     @property
     def checkpoint(self) -> Path:
         return self.out / "checkpoint.safetensors"
+
+    @property
+    def metric(self) -> str:
+        """What an evaluation measures: exact IoU in the world, edge F1 on a folder's pairs."""
+        return "edge_f1" if self.config.data else "iou"
 
     @property
     def device(self) -> torch.device:
@@ -258,11 +270,31 @@ def _load_data(run: _Run) -> None:
         return
     truncate_log(run.out / "log.jsonl", run.start)
     run.log_file = (run.out / "log.jsonl").open("a")
+    _restore_history(run)
     samples_path = run.out / "samples.safetensors"
     run.samples = {}
     if run.start > 0 and samples_path.exists():  # keep what the checkpoint's weights produced
         run.samples = {k: v for k, v in load_file(samples_path).items()
                        if int(k.split("_")[1]) <= run.start}
+
+
+def _restore_history(run: _Run) -> None:
+    """A resumed run's evaluations so far (from its log, already cut back to the checkpoint)
+    and its best weights' value. Best weights saved after the checkpoint (a crash between the
+    two) are dropped: those steps are taken again, and their evaluations decide again."""
+    best = run.out / BEST_WEIGHTS
+    if run.start == 0:
+        best.unlink(missing_ok=True)
+        return
+    entries = [json.loads(line) for line in (run.out / "log.jsonl").read_text().splitlines()]
+    run.fidelity = [e["eval"][run.metric] for e in entries
+                    if "eval" in e and run.metric in e["eval"]]
+    if best.exists():
+        metadata = checkpoint_metadata(best)
+        if int(metadata["step"]) <= run.start:
+            run.best = float(json.loads(metadata["metrics"])[run.metric])
+        else:
+            best.unlink()
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,8 +361,40 @@ def _evaluate(run: _Run, step: int) -> dict:
         save_file(run.samples, tmp)
         tmp.replace(path)
         run.log({"step": step, "eval": metrics})
+        _keep_best(run, step, metrics)
     run.accelerator.wait_for_everyone()
     return metrics
+
+
+def _keep_best(run: _Run, step: int, metrics: dict) -> None:
+    """Record the evaluation; where it is the best so far, its weights become
+    ``best.safetensors`` (written atomically, beside the latest checkpoint)."""
+    value = metrics.get(run.metric)
+    if value is None:
+        return
+    run.fidelity.append(value)
+    if value > run.best:
+        run.best = value
+        save_weights(run.out / BEST_WEIGHTS, run.trainable, step, {run.metric: value})
+
+
+def _alerts(run: _Run, step: int) -> list[str]:
+    """One line for each way the run is failing, the first time it shows: fidelity fallen back
+    toward the locked base's after it rose (:func:`~cnet.train.convergence.fidelity_collapsed`),
+    or the loss well above its running level (:func:`~cnet.train.convergence.loss_spiked`)."""
+    lines = []
+    if "collapse" not in run.alerts and fidelity_collapsed(run.fidelity):
+        run.alerts.add("collapse")
+        f = run.fidelity
+        lines.append(f"collapse at step {step}: {run.metric} {f[-1]:.3f}, down from its best "
+                     f"{run.best:.3f} toward the locked base's {f[0]:.3f}; the best weights are "
+                     f"kept in {run.out / BEST_WEIGHTS}")
+    if "loss" not in run.alerts and loss_spiked(run.losses):
+        run.alerts.add("loss")
+        lines.append(f"loss spike at step {step}: the last 25 logged steps average "
+                     f"{sum(run.losses[-25:]) / 25:.3f}, over twice the run's earlier mean; "
+                     f"the best weights are kept in {run.out / BEST_WEIGHTS}")
+    return lines
 
 
 def _last_evaluation(run: _Run) -> dict:
@@ -361,15 +425,20 @@ def _run_steps(run: _Run) -> dict:
             completed = step + 1
             if entry is not None:
                 run.log(entry)
+                run.losses.append(entry["loss"])
             if config.eval_every > 0 and (completed % config.eval_every == 0
                                           or completed == config.steps):
                 last_eval = _evaluate(run, completed)
             if completed % config.checkpoint_every == 0 or completed == config.steps:
                 run.save(completed)
-            metric = "edge_f1" if config.data else "iou"
-            bar.set_postfix({"loss": f"{loss:.4f}",
-                             metric: f"{last_eval.get(metric, float('nan')):.3f}"},
-                            refresh=False)
+            for line in _alerts(run, completed) if run.main else ():
+                bar.write(line)
+                run.log({"step": completed, "alert": line})
+            postfix = {"loss": f"{loss:.4f}",
+                       run.metric: f"{last_eval.get(run.metric, float('nan')):.3f}"}
+            if run.alerts:
+                postfix["alert"] = "+".join(sorted(run.alerts))
+            bar.set_postfix(postfix, refresh=False)
     except KeyboardInterrupt:
         run.save(completed, wait=False)  # the other processes may not have been interrupted
         print(f"\ninterrupted: saved step {completed} to {run.checkpoint}; run again to resume")

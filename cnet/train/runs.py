@@ -37,10 +37,14 @@ __all__ = [
     "export_run",
     "finite_or_none",
     "load_checkpoint",
+    "BEST_WEIGHTS",
+    "WEIGHTS",
     "load_controlnet",
     "read_config",
     "read_log",
     "save_checkpoint",
+    "save_weights",
+    "weights_file",
     "truncate_log",
 ]
 
@@ -78,6 +82,36 @@ def save_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
     os.replace(tmp, path)  # atomic on POSIX: the old checkpoint stays valid until this instant
+
+
+#: The weights of a run's best evaluation, kept beside its latest checkpoint (no optimizer state).
+BEST_WEIGHTS = "best.safetensors"
+#: Which of a run's weights to load, ship or sample: its last checkpoint, or its best evaluation's.
+WEIGHTS = ("latest", "best")
+
+
+def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], step: int,
+                 metrics: Mapping[str, float]) -> None:
+    """The modules' weights at ``step`` with the evaluation they scored (``metrics``), written
+    to a temporary name and moved into place, in the checkpoint's format without the
+    optimizer."""
+    tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous()
+               for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"step": str(step), "metrics": json.dumps(dict(metrics))})
+    os.replace(tmp, path)
+
+
+def weights_file(run: Path, weights: str = "latest") -> Path:
+    """The file holding a run's ``weights``: ``latest`` (checkpoint.safetensors) or ``best``
+    (:data:`BEST_WEIGHTS`)."""
+    if weights not in WEIGHTS:
+        raise SettingError(f"weights: {weights!r} is not allowed; expected latest or best")
+    path = run / ("checkpoint.safetensors" if weights == "latest" else BEST_WEIGHTS)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {run}: expected a training run"
+                                + (" that evaluated at least once" if weights == "best" else ""))
+    return path
 
 
 def checkpoint_metadata(path: Path) -> dict[str, str]:
@@ -227,13 +261,14 @@ def store_half(module: torch.nn.Module, folder: str | Path) -> None:
 
 
 def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
-               half: bool = False) -> Path:
+               half: bool = False, weights: str = "latest") -> Path:
     """Ship a finished run: its ControlNet as a diffusers ``ControlNetModel`` folder
     (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``; with
     ``half``, stored in half precision by :func:`store_half`) beside the run's log, config and
     summary, and the evaluation samples of its first ``samples_kept`` conditions at every
     evaluation. ``out`` is then itself a run folder: :func:`read_log` reads it as it reads
-    ``run``. The optimizer state is left behind."""
+    ``run``. The optimizer state is left behind. ``weights``: the run's last weights, or those
+    of its best evaluation (``best``, recorded in the shipped ``run.json``)."""
     run, out = Path(run), Path(out)
     checkpoint = run / "checkpoint.safetensors"
     if not checkpoint.is_file():
@@ -251,6 +286,12 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
     if step != config.steps:
         raise SettingError(f"the run in {run} stopped at step {step} of {config.steps}; "
                            "finish it (run the same command again) before shipping it")
+    shipped_weights = {"weights": weights, "step": step}
+    if weights != "latest":
+        best = weights_file(run, weights)
+        shipped_weights = {"weights": weights, "step": load_checkpoint(best, {"controlnet":
+                                                                             controlnet}, None),
+                           **json.loads(checkpoint_metadata(best)["metrics"])}
     if out.exists() and any(out.iterdir()) and not (out / "run.json").exists():
         raise SettingError(f"{out} exists and is not a shipped run; export into a new folder")
     # written beside `out` and moved into place whole: a crash leaves no half-shipped folder
@@ -263,6 +304,9 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
         store_half(shipped, staging / "controlnet")
     for name in RUN_FILES:
         (staging / name).write_bytes((run / name).read_bytes())
+    record = json.loads((staging / "run.json").read_text())
+    record["shipped_weights"] = shipped_weights
+    (staging / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     samples = load_file(run / "samples.safetensors")
     save_file({k: v[:samples_kept].contiguous() for k, v in samples.items()},
               staging / "samples.safetensors")
@@ -271,10 +315,10 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
     return out
 
 
-def load_controlnet(folder: str | Path) -> ControlNet:
+def load_controlnet(folder: str | Path, weights: str = "latest") -> ControlNet:
     """A shipped ControlNet (see :func:`export_run`), any diffusers ``ControlNetModel`` folder,
-    or a training run's folder (its latest checkpoint, finished or not), as a cnet
-    :class:`~cnet.controlnet.ControlNet`."""
+    or a training run's folder (its latest checkpoint, finished or not, or with ``weights``
+    ``best`` its best evaluation's weights), as a cnet :class:`~cnet.controlnet.ControlNet`."""
     from diffusers import ControlNetModel
 
     folder = Path(folder)
@@ -283,9 +327,14 @@ def load_controlnet(folder: str | Path) -> ControlNet:
         if not config.sd_locked:
             raise SettingError(f"{folder} trained the U-Net's decoder too (sd_locked false); its "
                                "ControlNet alone would be sampled with the untrained decoder")
+        path = weights_file(folder, weights)
         controlnet = build_controlnet(load_base(config.base), config)
-        load_checkpoint(folder / "checkpoint.safetensors", {"controlnet": controlnet}, None)
+        load_checkpoint(path, {"controlnet": controlnet}, None)
         return controlnet.eval()
+    if weights != "latest":
+        raise SettingError(f"weights: {weights!r} is not allowed for {folder}, a shipped "
+                           "ControlNet (one set of weights); expected latest, or a training "
+                           "run's folder")
     if (folder / "controlnet" / "config.json").exists():
         folder = folder / "controlnet"
     if not (folder / "config.json").exists():

@@ -1,0 +1,182 @@
+r"""The recipe study: which training settings make *every* seed follow its condition.
+
+    python -m cnet recipe                                   # every recipe, seeds 0-4
+    python -m cnet recipe --recipes b32-lr2e-3-cubic --seeds 5 6 7 8 9
+    OMP_NUM_THREADS=1 python -m cnet recipe --seeds 0 1 2   # the same runs on one thread
+
+A recipe is a setting of the ordinary training loop (:func:`cnet.train.train`): learning rate,
+batch size and timestep sampling on top of the quick profile's other values. Every recipe
+gets the same budget of training samples (:data:`BUDGET_SAMPLES`: steps × batch size), so a
+recipe with a larger batch takes fewer steps; each is run for the same seeds, a seed setting
+everything random in a run (the condition encoder's weights, every batch, its training and
+evaluation sets), and then **continued to twice its steps** (the same run resumed: with a
+constant learning rate it is bit for bit the run that was asked for 2× the steps from the start).
+
+Each run is measured from its log (:func:`measure_recipe_run`): the onset (the first
+evaluation more than 0.05 above its step-0 fidelity, which is the locked base's, at that
+evaluation and the next: :func:`cnet.train.convergence.onset_step`), the final and best
+fidelity at the budget and at 2×, and whether it **collapsed** in the continuation: its
+final fidelity below 0.9 × the best it reached (:data:`COLLAPSE_SHARE`), and whether the
+loop's collapse alerts would have fired on it. :func:`summarize_recipes`
+gathers them, k of n seeds and the spread, into one JSON (``figures/recipe_study.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import PROFILES, SettingError, TrainConfig
+from .convergence import (
+    detect_sudden_convergence,
+    fidelity_collapsed,
+    loss_spiked,
+    onset_step,
+)
+from .loop import train
+from .runs import read_log
+
+__all__ = ["BUDGET_SAMPLES", "COLLAPSE_SHARE", "RECIPES", "RECIPE_SEEDS", "measure_recipe_run",
+           "recipe_command", "recipe_config", "run_recipes", "summarize_recipes"]
+
+#: Training samples per run (steps × batch size): 400 steps of 32, about 3.5 minutes on 2 cores.
+BUDGET_SAMPLES = 12_800
+RECIPE_SEEDS = (0, 1, 2, 3, 4)
+#: Settings every recipe shares, on top of the quick profile's (TrainConfig's defaults).
+RECIPE_SETTINGS: dict = {"eval_every": 50}
+RECIPES: dict[str, dict] = {
+    # the quick profile until this study (lr 2e-3, batch 16), run to the same budget
+    "b16-lr2e-3": {"batch_size": 16, "lr": 2e-3},
+    "b32-lr2e-3": {"batch_size": 32, "lr": 2e-3},
+    "b32-lr2e-3-cubic": {"batch_size": 32, "lr": 2e-3, "timesteps": "cubic"},
+    "b32-lr1e-3-cubic": {"batch_size": 32, "lr": 1e-3, "timesteps": "cubic"},
+}
+#: A continued run has collapsed where its final fidelity is below this share of its best.
+COLLAPSE_SHARE = 0.9
+ONSET_MARGIN = 0.05
+
+
+def recipe_config(recipe: str, seed: int, root: str | Path = "runs/recipe",
+                  continued: bool = False) -> TrainConfig:
+    """One run's settings: the quick profile, the shared study settings, the recipe, the
+    seed, and the budget's steps (twice them when ``continued``)."""
+    if recipe not in RECIPES:
+        raise SettingError(f"recipe: {recipe!r} is not allowed; expected one of "
+                           + ", ".join(RECIPES))
+    settings = {**PROFILES["quick"], **RECIPE_SETTINGS, **RECIPES[recipe]}
+    steps = BUDGET_SAMPLES // settings["batch_size"] * (2 if continued else 1)
+    name = f"{recipe}-2x" if continued else recipe
+    return TrainConfig(**settings, steps=steps, seed=seed,
+                       out=f"{root}/{name}/seed{seed}").check()
+
+
+def recipe_command(recipe: str, seed: int, root: str | Path = "runs/recipe",
+                   continued: bool = False) -> str:
+    """The ``python -m cnet train`` line that makes the same run."""
+    config = recipe_config(recipe, seed, root, continued)
+    quick = TrainConfig(**PROFILES["quick"])
+    flags = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if getattr(config, f.name) != getattr(quick, f.name)}
+    return "python -m cnet train --profile quick " + " ".join(
+        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items())
+
+
+def train_recipe(recipe: str, seed: int, root: str | Path = "runs/recipe") -> None:
+    """Train one recipe's run to the budget, then continue it to 2× (a copy of its folder,
+    resumed). Finished runs are left as they are; interrupted ones resume."""
+    first = recipe_config(recipe, seed, root)
+    print(f"--- {first.out}")
+    train(first, profile="recipe")
+    longer = recipe_config(recipe, seed, root, continued=True)
+    if not Path(longer.out).exists():
+        shutil.copytree(first.out, longer.out)
+    print(f"--- {longer.out}")
+    train(longer, profile="recipe")
+
+
+def run_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
+                root: str | Path = "runs/recipe") -> None:
+    for recipe in recipes:
+        recipe_config(recipe, 0, root)  # every name checked before any work
+    if not seeds or any(s < 0 for s in seeds):
+        raise SettingError(f"seeds: {list(seeds)!r} is not allowed; expected integers >= 0")
+    for seed in seeds:
+        for recipe in recipes:
+            train_recipe(recipe, seed, root)
+
+
+def _caught(loss: list[float], iou: list[float]) -> bool:
+    """Whether the loop's alerts (:func:`fidelity_collapsed`, :func:`loss_spiked`) fire at any
+    point of this log: read back from the log, so runs logged before the alerts existed count
+    the same way."""
+    return (any(fidelity_collapsed(iou[: i + 1]) for i in range(len(iou)))
+            or any(loss_spiked(loss[: i + 1]) for i in range(99, len(loss))))
+
+
+def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe") -> dict:
+    """What the study reports of one seed of one recipe (both runs must have finished)."""
+    first = recipe_config(recipe, seed, root)
+    longer = recipe_config(recipe, seed, root, continued=True)
+    log = read_log(Path(longer.out))
+    steps, iou = log.eval_steps, log.eval_iou
+    record = json.loads((Path(first.out) / "run.json").read_text())
+    record_2x = json.loads((Path(longer.out) / "run.json").read_text())
+    budget = [i for i, s in enumerate(steps) if s <= first.steps]
+    best_2x = max(iou)
+    report = detect_sudden_convergence([steps[i] for i in budget], [iou[i] for i in budget])
+    return {
+        "seed": seed, "steps": first.steps, "device": record["device_name"],
+        "wall_time_s": record["wall_time_s"], "wall_time_2x_s": record_2x["wall_time_s"],
+        "onset": onset_step([steps[i] for i in budget], [iou[i] for i in budget],
+                            margin=ONSET_MARGIN),
+        "onset_2x": onset_step(steps, iou, margin=ONSET_MARGIN),
+        "step0_iou": iou[0], "final_iou": iou[budget[-1]],
+        "best_iou": max(iou[i] for i in budget), "final_iou_2x": iou[-1], "best_iou_2x": best_2x,
+        "collapsed_2x": iou[-1] < COLLAPSE_SHARE * best_2x,
+        "alert_2x": _caught(log.loss, iou),
+        "abruptness": report.abruptness, "sudden": report.sudden,
+        "eval_steps": steps, "iou": iou,
+        "commands": [recipe_command(recipe, seed, root),
+                     recipe_command(recipe, seed, root, continued=True)],
+    }
+
+
+def _spread(values: list[float]) -> dict:
+    values = sorted(values)
+    n = len(values)
+    median = (values[(n - 1) // 2] + values[n // 2]) / 2
+    return {"median": median, "min": values[0], "max": values[-1],
+            "mean": sum(values) / n}
+
+
+def summarize_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
+                      root: str | Path = "runs/recipe", command: str = "") -> dict:
+    """Every finished seed of every recipe, and per recipe: onsets k of n, collapses k of n,
+    the spread of the final fidelity and the wall time."""
+    result: dict = {"command": command, "budget_samples": BUDGET_SAMPLES,
+                    "settings": {**PROFILES["quick"], **RECIPE_SETTINGS},
+                    "collapse_share": COLLAPSE_SHARE, "onset_margin": ONSET_MARGIN,
+                    "recipes": {}}
+    for recipe in recipes:
+        runs = []
+        for seed in seeds:
+            longer = recipe_config(recipe, seed, root, continued=True)
+            record = Path(longer.out) / "run.json"  # a copy of the first run's until it ends
+            if record.exists() and json.loads(record.read_text())["steps"] == longer.steps:
+                runs.append(measure_recipe_run(recipe, seed, root))
+        if not runs:
+            continue
+        onsets = [r["onset"] for r in runs if r["onset"] is not None]
+        result["recipes"][recipe] = {
+            "settings": RECIPES[recipe], "seeds": [r["seed"] for r in runs], "runs": runs,
+            "onsets": len(onsets), "collapses_2x": sum(r["collapsed_2x"] for r in runs),
+            "alerts_2x": sum(r["alert_2x"] for r in runs),
+            "n": len(runs), "onset_step": _spread(onsets) if onsets else None,
+            "final_iou": _spread([r["final_iou"] for r in runs]),
+            "final_iou_2x": _spread([r["final_iou_2x"] for r in runs]),
+            "wall_time_s": _spread([r["wall_time_s"] for r in runs]),
+        }
+    return result

@@ -1,0 +1,267 @@
+"""The training recipe: timestep sampling, the collapse alerts and the kept best weights, and
+the recipe study's settings and summary."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnet.train import TrainConfig, draw_batch, train
+from cnet.train.config import SettingError
+from cnet.train.convergence import fidelity_collapsed, loss_spiked
+from cnet.train.data import draw_timesteps
+from cnet.train.recipe import (
+    BUDGET_SAMPLES,
+    RECIPES,
+    recipe_command,
+    recipe_config,
+    summarize_recipes,
+)
+from cnet.train.runs import export_run, load_controlnet
+from cnet.world.data import DEFAULT_RESOLUTION as RES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------- timestep sampling
+
+
+def test_uniform_timesteps_are_the_draw_the_loop_always_made():
+    # the default keeps every earlier run's batches bit for bit: the same call on the same
+    # generator state
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(draw_timesteps("uniform", 64, 1000, a), torch.randint(0, 1000, (64,),
+                                                                             generator=b))
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))  # same state after
+
+
+def test_cubic_timesteps_follow_their_distribution():
+    # t = floor((1 - u^3) T): P(t < k) = 1 - (1 - k/T)^(1/3); checked on every tenth of the range
+    g = torch.Generator().manual_seed(0)
+    t = draw_timesteps("cubic", 200_000, 1000, g)
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+    counts = torch.bincount(t // 100, minlength=10).double() / len(t)
+    for k in range(10):
+        p = (1 - k / 10) ** (1 / 3) - (1 - (k + 1) / 10) ** (1 / 3)
+        sigma = math.sqrt(p * (1 - p) / len(t))
+        assert abs(counts[k].item() - p) < 5 * sigma, (k, counts[k].item(), p)
+    assert abs((t >= 500).double().mean().item() - 0.5 ** (1 / 3)) < 0.005  # 79 % noisier half
+
+
+def test_draw_batch_uses_the_configured_timestep_sampling():
+    from cnet.train.data import CachedData
+
+    n = 8
+    data = CachedData(latent_mean=torch.zeros(n, 4, 2, 2), latent_std=torch.zeros(n, 4, 2, 2),
+                      condition=torch.zeros(n, 3, 4, 4), prompt_index=torch.ones(n, dtype=int),
+                      embeddings=torch.zeros(2, 3, 2), prompts=["", "p"])
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    cubic = torch.cat([draw_batch(data, TrainConfig(batch_size=256, timesteps="cubic"), s, 0,
+                                  scheduler)["timesteps"] for s in range(8)])
+    uniform = torch.cat([draw_batch(data, TrainConfig(batch_size=256), s, 0,
+                                    scheduler)["timesteps"] for s in range(8)])
+    assert (cubic >= 500).double().mean() > 0.75 > 0.55 > (uniform >= 500).double().mean()
+    with pytest.raises(SettingError, match="timesteps: 'cosine' is not allowed; expected one "
+                                           "of uniform, cubic"):
+        TrainConfig(timesteps="cosine").check()
+
+
+# ------------------------------------------------------------------------- collapse detectors
+
+
+def test_fidelity_collapse_is_a_fall_back_toward_the_base_after_a_rise():
+    assert not fidelity_collapsed([0.30])
+    assert not fidelity_collapsed([0.30, 0.31, 0.29, 0.30])  # never rose: nothing to lose
+    assert not fidelity_collapsed([0.30, 0.62, 0.85, 0.80, 0.84])  # jitter at the top
+    assert not fidelity_collapsed([0.30, 0.85, 0.58])  # above half the gain (0.575): held
+    assert fidelity_collapsed([0.30, 0.85, 0.57])
+    assert fidelity_collapsed([0.30, 0.85, 0.07])  # the shipped collapses fell below the base
+    assert not fidelity_collapsed([0.30, 0.39, 0.30])  # a rise of 0.09 is within the jitter
+
+
+def _shipped_runs(variant):
+    shipped = json.loads((ROOT / "figures" / "07_ablations.json").read_text())
+    return shipped["variants"][variant]["runs"]
+
+
+def test_the_shipped_collapses_are_caught_and_the_healthy_runs_are_not():
+    # figures/07_ablations.json: at 1200 steps of lr 2e-3, seeds 1 and 2 of the default
+    # collapsed (loss from ~0.08 to ~1 at steps 908 and 676); seed 0 and every Gaussian run held.
+    # Its curves keep every fifth logged loss, so 25 entries span 125 steps here.
+    for run in _shipped_runs("default-1200") + _shipped_runs("gaussian-1200"):
+        curves = run["curves"]
+        steps, loss = curves["norm_steps"], curves["loss"]
+        flagged = [steps[i] for i in range(len(loss)) if loss_spiked(loss[: i + 1])]
+        falls = [s for i, s in enumerate(curves["eval_steps"])
+                 if fidelity_collapsed(curves["iou"][: i + 1])]
+        if run["diverged_at"] is None:
+            assert not flagged and not falls, run["run"]
+        else:
+            assert flagged, run["run"]
+            # caught within 100 steps of the divergence, and never before it started
+            assert run["diverged_at"] - 125 <= flagged[0] <= run["diverged_at"] + 100
+
+
+def test_a_loss_spike_needs_history_and_a_doubling():
+    steady = [0.08 + 0.01 * math.sin(i) for i in range(100)]
+    assert not loss_spiked(steady)
+    assert not loss_spiked(steady[:75] + [1.0] * 24)  # only 99 entries: too little history
+    assert loss_spiked(steady[:75] + [1.0] * 25)
+    assert not loss_spiked(steady + [0.15] * 25)  # below twice the earlier mean
+    assert loss_spiked(steady + [0.2] * 25)
+
+
+# ------------------------------------------------------------------------- the loop's watch
+
+
+def _config(base, out, **kw):
+    settings = dict(base=str(base), out=str(out), steps=4, batch_size=4, train_size=16,
+                    eval_size=4, eval_every=1, eval_steps=2, checkpoint_every=1, lr=1e-3)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def _scripted_evaluations(monkeypatch, values):
+    """The loop's evaluation returns these IoUs in turn (step 0 first)."""
+    import cnet.train.loop as loop
+
+    scripted = iter(values)
+
+    def evaluate(pipe, controlled, data, steps, guidance):
+        return {"iou": next(scripted), "n": 4}, torch.zeros(4, 3, RES, RES)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+def _controlnet_weights(path):
+    return {k: v for k, v in load_file(path).items() if k.startswith("controlnet.")}
+
+
+def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(base, tmp_path, monkeypatch,
+                                                                    capsys):
+    # the reference: the same run stopped at step 2, the step whose evaluation is the best
+    _scripted_evaluations(monkeypatch, [0.30, 0.60, 0.90])
+    train(_config(base, tmp_path / "to-2", steps=2))
+    _scripted_evaluations(monkeypatch, [0.30, 0.60, 0.90, 0.35, 0.32])
+    summary = train(_config(base, tmp_path / "run"))
+    run = tmp_path / "run"
+    entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    alerts = [e for e in entries if "alert" in e]
+    assert [e["step"] for e in alerts] == [3]  # once, at the first evaluation that fell
+    assert alerts[0]["alert"].startswith("collapse at step 3: iou 0.350, down from its best "
+                                         "0.900 toward the locked base's 0.300")
+    assert alerts[0]["alert"] in capsys.readouterr().out  # the line above the progress bar
+    assert summary["final_eval"]["iou"] == 0.32
+    best = _controlnet_weights(run / "best.safetensors")
+    reference = _controlnet_weights(tmp_path / "to-2" / "checkpoint.safetensors")
+    assert best.keys() == reference.keys()
+    assert all(torch.equal(best[k], reference[k]) for k in best)
+    latest = _controlnet_weights(run / "checkpoint.safetensors")
+    assert any(not torch.equal(best[k], latest[k]) for k in best)
+    # load, ship and sample either
+    loaded = load_controlnet(run, "best").state_dict()
+    assert all(torch.equal(loaded[k], best["controlnet." + k]) for k in loaded)
+    shipped = export_run(run, tmp_path / "shipped", weights="best")
+    record = json.loads((shipped / "run.json").read_text())
+    assert record["shipped_weights"] == {"weights": "best", "step": 2, "iou": 0.9}
+    from diffusers import ControlNetModel
+
+    from cnet.convert import from_diffusers
+
+    model = from_diffusers(ControlNetModel.from_pretrained(shipped / "controlnet"))
+    assert all(torch.equal(v, best["controlnet." + k]) for k, v in model.state_dict().items())
+    with pytest.raises(SettingError, match="weights: 'best' is not allowed for .*shipped"):
+        load_controlnet(shipped, "best")
+    with pytest.raises(SettingError, match="weights: 'first' is not allowed; expected latest "
+                                           "or best"):
+        load_controlnet(run, "first")
+
+
+def test_the_best_survives_a_resume_and_a_later_worse_evaluation(base, tmp_path, monkeypatch):
+    _scripted_evaluations(monkeypatch, [0.30, 0.70, 0.90])
+    train(_config(base, tmp_path / "run", steps=2))
+    # resumed: the step-3 and step-4 evaluations are below the best, which stays step 2's
+    _scripted_evaluations(monkeypatch, [0.80, 0.85])
+    train(_config(base, tmp_path / "run"))
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "best.safetensors", "pt") as f:
+        assert f.metadata()["step"] == "2" and json.loads(f.metadata()["metrics"]) == {"iou": 0.9}
+    entries = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"alert"' not in entries  # 0.85 is above half of the gain: no collapse
+
+
+def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
+    import cnet.train.loop as loop
+
+    real, calls = loop.diffusion_loss, []
+
+    def spiking(*args, **kwargs):  # the real loss for 100 steps, then ten times it and more
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss if len(calls) <= 100 else loss * 10 + 1
+
+    monkeypatch.setattr(loop, "diffusion_loss", spiking)
+    train(_config(base, tmp_path / "run", steps=125, eval_every=0, checkpoint_every=1000,
+                  batch_size=1, train_size=4))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+               .splitlines()]
+    alerts = [e for e in entries if "alert" in e]
+    assert len(alerts) == 1 and alerts[0]["alert"].startswith("loss spike at step ")
+    # steps 0-99 are the real loss; the alert comes within the 25-step window after it
+    assert 100 < alerts[0]["step"] <= 125
+
+
+# ------------------------------------------------------------------------- the study
+
+
+def test_every_recipe_gets_the_same_budget_and_its_continuation_is_a_resume():
+    for recipe in RECIPES:
+        config = recipe_config(recipe, 3, "r")
+        longer = recipe_config(recipe, 3, "r", continued=True)
+        assert config.steps * config.batch_size == BUDGET_SAMPLES
+        assert longer.steps == 2 * config.steps and config.seed == longer.seed == 3
+        from dataclasses import asdict
+
+        from cnet.train.loop import RESUMABLE_CHANGES
+        differ = {k for k, v in asdict(config).items() if asdict(longer)[k] != v}
+        assert differ == {"steps", "out"} and differ <= set(RESUMABLE_CHANGES)
+    assert recipe_command("b32-lr2e-3-cubic", 5, "r") == (
+        "python -m cnet train --profile quick --out r/b32-lr2e-3-cubic/seed5 --steps 400 "
+        "--batch_size 32 --timesteps cubic --seed 5")
+    with pytest.raises(SettingError, match="recipe: 'fast' is not allowed"):
+        recipe_config("fast", 0)
+
+
+def test_the_summary_counts_onsets_and_collapses_per_seed(tmp_path):
+    # two finished seeds of one recipe, written as the loop writes them
+    recipe = "b32-lr2e-3-cubic"
+    curves = {0: [0.30, 0.31, 0.60, 0.80, 0.85, 0.86, 0.87, 0.86, 0.88],
+              1: [0.28, 0.29, 0.28, 0.27, 0.29, 0.50, 0.80, 0.40, 0.10]}
+    for seed, iou in curves.items():
+        for continued, upto in ((False, 5), (True, 9)):
+            config = recipe_config(recipe, seed, tmp_path, continued)
+            out = Path(config.out)
+            out.mkdir(parents=True)
+            steps = [100 * i for i in range(upto)]
+            (out / "log.jsonl").write_text("".join(
+                json.dumps({"step": s, "eval": {"iou": v}}) + "\n"
+                for s, v in zip(steps, iou[:upto])))
+            (out / "run.json").write_text(json.dumps({
+                "steps": config.steps, "device_name": "cpu, 1 thread(s)",
+                "wall_time_s": 10.0 * (2 if continued else 1)}))
+    # the budget is 400 steps of 32: evaluations 0-400 are the first run's
+    result = summarize_recipes([recipe], [0, 1, 2], tmp_path)
+    summary = result["recipes"][recipe]
+    assert summary["seeds"] == [0, 1] and summary["n"] == 2  # seed 2 has not run
+    runs = {r["seed"]: r for r in summary["runs"]}
+    assert runs[0]["onset"] == 200 and runs[1]["onset"] is None  # seed 1: 0.29 at 400 is flat
+    assert runs[1]["onset_2x"] == 500
+    assert runs[0]["final_iou"] == 0.85 and runs[0]["final_iou_2x"] == 0.88
+    assert not runs[0]["collapsed_2x"] and runs[1]["collapsed_2x"]  # 0.10 < 0.9 x 0.80
+    assert summary["onsets"] == 1 and summary["collapses_2x"] == 1
+    assert summary["final_iou"]["median"] == pytest.approx((0.85 + 0.29) / 2)
