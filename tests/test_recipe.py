@@ -265,3 +265,36 @@ def test_the_summary_counts_onsets_and_collapses_per_seed(tmp_path):
     assert not runs[0]["collapsed_2x"] and runs[1]["collapsed_2x"]  # 0.10 < 0.9 x 0.80
     assert summary["onsets"] == 1 and summary["collapses_2x"] == 1
     assert summary["final_iou"]["median"] == pytest.approx((0.85 + 0.29) / 2)
+
+
+# ------------------------------------------------------------------------- the schedule
+
+
+def test_the_learning_rate_schedule_by_step():
+    from cnet.train.loop import lr_factor
+
+    constant = TrainConfig()
+    assert {lr_factor(constant, s) for s in range(0, 5000, 7)} == {1.0}
+    decay = TrainConfig(lr_decay_start=300, lr_decay_steps=100, lr_min_share=0.1)
+    assert [lr_factor(decay, s) for s in (0, 299, 300, 350, 400, 10_000)] == pytest.approx(
+        [1, 1, 1, 0.55, 0.1, 0.1])
+
+
+def test_a_decaying_run_resumed_equals_the_uninterrupted_one(base, tmp_path):
+    from cnet.train.loop import _setup
+
+    decay = dict(lr_decay_start=2, lr_decay_steps=2, lr_min_share=0.25, eval_every=0,
+                 checkpoint_every=2)
+    train(_config(base, tmp_path / "straight", steps=5, **decay))
+    train(_config(base, tmp_path / "resumed", steps=3, **decay))
+    run = _setup(_config(base, tmp_path / "resumed", steps=5, **decay))
+    assert run.start == 3
+    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([1e-3 * 0.625])
+    train(_config(base, tmp_path / "resumed", steps=5, **decay))
+    a = load_file(tmp_path / "straight" / "checkpoint.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the schedule acted: the same run at a constant rate ends elsewhere
+    train(_config(base, tmp_path / "constant", steps=5, eval_every=0, checkpoint_every=2))
+    c = load_file(tmp_path / "constant" / "checkpoint.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("controlnet."))

@@ -82,7 +82,6 @@ def run_figures(run: str | Path, label: str = "") -> dict:
     # imported here: cnet.train loads diffusers, which the notebooks that only save a figure of
     # the math lessons (01, 02) do without
     from ..train.convergence import detect_sudden_convergence
-    from ..train.data import condition_images
     from ..train.runs import read_config, read_log
 
     run = Path(run)
@@ -104,13 +103,40 @@ def run_figures(run: str | Path, label: str = "") -> dict:
         wanted = [steps[round(q * (len(steps) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)]
     shown = sorted({min(steps, key=lambda s, w=w: abs(s - w)) for w in wanted})
     config = read_config(run)
-    conditions = condition_images(config.task, config.eval_size, config.seed,
-                                  resolution=samples[f"step_{steps[0]}"].shape[-1])
-    rows = min(6, len(conditions), len(samples[f"step_{steps[0]}"]))
-    figures["samples_over_training"] = plot_sample_grid(
-        {k: v[:rows] for k, v in samples.items()}, conditions[:rows], shown, label)
+    if config.data:  # a folder's pairs: no exact region to rank or outline by
+        conditions = None
+    else:
+        conditions, regions, ranked = conditions_the_base_misses(
+            config, samples[f"step_{steps[0]}"])
+    if conditions is not None:
+        rows = ranked[: min(6, len(ranked))]
+        figures["samples_over_training"] = plot_sample_grid(
+            {k: v[rows] for k, v in samples.items()}, conditions[rows], shown, label,
+            regions=regions[rows])
     figures["report"] = report
     return figures
+
+
+def conditions_the_base_misses(config, first_samples):
+    """The evaluation set's conditions, the regions they ask for, and their indices ordered
+    from the worst-followed to the best at the first evaluation (the locked base's samples,
+    step 0: the rows where a ControlNet's work shows). Ties keep the set's order."""
+    import torch
+
+    from ..train.data import condition_images, task_dataset
+    from ..train.evaluate import fidelity
+
+    resolution = first_samples.shape[-1]
+    n = len(first_samples)
+    conditions = condition_images(config.task, config.eval_size, config.seed, resolution)[:n]
+    dataset = task_dataset(config.task, n, "eval", resolution, config.seed)
+    batch, scenes = dataset.batch(list(range(n))), dataset.scenes(list(range(n)))
+    regions = batch["layers"] > 0  # as the evaluation measures it (cnet.train.data.cache_data)
+    per_image = fidelity(first_samples.float() / 127.5 - 1,
+                         torch.from_numpy(scenes.colour[:, 0].copy()),
+                         torch.from_numpy(scenes.background.copy()), regions)
+    ranked = torch.tensor(sorted(range(n), key=lambda i: (float(per_image["iou"][i]), i)))
+    return conditions, regions, ranked
 
 
 def write_run_figures(run: str | Path, folder: str | Path | None = None, prefix: str = "",

@@ -109,10 +109,13 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
     return fig
 
 
-def plot_sample_grid(samples: dict, conditions, steps, label: str = "") -> plt.Figure:
+def plot_sample_grid(samples: dict, conditions, steps, label: str = "",
+                     regions=None) -> plt.Figure:
     """v1 Fig. 4 (the paper's sudden-convergence samples) in miniature: the same conditions
     (rows) sampled with the same seeds at several training steps (columns). ``samples`` maps
-    ``step_<n>`` to uint8 images."""
+    ``step_<n>`` to uint8 images. ``regions`` (rows, H, W) bool: the region each condition asks
+    for, whose outline is drawn over every sample of its row, so that a sample that follows its
+    condition and one that does not read apart at a glance."""
     rows = len(conditions)
     fig, axes = plt.subplots(rows, len(steps) + 1, figsize=(1.3 * (len(steps) + 1), 1.3 * rows),
                              squeeze=False)
@@ -120,6 +123,10 @@ def plot_sample_grid(samples: dict, conditions, steps, label: str = "") -> plt.F
         axes[r, 0].imshow(conditions[r].permute(1, 2, 0).numpy())
         for c, step in enumerate(steps):
             axes[r, c + 1].imshow(samples[f"step_{step}"][r].permute(1, 2, 0).numpy())
+            if regions is not None:
+                for colour, width, style in (("black", 1.4, "solid"), ("white", 0.8, "dashed")):
+                    axes[r, c + 1].contour(regions[r].float().numpy(), levels=[0.5],
+                                           colors=colour, linewidths=width, linestyles=style)
             if r == 0:
                 axes[r, c + 1].set_title(f"step {step}", fontsize=8)
         if r == 0:
@@ -128,7 +135,8 @@ def plot_sample_grid(samples: dict, conditions, steps, label: str = "") -> plt.F
         ax.set_xticks([])
         ax.set_yticks([])
     if label:
-        fig.suptitle(label, fontsize=9)
+        fig.suptitle(label + ("\n(dashed: the region the condition asks for)"
+                              if regions is not None else ""), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -60,6 +60,11 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3  # why: cnet.train.loop
+    # the schedule (cnet.train.loop.lr_factor): constant, or from lr_decay_start (0: never)
+    # linearly down to lr_min_share x lr over lr_decay_steps, and on at that floor
+    lr_decay_start: int = 0
+    lr_decay_steps: int = 100
+    lr_min_share: float = 0.1
     weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
     empty_prompt_ratio: float = 0.5
     timesteps: str = "uniform"  # how training draws t: uniform, or cubic (cnet.train.data)
@@ -173,6 +178,9 @@ _TRAIN_RULES: dict[str, Rule] = {
     "batch_size": positive_int(),
     "grad_accum": positive_int(),
     "lr": positive_number(),
+    "lr_decay_start": non_negative_int(),
+    "lr_decay_steps": positive_int(),
+    "lr_min_share": fraction(),
     "weight_decay": non_negative_number(),
     "empty_prompt_ratio": fraction(),
     "timesteps": one_of(*TIMESTEP_SAMPLING),

@@ -44,6 +44,7 @@ level at step 300 and was at 0.80 by step 500 (1 thread, evaluations every 100 s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -153,6 +154,7 @@ class _Run:
     model: torch.nn.Module  # the same, as accelerate prepared it (DDP-wrapped in several processes)
     noise_scheduler: DDPMScheduler
     optimizer: torch.optim.Optimizer  # accelerate's wrapper: loss scaling, accumulation
+    schedule: torch.optim.lr_scheduler.LambdaLR  # the learning rate by update (lr_factor)
     trainable: dict[str, torch.nn.Module]
     start: int  # the step this invocation starts from
     earlier_wall_time: float  # training time behind the checkpoint it resumed from
@@ -208,6 +210,28 @@ class _Run:
             self.on_log(entry)
 
 
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of update ``step`` as a share of ``config.lr``: 1 until
+    ``lr_decay_start`` (0: always 1), then linearly down to ``lr_min_share`` over
+    ``lr_decay_steps`` updates, and that floor after. A function of the step alone, so a resumed
+    run continues the same schedule and a run continued past its steps trains on at the
+    floor."""
+    if config.lr_decay_start == 0 or step < config.lr_decay_start:
+        return 1.0
+    progress = min(1.0, (step - config.lr_decay_start) / config.lr_decay_steps)
+    return 1.0 - (1.0 - config.lr_min_share) * progress
+
+
+def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   start: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's ``LambdaLR`` over :func:`lr_factor`, placed at update ``start`` (a resumed run's
+    first); stepped once per optimizer step."""
+    for group in optimizer.param_groups:  # what LambdaLR scales, set as it would at step 0
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config),
+                                             last_epoch=start - 1)
+
+
 def _make_optimizer(controlnet: ControlNet, unet, config: TrainConfig,
                     device: torch.device) -> torch.optim.AdamW:
     groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad],
@@ -245,13 +269,14 @@ def _setup(config: TrainConfig) -> _Run:
     if not config.sd_locked:
         trainable["unet"] = pipe.unet
     start = load_checkpoint(checkpoint, trainable, optimizer) if resuming else 0
+    schedule = _make_schedule(optimizer, config, start)
     model, optimizer = accelerator.prepare(controlled, optimizer)
     scaler_state = checkpoint_metadata(checkpoint).get("grad_scaler") if start > 0 else None
     if accelerator.scaler is not None and scaler_state:
         accelerator.scaler.load_state_dict(json.loads(scaler_state))
     return _Run(config, out, accelerator, pipe, controlnet, controlled, model,
-                DDPMScheduler.from_config(pipe.scheduler.config), optimizer, trainable, start,
-                checkpoint_wall_time(checkpoint) if start > 0 else 0.0)
+                DDPMScheduler.from_config(pipe.scheduler.config), optimizer, schedule,
+                trainable, start, checkpoint_wall_time(checkpoint) if start > 0 else 0.0)
 
 
 def _load_data(run: _Run) -> None:
@@ -334,6 +359,7 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
     scaler = accelerator.scaler
     scale = scaler.get_scale() if scaler is not None else None
     run.optimizer.step()
+    run.schedule.step()
     # fp16: the gradients overflowed, the update was skipped and the scale lowered (read from
     # the scale, since fused AdamW skips inside its kernel and accelerate does not see it)
     if entry is not None and scaler is not None and scaler.get_scale() < scale:

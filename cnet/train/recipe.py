@@ -4,13 +4,14 @@ r"""The recipe study: which training settings make *every* seed follow its condi
     python -m cnet recipe --recipes b32-lr2e-3-cubic --seeds 5 6 7 8 9
     OMP_NUM_THREADS=1 python -m cnet recipe --seeds 0 1 2   # the same runs on one thread
 
-A recipe is a setting of the ordinary training loop (:func:`cnet.train.train`): learning rate,
-batch size and timestep sampling on top of the quick profile's other values. Every recipe
-gets the same budget of training samples (:data:`BUDGET_SAMPLES`: steps × batch size), so a
-recipe with a larger batch takes fewer steps; each is run for the same seeds, a seed setting
-everything random in a run (the condition encoder's weights, every batch, its training and
-evaluation sets), and then **continued to twice its steps** (the same run resumed: with a
-constant learning rate it is bit for bit the run that was asked for 2× the steps from the start).
+A recipe is a setting of the ordinary training loop (:func:`cnet.train.train`): learning rate
+and its schedule, batch size and timestep sampling on top of the quick profile's other values.
+Every recipe gets the same budget of training samples (:data:`BUDGET_SAMPLES`: steps × batch
+size), so a recipe with a larger batch takes fewer steps; each is run for the same seeds, a seed
+setting everything random in a run (the condition encoder's weights, every batch, its training
+and evaluation sets), and then **continued to twice its steps** (the same run resumed: the
+learning rate is a function of the step alone, :func:`cnet.train.loop.lr_factor`, so it is bit
+for bit the run that was asked for 2× the steps from the start).
 
 Each run is measured from its log (:func:`measure_recipe_run`): the onset (the first
 evaluation more than 0.05 above its step-0 fidelity, which is the locked base's, at that
@@ -53,6 +54,9 @@ RECIPES: dict[str, dict] = {
     "b32-lr2e-3": {"batch_size": 32, "lr": 2e-3},
     "b32-lr2e-3-cubic": {"batch_size": 32, "lr": 2e-3, "timesteps": "cubic"},
     "b32-lr1e-3-cubic": {"batch_size": 32, "lr": 1e-3, "timesteps": "cubic"},
+    # the last quarter of the budget decays to a tenth of the rate, which it keeps after
+    "b32-lr2e-3-cubic-decay": {"batch_size": 32, "lr": 2e-3, "timesteps": "cubic",
+                               "lr_decay_start": 300, "lr_decay_steps": 100},
 }
 #: A continued run has collapsed where its final fidelity is below this share of its best.
 COLLAPSE_SHARE = 0.9
