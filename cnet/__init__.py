@@ -14,8 +14,14 @@ The package is built in layers, each importing only those below it:
 * :mod:`cnet.course`: what the notebooks call (lessons, plots, widgets, figures).
 """
 
+import os as _os
 from importlib import import_module as _import_module
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+# diffusers' pipelines import transformers' image processors, which announce on stderr that
+# torchvision is not installed (cnet needs none of them). transformers reads its verbosity once,
+# at import: errors only, unless the environment already chose.
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .block import ControlledBlock, lock, trainable_copy
 from .residuals import ControlResiduals, cfg_resolution_weights, control_scales, guess_mode_scales

@@ -149,15 +149,24 @@ def run_ablate(args: argparse.Namespace) -> None:
 def run_recipe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .train.recipe import RECIPES, run_recipes, summarize_recipes
+    from .train.recipe import RECIPES, choose, run_recipes, summarize_recipes
 
     recipes = args.recipes or list(RECIPES)
-    if not args.no_train:
+    if not args.no_train and not args.check:
         run_recipes(recipes, args.seeds, args.root)
-    if args.no_summary:
-        return
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     result = summarize_recipes(recipes, args.seeds, args.root, command=command.strip())
+    if not result["recipes"]:
+        raise SettingError(f"root: no finished recipe runs in {args.root!r}; train them first")
+    chosen = choose(result)
+    result["chosen"] = {"recipe": chosen, "settings": RECIPES[chosen],
+                        "steps": result["recipes"][chosen]["runs"][0]["steps"]}
+    if args.check:  # the chosen recipe on more seeds, on this machine's threads
+        if not args.no_train:
+            run_recipes([chosen], args.check_seeds, args.check_root)
+        result["check"] = summarize_recipes([chosen], args.check_seeds, args.check_root)
+    if args.no_summary:
+        return
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -385,6 +394,11 @@ def _add_recipe(sub) -> None:
     recipe.add_argument("--root", default="runs/recipe", help="where the runs go")
     recipe.add_argument("--results", default="runs/recipe/recipe_study.json",
                         help="the summary JSON (figures/recipe_study.json: the shipped one)")
+    recipe.add_argument("--check", action="store_true",
+                        help="train the recipe the finished study chooses on --check_seeds "
+                             "into --check_root, and report it beside the study")
+    recipe.add_argument("--check_seeds", nargs="+", type=int, default=list(range(10)))
+    recipe.add_argument("--check_root", default="runs/recipe/check")
     recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     recipe.add_argument("--no_summary", action="store_true", help="train only")
 

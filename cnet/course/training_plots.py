@@ -163,3 +163,32 @@ def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Fi
     ax.set_title(f"Convergence against {knob}{' — ' + label if label else ''}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_recipe_study(result: dict) -> plt.Figure:
+    """The recipe study (:func:`cnet.train.recipe.summarize_recipes`): one panel per recipe,
+    every seed's fidelity over its run and the continuation to twice its steps (the dotted
+    line: the budget), onsets marked, and the recipe's tally in the title."""
+    recipes = result["recipes"]
+    fig, axes = plt.subplots(1, len(recipes), figsize=(3.3 * len(recipes), 3.2), sharey=True,
+                             squeeze=False)
+    for ax, (name, recipe) in zip(axes[0], recipes.items(), strict=True):
+        for run, colour in zip(recipe["runs"], plt.cm.tab10.colors, strict=False):
+            ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1,
+                    label=f"seed {run['seed']}")
+            if run["onset"] is not None:
+                i = run["eval_steps"].index(run["onset"])
+                ax.plot(run["onset"], run["iou"][i], "o", color=colour, ms=4)
+        ax.axvline(recipe["runs"][0]["steps"], color="grey", ls=":", lw=1)
+        ax.axhline(recipe["runs"][0]["step0_iou"], color="black", lw=0.6, alpha=0.4)
+        ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, collapsed at 2× "
+                     f"{recipe['collapses_2x']}/{recipe['n']}", fontsize=8)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"The recipe study: {result['budget_samples']} training samples per run "
+                 "(dotted), then continued to twice that; dots: onsets; grey line: the locked "
+                 "base", fontsize=8)
+    fig.tight_layout()
+    return fig
