@@ -118,7 +118,8 @@ def _looks_like_hub_id(name: str) -> bool:
 # guidance_scale are also the sampler every fidelity number of that profile is measured with
 # (cnet.train.evaluate.sampler_settings).
 PROFILES: dict[str, dict] = {
-    "quick": {"lr": 2e-3},  # why: cnet.train.loop
+    # the recipe study's choice (figures/recipe_study.json; why: cnet.train.loop)
+    "quick": {"lr": 2e-3, "batch_size": 32, "steps": 400, "timesteps": "cubic"},
     "full": dict(
         out="runs/controlnet-fill-full", steps=3000, batch_size=32, train_size=20_000,
         eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,
