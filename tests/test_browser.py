@@ -21,7 +21,8 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium to drive")
+pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium to drive"),
+              pytest.mark.slow]
 
 # what the probe of this machine kind found Chromium needs on a closed network, as root
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -125,6 +125,7 @@ def test_evaluate_refuses_bad_values_in_one_line(tmp_path, capsys):
     assert err.startswith("error: no ControlNetModel in") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CNET_FIGURES", str(tmp_path))
     shipped = repo_root() / "models" / "controlnet-fill"

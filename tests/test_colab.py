@@ -106,6 +106,7 @@ print(nb.cells[-1].outputs[0]["text"])
 
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
                     reason="needs git and this clone's history")
+@pytest.mark.slow
 def test_a_notebook_alone_in_a_fresh_environment_clones_installs_and_runs(tmp_path):
     python = _fresh_environment(tmp_path / "venv")
     alone = tmp_path / "alone"

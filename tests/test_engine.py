@@ -58,6 +58,7 @@ def two_process_run(base, tmp_path_factory):
     return tmp / "run", done
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_of_the_same_global_batch(base, tmp_path,
                                                                   two_process_run):
     two, done = two_process_run
@@ -99,6 +100,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_exactly(base, tmp_path, two_process_run):
     straight, _ = two_process_run
     script = tmp_path / "killer.py"

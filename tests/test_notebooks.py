@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ def test_notebooks_are_numbered_and_clean():
             assert all(o["output_type"] != "error" for o in cell["outputs"])
 
 
+@pytest.mark.slow
 def test_nbval_fails_on_a_wrong_checked_output(tmp_path):
     cell = new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1 + 1)")
     cell.outputs = [new_output("stream", name="stdout", text="3\n")]

@@ -159,6 +159,7 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     assert any(not torch.equal(after_vae[f"vae.{k}"], shipped_vae[k]) for k in tuned)
 
 
+@pytest.mark.slow
 def test_quick_profile_runs_end_to_end(tmp_path):
     assert PROFILES["quick"] == {}  # the quick profile is Settings' defaults
     # the quick profile on both cores: the thread count is not part of a profile
