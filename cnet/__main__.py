@@ -1,31 +1,17 @@
-"""Command line: ``python -m cnet <command>``.
+"""Command line: ``python -m cnet <command>``; ``python -m cnet <command> -h`` lists its flags.
 
-    python -m cnet lessons     run the math lessons (Eq. 1–8) headless, print what they show and
-                               write their figures to figures/
+    python -m cnet lessons     the math lessons (Eq. 1–8) headless, with their figures
     python -m cnet train       train a ControlNet on the locked miniature base (profile quick on
-                               CPU, full on CUDA; every setting is a flag: --steps, --lr, ...);
-                               its figures go to <out>/figures, or to --figures DIR
-    python -m cnet compare     train runs that differ in one setting (--knob lr --values 1e-4
-                               5e-4) and draw their fidelity curves side by side
-    python -m cnet ablate      the paper's ablations (connections, ControlNet-lite, empty prompts,
-                               data size) and the convergence curve over several seeds, each a
-                               setting of the same training loop; --figures writes notebook
-                               07's figures beside --results
-    python -m cnet export      ship a finished run: its ControlNet as a diffusers ControlNetModel
-                               folder, with the run's log, config and samples
-    python -m cnet sample      generate from any ControlNet (a run's checkpoint or a shipped
-                               folder): --controlnet RUN_OR_FOLDER --condition IMG --prompt ...
-    python -m cnet evaluate    measure a shipped ControlNet, the base alone and the VAE's ceiling
-                               on the same evaluation conditions; recorded in its run.json
-    python -m cnet bench       speed and memory as ratios measured side by side (ControlNet vs
-                               fine-tuning, cached vs per-step encoding, scaling); --quick for
-                               CI's check, --out bench/results to replace the committed results
-    python -m cnet course      stamp a repository's URL (a fork's) into every notebook's setup
-                               cell and the README's "Open in Colab" links: --repo URL
-    python -m cnet control     notebook 06's measurements of a shipped ControlNet (strength,
-                               timing, residuals during sampling, the empty prompt, two
-                               ControlNets at once, transfer to a fine-tune of the base):
-                               figures and their numbers
+                               CPU, full on CUDA; every setting is a flag: --steps, --lr, ...)
+    python -m cnet compare     runs that differ in one setting, fidelity curves side by side
+    python -m cnet recipe      the recipe study: settings over seeds, each continued to 2× steps
+    python -m cnet ablate      the paper's ablations over seeds (notebook 07's figures)
+    python -m cnet export      ship a finished run as a diffusers ControlNetModel folder
+    python -m cnet sample      generate from a run's checkpoint or a shipped ControlNet
+    python -m cnet evaluate    a ControlNet, the base alone and the VAE's ceiling, measured
+    python -m cnet bench       speed and memory as ratios measured side by side
+    python -m cnet course      stamp a fork's URL into the notebooks and the README's Colab links
+    python -m cnet control     notebook 06's measurements of a shipped ControlNet
 
 A bad setting is refused with one line naming it, before any work starts.
 """
@@ -149,28 +135,17 @@ def run_ablate(args: argparse.Namespace) -> None:
 def run_recipe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .train.recipe import RECIPES, choose, run_recipes, summarize_recipes
+    from .train.recipe import RECIPES, recipe_study
 
-    recipes = args.recipes or list(RECIPES)
-    if not args.no_train and not args.check:
-        run_recipes(recipes, args.seeds, args.root)
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    result = summarize_recipes(recipes, args.seeds, args.root, command=command.strip())
-    if not result["recipes"]:
-        raise SettingError(f"root: no finished recipe runs in {args.root!r}; train them first")
-    chosen = choose(result)
-    result["chosen"] = {"recipe": chosen, "settings": RECIPES[chosen],
-                        "steps": result["recipes"][chosen]["runs"][0]["steps"]}
-    if args.check:  # the chosen recipe on more seeds, on this machine's threads
-        if not args.no_train:
-            run_recipes([chosen], args.check_seeds, args.check_root)
-        result["check"] = summarize_recipes([chosen], args.check_seeds, args.check_root)
-    if args.no_summary:
-        return
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    result = recipe_study(args.recipes or list(RECIPES), args.seeds, args.root,
+                          train=not args.no_train, check_seeds=args.check_seeds if args.check
+                          else None, check_root=args.check_root, command=command.strip())
+    if not args.no_summary:
+        out = Path(args.results)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -193,41 +168,13 @@ def _check_measurement(args: argparse.Namespace) -> None:
 
 
 def run_control(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .course.composition import composition_scenes
-    from .course.control import measure_control
+    from .course.control import control_measurements
     from .course.figures import save_figure, save_numbers
-    from .injection import ControlledUNet
-    from .train import cache_data, load_base, load_controlnet
-    from .train.evaluate import sampler_settings
-    from .world.finetune import style_of
 
     _check_measurement(args)
-    controlnet = load_controlnet(args.folder)  # FileNotFoundError, one line, for a wrong folder
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    pipe = load_base(args.base)
-    if not (Path(args.fine_tune) / "model_index.json").exists():
-        raise FileNotFoundError(f"--fine_tune: no diffusers pipeline folder at {args.fine_tune}; "
-                                "make one with `python -m cnet.world finetune`")
-    fine_tune = load_base(args.fine_tune)
-    public = [{k: v for k, v in m.config.items() if not k.startswith("_")}
-              for m in (pipe.unet, fine_tune.unet)]
-    if public[0] != public[1]:
-        raise SettingError(f"fine_tune: {args.fine_tune} is not allowed; expected a fine-tune of "
-                           f"{args.base} (its U-Net has another configuration)")
-    style = style_of(args.fine_tune)
-    controlled = ControlledUNet(pipe.unet, controlnet).eval()
-    data = cache_data(pipe, "fill", args.samples, "eval", seed=0)
-    fine_tune_data = cache_data(fine_tune, "fill", args.samples, "eval", seed=0, style=style)
-    segmentation = load_controlnet(args.segmentation)
-    scenes = composition_scenes(args.samples, seed=0)
-    numbers, figures = measure_control(pipe, controlled, data, segmentation, scenes,
-                                       fine_tune, fine_tune_data,
-                                       **sampler_settings(args.profile),
-                                       label=Path(args.folder).name,
-                                       fine_tune_label=Path(args.fine_tune).name)
+    numbers, figures = control_measurements(args.folder, args.base, args.fine_tune,
+                                            args.segmentation, args.samples, args.profile)
     for name, fig in figures.items():
         print(f"wrote {save_figure(fig, name)}")
     print(f"wrote {save_numbers(numbers, '06_control')}")
@@ -289,13 +236,14 @@ def run_sample(args: argparse.Namespace) -> None:
     from .train import load_base, load_controlnet
     from .train.evaluate import edge_reconstruction_f1, sample_set, validation_grid
     from .train.folders import load_image
+    from .train.runs import base_of
 
     if args.steps < 1 or args.guidance < 0:
         raise SettingError(f"steps, guidance: {args.steps!r}, {args.guidance!r} are not allowed; "
                            "expected an integer >= 1 and a number >= 0")
     folder = Path(args.controlnet)
     controlnet = load_controlnet(folder, args.weights)  # one line for a wrong folder
-    base = args.base or _base_of(folder)
+    base = args.base or base_of(folder)
     pipe = load_base(base, "cuda" if torch.cuda.is_available() else "cpu")
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     conditions = torch.stack([load_image(Path(c), resolution) for c in args.condition])
@@ -311,18 +259,6 @@ def run_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (each condition above its sample; base {base})")
     print("edge F1 of each sample's Canny edges against its condition (for edge-like "
           "conditions): " + ", ".join(f"{v:.3f}" for v in f1.tolist()))
-
-
-def _base_of(folder) -> str:
-    """The base a run or a shipped ControlNet was trained on, as it recorded it."""
-    for name, key in (("config.json", None), ("run.json", "config")):
-        path = folder / name
-        if path.is_file():
-            record = json.loads(path.read_text())
-            record = record.get(key, {}) if key else record
-            if "base" in record:
-                return record["base"]
-    return TrainConfig.base
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -403,6 +339,33 @@ def _add_recipe(sub) -> None:
     recipe.add_argument("--no_summary", action="store_true", help="train only")
 
 
+def _add_measurements(sub) -> None:
+    for name, help_text, samples in (
+            ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
+                         "evaluation conditions", 200),
+            ("control", "notebook 06's measurements of a Fill ControlNet: strength, timing, "
+                        "residuals during sampling, the empty prompt, two ControlNets at once, "
+                        "transfer to a fine-tune",
+             64)):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
+        command.add_argument("--base", default=None if name == "evaluate" else TrainConfig.base,
+                             help="the base it controls (evaluate's default: the one its "
+                                  "run.json names)")
+        command.add_argument("--samples", type=int, default=samples)
+        command.add_argument("--profile", choices=sorted(PROFILES),  # control: notebook 06's
+                             default="quick" if name == "control" else "full",
+                             help="whose evaluation sampler (steps, guidance): %(default)s")
+        command.add_argument("--threads", type=int, default=1)
+        if name == "evaluate":
+            _add_weights_flag(command)
+        if name == "control":
+            command.add_argument("--segmentation", default="models/controlnet-segmentation",
+                                 help="a second ControlNet, composed with the first")
+            command.add_argument("--fine_tune", default="models/miniature-sd-cycled",
+                                 help="a fine-tune of the base, for the transfer measurement")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -442,30 +405,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="store the weights in half precision (half the bytes)")
     _add_weights_flag(export)
     _add_sample_and_bench(sub)
-    for name, help_text, samples in (
-            ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
-                         "evaluation conditions", 200),
-            ("control", "notebook 06's measurements of a Fill ControlNet: strength, timing, "
-                        "residuals during sampling, the empty prompt, two ControlNets at once, "
-                        "transfer to a fine-tune",
-             64)):
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
-        command.add_argument("--base", default=None if name == "evaluate" else TrainConfig.base,
-                             help="the base it controls (evaluate's default: the one its "
-                                  "run.json names)")
-        command.add_argument("--samples", type=int, default=samples)
-        command.add_argument("--profile", choices=sorted(PROFILES),  # control: notebook 06's
-                             default="quick" if name == "control" else "full",
-                             help="whose evaluation sampler (steps, guidance): %(default)s")
-        command.add_argument("--threads", type=int, default=1)
-        if name == "evaluate":
-            _add_weights_flag(command)
-        if name == "control":
-            command.add_argument("--segmentation", default="models/controlnet-segmentation",
-                                 help="a second ControlNet, composed with the first")
-            command.add_argument("--fine_tune", default="models/miniature-sd-cycled",
-                                 help="a fine-tune of the base, for the transfer measurement")
+    _add_measurements(sub)
     return parser
 
 

@@ -34,6 +34,7 @@ from ..train.evaluate import FULL_SAMPLER, evaluate
 from .composition import CompositionData, composition_sweep
 
 __all__ = [
+    "control_measurements",
     "PROMPT_FREE_MODES", "STRENGTHS", "WINDOWS", "composition_figures", "control_numbers",
     "measure_control", "plot_residual_heatmap", "plot_sample_strip", "plot_sweep",
     "prompt_free_figures",
@@ -336,3 +337,38 @@ def measure_control(pipe: StableDiffusionPipeline, controlled: ControlledUNet, d
     numbers = control_numbers(base_alone, strength, window, magnitudes, prompt_free, composition,
                               transfer, fine_tune_label, steps, guidance)
     return numbers, figures
+
+
+def control_measurements(folder: str, base: str, fine_tune: str, segmentation: str,
+                         samples: int, profile: str = "quick") -> tuple[dict, dict]:
+    """``python -m cnet control``: every measurement of notebook 06 for the ControlNet in
+    ``folder`` on ``base`` (composed with the ``segmentation`` ControlNet, transferred to the
+    ``fine_tune`` of the base), on ``samples`` evaluation conditions with ``profile``'s sampler.
+    Returns :func:`measure_control`'s numbers and figures."""
+    from pathlib import Path
+
+    from ..train import cache_data, load_base, load_controlnet
+    from ..train.config import SettingError
+    from ..train.evaluate import sampler_settings
+    from ..world.finetune import style_of
+    from .composition import composition_scenes
+
+    controlnet = load_controlnet(folder)  # FileNotFoundError, one line, for a wrong folder
+    torch.manual_seed(0)
+    pipe = load_base(base)
+    if not (Path(fine_tune) / "model_index.json").exists():
+        raise FileNotFoundError(f"--fine_tune: no diffusers pipeline folder at {fine_tune}; "
+                                "make one with `python -m cnet.world finetune`")
+    tuned = load_base(fine_tune)
+    public = [{k: v for k, v in m.config.items() if not k.startswith("_")}
+              for m in (pipe.unet, tuned.unet)]
+    if public[0] != public[1]:
+        raise SettingError(f"fine_tune: {fine_tune} is not allowed; expected a fine-tune of "
+                           f"{base} (its U-Net has another configuration)")
+    controlled = ControlledUNet(pipe.unet, controlnet).eval()
+    data = cache_data(pipe, "fill", samples, "eval", seed=0)
+    tuned_data = cache_data(tuned, "fill", samples, "eval", seed=0, style=style_of(fine_tune))
+    return measure_control(pipe, controlled, data, load_controlnet(segmentation),
+                           composition_scenes(samples, seed=0), tuned, tuned_data,
+                           **sampler_settings(profile), label=Path(folder).name,
+                           fine_tune_label=Path(fine_tune).name)

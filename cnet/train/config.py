@@ -60,7 +60,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3  # why: cnet.train.loop
-    # the schedule (cnet.train.loop.lr_factor): constant, or from lr_decay_start (0: never)
+    # the schedule (cnet.train.optim.lr_factor): constant, or from lr_decay_start (0: never)
     # linearly down to lr_min_share x lr over lr_decay_steps, and on at that floor
     lr_decay_start: int = 0
     lr_decay_steps: int = 100

@@ -44,7 +44,6 @@ level at step 300 and was at 0.80 by step 500 (1 thread, evaluations every 100 s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -63,23 +62,22 @@ from tqdm.auto import tqdm
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from .config import SettingError, TrainConfig
-from .convergence import fidelity_collapsed, loss_spiked
 from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
 from .evaluate import evaluate, validate, validation_grid
 from .folders import folder_data
 from .norms import logged_norms
+from .optim import make_optimizer, make_schedule
 from .runs import (
-    BEST_WEIGHTS,
     check_resumable,
     checkpoint_metadata,
     checkpoint_wall_time,
     finite_or_none,
     load_checkpoint,
     save_checkpoint,
-    save_weights,
     truncate_log,
 )
+from .watch import RunWatch
 
 __all__ = [
     "FIRST_STEPS_LOGGED",
@@ -165,10 +163,7 @@ class _Run:
     samples: dict | None = None
     log_file: TextIO | None = None
     started: float = 0.0  # perf_counter() when this invocation's training began
-    best: float = float("-inf")  # the best evaluation so far, whose weights are best.safetensors
-    fidelity: list[float] = dataclasses.field(default_factory=list)  # every evaluation's
-    losses: list[float] = dataclasses.field(default_factory=list)  # logged, this invocation
-    alerts: set[str] = dataclasses.field(default_factory=set)  # reported once each
+    watch: RunWatch | None = None  # best weights and collapse alerts (main process)
 
     @property
     def checkpoint(self) -> Path:
@@ -210,42 +205,6 @@ class _Run:
             self.on_log(entry)
 
 
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """The learning rate of update ``step`` as a share of ``config.lr``: 1 until
-    ``lr_decay_start`` (0: always 1), then linearly down to ``lr_min_share`` over
-    ``lr_decay_steps`` updates, and that floor after. A function of the step alone, so a resumed
-    run continues the same schedule and a run continued past its steps trains on at the
-    floor."""
-    if config.lr_decay_start == 0 or step < config.lr_decay_start:
-        return 1.0
-    progress = min(1.0, (step - config.lr_decay_start) / config.lr_decay_steps)
-    return 1.0 - (1.0 - config.lr_min_share) * progress
-
-
-def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                   start: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """torch's ``LambdaLR`` over :func:`lr_factor`, placed at update ``start`` (a resumed run's
-    first); stepped once per optimizer step."""
-    for group in optimizer.param_groups:  # what LambdaLR scales, set as it would at step 0
-        group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config),
-                                             last_epoch=start - 1)
-
-
-def _make_optimizer(controlnet: ControlNet, unet, config: TrainConfig,
-                    device: torch.device) -> torch.optim.AdamW:
-    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad],
-               "lr": config.lr}]
-    if not config.sd_locked:
-        decoder = [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
-        params = [p for part in decoder if part is not None for p in part.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        groups.append({"params": params, "lr": config.lr * config.decoder_lr_scale})
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fast)
-
-
 def _setup(config: TrainConfig) -> _Run:
     """Load the base, build the ControlNet and optimizer, restore the checkpoint if resuming,
     and hand model and optimizer to accelerate."""
@@ -264,12 +223,12 @@ def _setup(config: TrainConfig) -> _Run:
     if config.gradient_checkpointing:
         checkpoint_trainable_copy(controlnet)
     controlled = ControlledUNet(pipe.unet, controlnet).train()
-    optimizer = _make_optimizer(controlnet, pipe.unet, config, device)
+    optimizer = make_optimizer(controlnet, pipe.unet, config, device)
     trainable = {"controlnet": controlnet}
     if not config.sd_locked:
         trainable["unet"] = pipe.unet
     start = load_checkpoint(checkpoint, trainable, optimizer) if resuming else 0
-    schedule = _make_schedule(optimizer, config, start)
+    schedule = make_schedule(optimizer, config, start)
     model, optimizer = accelerator.prepare(controlled, optimizer)
     scaler_state = checkpoint_metadata(checkpoint).get("grad_scaler") if start > 0 else None
     if accelerator.scaler is not None and scaler_state:
@@ -295,31 +254,13 @@ def _load_data(run: _Run) -> None:
         return
     truncate_log(run.out / "log.jsonl", run.start)
     run.log_file = (run.out / "log.jsonl").open("a")
-    _restore_history(run)
+    run.watch = RunWatch(run.out, run.metric)
+    run.watch.restore(run.start)
     samples_path = run.out / "samples.safetensors"
     run.samples = {}
     if run.start > 0 and samples_path.exists():  # keep what the checkpoint's weights produced
         run.samples = {k: v for k, v in load_file(samples_path).items()
                        if int(k.split("_")[1]) <= run.start}
-
-
-def _restore_history(run: _Run) -> None:
-    """A resumed run's evaluations so far (from its log, already cut back to the checkpoint)
-    and its best weights' value. Best weights saved after the checkpoint (a crash between the
-    two) are dropped: those steps are taken again, and their evaluations decide again."""
-    best = run.out / BEST_WEIGHTS
-    if run.start == 0:
-        best.unlink(missing_ok=True)
-        return
-    entries = [json.loads(line) for line in (run.out / "log.jsonl").read_text().splitlines()]
-    run.fidelity = [e["eval"][run.metric] for e in entries
-                    if "eval" in e and run.metric in e["eval"]]
-    if best.exists():
-        metadata = checkpoint_metadata(best)
-        if int(metadata["step"]) <= run.start:
-            run.best = float(json.loads(metadata["metrics"])[run.metric])
-        else:
-            best.unlink()
 
 
 # ------------------------------------------------------------------------------------------
@@ -387,40 +328,9 @@ def _evaluate(run: _Run, step: int) -> dict:
         save_file(run.samples, tmp)
         tmp.replace(path)
         run.log({"step": step, "eval": metrics})
-        _keep_best(run, step, metrics)
+        run.watch.evaluated(step, metrics, run.trainable)
     run.accelerator.wait_for_everyone()
     return metrics
-
-
-def _keep_best(run: _Run, step: int, metrics: dict) -> None:
-    """Record the evaluation; where it is the best so far, its weights become
-    ``best.safetensors`` (written atomically, beside the latest checkpoint)."""
-    value = metrics.get(run.metric)
-    if value is None:
-        return
-    run.fidelity.append(value)
-    if value > run.best:
-        run.best = value
-        save_weights(run.out / BEST_WEIGHTS, run.trainable, step, {run.metric: value})
-
-
-def _alerts(run: _Run, step: int) -> list[str]:
-    """One line for each way the run is failing, the first time it shows: fidelity fallen back
-    toward the locked base's after it rose (:func:`~cnet.train.convergence.fidelity_collapsed`),
-    or the loss well above its running level (:func:`~cnet.train.convergence.loss_spiked`)."""
-    lines = []
-    if "collapse" not in run.alerts and fidelity_collapsed(run.fidelity):
-        run.alerts.add("collapse")
-        f = run.fidelity
-        lines.append(f"collapse at step {step}: {run.metric} {f[-1]:.3f}, down from its best "
-                     f"{run.best:.3f} toward the locked base's {f[0]:.3f}; the best weights are "
-                     f"kept in {run.out / BEST_WEIGHTS}")
-    if "loss" not in run.alerts and loss_spiked(run.losses):
-        run.alerts.add("loss")
-        lines.append(f"loss spike at step {step}: the last 25 logged steps average "
-                     f"{sum(run.losses[-25:]) / 25:.3f}, over twice the run's earlier mean; "
-                     f"the best weights are kept in {run.out / BEST_WEIGHTS}")
-    return lines
 
 
 def _last_evaluation(run: _Run) -> dict:
@@ -451,19 +361,20 @@ def _run_steps(run: _Run) -> dict:
             completed = step + 1
             if entry is not None:
                 run.log(entry)
-                run.losses.append(entry["loss"])
+                if run.watch is not None:
+                    run.watch.losses.append(entry["loss"])
             if config.eval_every > 0 and (completed % config.eval_every == 0
                                           or completed == config.steps):
                 last_eval = _evaluate(run, completed)
             if completed % config.checkpoint_every == 0 or completed == config.steps:
                 run.save(completed)
-            for line in _alerts(run, completed) if run.main else ():
+            for line in run.watch.check(completed) if run.main else ():
                 bar.write(line)
                 run.log({"step": completed, "alert": line})
             postfix = {"loss": f"{loss:.4f}",
                        run.metric: f"{last_eval.get(run.metric, float('nan')):.3f}"}
-            if run.alerts:
-                postfix["alert"] = "+".join(sorted(run.alerts))
+            if run.main and run.watch.alerts:
+                postfix["alert"] = "+".join(sorted(run.watch.alerts))
             bar.set_postfix(postfix, refresh=False)
     except KeyboardInterrupt:
         run.save(completed, wait=False)  # the other processes may not have been interrupted

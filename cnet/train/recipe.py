@@ -10,7 +10,7 @@ Every recipe gets the same budget of training samples (:data:`BUDGET_SAMPLES`: s
 size), so a recipe with a larger batch takes fewer steps; each is run for the same seeds, a seed
 setting everything random in a run (the condition encoder's weights, every batch, its training
 and evaluation sets), and then **continued to twice its steps** (the same run resumed: the
-learning rate is a function of the step alone, :func:`cnet.train.loop.lr_factor`, so it is bit
+learning rate is a function of the step alone, :func:`cnet.train.optim.lr_factor`, so it is bit
 for bit the run that was asked for 2× the steps from the start).
 
 Each run is measured from its log (:func:`measure_recipe_run`): the onset (the first
@@ -42,7 +42,7 @@ from .runs import read_log
 
 __all__ = ["BUDGET_SAMPLES", "COLLAPSE_SHARE", "RECIPES", "RECIPE_SEEDS", "choose",
            "measure_recipe_run",
-           "recipe_command", "recipe_config", "run_recipes", "summarize_recipes"]
+           "recipe_command", "recipe_config", "recipe_study", "run_recipes", "summarize_recipes"]
 
 #: Training samples per run (steps × batch size): 400 steps of 32, about 3.5 minutes on 2 cores.
 BUDGET_SAMPLES = 12_800
@@ -203,4 +203,26 @@ def summarize_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEED
             "final_iou_2x": _spread([r["final_iou_2x"] for r in runs]),
             "wall_time_s": _spread([r["wall_time_s"] for r in runs]),
         }
+    return result
+
+
+def recipe_study(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
+                 root: str | Path = "runs/recipe", train: bool = True,
+                 check_seeds: Sequence[int] | None = None,
+                 check_root: str | Path = "runs/recipe/check", command: str = "") -> dict:
+    """The study (``python -m cnet recipe``): train what is missing (unless not ``train``),
+    summarize, choose (:func:`choose`) and, with ``check_seeds``, run the chosen recipe on
+    those seeds in ``check_root`` (e.g. on another number of threads) and report it beside."""
+    if train and check_seeds is None:
+        run_recipes(recipes, seeds, root)
+    result = summarize_recipes(recipes, seeds, root, command=command)
+    if not result["recipes"]:
+        raise SettingError(f"root: no finished recipe runs in {str(root)!r}; train them first")
+    chosen = choose(result)
+    result["chosen"] = {"recipe": chosen, "settings": RECIPES[chosen],
+                        "steps": result["recipes"][chosen]["runs"][0]["steps"]}
+    if check_seeds is not None:
+        if train:
+            run_recipes([chosen], check_seeds, check_root)
+        result["check"] = summarize_recipes([chosen], check_seeds, check_root)
     return result

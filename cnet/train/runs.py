@@ -39,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "BEST_WEIGHTS",
     "WEIGHTS",
+    "base_of",
     "load_controlnet",
     "read_config",
     "read_log",
@@ -342,3 +343,16 @@ def load_controlnet(folder: str | Path, weights: str = "latest") -> ControlNet:
                                 "or in its controlnet/ subfolder")
     model = ControlNetModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     return from_diffusers(model).eval()
+
+
+def base_of(folder: str | Path) -> str:
+    """The base a run or a shipped ControlNet was trained on, as it recorded it."""
+    folder = Path(folder)
+    for name, key in (("config.json", None), ("run.json", "config")):
+        path = folder / name
+        if path.is_file():
+            record = json.loads(path.read_text())
+            record = record.get(key, {}) if key else record
+            if "base" in record:
+                return record["base"]
+    return TrainConfig.base

@@ -1,0 +1,52 @@
+"""What updates the weights: AdamW over the ControlNet (ICCV §3.3, as the released code trains
+it) and the learning rate by update, a function of the step alone."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..controlnet import ControlNet
+from .config import TrainConfig
+
+__all__ = ["lr_factor", "make_optimizer", "make_schedule"]
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of update ``step`` as a share of ``config.lr``: 1 until
+    ``lr_decay_start`` (0: always 1), then linearly down to ``lr_min_share`` over
+    ``lr_decay_steps`` updates, and that floor after. A function of the step alone, so a resumed
+    run continues the same schedule and a run continued past its steps trains on at the
+    floor."""
+    if config.lr_decay_start == 0 or step < config.lr_decay_start:
+        return 1.0
+    progress = min(1.0, (step - config.lr_decay_start) / config.lr_decay_steps)
+    return 1.0 - (1.0 - config.lr_min_share) * progress
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                  start: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's ``LambdaLR`` over :func:`lr_factor`, placed at update ``start`` (a resumed run's
+    first); stepped once per optimizer step."""
+    for group in optimizer.param_groups:  # what LambdaLR scales, set as it would at step 0
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config),
+                                             last_epoch=start - 1)
+
+
+def make_optimizer(controlnet: ControlNet, unet, config: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the ControlNet's trainable weights, as the released ``cldm.py``
+    (``configure_optimizers``); with ``sd_locked`` false, also over the U-Net's decoder at
+    ``decoder_lr_scale`` × the rate (its encoder never trains)."""
+    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad],
+               "lr": config.lr}]
+    if not config.sd_locked:
+        decoder = [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
+        params = [p for part in decoder if part is not None for p in part.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        groups.append({"params": params, "lr": config.lr * config.decoder_lr_scale})
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fast)
