@@ -252,9 +252,10 @@ def test_the_summary_counts_onsets_and_collapses_per_seed(tmp_path):
     # two finished seeds of one recipe, written as the loop writes them
     recipe = "b32-lr2e-3-cubic"
     curves = {0: [0.30, 0.31, 0.60, 0.80, 0.85, 0.86, 0.87, 0.86, 0.88],
-              1: [0.28, 0.29, 0.28, 0.27, 0.29, 0.50, 0.80, 0.40, 0.10]}
+              1: [0.28, 0.29, 0.28, 0.27, 0.29, 0.50, 0.80, 0.40, 0.10],
+              2: [0.31, 0.30, 0.45, 0.70, 0.80]}  # not continued yet
     for seed, iou in curves.items():
-        for continued, upto in ((False, 5), (True, 9)):
+        for continued, upto in ((False, 5), (True, 9))[: 2 if seed < 2 else 1]:
             config = recipe_config(recipe, seed, tmp_path, continued)
             out = Path(config.out)
             out.mkdir(parents=True)
@@ -266,16 +267,21 @@ def test_the_summary_counts_onsets_and_collapses_per_seed(tmp_path):
                 "steps": config.steps, "device_name": "cpu, 1 thread(s)",
                 "wall_time_s": 10.0 * (2 if continued else 1)}))
     # the budget is 400 steps of 32: evaluations 0-400 are the first run's
-    result = summarize_recipes([recipe], [0, 1, 2], tmp_path)
+    result = summarize_recipes([recipe], [0, 1, 2, 3], tmp_path)
     summary = result["recipes"][recipe]
-    assert summary["seeds"] == [0, 1] and summary["n"] == 2  # seed 2 has not run
+    assert summary["seeds"] == [0, 1, 2] and summary["n"] == 3  # seed 3 has not run
+    assert summary["n_2x"] == 2  # nor has seed 2's continuation
+    runs = {r["seed"]: r for r in summary["runs"]}
+    assert runs[2]["onset"] == 200 and runs[2]["collapsed_2x"] is None
     runs = {r["seed"]: r for r in summary["runs"]}
     assert runs[0]["onset"] == 200 and runs[1]["onset"] is None  # seed 1: 0.29 at 400 is flat
     assert runs[1]["onset_2x"] == 500
     assert runs[0]["final_iou"] == 0.85 and runs[0]["final_iou_2x"] == 0.88
     assert not runs[0]["collapsed_2x"] and runs[1]["collapsed_2x"]  # 0.10 < 0.9 x 0.80
-    assert summary["onsets"] == 1 and summary["collapses_2x"] == 1
-    assert summary["final_iou"]["median"] == pytest.approx((0.85 + 0.29) / 2)
+    assert summary["onsets"] == 2 and summary["collapses_2x"] == 1
+    assert summary["final_iou"]["median"] == 0.80  # of 0.85, 0.29, 0.80
+    assert summary["final_iou_2x"]["median"] == pytest.approx((0.88 + 0.10) / 2)
+    assert result["not_run"] == []
 
 
 # ------------------------------------------------------------------------- the schedule

@@ -182,7 +182,7 @@ def plot_recipe_study(result: dict) -> plt.Figure:
         ax.axvline(recipe["runs"][0]["steps"], color="grey", ls=":", lw=1)
         ax.axhline(recipe["runs"][0]["step0_iou"], color="black", lw=0.6, alpha=0.4)
         ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, collapsed at 2× "
-                     f"{recipe['collapses_2x']}/{recipe['n']}", fontsize=8)
+                     f"{recipe['collapses_2x']}/{recipe['n_2x']}", fontsize=8)
         ax.set_xlabel("training step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)

@@ -126,7 +126,7 @@ def choose(summary: dict) -> str:
     at 2×, then the highest median final fidelity."""
     recipes = summary["recipes"]
     return max(recipes, key=lambda r: (recipes[r]["onsets"] / recipes[r]["n"],
-                                       -recipes[r]["collapses_2x"] / recipes[r]["n"],
+                                       -recipes[r]["collapses_2x"] / max(recipes[r]["n_2x"], 1),
                                        recipes[r]["final_iou"]["median"]))
 
 
@@ -138,32 +138,46 @@ def _caught(loss: list[float], iou: list[float]) -> bool:
             or any(loss_spiked(loss[: i + 1]) for i in range(99, len(loss))))
 
 
+def _finished(config: TrainConfig) -> bool:
+    record = Path(config.out) / "run.json"  # a continuation holds a copy of the first's until
+    return record.exists() and json.loads(record.read_text())["steps"] == config.steps
+
+
 def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe") -> dict:
-    """What the study reports of one seed of one recipe (both runs must have finished)."""
+    """What the study reports of one seed of one recipe (its run to the budget must have
+    finished; the ``*_2x`` measures are None until its continuation has)."""
     first = recipe_config(recipe, seed, root)
     longer = recipe_config(recipe, seed, root, continued=True)
-    log = read_log(Path(longer.out))
+    continued = _finished(longer)
+    log = read_log(Path(longer.out if continued else first.out))
     steps, iou = log.eval_steps, log.eval_iou
     record = json.loads((Path(first.out) / "run.json").read_text())
-    record_2x = json.loads((Path(longer.out) / "run.json").read_text())
     budget = [i for i, s in enumerate(steps) if s <= first.steps]
-    best_2x = max(iou)
     report = detect_sudden_convergence([steps[i] for i in budget], [iou[i] for i in budget])
-    return {
+    result = {
         "seed": seed, "steps": first.steps, "device": record["device_name"],
-        "wall_time_s": record["wall_time_s"], "wall_time_2x_s": record_2x["wall_time_s"],
+        "wall_time_s": record["wall_time_s"],
         "onset": onset_step([steps[i] for i in budget], [iou[i] for i in budget],
                             margin=ONSET_MARGIN),
-        "onset_2x": onset_step(steps, iou, margin=ONSET_MARGIN),
         "step0_iou": iou[0], "final_iou": iou[budget[-1]],
-        "best_iou": max(iou[i] for i in budget), "final_iou_2x": iou[-1], "best_iou_2x": best_2x,
-        "collapsed_2x": iou[-1] < COLLAPSE_SHARE * best_2x,
-        "alert_2x": _caught(log.loss, iou),
+        "best_iou": max(iou[i] for i in budget),
         "abruptness": report.abruptness, "sudden": report.sudden,
-        "eval_steps": steps, "iou": iou,
-        "commands": [recipe_command(recipe, seed, root),
-                     recipe_command(recipe, seed, root, continued=True)],
+        "eval_steps": steps, "iou": iou, "commands": [recipe_command(recipe, seed, root)],
+        "continued": continued, "wall_time_2x_s": None, "onset_2x": None, "final_iou_2x": None,
+        "best_iou_2x": None, "collapsed_2x": None, "alert_2x": None,
     }
+    if continued:
+        best_2x = max(iou)
+        result |= {
+            "wall_time_2x_s": json.loads((Path(longer.out) / "run.json").read_text())[
+                "wall_time_s"],
+            "onset_2x": onset_step(steps, iou, margin=ONSET_MARGIN),
+            "final_iou_2x": iou[-1], "best_iou_2x": best_2x,
+            "collapsed_2x": iou[-1] < COLLAPSE_SHARE * best_2x,
+            "alert_2x": _caught(log.loss, iou),
+            "commands": result["commands"] + [recipe_command(recipe, seed, root, True)],
+        }
+    return result
 
 
 def _spread(values: list[float]) -> dict:
@@ -176,31 +190,31 @@ def _spread(values: list[float]) -> dict:
 
 def summarize_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
                       root: str | Path = "runs/recipe", command: str = "") -> dict:
-    """Every finished seed of every recipe, and per recipe: onsets k of n, collapses k of n,
-    the spread of the final fidelity and the wall time."""
+    """Every seed of every recipe whose run to the budget has finished, and per recipe: onsets
+    k of n, collapses at 2× k of those continued (``n_2x``), the spread of the final fidelity
+    and the wall time."""
     result: dict = {"command": command, "budget_samples": BUDGET_SAMPLES,
                     "settings": RECIPE_SETTINGS,
                     "collapse_share": COLLAPSE_SHARE, "onset_margin": ONSET_MARGIN,
                     "recipes": {}}
     result["not_run"] = []
     for recipe in recipes:
-        runs = []
-        for seed in seeds:
-            longer = recipe_config(recipe, seed, root, continued=True)
-            record = Path(longer.out) / "run.json"  # a copy of the first run's until it ends
-            if record.exists() and json.loads(record.read_text())["steps"] == longer.steps:
-                runs.append(measure_recipe_run(recipe, seed, root))
+        runs = [measure_recipe_run(recipe, seed, root) for seed in seeds
+                if _finished(recipe_config(recipe, seed, root))]
         if not runs:
             result["not_run"].append(recipe)
             continue
         onsets = [r["onset"] for r in runs if r["onset"] is not None]
+        continued = [r for r in runs if r["continued"]]
         result["recipes"][recipe] = {
             "settings": RECIPES[recipe], "seeds": [r["seed"] for r in runs], "runs": runs,
-            "onsets": len(onsets), "collapses_2x": sum(r["collapsed_2x"] for r in runs),
-            "alerts_2x": sum(r["alert_2x"] for r in runs),
-            "n": len(runs), "onset_step": _spread(onsets) if onsets else None,
+            "n": len(runs), "onsets": len(onsets), "n_2x": len(continued),
+            "collapses_2x": sum(r["collapsed_2x"] for r in continued),
+            "alerts_2x": sum(r["alert_2x"] for r in continued),
+            "onset_step": _spread(onsets) if onsets else None,
             "final_iou": _spread([r["final_iou"] for r in runs]),
-            "final_iou_2x": _spread([r["final_iou_2x"] for r in runs]),
+            "final_iou_2x": (_spread([r["final_iou_2x"] for r in continued]) if continued
+                             else None),
             "wall_time_s": _spread([r["wall_time_s"] for r in runs]),
         }
     return result
