@@ -146,6 +146,11 @@ def run_recipe(args: argparse.Namespace) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
+    if args.figures:
+        from .course.figures import write_recipe_figures
+
+        for path in write_recipe_figures(result, Path(args.results).parent):
+            print(f"wrote {path}")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -335,6 +340,8 @@ def _add_recipe(sub) -> None:
                              "into --check_root, and report it beside the study")
     recipe.add_argument("--check_seeds", nargs="+", type=int, default=list(range(10)))
     recipe.add_argument("--check_root", default="runs/recipe/check")
+    recipe.add_argument("--figures", action="store_true",
+                        help="draw recipe_study.png (and recipe_check.png) beside --results")
     recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     recipe.add_argument("--no_summary", action="store_true", help="train only")
 

@@ -149,3 +149,12 @@ def write_run_figures(run: str | Path, folder: str | Path | None = None, prefix:
     paths = [save_figure(fig, f"{prefix}{name}", folder) for name, fig in figures.items()]
     plt.close("all")
     return paths
+
+
+def write_recipe_figures(result: dict, folder: str | Path) -> list[Path]:
+    """The recipe study's figure (``recipe_study.png``) and, where the study checked its choice
+    on more seeds, that check's (``recipe_check.png``), in ``folder``."""
+    from .training_plots import plot_recipe_study
+
+    parts = (("recipe_study", result), ("recipe_check", result.get("check")))
+    return [save_figure(plot_recipe_study(part), name, folder) for name, part in parts if part]

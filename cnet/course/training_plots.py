@@ -180,15 +180,14 @@ def plot_recipe_study(result: dict) -> plt.Figure:
                 i = run["eval_steps"].index(run["onset"])
                 ax.plot(run["onset"], run["iou"][i], "o", color=colour, ms=4)
         ax.axvline(recipe["runs"][0]["steps"], color="grey", ls=":", lw=1)
-        ax.axhline(recipe["runs"][0]["step0_iou"], color="black", lw=0.6, alpha=0.4)
         ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, collapsed at 2× "
                      f"{recipe['collapses_2x']}/{recipe['n_2x']}", fontsize=8)
         ax.set_xlabel("training step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"The recipe study: {result['budget_samples']} training samples per run "
-                 "(dotted), then continued to twice that; dots: onsets; grey line: the locked "
-                 "base", fontsize=8)
+    fig.suptitle(f"{result['budget_samples']} training samples per run (dotted line), then "
+                 "continued to twice that; dots: onsets; step 0: the locked base's fidelity",
+                 fontsize=8)
     fig.tight_layout()
     return fig

@@ -1,0 +1,41 @@
+"""The recipe study (:func:`cnet.train.recipe.recipe_study`) in one table, for the README and
+notebook 05: per recipe and seed set, how many seeds started following their condition, how
+many collapsed when continued to twice their steps, and the spread of their final fidelity."""
+
+from __future__ import annotations
+
+__all__ = ["recipe_table"]
+
+
+def _row(name: str, recipe: dict, where: str) -> str:
+    runs = recipe["runs"]
+    onsets = sorted(r["onset"] for r in runs if r["onset"] is not None)
+    onset = f"{onsets[0]}–{onsets[-1]}" if onsets else "—"
+    final = recipe["final_iou"]
+    longer = recipe["final_iou_2x"]
+    final_2x = (f"{longer['median']:.2f} ({longer['min']:.2f}–{longer['max']:.2f})"
+                if longer else "—")
+    wall = recipe["wall_time_s"]
+    return (f"| {name} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
+            f"| {final['median']:.2f} ({final['min']:.2f}–{final['max']:.2f}) "
+            f"| {recipe['collapses_2x']}/{recipe['n_2x']} | {final_2x} "
+            f"| {wall['median']:.0f} |")
+
+
+def recipe_table(result: dict) -> str:
+    """One row per recipe of the study (and the check of the chosen one): seeds with an onset
+    (k/n) and the range of their onset steps, the final IoU at the budget (median, min–max),
+    collapses when continued to 2× (k of the seeds continued), the final IoU at 2×, and the
+    median training time of a run to the budget (s; on the machine and threads its runs
+    record)."""
+    lines = ["| recipe | runs | onset | onset steps | final IoU, median (range) "
+             "| collapsed at 2× | final IoU at 2× | training time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    parts = [(result, "study")] + ([(result["check"], "check")] if "check" in result else [])
+    for part, kind in parts:
+        for name, recipe in part["recipes"].items():
+            devices = sorted({r["device"] for r in recipe["runs"]})
+            seeds = recipe["seeds"]
+            where = f"seeds {seeds[0]}–{seeds[-1]}, {', '.join(devices)}"
+            lines.append(_row(name + (" (chosen)" if kind == "check" else ""), recipe, where))
+    return "\n".join(lines)
