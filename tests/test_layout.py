@@ -95,6 +95,34 @@ def test_only_the_command_line_uses_the_course_layer():
     assert not users, f"the course layer sits on top, but {users} import it"
 
 
+# The floors, from the ground up: a module imports only from its own floor and those below.
+FLOORS = (
+    ("the math core", lambda m: m in CORE),
+    ("shared helpers", lambda m: m in {"cnet.settings", "cnet.checkpoints"}),
+    ("the world", lambda m: m.startswith("cnet.world")),
+    ("the trainer", lambda m: m.startswith("cnet.train")),
+    ("bench", lambda m: m.startswith("cnet.bench")),
+    ("the course", lambda m: m.startswith("cnet.course")),
+    ("the command line", lambda m: m == "cnet.__main__"),
+)
+
+
+def _floor(module: str) -> int:
+    return next(i for i, (_, on) in enumerate(FLOORS) if on(module))
+
+
+def test_every_module_stands_on_a_floor():
+    assert all(any(on(m) for _, on in FLOORS) for m in MODULES), sorted(
+        m for m in MODULES if not any(on(m) for _, on in FLOORS))
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_arrow_runs_back_up(module):
+    up = sorted(d for d in GRAPH[module] if _floor(d) > _floor(module))
+    assert not up, (f"{module} ({FLOORS[_floor(module)][0]}) imports from a higher floor: "
+                    + ", ".join(f"{d} ({FLOORS[_floor(d)][0]})" for d in up))
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_files_and_functions_a_reader_can_hold(module):
     path = MODULES[module]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cnet.settings import SettingError
 from cnet.train import TrainConfig, draw_batch, train
-from cnet.train.config import SettingError
 from cnet.train.convergence import fidelity_collapsed, loss_spiked
 from cnet.train.data import draw_timesteps
 from cnet.train.recipe import (

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from cnet import ControlledUNet, ControlNet
+from cnet.checkpoints import checkpoint_wall_time
 from cnet.course.figures import write_run_figures
 from cnet.train import (
     TrainConfig,
@@ -26,7 +27,6 @@ from cnet.train import (
     zero_conv_norms,
 )
 from cnet.train.data import CachedData
-from cnet.train.runs import checkpoint_wall_time
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
 

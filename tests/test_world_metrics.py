@@ -106,8 +106,7 @@ def test_fit_shape_of_empty_mask_is_none():
 
 
 def test_layout_iou_ignores_which_colour_fills_the_region():
-    from cnet.train.evaluate import fidelity
-    from cnet.world.metrics import layout_iou
+    from cnet.world.metrics import fidelity, layout_iou
 
     scenes = FillDataset(size=4, split="eval").scenes(range(4))
     plain, cycled = (FillDataset(size=4, split="eval", style=s).batch(range(4))

@@ -238,7 +238,7 @@ def test_command_line_applies_overrides_on_top_of_the_profile(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
 def test_style_fine_tune_changes_the_unet_alone_and_stores_it_in_half_precision(tmp_path):
-    from cnet.train.config import SettingError
+    from cnet.settings import SettingError
     from cnet.world.__main__ import main
     from cnet.world.finetune import FINETUNE_PROFILES, finetune, style_of
 

@@ -1,24 +1,30 @@
-"""Settings as plain values, nanoGPT-style: one dataclass per job, a profile fills it, the command
-line overrides any field, and every value is checked before any work starts.
-
-:class:`TrainConfig` holds a ControlNet training run; the miniature world's pretraining has its
-own fields (:class:`cnet.world.pretrain.Settings`) and uses the same helpers: :func:`add_flags`
-turns a dataclass's fields into ``--field`` flags, :func:`settings_from_flags` puts the flags
-given on top of a profile, and :func:`check_settings` refuses a bad value with one line that
-names the setting, the value and what is allowed (:class:`SettingError`).
-"""
+"""The settings of a ControlNet training run, nanoGPT-style: one dataclass, a profile fills it,
+the command line overrides any field (:func:`cnet.settings.add_flags`), and every value is
+checked before any work starts (:func:`cnet.settings.check_settings`: one line naming the
+setting, the value and what is allowed)."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from ..settings import (
+    Rule,
+    SettingError,
+    add_flags,
+    check_settings,
+    fraction,
+    non_negative_int,
+    non_negative_number,
+    one_of,
+    positive_int,
+    positive_number,
+    settings_from_flags,
+)
+from ..world.data import TASKS
+from ..world.metrics import SAMPLERS
 
 __all__ = [
     "PRECISIONS",
@@ -33,16 +39,10 @@ __all__ = [
     "settings_from_flags",
 ]
 
-TASKS = ("fill", "outline", "canny", "segmentation", "depth", "scribble")
 # mixed precision, as accelerate names it; "auto" chooses by device (cnet.train.engine)
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # how a training step draws its timesteps (cnet.train.data.draw_timesteps)
 TIMESTEP_SAMPLING = ("uniform", "cubic")
-
-
-class SettingError(ValueError):
-    """A setting has a value that cannot work; the message is one line naming the setting, the
-    value and what is allowed."""
 
 
 @dataclass
@@ -79,8 +79,8 @@ class TrainConfig:
     train_size: int = 4096
     eval_size: int = 32
     eval_every: int = 50
-    eval_steps: int = 10  # DDIM steps when sampling the evaluation set
-    guidance_scale: float = 3.0
+    eval_steps: int = SAMPLERS["quick"]["steps"]  # DDIM steps when sampling the evaluation set
+    guidance_scale: float = SAMPLERS["quick"]["guidance"]
     log_every: int = 1
     checkpoint_every: int = 100
     seed: int = 0
@@ -114,15 +114,15 @@ def _looks_like_hub_id(name: str) -> bool:
             and not Path(parts[0]).exists())
 
 
-# A profile is the settings it changes from the defaults (the quick profile). Its eval_steps and
-# guidance_scale are also the sampler every fidelity number of that profile is measured with
-# (cnet.train.evaluate.sampler_settings).
+# A profile is the settings it changes from the defaults. Its eval_steps and guidance_scale are
+# the sampler every fidelity number of that profile is measured with (cnet.world.metrics.SAMPLERS).
 PROFILES: dict[str, dict] = {
     # the recipe study's choice (figures/recipe_study.json; why: cnet.train.loop)
     "quick": {"lr": 2e-3, "batch_size": 32, "steps": 400, "timesteps": "cubic"},
     "full": dict(
         out="runs/controlnet-fill-full", steps=3000, batch_size=32, train_size=20_000,
-        eval_size=64, eval_every=100, eval_steps=20, log_every=5, checkpoint_every=250,
+        eval_size=64, eval_every=100, eval_steps=SAMPLERS["full"]["steps"], log_every=5,
+        checkpoint_every=250,
     ),
 }
 
@@ -130,36 +130,6 @@ PROFILES: dict[str, dict] = {
 # ------------------------------------------------------------------------------------------
 # Checking values
 # ------------------------------------------------------------------------------------------
-
-Rule = tuple[Callable[[Any], bool], str]
-
-
-def positive_int() -> Rule:
-    return (lambda v: isinstance(v, int) and v >= 1), "an integer >= 1"
-
-
-def non_negative_int() -> Rule:
-    return (lambda v: isinstance(v, int) and v >= 0), "an integer >= 0"
-
-
-def positive_number() -> Rule:
-    return (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
-            "a finite number > 0")
-
-
-def non_negative_number() -> Rule:
-    return (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-            "a finite number >= 0")
-
-
-def fraction() -> Rule:
-    return (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
-            "a number from 0 to 1")
-
-
-def one_of(*choices: str) -> Rule:
-    return (lambda v: v in choices), "one of " + ", ".join(choices)
-
 
 def device_rule() -> Rule:
     def ok(value: str) -> bool:
@@ -203,15 +173,6 @@ _TRAIN_RULES: dict[str, Rule] = {
 }
 
 
-def check_settings(settings: Any, rules: Mapping[str, Rule]) -> None:
-    """Check each field of a settings dataclass against its rule; the first failure raises a
-    :class:`SettingError` naming the setting, the value and what is allowed."""
-    for name, (ok, allowed) in rules.items():
-        value = getattr(settings, name)
-        if isinstance(value, bool) or not ok(value):
-            raise SettingError(f"{name}: {value!r} is not allowed; expected {allowed}")
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA where there is one, else the CPU; any other name must exist here."""
     if name == "auto":
@@ -223,42 +184,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("no MPS device on this machine")
     return device
-
-
-# ------------------------------------------------------------------------------------------
-# Fields to flags
-# ------------------------------------------------------------------------------------------
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def flag_type(field: dataclasses.Field) -> Callable[[str], Any]:
-    """How a settings field's value is read from the command line."""
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
-    return {"bool": parse_bool, "int": int, "float": float}.get(kind, str)
-
-
-def add_flags(parser: argparse.ArgumentParser, settings_class: type,
-              skip: tuple[str, ...] = ()) -> None:
-    """One ``--<field>`` flag per field of ``settings_class`` (default: not given)."""
-    for field in dataclasses.fields(settings_class):
-        if field.name in skip:
-            continue
-        kind = flag_type(field)
-        parser.add_argument(f"--{field.name}", type=kind, default=None,
-                            metavar="true|false" if kind is parse_bool else None)
-
-
-def settings_from_flags(settings_class: type, args: argparse.Namespace,
-                        profile: Mapping[str, Any]) -> Any:
-    """The profile's values with every flag given on the command line on top."""
-    values = dict(profile)
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
-                   if getattr(args, f.name, None) is not None})
-    return settings_class(**values)

@@ -36,46 +36,14 @@ from PIL import Image
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from ..sample import sample
-from ..world.data import COLOUR_NAMES, canny_edges
-from ..world.metrics import classify_colours, colours_drawn, edge_f1, iou, layout_iou
-from .config import PROFILES, TrainConfig
+from ..world.data import canny_edges
+from ..world.metrics import FULL_SAMPLER, edge_f1, fidelity, sampler_settings, vae_round_trip
 from .data import CachedData, cache_data, task_dataset
 
 __all__ = [
     "FULL_SAMPLER", "edge_reconstruction_f1", "evaluate", "fidelity", "measure_controlnet",
     "sample_set", "sampler_settings", "vae_round_trip", "validate", "validation_grid",
 ]
-
-
-def sampler_settings(profile: str) -> dict:
-    """``{"steps": …, "guidance": …}``: how a profile samples when it measures fidelity."""
-    config = TrainConfig(**PROFILES[profile])
-    return {"steps": config.eval_steps, "guidance": config.guidance_scale}
-
-
-#: The full profile's sampler: the default wherever fidelity is measured.
-FULL_SAMPLER = sampler_settings("full")
-
-
-def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
-             region: torch.Tensor, style: str = "plain") -> dict[str, torch.Tensor]:
-    """Per-image fidelity of ``images`` (N, 3, H, W) in [-1, 1] to a requested region
-    (N, H, W) bool, with prompted ``foreground`` and ``background`` palette indices (N,):
-    ``{"iou": (N,) float, "colours_ok": (N,) bool, "layout_iou": (N,) float}`` (see the module
-    docstring)."""
-    drawn = classify_colours(images, style)
-    ious = iou(drawn == foreground[:, None, None], region)
-    colours = colours_drawn(images, [[COLOUR_NAMES[int(i)]] for i in foreground],
-                            [COLOUR_NAMES[int(i)] for i in background], style=style)
-    return {"iou": ious, "colours_ok": colours["both_ok"],
-            "layout_iou": layout_iou(images, region, style)}
-
-
-@torch.no_grad()
-def vae_round_trip(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
-    """Images encoded to the latent mode and decoded again: what the VAE alone keeps of them."""
-    latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
-    return pipe.vae.decode(latents).sample.float().cpu()
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..train.config import SettingError, add_flags, settings_from_flags
+from ..settings import SettingError, add_flags, settings_from_flags
 
 
 def _parse(command: str, profiles: dict, argv: list[str], extra=None):
@@ -67,7 +67,7 @@ def _evaluate(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-    from ..train.config import TASKS
+    from .data import TASKS
     from .export import LAYOUTS, export_folder
 
     parser = argparse.ArgumentParser(prog="python -m cnet.world export")

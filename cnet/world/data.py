@@ -33,7 +33,12 @@ from torch.utils.data import Dataset
 
 from .palette import COLOUR_NAMES, PALETTE, PALETTE_RGB, STYLES, colour_index, palette_of
 
+#: The conditions the world renders exactly, each a task a ControlNet can be trained on:
+#: Fill (an outline, the filled circle) and the Shapes scene's conditions.
+TASKS = ("fill", "outline", "canny", "segmentation", "depth", "scribble")
+
 __all__ = [
+    "TASKS",
     "PALETTE",
     "STYLES",
     "SHAPES",

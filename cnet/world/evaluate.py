@@ -3,7 +3,7 @@ r"""How the locked base behaves: it draws what the prompt says, wherever it like
     python -m cnet.world evaluate --model models/miniature-sd --samples 200
 
 Samples the pipeline (DDIM, with the full profile's evaluation sampler,
-:func:`cnet.train.evaluate.sampler_settings`) from prompts of the held-out eval split and
+:func:`cnet.world.metrics.sampler_settings`) from prompts of the held-out eval split and
 measures, exactly:
 
 * **Fill prompts** ("<colour> circle with <colour> background"): are both colours drawn
@@ -36,10 +36,18 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from ..train.config import PROFILES, SettingError
-from ..train.evaluate import FULL_SAMPLER, fidelity, sampler_settings, vae_round_trip
+from ..settings import SettingError
 from .data import COLOUR_NAMES, SHAPES, FillDataset, ShapesDataset, check_resolution, colour_index
-from .metrics import classify_colours, colours_drawn, fit_shape
+from .metrics import (
+    FULL_SAMPLER,
+    SAMPLERS,
+    classify_colours,
+    colours_drawn,
+    fidelity,
+    fit_shape,
+    sampler_settings,
+    vae_round_trip,
+)
 from .model import check_prompt
 
 __all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "chance_iou"]
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m cnet.world evaluate")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
+    parser.add_argument("--profile", choices=sorted(SAMPLERS), default="full",
                         help="whose evaluation sampler to sample with (steps, guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

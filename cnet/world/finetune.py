@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.config import SettingError
-from ..train.runs import store_half
+from ..checkpoints import store_half
+from ..settings import SettingError
 from .data import FillDataset, ShapesDataset
 from .palette import STYLES
 from .pretrain import STAGE_SETTINGS, Settings, _latest_entries, _train_unet

@@ -28,6 +28,11 @@ import torch.nn.functional as F
 from .data import COLOUR_NAMES, SHAPES, colour_index, every_shape_mask, palette_of, shape_index
 
 __all__ = [
+    "FULL_SAMPLER",
+    "SAMPLERS",
+    "fidelity",
+    "sampler_settings",
+    "vae_round_trip",
     "classify_colours",
     "iou",
     "layout_iou",
@@ -182,3 +187,41 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
         fits[b] = iou(placed, masks[b].expand(len(placed), -1, -1)).view(len(indices), -1).amax(1)
     names = [shapes[int(fits[b].argmax())] if masks[b].any() else None for b in range(batch)]
     return {"shape": names, "iou": fits}
+
+
+# ------------------------------------------------------------------------------------------
+# Condition fidelity (the one definition; cnet.train.evaluate's module docstring explains it)
+# ------------------------------------------------------------------------------------------
+
+#: How fidelity is sampled, by profile: DDIM with ``steps`` steps and classifier-free guidance
+#: ``guidance`` (the training profiles' ``eval_steps`` and ``guidance_scale`` are these).
+SAMPLERS: dict[str, dict] = {"quick": {"steps": 10, "guidance": 3.0},
+                             "full": {"steps": 20, "guidance": 3.0}}
+#: The full profile's sampler: the default wherever fidelity is measured.
+FULL_SAMPLER = SAMPLERS["full"]
+
+
+def sampler_settings(profile: str) -> dict:
+    """``{"steps": …, "guidance": …}``: how a profile samples when it measures fidelity."""
+    return dict(SAMPLERS[profile])
+
+
+def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
+             region: torch.Tensor, style: str = "plain") -> dict[str, torch.Tensor]:
+    """Per-image fidelity of ``images`` (N, 3, H, W) in [-1, 1] to a requested region
+    (N, H, W) bool, with prompted ``foreground`` and ``background`` palette indices (N,):
+    ``{"iou": (N,) float, "colours_ok": (N,) bool, "layout_iou": (N,) float}``."""
+    drawn = classify_colours(images, style)
+    ious = iou(drawn == foreground[:, None, None], region)
+    colours = colours_drawn(images, [[COLOUR_NAMES[int(i)]] for i in foreground],
+                            [COLOUR_NAMES[int(i)] for i in background], style=style)
+    return {"iou": ious, "colours_ok": colours["both_ok"],
+            "layout_iou": layout_iou(images, region, style)}
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images encoded to the latent mode by ``pipe``'s VAE and decoded again: what the VAE
+    alone keeps of them."""
+    latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
+    return pipe.vae.decode(latents).sample.float().cpu()

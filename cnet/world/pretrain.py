@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..train.config import (
+from ..checkpoints import check_resumable, checkpoint_wall_time, load_checkpoint, save_checkpoint
+from ..settings import (
     SettingError,
     check_settings,
     fraction,
@@ -55,7 +56,6 @@ from ..train.config import (
     positive_int,
     positive_number,
 )
-from ..train.runs import check_resumable, checkpoint_wall_time, load_checkpoint, save_checkpoint
 from .data import FillDataset, ShapesDataset, check_resolution
 from .model import (
     build_pipeline,
