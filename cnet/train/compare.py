@@ -10,7 +10,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import SettingError, TrainConfig, flag_type
+from ..settings import flag_type
+from .config import SettingError, TrainConfig
 from .convergence import detect_sudden_convergence
 from .loop import train
 from .runs import read_log

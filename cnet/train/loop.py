@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,7 +301,11 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
     scaler = accelerator.scaler
     scale = scaler.get_scale() if scaler is not None else None
     run.optimizer.step()
-    run.schedule.step()
+    with warnings.catch_warnings():
+        # fp16: an update skipped for overflow is still an update counted by the schedule (a
+        # function of the step); torch would warn that the optimizer did not step before it
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+        run.schedule.step()
     # fp16: the gradients overflowed, the update was skipped and the scale lowered (read from
     # the scale, since fused AdamW skips inside its kernel and accelerate does not see it)
     if entry is not None and scaler is not None and scaler.get_scale() < scale:
