@@ -74,7 +74,7 @@ def run_train(args: argparse.Namespace) -> None:
 def run_compare(args: argparse.Namespace) -> None:
     from .course.figures import figures_dir, save_figure
     from .course.training_plots import plot_knob_comparison
-    from .train.compare import compare_runs, train_comparison
+    from .experiments.compare import compare_runs, train_comparison
 
     _, settings = _train_settings(args, "quick")  # comparisons are quick runs unless asked
     comparison = compare_runs(train_comparison(settings, args.knob, args.values))
@@ -91,7 +91,7 @@ def run_compare(args: argparse.Namespace) -> None:
 def run_ablate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .train.ablate import (
+    from .experiments.ablate import (
         STUDIES,
         VARIANTS,
         ablation_config,
@@ -99,7 +99,7 @@ def run_ablate(args: argparse.Namespace) -> None:
         summarize,
         train_variant,
     )
-    from .train.first_updates import first_updates
+    from .experiments.first_updates import first_updates
 
     studies = args.studies or list(STUDIES)
     if args.variants:  # train just these (e.g. to split the runs over several processes)
@@ -135,7 +135,7 @@ def run_ablate(args: argparse.Namespace) -> None:
 def run_recipe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .train.recipe import RECIPES, recipe_study
+    from .experiments.recipe import RECIPES, recipe_study
 
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     result = recipe_study(args.recipes or list(RECIPES), args.seeds, args.root,

@@ -1,5 +1,5 @@
-"""The paper's ablations (cnet.variants, cnet.train.ablate) and the first three updates
-(cnet.train.first_updates): other connections really replace the zero convolutions and break
+"""The paper's ablations (cnet.variants, cnet.experiments.ablate) and the first three updates
+(cnet.experiments.first_updates): other connections really replace the zero convolutions and break
 Eq. 4, ControlNet-lite keeps the interface and Eq. 4, the cascade of updates 1-2-3 holds with
 exact zeros on the real training step, the summary's statistics mean what they say, and the
 shipped results are the ones notebook 07 and the README quote."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 from _tiny_unets import inputs, tiny_unet, unet_config
 
-import cnet.train.ablate as ablate
+import cnet.experiments.ablate as ablate
 from cnet import ControlledUNet, ControlNet
+from cnet.experiments.first_updates import GROUPS, first_updates
 from cnet.train import SettingError, TrainConfig, read_log
 from cnet.train.convergence import onset_step
-from cnet.train.first_updates import GROUPS, first_updates
 from cnet.variants import default_init_std, make_lite, replace_connections
 
 SHIPPED = Path(__file__).resolve().parents[1] / "figures" / "07_ablations.json"

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cnet"
 # the package's own __init__ ("cnet") re-exports the core and must stay inside it too
 CORE = {"cnet", "cnet.zero_conv", "cnet.block", "cnet.hint", "cnet.residuals", "cnet.controlnet",
         "cnet.injection", "cnet.convert", "cnet.sample", "cnet.variants"}
-UPPER = ("cnet.train", "cnet.world", "cnet.course")
+UPPER = ("cnet.train", "cnet.world", "cnet.course", "cnet.experiments", "cnet.bench")
 MAX_FILE_LINES = 440  # about 400, with a tenth of leeway
 MAX_FUNCTION_LINES = 60
 
@@ -101,6 +101,7 @@ FLOORS = (
     ("shared helpers", lambda m: m in {"cnet.settings", "cnet.checkpoints"}),
     ("the world", lambda m: m.startswith("cnet.world")),
     ("the trainer", lambda m: m.startswith("cnet.train")),
+    ("the experiments", lambda m: m.startswith("cnet.experiments")),
     ("bench", lambda m: m.startswith("cnet.bench")),
     ("the course", lambda m: m.startswith("cnet.course")),
     ("the command line", lambda m: m == "cnet.__main__"),

@@ -9,17 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnet.settings import SettingError
-from cnet.train import TrainConfig, draw_batch, train
-from cnet.train.convergence import fidelity_collapsed, loss_spiked
-from cnet.train.data import draw_timesteps
-from cnet.train.recipe import (
+from cnet.experiments.recipe import (
     BUDGET_SAMPLES,
     RECIPES,
     recipe_command,
     recipe_config,
     summarize_recipes,
 )
+from cnet.settings import SettingError
+from cnet.train import TrainConfig, draw_batch, train
+from cnet.train.convergence import fidelity_collapsed, loss_spiked
+from cnet.train.data import draw_timesteps
 from cnet.train.runs import export_run, load_controlnet
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 
@@ -311,3 +311,32 @@ def test_a_decaying_run_resumed_equals_the_uninterrupted_one(base, tmp_path):
     a = load_file(tmp_path / "straight" / "checkpoint.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------- what ships
+
+
+SHIPPED_STUDY = ROOT / "figures" / "recipe_study.json"
+
+
+def test_the_quick_profile_is_the_studys_choice():
+    from cnet.experiments.recipe import choose
+    from cnet.train.config import PROFILES
+
+    study = json.loads(SHIPPED_STUDY.read_text())
+    # the choice is the rule applied to the shipped numbers, and the profile is that choice
+    assert choose(study) == study["chosen"]["recipe"]
+    assert study["chosen"]["settings"] == RECIPES[study["chosen"]["recipe"]]
+    quick = TrainConfig(**PROFILES["quick"])
+    expected = recipe_config(study["chosen"]["recipe"], 0)
+    for name in ("lr", "batch_size", "steps", "timesteps", "lr_decay_start", "grad_accum"):
+        assert getattr(quick, name) == getattr(expected, name), name
+    assert quick.steps == study["chosen"]["steps"]
+    # the check trained that same recipe
+    assert list(study["check"]["recipes"]) == [study["chosen"]["recipe"]]
+
+
+def test_the_readme_quotes_the_shipped_study():
+    from cnet.course.recipe_report import recipe_table
+
+    assert recipe_table(json.loads(SHIPPED_STUDY.read_text())) in (ROOT / "README.md").read_text()

@@ -1,6 +1,7 @@
-"""Notebook 07's figures, drawn from the ablations' summary (:func:`cnet.train.ablate.summarize`):
-the convergence curve over seeds, each study's curves with their seed spread, the step-0 damage
-of other connections, the first three updates, and sample grids read from the runs' folders."""
+"""Notebook 07's figures, drawn from the ablations' summary
+(:func:`cnet.experiments.ablate.summarize`): the convergence curve over seeds, each study's
+curves with their seed spread, the step-0 damage of other connections, the first three updates,
+and sample grids read from the runs' folders."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""The ablations' summary (:func:`cnet.train.ablate.summarize`) in words: the one table (README,
-notebook 07) and, per study, what each variant changes beyond the seed spread and what it
+"""The ablations' summary (:func:`cnet.experiments.ablate.summarize`) in words: the one table
+(README, notebook 07) and, per study, what each variant changes beyond the seed spread and what it
 does not."""
 
 from __future__ import annotations
 
-from ..train.ablate import differs
+from ..experiments.ablate import differs
 from .ablation_plots import LABELS
 
 __all__ = ["ablation_table", "effects", "format_spread", "step_time_table"]
@@ -31,7 +31,7 @@ def ablation_table(result: dict) -> str:
     """Variant, trainable parameters, step time against the ControlNet's (measured side by
     side, :func:`cnet.bench.suites.variant_cost`; — where not measured), onset (mean ± sd, and
     how many seeds left the step-0 band), final IoU and prompt-free layout IoU (mean ± sd), and
-    how many seeds diverged (:func:`cnet.train.ablate.diverged_at`)."""
+    how many seeds diverged (:func:`cnet.experiments.ablate.diverged_at`)."""
     ratios = result.get("step_time", {}).get("time_ratio", {})
     lines = ["| variant | trainable parameters | step time | onset step (seeds with one) "
              "| final IoU | prompt-free layout IoU | diverged |", "|---|---|---|---|---|---|---|"]
@@ -50,7 +50,7 @@ def ablation_table(result: dict) -> str:
 def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
     """One line per variant of ``study`` and measure, against the study's reference (the
     default ControlNet at the same number of steps): higher or lower
-    where the seeds' ranges do not overlap (:func:`cnet.train.ablate.differs`), "within the
+    where the seeds' ranges do not overlap (:func:`cnet.experiments.ablate.differs`), "within the
     seed spread" where they do, and how many seeds have a value where not all do (a run with
     no onset)."""
     reference = result["studies"][study]["reference"]

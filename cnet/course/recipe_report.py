@@ -1,4 +1,4 @@
-"""The recipe study (:func:`cnet.train.recipe.recipe_study`) in one table, for the README and
+"""The recipe study (:func:`cnet.experiments.recipe.recipe_study`) in one table, for the README and
 notebook 05: per recipe and seed set, how many seeds started following their condition, how
 many collapsed when continued to twice their steps, and the spread of their final fidelity."""
 

@@ -142,8 +142,9 @@ def plot_sample_grid(samples: dict, conditions, steps, label: str = "",
 
 
 def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Figure:
-    """Fidelity curves of runs that differ in one setting (from :func:`cnet.train.compare_runs`),
-    each with its detected convergence step and abruptness: which knob makes the jump sudden."""
+    """Fidelity curves of runs that differ in one setting (from
+    :func:`cnet.experiments.compare.compare_runs`), each with its detected convergence step and
+    abruptness: which knob makes the jump sudden."""
     fig, ax = plt.subplots(figsize=(8, 3.8))
     colours = plt.get_cmap("plasma")
     for k, (value, entry) in enumerate(comparison.items()):
@@ -166,7 +167,7 @@ def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Fi
 
 
 def plot_recipe_study(result: dict) -> plt.Figure:
-    """The recipe study (:func:`cnet.train.recipe.summarize_recipes`): one panel per recipe,
+    """The recipe study (:func:`cnet.experiments.recipe.summarize_recipes`): one panel per recipe,
     every seed's fidelity over its run and the continuation to twice its steps (the dotted
     line: the budget), onsets marked, and the recipe's tally in the title."""
     recipes = result["recipes"]

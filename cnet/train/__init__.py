@@ -3,16 +3,17 @@
 =============  ============================================================================
 module         what it holds
 =============  ============================================================================
-config         :class:`TrainConfig` and its profiles; settings checked, fields as flags
+config         :class:`TrainConfig` and its profiles (settings checked: :mod:`cnet.settings`)
 data           the locked base, the task's data cached once, each step's batch
 engine         accelerate: device, mixed precision, processes, gradient checkpointing
 folders        pairs from a folder (the tutorial's prompt.json, diffusers' metadata.jsonl)
 norms          what a logged step records: the zero convs' and the copy's norms
+optim          AdamW over the ControlNet, and the learning rate by step
 loop           the loss, one step, the run (:func:`train`)
-runs           the checkpoint format, resume, reading a run's log, shipping a run
-evaluate       the one definition of condition fidelity, and the sampler it is measured with
-convergence    where a fidelity curve jumps, and how suddenly
-compare        runs that differ in one setting
+watch          a run's best weights and its collapse alerts
+runs           resume, reading a run's log, shipping a run (checkpoints: :mod:`cnet.checkpoints`)
+evaluate       sampling an evaluation set and measuring it (fidelity: :mod:`cnet.world.metrics`)
+convergence    where a fidelity curve jumps, how suddenly, and when a run collapses
 =============  ============================================================================
 """
 

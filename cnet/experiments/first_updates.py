@@ -28,9 +28,9 @@ import tempfile
 import torch
 
 from ..controlnet import ControlNet
-from .config import TrainConfig
-from .loop import train
-from .norms import hint_inner_parameters
+from ..train.config import TrainConfig
+from ..train.loop import train
+from ..train.norms import hint_inner_parameters
 
 __all__ = ["GROUPS", "first_updates", "parameter_groups"]
 

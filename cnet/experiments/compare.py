@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..settings import flag_type
-from .config import SettingError, TrainConfig
-from .convergence import detect_sudden_convergence
-from .loop import train
-from .runs import read_log
+from ..train.config import SettingError, TrainConfig
+from ..train.convergence import detect_sudden_convergence
+from ..train.loop import train
+from ..train.runs import read_log
 
 __all__ = ["compare_runs", "run_folder", "train_comparison"]
 

@@ -30,15 +30,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import PROFILES, SettingError, TrainConfig
-from .convergence import (
+from ..train.config import PROFILES, SettingError, TrainConfig
+from ..train.convergence import (
     detect_sudden_convergence,
     fidelity_collapsed,
     loss_spiked,
     onset_step,
 )
-from .loop import train
-from .runs import read_log
+from ..train.loop import train
+from ..train.runs import read_log
 
 __all__ = ["BUDGET_SAMPLES", "COLLAPSE_SHARE", "RECIPES", "RECIPE_SEEDS", "choose",
            "measure_recipe_run",

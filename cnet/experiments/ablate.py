@@ -50,19 +50,19 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..injection import ControlledUNet
-from .config import PROFILES, SettingError, TrainConfig
-from .convergence import detect_sudden_convergence, onset_step
-from .data import build_controlnet, cache_data, load_base
-from .evaluate import evaluate
-from .loop import train
-from .runs import load_checkpoint, read_log
+from ..train.config import PROFILES, SettingError, TrainConfig
+from ..train.convergence import detect_sudden_convergence, onset_step
+from ..train.data import build_controlnet, cache_data, load_base
+from ..train.evaluate import evaluate
+from ..train.loop import train
+from ..train.runs import load_checkpoint, read_log
 
 __all__ = ["ABLATION_SETTINGS", "DIVERGED_LOSS", "SEEDS", "STUDIES", "VARIANTS", "ablation_config",
            "diverged_at", "measure_run", "run_studies", "summarize", "train_command",
            "train_variant"]
 
 #: The quick profile notebook 07's shipped runs were made with (lr 2e-3, 600 steps of batch 16,
-#: uniform timesteps: the profile before the recipe study, cnet.train.recipe), and evaluations
+#: uniform timesteps: the profile before the recipe study, cnet.experiments.recipe), and evaluations
 #: dense enough to time a jump of ~100 steps.
 ABLATION_SETTINGS: dict = {"lr": 2e-3, "batch_size": 16, "steps": 600, "timesteps": "uniform",
                            "eval_every": 25}
