@@ -206,7 +206,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
                                 style=style_of(base))
     argv = sys.argv[1:] if args.argv is None else args.argv
     record["evaluation"] = {"command": " ".join(["python", "-m", "cnet", *argv]),
-                            "base_model": str(base), **result}
+                            "base_model": str(base), "weights": args.weights, **result}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["evaluation"], indent=2))
 

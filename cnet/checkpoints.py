@@ -135,12 +135,14 @@ def checkpoint_wall_time(path: Path) -> float:
 
 
 def check_resumable(path: Path, settings: Mapping[str, Any], steps: int,
-                    may_change: Iterable[str]) -> None:
+                    may_change: Iterable[str], defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse to resume a checkpoint trained with other settings (except those in
     ``may_change``, which do not change what the steps already taken computed), or one that is
-    already past the requested ``steps``."""
+    already past the requested ``steps``. A setting the checkpoint does not record (it predates
+    it) counts as its value in ``defaults``, what that checkpoint was trained with."""
     metadata = checkpoint_metadata(path)
     step, saved = int(metadata["step"]), json.loads(metadata["config"])
+    saved = {**(defaults or {}), **saved}
     changed = [k for k, v in settings.items()
                if k not in may_change and k in saved and saved[k] != v]
     if changed:

@@ -17,6 +17,7 @@ __all__ = [
     "SettingError",
     "add_flags",
     "check_settings",
+    "flag_type",
     "fraction",
     "non_negative_int",
     "non_negative_number",

@@ -195,15 +195,39 @@ def test_the_best_survives_a_resume_and_a_later_worse_evaluation(base, tmp_path,
     assert '"alert"' not in entries  # 0.85 is above half of the gain: no collapse
 
 
-def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
-    import functools
+def test_a_resumed_run_keeps_its_alerts_and_reports_a_collapse_once(base, tmp_path,
+                                                                     monkeypatch):
+    # collapsed at step 3, where the run stops; resumed, it is still collapsed, and says so
+    # no second time: the alert at the checkpoint's step stays in the log and in the watch
+    _scripted_evaluations(monkeypatch, [0.30, 0.90, 0.85, 0.35])
+    train(_config(base, tmp_path / "run", steps=3))
+    _scripted_evaluations(monkeypatch, [0.32, 0.31])
+    train(_config(base, tmp_path / "run", steps=5))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
+               .splitlines()]
+    assert [(e["step"], e["kind"]) for e in entries if "alert" in e] == [(3, "collapse")]
+    assert [e["step"] for e in entries if "eval" in e] == [0, 1, 2, 3, 4, 5]
 
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_only_with_its_default(tmp_path):
+    from cnet.checkpoints import check_resumable, save_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    old = {"lr": 2e-3, "steps": 400}  # written before `timesteps` was a setting
+    save_checkpoint(path, {"m": torch.nn.Linear(2, 2)}, None, 100, old)
+    defaults = {"lr": 1e-3, "steps": 600, "timesteps": "uniform"}
+    check_resumable(path, {**old, "timesteps": "uniform"}, 400, ("steps",), defaults)
+    with pytest.raises(SettingError, match="timesteps: 'uniform' there, 'cubic' now"):
+        check_resumable(path, {**old, "timesteps": "cubic"}, 400, ("steps",), defaults)
+
+
+def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
     import cnet.train.loop as loop
     import cnet.train.watch as watch
 
     # the detector's own window is 25 logged steps (tested above); a window of 2 shows the
     # loop's wiring in 10 steps
-    monkeypatch.setattr(watch, "loss_spiked", functools.partial(watch.loss_spiked, window=2))
+    monkeypatch.setattr(watch, "LOSS_WINDOW", 2)
     real, calls = loop.diffusion_loss, []
 
     def spiking(*args, **kwargs):  # the real loss for 8 steps, then ten times it and more
@@ -220,7 +244,8 @@ def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
     # steps 0-7 are the real loss; the first 2-step window with a spiked loss (steps 7-8)
     # already averages over twice the earlier mean: reported after update 9, once
     assert [e["step"] for e in alerts] == [9]
-    assert alerts[0]["alert"].startswith("loss spike at step 9: the loss (")
+    assert alerts[0]["kind"] == "loss"
+    assert alerts[0]["alert"].startswith("loss spike at step 9: the last 2 logged losses average")
 
 
 # ------------------------------------------------------------------------- the study

@@ -4,10 +4,11 @@ r"""The paper's ablations and the convergence evidence, on the training loop its
     python -m cnet ablate --studies connections --seeds 0  # one study, one seed
 
 Every ablation is a *setting* of the same loop (:func:`cnet.train.train`), run on the shipped
-base with the quick profile's budget, evaluated every ``eval_every`` = 25 steps, for the same
-seeds; a seed sets everything random in a run (weights of the condition encoder, the draw of
-every batch, its training and evaluation sets), and variant and default share them seed by
-seed. A study compares variants against the default ControlNet:
+base with the budget of the quick profile before the recipe study (600 steps of batch 16),
+evaluated every ``eval_every`` = 25 steps, for the same seeds; a seed sets everything random in
+a run (weights of the condition encoder, the draw of every batch, its training and evaluation
+sets), and variant and default share them seed by seed. A study compares variants against the
+default ControlNet:
 
 ==============  ==========================================================================
 study           variants (settings on top of the default)
@@ -147,7 +148,10 @@ def train_variant(variant: str, seed: int, root: str | Path = "runs/ablate") -> 
         first = ablation_config(source, seed, root)
         if not (Path(first.out) / "run.json").exists():
             train(first, profile="ablation")
-        shutil.copytree(first.out, config.out, ignore=shutil.ignore_patterns("ablation.json"))
+        staging = Path(config.out).with_name(Path(config.out).name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)  # moved into place whole: never half a copy
+        shutil.copytree(first.out, staging, ignore=shutil.ignore_patterns("ablation.json"))
+        staging.replace(config.out)
     print(f"--- {config.out}")
     return train(config, profile="ablation")
 

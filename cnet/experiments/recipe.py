@@ -5,7 +5,7 @@ r"""The recipe study: which training settings make *every* seed follow its condi
     OMP_NUM_THREADS=1 python -m cnet recipe --seeds 0 1 2   # the same runs on one thread
 
 A recipe is a setting of the ordinary training loop (:func:`cnet.train.train`): learning rate
-and its schedule, batch size and timestep sampling on top of the quick profile's other values.
+and its schedule, batch size and timestep sampling on top of TrainConfig's defaults.
 Every recipe gets the same budget of training samples (:data:`BUDGET_SAMPLES`: steps × batch
 size), so a recipe with a larger batch takes fewer steps; each is run for the same seeds, a seed
 setting everything random in a run (the condition encoder's weights, every batch, its training
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..train.config import PROFILES, SettingError, TrainConfig
 from ..train.convergence import (
+    LOSS_WINDOW,
     detect_sudden_convergence,
     fidelity_collapsed,
     loss_spiked,
@@ -102,7 +103,10 @@ def train_recipe(recipe: str, seed: int, root: str | Path = "runs/recipe",
     longer = recipe_config(recipe, seed, root, continued=True)
     if not Path(longer.out).exists():
         train_recipe(recipe, seed, root)  # finished first (left as it is if it is)
-        shutil.copytree(first.out, longer.out)
+        staging = Path(longer.out).with_name(Path(longer.out).name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(first.out, staging)  # moved into place whole: never half a copy
+        staging.replace(longer.out)
     print(f"--- {longer.out}")
     train(longer, profile="recipe")
 
@@ -123,10 +127,15 @@ def run_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
 
 def choose(summary: dict) -> str:
     """The recipe the profile takes: the most seeds with an onset, then the fewest collapses
-    at 2×, then the highest median final fidelity."""
+    at 2× (a recipe none of whose runs was continued counts as collapsing on all), then the
+    highest median final fidelity."""
     recipes = summary["recipes"]
+
+    def collapse_rate(r: dict) -> float:
+        return r["collapses_2x"] / r["n_2x"] if r["n_2x"] else 1.0
+
     return max(recipes, key=lambda r: (recipes[r]["onsets"] / recipes[r]["n"],
-                                       -recipes[r]["collapses_2x"] / max(recipes[r]["n_2x"], 1),
+                                       -collapse_rate(recipes[r]),
                                        recipes[r]["final_iou"]["median"]))
 
 
@@ -135,7 +144,7 @@ def _caught(loss: list[float], iou: list[float]) -> bool:
     point of this log: read back from the log, so runs logged before the alerts existed count
     the same way."""
     return (any(fidelity_collapsed(iou[: i + 1]) for i in range(len(iou)))
-            or any(loss_spiked(loss[: i + 1]) for i in range(99, len(loss))))
+            or any(loss_spiked(loss[: i + 1]) for i in range(4 * LOSS_WINDOW - 1, len(loss))))
 
 
 def _finished(config: TrainConfig) -> bool:

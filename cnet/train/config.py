@@ -47,7 +47,8 @@ TIMESTEP_SAMPLING = ("uniform", "cubic")
 
 @dataclass
 class TrainConfig:
-    """Every setting of a ControlNet training run. The defaults are the quick profile."""
+    """Every setting of a ControlNet training run; a profile (:data:`PROFILES`) changes some of
+    the defaults."""
 
     base: str = "models/miniature-sd"  # a StableDiffusionPipeline folder (diffusers format)
     task: str = "fill"  # "fill", or a Shapes condition: outline, canny, segmentation, ...
@@ -121,8 +122,8 @@ PROFILES: dict[str, dict] = {
     "quick": {"lr": 2e-3, "batch_size": 32, "steps": 400, "timesteps": "cubic"},
     "full": dict(
         out="runs/controlnet-fill-full", steps=3000, batch_size=32, train_size=20_000,
-        eval_size=64, eval_every=100, eval_steps=SAMPLERS["full"]["steps"], log_every=5,
-        checkpoint_every=250,
+        eval_size=64, eval_every=100, eval_steps=SAMPLERS["full"]["steps"],
+        guidance_scale=SAMPLERS["full"]["guidance"], log_every=5, checkpoint_every=250,
     ),
 }
 

@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ConvergenceReport", "detect_sudden_convergence", "fidelity_collapsed", "loss_spiked",
-           "onset_step"]
+__all__ = ["LOSS_WINDOW", "ConvergenceReport", "detect_sudden_convergence", "fidelity_collapsed",
+           "loss_spiked", "onset_step"]
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,11 @@ def fidelity_collapsed(fidelity: Sequence[float], margin: float = 0.05) -> bool:
     return best - base > 2 * margin and fidelity[-1] < base + (best - base) / 2
 
 
-def loss_spiked(loss: Sequence[float], window: int = 25, factor: float = 2.0) -> bool:
+#: How many logged losses :func:`loss_spiked` averages (and how many windows of history it needs).
+LOSS_WINDOW = 25
+
+
+def loss_spiked(loss: Sequence[float], window: int = LOSS_WINDOW, factor: float = 2.0) -> bool:
     """The mean loss of the last ``window`` logged steps is above ``factor`` × the mean of every
     step logged before them (at least three windows of them). A run that collapsed in the
     shipped ablations went from its working ε-loss (about 0.08) to about 1, the variance of the

@@ -9,8 +9,10 @@ What happens, and why:
   eval mode). Only the ControlNet trains, with AdamW, as in the released ``cldm.py``
   (``configure_optimizers``). ``sd_locked=False`` also trains the U-Net's decoder (its up blocks
   and output layers) at ``decoder_lr_scale`` × the learning rate; the encoder never trains.
-* **Loss.** The standard ε-prediction loss of the base (DDPM forward process at a uniformly drawn
-  timestep), :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t, c_f) \rVert^2`.
+* **Loss.** The standard ε-prediction loss of the base (DDPM forward process at a timestep drawn
+  as ``timesteps`` says: uniformly, as SD and the released code train, or cubically toward the
+  noisy end, :func:`cnet.train.data.draw_timesteps`),
+  :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t, c_f) \rVert^2`.
 * **Empty prompts.** ``empty_prompt_ratio`` (0.5 by default, the paper's choice) of the prompts
   are replaced by the empty string, so the ControlNet learns to read the condition itself.
 * **Frozen work is done once** (:mod:`cnet.train.data`): latent distributions and text
@@ -28,17 +30,24 @@ What happens, and why:
   ``eval_every`` steps: condition fidelity on a fixed evaluation set
   (:func:`cnet.train.evaluate.evaluate`). One JSON object per line in ``log.jsonl``.
 
-Learning rate: the released tutorial uses 1e-5 with batch 4 for SD1.5's 361M-parameter
-ControlNet. The miniature ControlNet is ~1000× smaller and trains with larger batches, and
-it tolerates a larger step: the full profile uses 1e-3, the quick profile 2e-3. On the shipped
-base a quick-profile run at 2e-4 stayed at the base's fidelity for all of its 800 steps (IoU
-0.32-0.34 at every evaluation). At 1e-3 the quick run's jump comes late and its timing varies:
-with seed 0 on one machine fidelity rose from 0.33 at step 400 to 0.80 at step 600, with the
-same seed and settings on another (a different CPU, so other rounding) it stayed at 0.32-0.36
-for all 800 steps, and with seed 1 it jumped at steps 400-500. At 2e-3 seed 0 left the base's
-level at step 300 and was at 0.80 by step 500 (1 thread, evaluations every 100 steps), and with
-2 threads it left it at step 200 and was at 0.77 by step 400: the quick profile's 600 steps
-(800 at 1e-3) leave that jump a margin and fit a CPU notebook. ``--lr`` overrides it.
+* **Watched** (:mod:`cnet.train.watch`): the best evaluation's weights are kept in
+  ``best.safetensors``; fidelity fallen back toward the base's after it rose, or a loss spike, is
+  reported in one line above the progress bar and in the log.
+
+The recipe (the study: :mod:`cnet.experiments.recipe`, ``figures/recipe_study.json``). The
+released tutorial trains SD1.5's 361M-parameter ControlNet at lr 1e-5 with batch 4; the
+miniature one (1.77M parameters) takes a larger step. Until the study the quick profile was 600
+steps of batch 16 at 2e-3 with uniform timesteps, its rate picked from single runs: it started
+following the condition on 1 seed of 3, and trained on to 1200 steps 2 of 3 runs collapsed
+(loss from about 0.08 to 1; ``figures/07_ablations.json``). With the same budget of 12,800
+training samples for every recipe, seeds 0-4 on one thread: batch 32 at 2e-3 with cubic
+timesteps started on 5 of 5 seeds (steps 150-300) and none collapsed when continued to twice its
+steps (final IoU 0.73-0.80, median 0.79; at 800 steps 0.82-0.88, median 0.86); at 1e-3 it
+started on 2 of 5. CHECK_PLACEHOLDER The quick profile is that recipe. Uniform timesteps and a
+decaying rate at this budget were not run (``python -m cnet recipe --recipes b32-lr2e-3
+b32-lr2e-3-cubic-decay``), so how much of the gain is the cubic sampling and how much the batch
+is undecided. The full profile (3000 steps of batch 32 at 1e-3, uniform timesteps) is unchanged:
+it trained the shipped ControlNet on one seed and has not been run over seeds.
 """
 
 from __future__ import annotations
@@ -47,7 +56,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +225,8 @@ def _setup(config: TrainConfig) -> _Run:
     checkpoint = out / "checkpoint.safetensors"
     resuming = config.resume and checkpoint.exists()
     if resuming:
-        check_resumable(checkpoint, dataclasses.asdict(config), config.steps, RESUMABLE_CHANGES)
+        check_resumable(checkpoint, dataclasses.asdict(config), config.steps, RESUMABLE_CHANGES,
+                        defaults=dataclasses.asdict(TrainConfig()))
     torch.manual_seed(config.seed)
     pipe = load_base(config.base, device)
     controlnet = build_controlnet(pipe, config).to(device)
@@ -301,11 +310,7 @@ def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
     scaler = accelerator.scaler
     scale = scaler.get_scale() if scaler is not None else None
     run.optimizer.step()
-    with warnings.catch_warnings():
-        # fp16: an update skipped for overflow is still an update counted by the schedule (a
-        # function of the step); torch would warn that the optimizer did not step before it
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
-        run.schedule.step()
+    run.schedule.step()  # also after an fp16 update skipped for overflow (cnet.train.optim)
     # fp16: the gradients overflowed, the update was skipped and the scale lowered (read from
     # the scale, since fused AdamW skips inside its kernel and accelerate does not see it)
     if entry is not None and scaler is not None and scaler.get_scale() < scale:
@@ -373,9 +378,9 @@ def _run_steps(run: _Run) -> dict:
                 last_eval = _evaluate(run, completed)
             if completed % config.checkpoint_every == 0 or completed == config.steps:
                 run.save(completed)
-            for line in run.watch.check(completed) if run.main else ():
+            for kind, line in run.watch.check(completed) if run.main else ():
                 bar.write(line)
-                run.log({"step": completed, "alert": line})
+                run.log({"step": completed, "alert": line, "kind": kind})
             postfix = {"loss": f"{loss:.4f}",
                        run.metric: f"{last_eval.get(run.metric, float('nan')):.3f}"}
             if run.main and run.watch.alerts:

@@ -4,6 +4,7 @@ it) and the learning rate by update, a function of the step alone."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -11,6 +12,10 @@ from ..controlnet import ControlNet
 from .config import TrainConfig
 
 __all__ = ["lr_factor", "make_optimizer", "make_schedule"]
+
+# fp16: an update skipped for overflow is still an update the schedule counts (the rate is a
+# function of the step); torch would warn at every such step that the optimizer did not step
+warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:

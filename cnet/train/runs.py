@@ -61,7 +61,9 @@ def truncate_log(path: Path, start: int) -> None:
     keep = []
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        if entry["step"] < start or ("eval" in entry and entry["step"] <= start):
+        # what the step-``start`` checkpoint already evaluated and reported stays
+        if entry["step"] < start or (("eval" in entry or "alert" in entry)
+                                     and entry["step"] <= start):
             keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
 
@@ -160,8 +162,11 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
         raise SettingError(f"the run in {run} stopped at step {step} of {config.steps}; "
                            "finish it (run the same command again) before shipping it")
     shipped_weights = {"weights": weights, "step": step}
-    if weights != "latest":
+    if weights != "latest":  # run.json's final_eval stays the last step's; this says what ships
         best = weights_file(run, weights)
+        if int(checkpoint_metadata(best)["step"]) == 0:
+            raise SettingError(f"weights: 'best' is not allowed for {run}: no evaluation beat "
+                               "step 0's, the untrained ControlNet (the base itself); ship latest")
         shipped_weights = {"weights": weights, "step": load_checkpoint(best, {"controlnet":
                                                                              controlnet}, None),
                            **json.loads(checkpoint_metadata(best)["metrics"])}

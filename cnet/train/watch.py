@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .convergence import fidelity_collapsed, loss_spiked
-from .runs import BEST_WEIGHTS, checkpoint_metadata, save_weights
+from ..checkpoints import BEST_WEIGHTS, checkpoint_metadata, save_weights
+from .convergence import LOSS_WINDOW, fidelity_collapsed, loss_spiked
 
 __all__ = ["RunWatch"]
 
@@ -35,16 +35,19 @@ class RunWatch:
         return self.out / BEST_WEIGHTS
 
     def restore(self, start: int) -> None:
-        """A resumed run's evaluations so far (from its log, already cut back to the checkpoint)
-        and its best weights' value; a new run starts with none. Best weights saved after the
-        checkpoint (a crash between the two) are dropped: those steps are taken again, and their
-        evaluations decide again."""
+        """A resumed run's evaluations, logged losses and alerts so far (from its log, already
+        cut back to the checkpoint) and its best weights' value; a new run starts with none.
+        Best weights saved after the checkpoint (a crash between the two) are dropped, and the
+        next evaluation that beats every earlier one writes them again."""
         if start == 0:
             self.best_path.unlink(missing_ok=True)
             return
         entries = [json.loads(line) for line in (self.out / "log.jsonl").read_text().splitlines()]
         self.fidelity = [e["eval"][self.metric] for e in entries
                          if "eval" in e and self.metric in e["eval"]]
+        self.losses = [e["loss"] for e in entries if "loss" in e]
+        self.alerts = {e["kind"] for e in entries if "alert" in e}
+        self.best = max(self.fidelity, default=float("-inf"))
         if self.best_path.exists():
             metadata = checkpoint_metadata(self.best_path)
             if int(metadata["step"]) <= start:
@@ -64,19 +67,20 @@ class RunWatch:
             self.best = value
             save_weights(self.best_path, trainable, step, {self.metric: value})
 
-    def check(self, step: int) -> list[str]:
-        """One line for each way the run is failing, the first time it shows."""
-        lines = []
+    def check(self, step: int) -> list[tuple[str, str]]:
+        """``(kind, line)`` for each way the run is failing, the first time it shows (kinds:
+        ``collapse``, ``loss``)."""
+        found = []
         if "collapse" not in self.alerts and fidelity_collapsed(self.fidelity):
-            self.alerts.add("collapse")
             f = self.fidelity
-            lines.append(f"collapse at step {step}: {self.metric} {f[-1]:.3f}, down from its "
-                         f"best {self.best:.3f} toward the locked base's {f[0]:.3f}; the best "
-                         f"weights are kept in {self.best_path}")
-        if "loss" not in self.alerts and loss_spiked(self.losses):
-            self.alerts.add("loss")
-            earlier = sum(self.losses[:-1]) / (len(self.losses) - 1)
-            lines.append(f"loss spike at step {step}: the loss ({self.losses[-1]:.3f} at the "
-                         f"last logged step) is far above its running level ({earlier:.3f}); "
-                         f"the best weights are kept in {self.best_path}")
-        return lines
+            found.append(("collapse", f"collapse at step {step}: {self.metric} {f[-1]:.3f}, down "
+                          f"from its best {max(f):.3f} toward the locked base's {f[0]:.3f}; "
+                          f"the best weights are kept in {self.best_path}"))
+        if "loss" not in self.alerts and loss_spiked(self.losses, LOSS_WINDOW):
+            recent, earlier = self.losses[-LOSS_WINDOW:], self.losses[:-LOSS_WINDOW]
+            found.append(("loss", f"loss spike at step {step}: the last {len(recent)} logged "
+                          f"losses average {sum(recent) / len(recent):.3f}, over twice the "
+                          f"earlier {sum(earlier) / len(earlier):.3f}; the best weights are "
+                          f"kept in {self.best_path}"))
+        self.alerts |= {kind for kind, _ in found}
+        return found

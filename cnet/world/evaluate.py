@@ -11,7 +11,7 @@ measures, exactly:
   border, the foreground colour covers >= 1% of the image and most of what is not background);
   is the foreground a circle (its largest connected
   region is fitted best by a circle, among circle, square, triangle and diamond, with IoU
-  >= 0.75 to the fitted circle); and the fidelity IoU (:func:`cnet.train.evaluate.fidelity`,
+  >= 0.75 to the fitted circle); and the fidelity IoU (:func:`cnet.world.metrics.fidelity`,
   the one definition every ControlNet is measured with) with the circle of the eval sample the
   prompt came from, i.e. with a *random requested outline* the base never sees. That IoU is
   compared with its chance level: the same images against the other samples' requests. The IoU

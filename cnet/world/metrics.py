@@ -66,7 +66,7 @@ def layout_iou(images: torch.Tensor, region: torch.Tensor, style: str = "plain")
     r"""IoU with the requested ``region`` (B, H, W) when no colour is asked for (an empty prompt):
     :math:`|F \cap R| / |F \cup R|` with :math:`F` every pixel of the palette colour drawn most
     often inside :math:`R`, whatever that colour is. With a prompt, :math:`F` would be the
-    prompted colour's pixels (the IoU of :func:`cnet.train.evaluate.fidelity`). An image of one
+    prompted colour's pixels (the IoU of :func:`fidelity`). An image of one
     colour scores :math:`|R| / HW` here, whichever colour it is."""
     drawn = classify_colours(images, style)
     counts = torch.stack([torch.bincount(d[r], minlength=len(COLOUR_NAMES))
@@ -198,7 +198,7 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
 SAMPLERS: dict[str, dict] = {"quick": {"steps": 10, "guidance": 3.0},
                              "full": {"steps": 20, "guidance": 3.0}}
 #: The full profile's sampler: the default wherever fidelity is measured.
-FULL_SAMPLER = SAMPLERS["full"]
+FULL_SAMPLER = dict(SAMPLERS["full"])
 
 
 def sampler_settings(profile: str) -> dict:

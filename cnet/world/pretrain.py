@@ -112,7 +112,7 @@ class Settings:
     style: str = "plain"  # the palette of the training images (cnet.world.data.STYLES)
 
     def check(self) -> Settings:
-        """Refuse any value that cannot work (:class:`cnet.train.config.SettingError`)."""
+        """Refuse any value that cannot work (:class:`cnet.settings.SettingError`)."""
         from .model import SIZES, VAE_DOWNSAMPLING
 
         check_settings(self, {
