@@ -34,20 +34,15 @@ What happens, and why:
   ``best.safetensors``; fidelity fallen back toward the base's after it rose, or a loss spike, is
   reported in one line above the progress bar and in the log.
 
-The recipe (the study: :mod:`cnet.experiments.recipe`, ``figures/recipe_study.json``). The
-released tutorial trains SD1.5's 361M-parameter ControlNet at lr 1e-5 with batch 4; the
-miniature one (1.77M parameters) takes a larger step. Until the study the quick profile was 600
-steps of batch 16 at 2e-3 with uniform timesteps, its rate picked from single runs: it started
-following the condition on 1 seed of 3, and trained on to 1200 steps 2 of 3 runs collapsed
-(loss from about 0.08 to 1; ``figures/07_ablations.json``). With the same budget of 12,800
-training samples for every recipe, seeds 0-4 on one thread: batch 32 at 2e-3 with cubic
-timesteps started on 5 of 5 seeds (steps 150-300) and none collapsed when continued to twice its
-steps (final IoU 0.73-0.80, median 0.79; at 800 steps 0.82-0.88, median 0.86); at 1e-3 it
-started on 2 of 5. CHECK_PLACEHOLDER The quick profile is that recipe. Uniform timesteps and a
-decaying rate at this budget were not run (``python -m cnet recipe --recipes b32-lr2e-3
-b32-lr2e-3-cubic-decay``), so how much of the gain is the cubic sampling and how much the batch
-is undecided. The full profile (3000 steps of batch 32 at 1e-3, uniform timesteps) is unchanged:
-it trained the shipped ControlNet on one seed and has not been run over seeds.
+The recipe (:mod:`cnet.experiments.recipe`, ``figures/recipe_study.json``; the released tutorial
+trains SD1.5 at lr 1e-5, batch 4). The quick profile before the study (600 steps of batch 16 at
+2e-3, uniform timesteps) started on 1 seed of 3 and collapsed on 2 of 3 at 1200 steps. At the
+same 12,800 samples, batch 32 at 2e-3 with cubic timesteps started on 5 of 5 seeds on one thread
+(at 1e-3: 2 of 5) and on 9 of 10 on two (steps 150-350; seed 5 not within 400), none collapsed
+at 2x its steps, final IoU median 0.79 (one thread) and 0.69 (two; 0.84 at 2x): the quick
+profile. Uniform timesteps and a decaying rate at this budget were not run, so the share of
+cubic sampling vs batch is undecided. The full profile is unchanged and has not been run over
+seeds.
 """
 
 from __future__ import annotations
