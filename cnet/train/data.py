@@ -161,8 +161,8 @@ def draw_timesteps(sampling: str, size: int, num_train_timesteps: int,
     the released ControlNet and diffusers' ``train_controlnet.py`` train. ``cubic``:
     :math:`t = \lfloor (1 - u^3)\, T \rfloor`, :math:`u \sim U[0, 1)`, T2I-Adapter's non-uniform
     sampling (Mou et al., arXiv 2302.08453 §3.4; diffusers' ``train_t2i_adapter_sdxl.py``):
-    :math:`0.5^{1/3}` = 79 % of the draws fall in the noisier half, where the layout of the
-    image is decided and a condition tells the most about the noise."""
+    :math:`0.5^{1/3}` = 79 % of the draws fall in the noisier half, where, by that paper's
+    argument, the layout of the image is decided (an argument cnet has not measured)."""
     if sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (size,), generator=generator)
     if sampling == "cubic":
