@@ -60,6 +60,9 @@ RECIPES: dict[str, dict] = {
     # the last quarter of the budget decays to a tenth of the rate, which it keeps after
     "b32-lr2e-3-cubic-decay": {"batch_size": 32, "lr": 2e-3, "timesteps": "cubic",
                                "lr_decay_start": 300, "lr_decay_steps": 100},
+    # a higher peak rate for an earlier onset, held steady by the same decay
+    "b32-lr3e-3-cubic-decay": {"batch_size": 32, "lr": 3e-3, "timesteps": "cubic",
+                               "lr_decay_start": 300, "lr_decay_steps": 100},
 }
 #: A continued run has collapsed where its final fidelity is below this share of its best.
 COLLAPSE_SHARE = 0.9
