@@ -87,16 +87,16 @@ KILLER = """
 import os, signal, sys
 import cnet.train.loop as loop
 
-real_step = loop._train_step
+real_step = loop.Trainer.step
 
 
-def step_or_die(run, step):
-    if step == {kill_at} and run.accelerator.process_index == 1:
+def step_or_die(trainer, step, log=None):
+    if step == {kill_at} and trainer.accelerator.process_index == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a pre-empted node would
-    return real_step(run, step)
+    return real_step(trainer, step, log)
 
 
-loop._train_step = step_or_die
+loop.Trainer.step = step_or_die
 from cnet.__main__ import main
 
 sys.exit(main(sys.argv[1:]))

@@ -323,15 +323,15 @@ def test_the_learning_rate_schedule_by_step():
 
 
 def test_a_decaying_run_resumed_equals_the_uninterrupted_one(base, tmp_path):
-    from cnet.train.loop import _setup
+    from cnet.train.loop import Trainer
 
     decay = dict(lr_decay_start=2, lr_decay_steps=2, lr_min_share=0.25, eval_every=0,
                  checkpoint_every=2)
     train(_config(base, tmp_path / "straight", steps=5, **decay))
     train(_config(base, tmp_path / "resumed", steps=3, **decay))
-    run = _setup(_config(base, tmp_path / "resumed", steps=5, **decay))
-    assert run.start == 3
-    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([1e-3 * 0.625])
+    trainer = Trainer(_config(base, tmp_path / "resumed", steps=5, **decay))
+    assert trainer.start == 3
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-3 * 0.625])
     train(_config(base, tmp_path / "resumed", steps=5, **decay))
     a = load_file(tmp_path / "straight" / "checkpoint.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")

@@ -151,24 +151,20 @@ def scaling(workload: dict, batches: list[int], latent_sizes: list[int], repeats
 def loop_overheads(config: TrainConfig, repeats: int) -> dict:
     """On the real training step of the shipped base: the share of a step spent drawing its
     batch from the cache, and what logging every step's norms costs against not logging."""
-    from ..train import loop
+    from ..train.loop import FIRST_STEPS_LOGGED, Trainer
 
     with tempfile.TemporaryDirectory() as out:
         config = replace(config, out=out, eval_every=0, resume=False)
-        run = loop._setup(config)
-        loop._load_data(run)
-        scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
-        steps = iter(range(loop.FIRST_STEPS_LOGGED, 10**9))
-
-        def step(logged: bool):
-            run.config.log_every = 1 if logged else 10**9
-            return loop._train_step(run, next(steps))
-
+        trainer = Trainer(config)
+        trainer.load_data()
+        scheduler = DDPMScheduler.from_config(trainer.pipe.scheduler.config)
+        steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
         times = interleaved_times(
-            {"draw_batch": lambda: draw_batch(run.data, config, 0, 0, scheduler),
-             "step_logged": lambda: step(True), "step_unlogged": lambda: step(False)},
-            repeats, 1, run.device)
-        run.log_file.close()
+            {"draw_batch": lambda: draw_batch(trainer.data, config, 0, 0, scheduler),
+             "step_logged": lambda: trainer.step(next(steps), log=True),
+             "step_unlogged": lambda: trainer.step(next(steps), log=False)},
+            repeats, 1, trainer.device)
+        trainer.close()
     return {
         "config": {k: getattr(config, k) for k in ("base", "batch_size", "train_size")},
         "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
@@ -182,22 +178,22 @@ def variant_cost(config: TrainConfig, variants: dict[str, dict], repeats: int) -
     """The real training step (:mod:`cnet.train.loop`) of each of the paper's ablations
     (``variants``: name → settings on top of ``config``, e.g. ``{"trainable_copy": "lite"}``),
     timed in turn; ratios against the first. Also each one's trainable parameter count."""
-    from ..train import loop
+    from ..train.loop import FIRST_STEPS_LOGGED, Trainer
 
-    runs, calls, parameters = {}, {}, {}
+    trainers, calls, parameters = {}, {}, {}
     with tempfile.TemporaryDirectory() as out:
         for name, overrides in variants.items():
-            variant = replace(config, **overrides, out=f"{out}/{len(runs)}", eval_every=0,
+            variant = replace(config, **overrides, out=f"{out}/{len(trainers)}", eval_every=0,
                               resume=False, train_size=min(config.train_size, 256))
-            run = runs[name] = loop._setup(variant)
-            loop._load_data(run)
-            steps = iter(range(loop.FIRST_STEPS_LOGGED, 10**9))
-            calls[name] = lambda run=run, steps=steps: loop._train_step(run, next(steps))
-            parameters[name] = sum(p.numel() for p in run.controlnet.parameters()
+            trainer = trainers[name] = Trainer(variant)
+            trainer.load_data()
+            steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
+            calls[name] = lambda trainer=trainer, steps=steps: trainer.step(next(steps))
+            parameters[name] = sum(p.numel() for p in trainer.controlnet.parameters()
                                    if p.requires_grad)
-        times = interleaved_times(calls, repeats, 1, next(iter(runs.values())).device)
-        for run in runs.values():
-            run.log_file.close()
+        times = interleaved_times(calls, repeats, 1, next(iter(trainers.values())).device)
+        for trainer in trainers.values():
+            trainer.close()
     first = next(iter(variants))
     return {
         "config": {k: getattr(config, k) for k in ("base", "batch_size", "grad_accum")},

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
-from ..train.loop import diffusion_loss
+from ..train.loss import diffusion_loss
 
 __all__ = [
     "Batch",

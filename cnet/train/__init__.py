@@ -9,7 +9,8 @@ engine         accelerate: device, mixed precision, processes, gradient checkpoi
 folders        pairs from a folder (the tutorial's prompt.json, diffusers' metadata.jsonl)
 norms          what a logged step records: the zero convs' and the copy's norms
 optim          AdamW over the ControlNet, and the learning rate by step
-loop           the loss, one step, the run (:func:`train`)
+loss           the training objective: the base's diffusion loss, with control
+loop           the run: :class:`Trainer` (one step, an evaluation, a checkpoint) and :func:`train`
 watch          a run's best weights and its collapse alerts
 runs           resume, reading a run's log, shipping a run (checkpoints: :mod:`cnet.checkpoints`)
 evaluate       sampling an evaluation set and measuring it (fidelity: :mod:`cnet.world.metrics`)
@@ -28,7 +29,8 @@ from .data import (
     task_dataset,
 )
 from .evaluate import evaluate, fidelity, sampler_settings
-from .loop import TrainingDiverged, diffusion_loss, train
+from .loop import Trainer, TrainingDiverged, train
+from .loss import diffusion_loss
 from .norms import zero_conv_norms
 from .runs import TrainingLog, export_run, load_checkpoint, load_controlnet, read_log
 
@@ -39,6 +41,7 @@ __all__ = [
     "ConvergenceReport",
     "SettingError",
     "TrainConfig",
+    "Trainer",
     "TrainingDiverged",
     "TrainingLog",
     "build_controlnet",

@@ -52,24 +52,21 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
-from .config import SettingError, TrainConfig
+from .config import TrainConfig
 from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
 from .evaluate import evaluate, validate, validation_grid
 from .folders import folder_data
+from .loss import diffusion_loss
 from .norms import logged_norms
 from .optim import make_optimizer, make_schedule
 from .runs import (
@@ -85,8 +82,9 @@ from .watch import RunWatch
 
 __all__ = [
     "FIRST_STEPS_LOGGED",
+    "RESUMABLE_CHANGES",
+    "Trainer",
     "TrainingDiverged",
-    "diffusion_loss",
     "train",
 ]
 
@@ -105,69 +103,60 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left in place."""
 
 
-# ------------------------------------------------------------------------------------------
-# The loss and what is logged
-# ------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run of a ControlNet on a locked base, built from its settings: the base
+    loaded, the ControlNet and its optimizer built, the checkpoint in ``config.out`` restored
+    when resuming, model and optimizer handed to accelerate. Then :meth:`load_data`, and either
+    :meth:`run` (every step to ``config.steps``, as :func:`train` does) or :meth:`step`,
+    :meth:`evaluate` and :meth:`save` one at a time (as ``bench/`` times a step).
 
+    ``on_log`` sees every log entry as it is written; ``on_update(step, controlnet)`` sees the
+    ControlNet with the step's gradients, just before the optimizer updates it."""
 
-def diffusion_loss(controlled: ControlledUNet, batch: dict, noise_scheduler: DDPMScheduler,
-                   scaling_factor: float) -> torch.Tensor:
-    r"""The ε-prediction loss with control: :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t,
-    c_f)\rVert^2`, :math:`z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon`
-    (diffusers' ``DDPMScheduler.add_noise``), :math:`z_0` the VAE latent times the VAE's
-    ``scaling_factor``, as Stable Diffusion was trained. A base that predicts another target
-    (its scheduler's ``prediction_type``: SD2's v-prediction) regresses that one instead."""
-    z0 = batch["latents"] * scaling_factor
-    zt = noise_scheduler.add_noise(z0, batch["noise"], batch["timesteps"])
-    prediction = controlled(zt, batch["timesteps"], batch["embeddings"], batch["condition"])
-    return F.mse_loss(prediction.float(), _target(noise_scheduler, z0, batch).float())
+    def __init__(self, config: TrainConfig,
+                 on_log: Callable[[dict], None] | None = None,
+                 on_update: Callable[[int, ControlNet], None] | None = None) -> None:
+        config.check()
+        self.config, self.on_log, self.on_update = config, on_log, on_update
+        self.accelerator = make_accelerator(config)
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        resuming = config.resume and self.checkpoint.exists()
+        if resuming:
+            check_resumable(self.checkpoint, dataclasses.asdict(config), config.steps,
+                            RESUMABLE_CHANGES, defaults=dataclasses.asdict(TrainConfig()))
+        torch.manual_seed(config.seed)
+        self.pipe = load_base(config.base, self.device)
+        self.controlnet = build_controlnet(self.pipe, config).to(self.device)
+        if config.gradient_checkpointing:
+            checkpoint_trainable_copy(self.controlnet)
+        self.controlled = ControlledUNet(self.pipe.unet, self.controlnet).train()  # for sampling
+        optimizer = make_optimizer(self.controlnet, self.pipe.unet, config, self.device)
+        self.trainable: dict[str, torch.nn.Module] = {"controlnet": self.controlnet}
+        if not config.sd_locked:
+            self.trainable["unet"] = self.pipe.unet
+        #: the step this invocation starts from
+        self.start = load_checkpoint(self.checkpoint, self.trainable, optimizer) if resuming else 0
+        #: the learning rate by update (:func:`cnet.train.optim.lr_factor`)
+        self.schedule = make_schedule(optimizer, config, self.start)
+        # the controlled U-Net as accelerate prepared it (DDP-wrapped in several processes),
+        # and accelerate's optimizer wrapper (loss scaling, accumulation)
+        self.model, self.optimizer = self.accelerator.prepare(self.controlled, optimizer)
+        scaler_state = (checkpoint_metadata(self.checkpoint).get("grad_scaler")
+                        if self.start > 0 else None)
+        if self.accelerator.scaler is not None and scaler_state:
+            self.accelerator.scaler.load_state_dict(json.loads(scaler_state))
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        #: training time behind the checkpoint it resumed from
+        self.earlier_wall_time = checkpoint_wall_time(self.checkpoint) if self.start > 0 else 0.0
+        self.data: CachedData | dict | None = None
+        self.eval_data: CachedData | dict | None = None
+        self.samples: dict = {}
+        self.watch: RunWatch | None = None  # best weights and collapse alerts (main process)
+        self.started = 0.0  # perf_counter() when this invocation's training began
+        self._log_file = None
 
-
-def _target(noise_scheduler: DDPMScheduler, z0: torch.Tensor, batch: dict) -> torch.Tensor:
-    r"""What the base predicts, by its scheduler's ``prediction_type``: the noise (SD1.x), the
-    velocity :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1-\bar\alpha_t}\, z_0`
-    (SD2's 768 px models), or the clean latent."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return batch["noise"]
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(z0, batch["noise"], batch["timesteps"])
-    if kind == "sample":
-        return z0
-    raise SettingError(f"base: prediction_type {kind!r} is not allowed; expected epsilon, "
-                       "v_prediction or sample")
-
-
-# ------------------------------------------------------------------------------------------
-# Setting a run up
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Run:
-    """Everything one training invocation works with."""
-
-    config: TrainConfig
-    out: Path
-    accelerator: Accelerator
-    pipe: StableDiffusionPipeline
-    controlnet: ControlNet
-    controlled: ControlledUNet  # the module itself, for sampling
-    model: torch.nn.Module  # the same, as accelerate prepared it (DDP-wrapped in several processes)
-    noise_scheduler: DDPMScheduler
-    optimizer: torch.optim.Optimizer  # accelerate's wrapper: loss scaling, accumulation
-    schedule: torch.optim.lr_scheduler.LambdaLR  # the learning rate by update (lr_factor)
-    trainable: dict[str, torch.nn.Module]
-    start: int  # the step this invocation starts from
-    earlier_wall_time: float  # training time behind the checkpoint it resumed from
-    on_log: Callable[[dict], None] | None = None
-    on_update: Callable[[int, ControlNet], None] | None = None  # sees gradients, pre-update
-    data: CachedData | None = None
-    eval_data: CachedData | None = None
-    samples: dict | None = None
-    log_file: TextIO | None = None
-    started: float = 0.0  # perf_counter() when this invocation's training began
-    watch: RunWatch | None = None  # best weights and collapse alerts (main process)
+    # -------------------------------------------------------------------------- what it is
 
     @property
     def checkpoint(self) -> Path:
@@ -188,10 +177,18 @@ class _Run:
         written twice or half)."""
         return self.accelerator.is_main_process
 
+    @property
+    def finished(self) -> bool:
+        """Whether this run already took all its steps and wrote what it measured."""
+        return self.start == self.config.steps and (self.out / "run.json").exists()
+
     def wall_time(self) -> float:
         return self.earlier_wall_time + time.perf_counter() - self.started
 
+    # -------------------------------------------------------------------------- what it writes
+
     def save(self, step: int, wait: bool = True) -> None:
+        """The checkpoint of the weights after ``step`` updates (main process), atomically."""
         if self.main:
             scaler = self.accelerator.scaler
             save_checkpoint(self.checkpoint, self.trainable, self.optimizer, step,
@@ -203,198 +200,187 @@ class _Run:
     def log(self, entry: dict) -> None:
         if not self.main:
             return
-        self.log_file.write(json.dumps(entry) + "\n")
-        self.log_file.flush()
+        self._log_file.write(json.dumps(entry) + "\n")
+        self._log_file.flush()
         if self.on_log is not None:
             self.on_log(entry)
 
+    def close(self) -> None:
+        """Close the log (:meth:`run` does at its end)."""
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
-def _setup(config: TrainConfig) -> _Run:
-    """Load the base, build the ControlNet and optimizer, restore the checkpoint if resuming,
-    and hand model and optimizer to accelerate."""
-    config.check()
-    accelerator = make_accelerator(config)
-    device = accelerator.device
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = out / "checkpoint.safetensors"
-    resuming = config.resume and checkpoint.exists()
-    if resuming:
-        check_resumable(checkpoint, dataclasses.asdict(config), config.steps, RESUMABLE_CHANGES,
-                        defaults=dataclasses.asdict(TrainConfig()))
-    torch.manual_seed(config.seed)
-    pipe = load_base(config.base, device)
-    controlnet = build_controlnet(pipe, config).to(device)
-    if config.gradient_checkpointing:
-        checkpoint_trainable_copy(controlnet)
-    controlled = ControlledUNet(pipe.unet, controlnet).train()
-    optimizer = make_optimizer(controlnet, pipe.unet, config, device)
-    trainable = {"controlnet": controlnet}
-    if not config.sd_locked:
-        trainable["unet"] = pipe.unet
-    start = load_checkpoint(checkpoint, trainable, optimizer) if resuming else 0
-    schedule = make_schedule(optimizer, config, start)
-    model, optimizer = accelerator.prepare(controlled, optimizer)
-    scaler_state = checkpoint_metadata(checkpoint).get("grad_scaler") if start > 0 else None
-    if accelerator.scaler is not None and scaler_state:
-        accelerator.scaler.load_state_dict(json.loads(scaler_state))
-    return _Run(config, out, accelerator, pipe, controlnet, controlled, model,
-                DDPMScheduler.from_config(pipe.scheduler.config), optimizer, schedule,
-                trainable, start, checkpoint_wall_time(checkpoint) if start > 0 else 0.0)
-
-
-def _load_data(run: _Run) -> None:
-    config = run.config
-    if config.data:  # a folder: the main process caches it to disk, the others read that
-        if run.main:
-            run.data, run.eval_data = folder_data(run.pipe, config, run.out / "cache")
-        run.accelerator.wait_for_everyone()
-        if not run.main:
-            run.data, run.eval_data = folder_data(run.pipe, config, run.out / "cache")
-    else:
-        run.data = cache_data(run.pipe, config.task, config.train_size, "train", config.seed)
-        run.eval_data = cache_data(run.pipe, config.task, config.eval_size, "eval",
+    def load_data(self) -> None:
+        """The training and evaluation data, cached once; the log opened (cut back to the
+        checkpoint's step when resuming), the watch and the kept samples restored."""
+        config = self.config
+        if config.data:  # a folder: the main process caches it to disk, the others read that
+            if self.main:
+                self.data, self.eval_data = folder_data(self.pipe, config, self.out / "cache")
+            self.accelerator.wait_for_everyone()
+            if not self.main:
+                self.data, self.eval_data = folder_data(self.pipe, config, self.out / "cache")
+        else:
+            self.data = cache_data(self.pipe, config.task, config.train_size, "train",
                                    config.seed)
-    if not run.main:
-        return
-    truncate_log(run.out / "log.jsonl", run.start)
-    run.log_file = (run.out / "log.jsonl").open("a")
-    run.watch = RunWatch(run.out, run.metric)
-    run.watch.restore(run.start)
-    samples_path = run.out / "samples.safetensors"
-    run.samples = {}
-    if run.start > 0 and samples_path.exists():  # keep what the checkpoint's weights produced
-        run.samples = {k: v for k, v in load_file(samples_path).items()
-                       if int(k.split("_")[1]) <= run.start}
+            self.eval_data = cache_data(self.pipe, config.task, config.eval_size, "eval",
+                                        config.seed)
+        if not self.main:
+            return
+        truncate_log(self.out / "log.jsonl", self.start)
+        self._log_file = (self.out / "log.jsonl").open("a")
+        self.watch = RunWatch(self.out, self.metric)
+        self.watch.restore(self.start)
+        samples_path = self.out / "samples.safetensors"
+        if self.start > 0 and samples_path.exists():  # keep what the checkpoint's weights made
+            self.samples = {k: v for k, v in load_file(samples_path).items()
+                            if int(k.split("_")[1]) <= self.start}
 
+    # -------------------------------------------------------------------------- one step
 
-# ------------------------------------------------------------------------------------------
-# One step, one evaluation
-# ------------------------------------------------------------------------------------------
+    def step(self, step: int, log: bool | None = None) -> tuple[float, dict | None]:
+        """Optimizer step ``step`` (``grad_accum`` micro-batches, each split across the
+        processes). Returns the loss and the step's log entry, measured before the update (so
+        step 0 shows the zero convolutions at exactly 0), or None where the step is not logged:
+        by ``log`` where given, else the first steps and every ``log_every``-th."""
+        config, accelerator = self.config, self.accelerator
+        self.optimizer.zero_grad(set_to_none=False)
+        scaling = self.pipe.vae.config.scaling_factor
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(config.grad_accum):
+            batch = process_share(draw_batch(self.data, config, step, micro,
+                                             self.noise_scheduler), accelerator)
+            # accelerate: autocast (in the prepared model), loss / grad_accum, loss scaling,
+            # and no gradient all-reduce until the last micro-batch
+            with accelerator.accumulate(self.model):
+                loss = diffusion_loss(self.model, batch, self.noise_scheduler, scaling)
+                accelerator.backward(loss)
+            loss_sum += loss.detach() / config.grad_accum
+        loss_value = accelerator.reduce(loss_sum, "mean").item()  # every process agrees on it
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {step}; stopped, the last good "
+                f"checkpoint ({self.checkpoint}) is kept. Try a lower --lr."
+            )
+        if log is None:
+            log = step < FIRST_STEPS_LOGGED or step % config.log_every == 0
+        entry = None
+        if log:
+            accelerator.unscale_gradients()  # fp16: the norms logged are the true gradients'
+            entry = {"step": step, "loss": loss_value, **logged_norms(self.controlnet)}
+        if self.on_update is not None:
+            self.on_update(step, self.controlnet)
+        scaler = accelerator.scaler
+        scale = scaler.get_scale() if scaler is not None else None
+        self.optimizer.step()
+        self.schedule.step()  # also after an fp16 update skipped for overflow (cnet.train.optim)
+        # fp16: the gradients overflowed, the update was skipped and the scale lowered (read
+        # from the scale, since fused AdamW skips inside its kernel and accelerate does not see
+        # it)
+        if entry is not None and scaler is not None and scaler.get_scale() < scale:
+            entry["update_skipped"] = True
+        return loss_value, entry
 
+    def evaluate(self, step: int) -> dict:
+        """Fidelity on the evaluation set (a folder's: its validation, :func:`validate`),
+        measured by the main process; its images are kept in ``samples.safetensors`` and drawn
+        under their conditions in ``validation/step_<k>.png``."""
+        metrics = {}
+        if self.main:
+            self.controlled.eval()
+            measure = validate if self.config.data else evaluate
+            metrics, images = measure(self.pipe, self.controlled, self.eval_data,
+                                      self.config.eval_steps, self.config.guidance_scale)
+            self.controlled.train()
+            conditions = (self.eval_data["condition"] if self.config.data
+                          else self.eval_data.condition)
+            (self.out / "validation").mkdir(exist_ok=True)
+            validation_grid(conditions, images).save(
+                self.out / "validation" / f"step_{step:06d}.png")
+            self.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(
+                torch.uint8).contiguous()
+            path = self.out / "samples.safetensors"
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(self.samples, tmp)
+            tmp.replace(path)
+            self.log({"step": step, "eval": metrics})
+            self.watch.evaluated(step, metrics, self.trainable)
+        self.accelerator.wait_for_everyone()
+        return metrics
 
-def _train_step(run: _Run, step: int) -> tuple[float, dict | None]:
-    """One optimizer step (``grad_accum`` micro-batches, each split across the processes).
-    Returns the loss and the log entry of the step, measured before the update (so step 0
-    shows the zero convolutions at exactly 0), or None where this step is not logged."""
-    config, accelerator = run.config, run.accelerator
-    run.optimizer.zero_grad(set_to_none=False)
-    scaling = run.pipe.vae.config.scaling_factor
-    loss_sum = torch.zeros((), device=run.device)
-    for micro in range(config.grad_accum):
-        batch = process_share(draw_batch(run.data, config, step, micro, run.noise_scheduler),
-                              accelerator)
-        # accelerate: autocast (in the prepared model), loss / grad_accum, loss scaling, and no
-        # gradient all-reduce until the last micro-batch
-        with accelerator.accumulate(run.model):
-            loss = diffusion_loss(run.model, batch, run.noise_scheduler, scaling)
-            accelerator.backward(loss)
-        loss_sum += loss.detach() / config.grad_accum
-    loss_value = accelerator.reduce(loss_sum, "mean").item()  # every process agrees on it
-    if not math.isfinite(loss_value):
-        raise TrainingDiverged(
-            f"loss is {loss_value} at step {step}; stopped, the last good "
-            f"checkpoint ({run.checkpoint}) is kept. Try a lower --lr."
-        )
-    entry = None
-    if step < FIRST_STEPS_LOGGED or step % config.log_every == 0:
-        accelerator.unscale_gradients()  # fp16: the norms logged are the true gradients'
-        entry = {"step": step, "loss": loss_value, **logged_norms(run.controlnet)}
-    if run.on_update is not None:
-        run.on_update(step, run.controlnet)
-    scaler = accelerator.scaler
-    scale = scaler.get_scale() if scaler is not None else None
-    run.optimizer.step()
-    run.schedule.step()  # also after an fp16 update skipped for overflow (cnet.train.optim)
-    # fp16: the gradients overflowed, the update was skipped and the scale lowered (read from
-    # the scale, since fused AdamW skips inside its kernel and accelerate does not see it)
-    if entry is not None and scaler is not None and scaler.get_scale() < scale:
-        entry["update_skipped"] = True
-    return loss_value, entry
+    def last_evaluation(self) -> dict:
+        """The evaluation the run's current weights last had: a fresh one at step 0, else the
+        log's last one, until the next evaluation."""
+        if self.start == 0:
+            return self.evaluate(0) if self.config.eval_every > 0 else {}
+        if not self.main:  # the main process may be rewriting the log (truncate_log)
+            return {}
+        lines = (self.out / "log.jsonl").read_text().splitlines()
+        evals = [json.loads(line)["eval"] for line in lines if '"eval"' in line]
+        return evals[-1] if evals else {}
 
+    # -------------------------------------------------------------------------- the run
 
-def _evaluate(run: _Run, step: int) -> dict:
-    """Fidelity on the evaluation set (a folder's: its validation, :func:`validate`), measured
-    by the main process; its images are kept in ``samples.safetensors`` and drawn under their
-    conditions in ``validation/step_<k>.png``."""
-    metrics = {}
-    if run.main:
-        run.controlled.eval()
-        measure = validate if run.config.data else evaluate
-        metrics, images = measure(run.pipe, run.controlled, run.eval_data,
-                                  run.config.eval_steps, run.config.guidance_scale)
-        run.controlled.train()
-        conditions = run.eval_data["condition"] if run.config.data else run.eval_data.condition
-        (run.out / "validation").mkdir(exist_ok=True)
-        validation_grid(conditions, images).save(run.out / "validation" / f"step_{step:06d}.png")
-        run.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(torch.uint8).contiguous()
-        path = run.out / "samples.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(run.samples, tmp)
-        tmp.replace(path)
-        run.log({"step": step, "eval": metrics})
-        run.watch.evaluated(step, metrics, run.trainable)
-    run.accelerator.wait_for_everyone()
-    return metrics
+    def run(self) -> dict:
+        """Steps from :attr:`start` to the end, with logging, evaluation and checkpoints;
+        Ctrl-C saves a checkpoint first. Returns the last evaluation."""
+        config = self.config
+        self.started = time.perf_counter()
+        last_eval = self.last_evaluation()
+        completed = self.start  # optimizer steps taken so far
+        # redrawn at most once a second: in a notebook every redraw is a widget message, and a
+        # flood of them can outrun the kernel's output channel (nbval then loses the cell's end)
+        bar = tqdm(range(self.start, config.steps), initial=self.start, total=config.steps,
+                   desc="train", dynamic_ncols=True, mininterval=1.0, disable=not self.main)
+        try:
+            for step in bar:
+                loss, entry = self.step(step)
+                completed = step + 1
+                if entry is not None:
+                    self.log(entry)
+                    if self.watch is not None:
+                        self.watch.losses.append(entry["loss"])
+                if config.eval_every > 0 and (completed % config.eval_every == 0
+                                              or completed == config.steps):
+                    last_eval = self.evaluate(completed)
+                if completed % config.checkpoint_every == 0 or completed == config.steps:
+                    self.save(completed)
+                for kind, line in self.watch.check(completed) if self.main else ():
+                    bar.write(line)
+                    self.log({"step": completed, "alert": line, "kind": kind})
+                postfix = {"loss": f"{loss:.4f}",
+                           self.metric: f"{last_eval.get(self.metric, float('nan')):.3f}"}
+                if self.main and self.watch.alerts:
+                    postfix["alert"] = "+".join(sorted(self.watch.alerts))
+                bar.set_postfix(postfix, refresh=False)
+        except KeyboardInterrupt:
+            self.save(completed, wait=False)  # the other processes may not have been interrupted
+            print(f"\ninterrupted: saved step {completed} to {self.checkpoint}; run again to "
+                  "resume")
+            raise
+        finally:
+            bar.close()
+            self.close()
+        return last_eval
 
-
-def _last_evaluation(run: _Run) -> dict:
-    """The evaluation the run's current weights last had: a fresh one at step 0, else the
-    log's last one, until the next evaluation."""
-    if run.start == 0:
-        return _evaluate(run, 0) if run.config.eval_every > 0 else {}
-    if not run.main:  # the main process may be rewriting the log (truncate_log)
-        return {}
-    lines = (run.out / "log.jsonl").read_text().splitlines()
-    evals = [json.loads(line)["eval"] for line in lines if '"eval"' in line]
-    return evals[-1] if evals else {}
-
-
-def _run_steps(run: _Run) -> dict:
-    """Steps from ``run.start`` to the end, with logging, evaluation and checkpoints; Ctrl-C
-    saves a checkpoint first. Returns the last evaluation."""
-    config = run.config
-    last_eval = _last_evaluation(run)
-    completed = run.start  # optimizer steps taken so far
-    # redrawn at most once a second: in a notebook every redraw is a widget message, and a
-    # flood of them can outrun the kernel's output channel (nbval then loses the cell's end)
-    bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
-               desc="train", dynamic_ncols=True, mininterval=1.0, disable=not run.main)
-    try:
-        for step in bar:
-            loss, entry = _train_step(run, step)
-            completed = step + 1
-            if entry is not None:
-                run.log(entry)
-                if run.watch is not None:
-                    run.watch.losses.append(entry["loss"])
-            if config.eval_every > 0 and (completed % config.eval_every == 0
-                                          or completed == config.steps):
-                last_eval = _evaluate(run, completed)
-            if completed % config.checkpoint_every == 0 or completed == config.steps:
-                run.save(completed)
-            for kind, line in run.watch.check(completed) if run.main else ():
-                bar.write(line)
-                run.log({"step": completed, "alert": line, "kind": kind})
-            postfix = {"loss": f"{loss:.4f}",
-                       run.metric: f"{last_eval.get(run.metric, float('nan')):.3f}"}
-            if run.main and run.watch.alerts:
-                postfix["alert"] = "+".join(sorted(run.watch.alerts))
-            bar.set_postfix(postfix, refresh=False)
-    except KeyboardInterrupt:
-        run.save(completed, wait=False)  # the other processes may not have been interrupted
-        print(f"\ninterrupted: saved step {completed} to {run.checkpoint}; run again to resume")
-        raise
-    finally:
-        bar.close()
-        if run.log_file is not None:
-            run.log_file.close()
-    return last_eval
-
-
-# ------------------------------------------------------------------------------------------
-# The run
-# ------------------------------------------------------------------------------------------
+    def summary(self, profile: str, last_eval: dict) -> dict:
+        """What ``run.json`` records: profile, where it ran, the steps, the wall time, the last
+        evaluation and the settings."""
+        return {
+            "profile": profile, "device": str(self.device),
+            "processes": self.accelerator.num_processes,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "device_name": (torch.cuda.get_device_name(self.device)
+                            if self.device.type == "cuda"
+                            else f"cpu, {torch.get_num_threads()} thread(s)"),
+            "steps": self.config.steps, "resumed_from": self.start,
+            # the training time behind these weights, over every invocation that produced them
+            # (setup and work lost to a crash after the last checkpoint not counted)
+            "wall_time_s": finite_or_none(round(self.wall_time(), 1)),
+            "wall_time_this_invocation_s": round(time.perf_counter() - self.started, 1),
+            "final_eval": last_eval, "config": dataclasses.asdict(self.config),
+        }
 
 
 def train(config: TrainConfig, profile: str = "custom",
@@ -404,33 +390,18 @@ def train(config: TrainConfig, profile: str = "custom",
     wall time, last evaluation). Writes ``log.jsonl``, ``checkpoint.safetensors``,
     ``samples.safetensors`` (the evaluation images at each evaluation), ``config.json`` and,
     at the end, ``run.json`` (profile, device, wall time, last evaluation) to ``config.out``.
-    ``on_log`` sees every log entry as it is written; ``on_update(step, controlnet)`` sees the
-    ControlNet with step's gradients, just before the optimizer updates it (under fp16 they
-    are unscaled on logged steps only)."""
-    run = _setup(config)
-    run.on_log, run.on_update = on_log, on_update
-    if run.start == config.steps and (run.out / "run.json").exists():
-        # a finished run: running it again must not overwrite what it measured
-        print(f"{run.out} already finished {config.steps} steps; nothing to do")
-        return json.loads((run.out / "run.json").read_text())
-    if run.main:
-        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    _load_data(run)
-    run.started = time.perf_counter()
-    last_eval = _run_steps(run)
-    summary = {
-        "profile": profile, "device": str(run.device),
-        "processes": run.accelerator.num_processes,
-        "mixed_precision": run.accelerator.mixed_precision,
-        "device_name": (torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
-                        else f"cpu, {torch.get_num_threads()} thread(s)"),
-        "steps": config.steps, "resumed_from": run.start,
-        # the training time behind these weights, over every invocation that produced them
-        # (setup and work lost to a crash after the last checkpoint not counted)
-        "wall_time_s": finite_or_none(round(run.wall_time(), 1)),
-        "wall_time_this_invocation_s": round(time.perf_counter() - run.started, 1),
-        "final_eval": last_eval, "config": dataclasses.asdict(config),
-    }
-    if run.main:
-        (run.out / "run.json").write_text(json.dumps(summary, indent=2))
+    ``on_log`` and ``on_update`` as :class:`Trainer` takes them (under fp16 the gradients
+    ``on_update`` sees are unscaled on logged steps only)."""
+    trainer = Trainer(config, on_log, on_update)
+    if trainer.finished:  # running a finished run again must not overwrite what it measured
+        print(f"{trainer.out} already finished {config.steps} steps; nothing to do")
+        return json.loads((trainer.out / "run.json").read_text())
+    if trainer.main:
+        (trainer.out / "config.json").write_text(json.dumps(dataclasses.asdict(config),
+                                                            indent=2))
+    trainer.load_data()
+    last_eval = trainer.run()
+    summary = trainer.summary(profile, last_eval)
+    if trainer.main:
+        (trainer.out / "run.json").write_text(json.dumps(summary, indent=2))
     return summary
