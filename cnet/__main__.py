@@ -173,42 +173,31 @@ def _check_measurement(args: argparse.Namespace) -> None:
 
 
 def run_control(args: argparse.Namespace) -> None:
-    from .course.control import control_measurements
+    from pathlib import Path
+
+    from .course.control import control_figures
     from .course.figures import save_figure, save_numbers
+    from .experiments.control import control_measurements
 
     _check_measurement(args)
     torch.set_num_threads(args.threads)
-    numbers, figures = control_measurements(args.folder, args.base, args.fine_tune,
-                                            args.segmentation, args.samples, args.profile)
+    numbers, images = control_measurements(args.folder, args.base, args.fine_tune,
+                                           args.segmentation, args.samples, args.profile)
+    figures = control_figures(numbers, images, Path(args.folder).name, Path(args.fine_tune).name)
     for name, fig in figures.items():
         print(f"wrote {save_figure(fig, name)}")
     print(f"wrote {save_numbers(numbers, '06_control')}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .train import load_base, load_controlnet
-    from .train.evaluate import measure_controlnet, sampler_settings
-    from .world.finetune import style_of
+    from .train.evaluate import measure_run
 
     _check_measurement(args)
-    folder = Path(args.folder)
-    controlnet = load_controlnet(folder, args.weights)  # one line for a wrong folder
-    record_path = folder / "run.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    config = record.get("config", {})
-    base = args.base or config.get("base", TrainConfig.base)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    result = measure_controlnet(load_base(base), controlnet, config.get("task", "fill"),
-                                args.samples, **sampler_settings(args.profile),
-                                style=style_of(base))
     argv = sys.argv[1:] if args.argv is None else args.argv
-    record["evaluation"] = {"command": " ".join(["python", "-m", "cnet", *argv]),
-                            "base_model": str(base), "weights": args.weights, **result}
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record["evaluation"], indent=2))
+    evaluation = measure_run(args.folder, args.weights, args.base, args.samples, args.profile,
+                             command=" ".join(["python", "-m", "cnet", *argv]))
+    print(json.dumps(evaluation, indent=2))
 
 
 def run_lessons(args: argparse.Namespace) -> None:

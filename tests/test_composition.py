@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnet.course.composition import composition_scenes
+from cnet.experiments.composition import composition_scenes
 from cnet.course.figures import repo_root
 
 MODELS = repo_root() / "models"

@@ -1,5 +1,6 @@
-"""The experiments behind the notebooks, each a set of settings of the one training loop
-(:func:`cnet.train.train`) run over seeds and measured the same way.
+"""The experiments behind the notebooks: settings of the one training loop
+(:func:`cnet.train.train`) run over seeds, and sweeps of a trained ControlNet's sampling, each
+measured by the one fidelity definition.
 
 =============  ============================================================================
 module         what it holds
@@ -9,5 +10,7 @@ recipe         the recipe study: which settings make every seed follow its condi
 ablate         the paper's ablations over seeds: their runs, measures and summary (07)
 first_updates  updates 1-2-3 of a real run, per parameter group, exactly (07)
 compare        runs that differ in one setting, side by side
+control        control on a trained ControlNet: strength, timing, the empty prompt, transfer (06)
+composition    two ControlNets at once on two-object scenes (06)
 =============  ============================================================================
 """

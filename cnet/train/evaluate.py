@@ -28,6 +28,9 @@ themselves (**edge_f1_images**, the most a perfect sample reaches).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
@@ -38,10 +41,12 @@ from ..injection import ControlledUNet
 from ..sample import sample
 from ..world.data import canny_edges
 from ..world.metrics import FULL_SAMPLER, edge_f1, fidelity, sampler_settings, vae_round_trip
-from .data import CachedData, cache_data, task_dataset
+from .config import TrainConfig
+from .data import CachedData, cache_data, load_base, task_dataset
 
 __all__ = [
     "FULL_SAMPLER", "edge_reconstruction_f1", "evaluate", "fidelity", "measure_controlnet",
+    "measure_run",
     "sample_set", "sampler_settings", "vae_round_trip", "validate", "validation_grid",
 ]
 
@@ -117,6 +122,30 @@ def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, ta
             "controlnet": trained, "base": base,
             "vae_ceiling": {"iou": float(ceiling["iou"].mean()),
                             "colours_ok": float(ceiling["colours_ok"].float().mean())}}
+
+
+def measure_run(folder: str | Path, weights: str = "latest", base: str | None = None,
+                samples: int = 200, profile: str = "full", command: str = "") -> dict:
+    """``python -m cnet evaluate``: the ControlNet in ``folder`` (a run's ``weights``, latest or
+    best, or a shipped folder), measured by :func:`measure_controlnet` on ``base`` (default: the
+    base it was trained on) with ``profile``'s sampler, and recorded in the folder's
+    ``run.json`` under ``"evaluation"`` (with ``command``). Returns that record."""
+    from ..world.finetune import style_of
+    from .runs import load_controlnet
+
+    folder = Path(folder)
+    controlnet = load_controlnet(folder, weights)  # one line for a wrong folder
+    record_path = folder / "run.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    config = record.get("config", {})
+    base = base or config.get("base", TrainConfig.base)
+    torch.manual_seed(0)
+    result = measure_controlnet(load_base(base), controlnet, config.get("task", "fill"),
+                                samples, **sampler_settings(profile), style=style_of(base))
+    record["evaluation"] = {"command": command, "base_model": str(base), "weights": weights,
+                            **result}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record["evaluation"]
 
 
 def edge_reconstruction_f1(images: torch.Tensor, conditions: torch.Tensor,
