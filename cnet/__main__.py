@@ -33,6 +33,7 @@ from .train.config import (  # noqa: E402
     SettingError,
     TrainConfig,
     add_flags,
+    resolve_device,
     settings_from_flags,
 )
 from .train.loop import TrainingDiverged  # noqa: E402
@@ -54,7 +55,7 @@ def run_train(args: argparse.Namespace) -> None:
         return
     what = f"the pairs in {config.data}" if config.data else config.task
     print(f"training a ControlNet ({what}) on {config.base}, profile {profile}, "
-          f"{config.steps} steps, device {config.resolved_device()}")
+          f"{config.steps} steps, device {resolve_device(config.device)}")
     summary = train(config, profile=profile)
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; last evaluation "
           f"{summary['final_eval']}; outputs in {config.out}")

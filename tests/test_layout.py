@@ -139,3 +139,60 @@ def test_files_and_functions_a_reader_can_hold(module):
                 reason = lines[node.decorator_list[0].lineno - 2].strip()
             assert length <= MAX_FUNCTION_LINES or reason.startswith("# long:"), (
                 f"{path.name}:{node.lineno} {node.name} is {length} lines")
+
+
+# ------------------------------------------------------------------------- the settings' route
+
+
+def settings_route(argv: list[str]) -> list[tuple[str, str, str]]:
+    """Every call of a cnet function that receives a run's settings (a :class:`TrainConfig`, or
+    an object holding one as ``.config``) while ``python -m cnet`` runs ``argv``, in order:
+    (module, function, the calling module)."""
+    import sys
+
+    from cnet.__main__ import main
+    from cnet.train.config import TrainConfig
+
+    route = []
+
+    def carries(value) -> bool:
+        return isinstance(value, TrainConfig) or (
+            type(value).__module__.startswith("cnet.")
+            and isinstance(getattr(value, "config", None), TrainConfig))
+
+    def watch(frame, event, _):
+        module = frame.f_globals.get("__name__", "")
+        if event != "call" or not module.startswith("cnet"):
+            return
+        code = frame.f_code
+        names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        # a dataclass's generated __init__ is no code of cnet's: a class handed down is built
+        if code.co_filename.startswith("<") or "__create_fn__" in code.co_qualname:
+            return
+        if any(carries(frame.f_locals.get(n)) for n in names):
+            caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
+            route.append((module, code.co_qualname, caller))
+
+    sys.setprofile(watch)
+    try:
+        main(argv)
+    finally:
+        sys.setprofile(None)
+    return route
+
+
+def test_the_training_settings_reach_the_step_downwards(base, tmp_path, capsys):
+    """``python -m cnet train``'s settings, followed from the command line to the step of a
+    one-step run: no call runs back up a floor, and the stops (a module entered, counted again
+    when re-entered) are few. ``pytest tests/test_layout.py -k route -s`` prints the route."""
+    route = settings_route(["train", "--base", str(base), "--out", str(tmp_path / "run"),
+                            "--steps", "1", "--batch_size", "2", "--train_size", "4",
+                            "--eval_size", "2", "--eval_steps", "1", "--log_every", "1"])
+    stops = [m for i, (m, _, _) in enumerate(route) if i == 0 or route[i - 1][0] != m]
+    up = [(m, f, c) for m, f, c in route if c.startswith("cnet") and _floor(m) > _floor(c)]
+    with capsys.disabled():
+        print(f"\n{len(stops)} stops in {len(set(stops))} modules, {len(up)} calls back up:")
+        print(" -> ".join(m.removeprefix("cnet.") for m in stops))
+    assert not up, f"calls from a lower floor to a higher one: {up}"
+    assert any(f == "Trainer.step" for _, f, _ in route)
+    assert len(stops) <= 15  # measured: 15 (settings twice: the command line checks, so does Trainer)

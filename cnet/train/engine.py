@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 
 from ..controlnet import ControlNet
-from .config import PRECISIONS, SettingError, TrainConfig
+from .config import PRECISIONS, SettingError, TrainConfig, resolve_device
 
 __all__ = [
     "PRECISIONS",
@@ -91,7 +91,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         # starts afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
     state = process_state(cpu)
-    device = state.device if distributed else config.resolved_device()
+    device = state.device if distributed else resolve_device(config.device)
     precision = resolve_precision(config.mixed_precision, device)
     if precision == "fp16" and device.type == "cpu":
         raise SettingError("mixed_precision: 'fp16' is not allowed on the CPU; expected no or "
