@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnet.experiments.composition import composition_scenes
 from cnet.course.figures import repo_root
+from cnet.experiments.composition import composition_scenes
 
 MODELS = repo_root() / "models"
 

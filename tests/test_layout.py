@@ -195,4 +195,5 @@ def test_the_training_settings_reach_the_step_downwards(base, tmp_path, capsys):
         print(" -> ".join(m.removeprefix("cnet.") for m in stops))
     assert not up, f"calls from a lower floor to a higher one: {up}"
     assert any(f == "Trainer.step" for _, f, _ in route)
-    assert len(stops) <= 15  # measured: 15 (settings twice: the command line checks, so does Trainer)
+    # measured: 15 (the settings module twice: the command line checks them, so does Trainer)
+    assert len(stops) <= 15

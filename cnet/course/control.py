@@ -166,19 +166,6 @@ def composition_figures(rows: list[dict], images: torch.Tensor, data: Compositio
         title="Two objects, two ControlNets: each object's layout IoU with its region")}
 
 
-def composition_figures(rows: list[dict], images: torch.Tensor, data: CompositionData) -> dict:
-    """``06_composition``: six scenes, their two conditions in one picture, then one column per
-    row of :func:`composition_sweep`, titled with both objects' mean layout IoU."""
-    # the two conditions in one picture: the circle's outline over the shape's class map
-    shown = torch.maximum(data.outline[:6], data.segmentation[:6])
-    names = [r["composition"].replace(", ", ",\n") for r in rows]
-    labels = [f"{name}\ncircle {r['circle_layout_iou']:.2f}, shape {r['shape_layout_iou']:.2f}"
-              for name, r in zip(names, rows, strict=True)]
-    return {"06_composition": plot_sample_strip(
-        images[:, :6], labels, shown,
-        title="Two objects, two ControlNets: each object's layout IoU with its region")}
-
-
 def control_figures(numbers: dict, images: dict, label: str = "controlnet-fill",
                     fine_tune_label: str = "miniature-sd-cycled") -> dict:
     """Every figure of notebook 06 (name -> figure), from
