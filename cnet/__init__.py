@@ -30,12 +30,20 @@ from .zero_conv import ZeroConv2d, sgd_step, zero_conv, zero_conv_grads
 # The rest of the core sits on diffusers, whose import takes seconds: it is loaded on first use,
 # so that the notebooks on the zero convolution and the block (torch only) start at once.
 _ON_FIRST_USE = {
-    "ControlNet": "controlnet", "unet_skip_channels": "controlnet",
-    "from_diffusers": "convert", "from_official": "convert",
-    "load_official_state_dict": "convert", "read_checkpoint": "convert",
-    "save_official": "convert", "to_diffusers": "convert", "to_official_state_dict": "convert",
-    "PaperHintEncoder": "hint", "ReleasedHintEncoder": "hint", "make_hint_encoder": "hint",
-    "ControlledUNet": "injection", "inject_residuals": "injection",
+    "ControlNet": "controlnet",
+    "unet_skip_channels": "controlnet",
+    "from_diffusers": "convert",
+    "from_official": "convert",
+    "load_official_state_dict": "convert",
+    "read_checkpoint": "convert",
+    "save_official": "convert",
+    "to_diffusers": "convert",
+    "to_official_state_dict": "convert",
+    "PaperHintEncoder": "hint",
+    "ReleasedHintEncoder": "hint",
+    "make_hint_encoder": "hint",
+    "ControlledUNet": "injection",
+    "inject_residuals": "injection",
 }
 
 if _TYPE_CHECKING:  # what the names above are, for type checkers and the layout test

@@ -54,17 +54,23 @@ def run_train(args: argparse.Namespace) -> None:
         train(config, profile=profile)  # one of several processes: the main one reports
         return
     what = f"the pairs in {config.data}" if config.data else config.task
-    print(f"training a ControlNet ({what}) on {config.base}, profile {profile}, "
-          f"{config.steps} steps, device {resolve_device(config.device)}")
+    print(
+        f"training a ControlNet ({what}) on {config.base}, profile {profile}, "
+        f"{config.steps} steps, device {resolve_device(config.device)}"
+    )
     summary = train(config, profile=profile)
-    print(f"done: {summary['steps']} steps in {summary['wall_time_s']} s; last evaluation "
-          f"{summary['final_eval']}; outputs in {config.out}")
+    print(
+        f"done: {summary['steps']} steps in {summary['wall_time_s']} s; last evaluation "
+        f"{summary['final_eval']}; outputs in {config.out}"
+    )
     if config.eval_every == 0:
         print("no evaluations (--eval_every 0), so no fidelity figures")
         return
     if config.data:
-        print(f"validation grids (conditions above samples) in {config.out}/validation; "
-              f"edge F1 per evaluation in {config.out}/log.jsonl")
+        print(
+            f"validation grids (conditions above samples) in {config.out}/validation; "
+            f"edge F1 per evaluation in {config.out}/log.jsonl"
+        )
         return
     label = f"profile {profile}, {summary['device_name']}, {config.steps} steps"
     prefix = f"05_{profile}_" if args.figures else ""
@@ -80,8 +86,9 @@ def run_compare(args: argparse.Namespace) -> None:
     _, settings = _train_settings(args, "quick")  # comparisons are quick runs unless asked
     comparison = compare_runs(train_comparison(settings, args.knob, args.values))
     for value, entry in comparison.items():
-        print(f"{args.knob}={value}: final IoU {entry['eval_iou'][-1]:.3f}, "
-              f"report {entry['report']}")
+        print(
+            f"{args.knob}={value}: final IoU {entry['eval_iou'][-1]:.3f}, report {entry['report']}"
+        )
     name = f"05_compare_{args.knob}"
     path = save_figure(plot_knob_comparison(comparison, args.knob, label=args.label), name)
     data = figures_dir() / f"{name}.json"
@@ -119,12 +126,16 @@ def run_ablate(args: argparse.Namespace) -> None:
     from .course.ablation_plots import write_ablation_figures
 
     settings = ablation_config("default", 0, args.root)
-    step_time = variant_cost(settings, {v: VARIANTS[v] for v in ("default", "gaussian", "none",
-                                                                 "lite", "accum-2")}, repeats=7)
+    step_time = variant_cost(
+        settings,
+        {v: VARIANTS[v] for v in ("default", "gaussian", "none", "lite", "accum-2")},
+        repeats=7,
+    )
     step_time.pop("times_s")
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    result = summarize(studies, args.seeds, args.root, step_time,
-                       first_updates(settings), command=command.strip())
+    result = summarize(
+        studies, args.seeds, args.root, step_time, first_updates(settings), command=command.strip()
+    )
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result) + "\n")
@@ -139,9 +150,15 @@ def run_recipe(args: argparse.Namespace) -> None:
     from .experiments.recipe import RECIPES, recipe_study
 
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    result = recipe_study(args.recipes or list(RECIPES), args.seeds, args.root,
-                          train=not args.no_train, check_seeds=args.check_seeds if args.check
-                          else None, check_root=args.check_root, command=command.strip())
+    result = recipe_study(
+        args.recipes or list(RECIPES),
+        args.seeds,
+        args.root,
+        train=not args.no_train,
+        check_seeds=args.check_seeds if args.check else None,
+        check_root=args.check_root,
+        command=command.strip(),
+    )
     if not args.no_summary:
         out = Path(args.results)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,17 +175,20 @@ def run_export(args: argparse.Namespace) -> None:
     from .train.runs import export_run
 
     if args.samples_kept < 1:
-        raise SettingError(f"samples_kept: {args.samples_kept!r} is not allowed; expected an "
-                           "integer >= 1")
-    out = export_run(args.run, args.out, samples_kept=args.samples_kept, half=args.half,
-                     weights=args.weights)
+        raise SettingError(
+            f"samples_kept: {args.samples_kept!r} is not allowed; expected an integer >= 1"
+        )
+    out = export_run(
+        args.run, args.out, samples_kept=args.samples_kept, half=args.half, weights=args.weights
+    )
     print(f"shipped {args.run} to {out}")
 
 
 def _check_measurement(args: argparse.Namespace) -> None:
     if not 2 <= args.samples <= 1000:
-        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer from "
-                           "2 to 1000")
+        raise SettingError(
+            f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
+        )
     if args.threads < 1:
         raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
 
@@ -182,8 +202,9 @@ def run_control(args: argparse.Namespace) -> None:
 
     _check_measurement(args)
     torch.set_num_threads(args.threads)
-    numbers, images = control_measurements(args.folder, args.base, args.fine_tune,
-                                           args.segmentation, args.samples, args.profile)
+    numbers, images = control_measurements(
+        args.folder, args.base, args.fine_tune, args.segmentation, args.samples, args.profile
+    )
     figures = control_figures(numbers, images, Path(args.folder).name, Path(args.fine_tune).name)
     for name, fig in figures.items():
         print(f"wrote {save_figure(fig, name)}")
@@ -196,8 +217,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
     _check_measurement(args)
     torch.set_num_threads(args.threads)
     argv = sys.argv[1:] if args.argv is None else args.argv
-    evaluation = measure_run(args.folder, args.weights, args.base, args.samples, args.profile,
-                             command=" ".join(["python", "-m", "cnet", *argv]))
+    evaluation = measure_run(
+        args.folder,
+        args.weights,
+        args.base,
+        args.samples,
+        args.profile,
+        command=" ".join(["python", "-m", "cnet", *argv]),
+    )
     print(json.dumps(evaluation, indent=2))
 
 
@@ -216,8 +243,10 @@ def run_course(args: argparse.Namespace) -> None:
 
     root = Path(args.root)
     if not ((root / "notebooks").is_dir() and (root / "README.md").is_file()):
-        raise SettingError(f"root: {args.root!r} is not a clone of the repository (expected "
-                           "notebooks/ and README.md in it)")
+        raise SettingError(
+            f"root: {args.root!r} is not a clone of the repository (expected "
+            "notebooks/ and README.md in it)"
+        )
     for path in stamp_repository(args.repo, root, args.branch):
         print(f"stamped {path.relative_to(root)}")
     if args.repo and colab_link(args.repo, "README.md") is None:
@@ -234,8 +263,10 @@ def run_sample(args: argparse.Namespace) -> None:
     from .train.runs import base_of
 
     if args.steps < 1 or args.guidance < 0:
-        raise SettingError(f"steps, guidance: {args.steps!r}, {args.guidance!r} are not allowed; "
-                           "expected an integer >= 1 and a number >= 0")
+        raise SettingError(
+            f"steps, guidance: {args.steps!r}, {args.guidance!r} are not allowed; "
+            "expected an integer >= 1 and a number >= 0"
+        )
     folder = Path(args.controlnet)
     controlnet = load_controlnet(folder, args.weights)  # one line for a wrong folder
     base = args.base or base_of(folder)
@@ -244,16 +275,28 @@ def run_sample(args: argparse.Namespace) -> None:
     conditions = torch.stack([load_image(Path(c), resolution) for c in args.condition])
     prompts = args.prompt * len(conditions) if len(args.prompt) == 1 else args.prompt
     if len(prompts) != len(conditions):
-        raise SettingError(f"prompt: {len(args.prompt)} prompts for {len(conditions)} "
-                           "conditions; expected one prompt, or one per condition")
+        raise SettingError(
+            f"prompt: {len(args.prompt)} prompts for {len(conditions)} "
+            "conditions; expected one prompt, or one per condition"
+        )
     controlled = ControlledUNet(pipe.unet, controlnet.to(pipe.unet.device)).eval()
-    images = sample_set(pipe, controlled, prompts, conditions, args.steps, args.guidance,
-                        seed=args.seed, scales=args.scale)
+    images = sample_set(
+        pipe,
+        controlled,
+        prompts,
+        conditions,
+        args.steps,
+        args.guidance,
+        seed=args.seed,
+        scales=args.scale,
+    )
     validation_grid(conditions, images).save(args.out)
     f1 = edge_reconstruction_f1(images, conditions)
     print(f"wrote {args.out} (each condition above its sample; base {base})")
-    print("edge F1 of each sample's Canny edges against its condition (for edge-like "
-          "conditions): " + ", ".join(f"{v:.3f}" for v in f1.tolist()))
+    print(
+        "edge F1 of each sample's Canny edges against its condition (for edge-like "
+        "conditions): " + ", ".join(f"{v:.3f}" for v in f1.tolist())
+    )
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -262,21 +305,30 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
     argv = sys.argv[1:] if args.argv is None else args.argv
-    for name, path in bench("quick" if args.quick else "full", args.out, args.threads,
-                            tuple(args.suites),
-                            command=" ".join(["python", "-m", "cnet", *argv])).items():
+    for name, path in bench(
+        "quick" if args.quick else "full",
+        args.out,
+        args.threads,
+        tuple(args.suites),
+        command=" ".join(["python", "-m", "cnet", *argv]),
+    ).items():
         print(f"{name}: wrote {path}")
 
 
 def _add_sample_and_bench(sub) -> None:
-    sample = sub.add_parser("sample", help="generate from a run's checkpoint or a shipped "
-                                           "ControlNet, conditions above samples in one PNG")
+    sample = sub.add_parser(
+        "sample",
+        help="generate from a run's checkpoint or a shipped "
+        "ControlNet, conditions above samples in one PNG",
+    )
     sample.add_argument("--controlnet", required=True, help="a run folder or a shipped one")
     sample.add_argument("--condition", required=True, nargs="+", help="condition image files")
-    sample.add_argument("--prompt", required=True, nargs="+",
-                        help="one prompt, or one per condition")
-    sample.add_argument("--base", default=None, help="default: the base the ControlNet "
-                                                     "was trained on")
+    sample.add_argument(
+        "--prompt", required=True, nargs="+", help="one prompt, or one per condition"
+    )
+    sample.add_argument(
+        "--base", default=None, help="default: the base the ControlNet was trained on"
+    )
     sample.add_argument("--out", default="sample.png")
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--guidance", type=float, default=3.0)
@@ -285,131 +337,203 @@ def _add_sample_and_bench(sub) -> None:
     _add_weights_flag(sample)
     bench = sub.add_parser("bench", help="speed and memory figures, as ratios measured in one run")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery")
-    bench.add_argument("--out", default="runs/bench",
-                       help="where the JSON and figures go (bench/results: the committed ones)")
+    bench.add_argument(
+        "--out",
+        default="runs/bench",
+        help="where the JSON and figures go (bench/results: the committed ones)",
+    )
     bench.add_argument("--threads", type=int, default=None)
     suites = ["step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost"]
     bench.add_argument("--suites", nargs="+", default=suites, choices=suites)
 
 
 def _add_ablate(sub) -> None:
-    ablate = sub.add_parser("ablate", help="the paper's ablations and the convergence "
-                                           "evidence, several seeds each (notebook 07)")
-    ablate.add_argument("--studies", nargs="+", default=None,
-                        help="default: all (seeds connections lite prompt_dropout data_size lr "
-                             "grad_accum)")
+    ablate = sub.add_parser(
+        "ablate",
+        help="the paper's ablations and the convergence evidence, several seeds each (notebook 07)",
+    )
+    ablate.add_argument(
+        "--studies",
+        nargs="+",
+        default=None,
+        help="default: all (seeds connections lite prompt_dropout data_size lr grad_accum)",
+    )
     ablate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ablate.add_argument("--root", default="runs/ablate", help="where the runs go")
-    ablate.add_argument("--results", default="runs/ablate/ablations.json",
-                        help="the summary JSON (figures/07_ablations.json: the shipped one)")
-    ablate.add_argument("--figures", action="store_true",
-                        help="write the figures beside --results as 07_*.png")
-    ablate.add_argument("--variants", nargs="+", default=None,
-                        help="only train these variants (no summary)")
+    ablate.add_argument(
+        "--results",
+        default="runs/ablate/ablations.json",
+        help="the summary JSON (figures/07_ablations.json: the shipped one)",
+    )
+    ablate.add_argument(
+        "--figures", action="store_true", help="write the figures beside --results as 07_*.png"
+    )
+    ablate.add_argument(
+        "--variants", nargs="+", default=None, help="only train these variants (no summary)"
+    )
     ablate.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     ablate.add_argument("--no_summary", action="store_true", help="train only")
 
 
 def _add_weights_flag(command) -> None:
-    command.add_argument("--weights", choices=("latest", "best"), default="latest",
-                         help="a training run's last checkpoint, or its best evaluation's "
-                              "weights (best.safetensors): %(default)s")
+    command.add_argument(
+        "--weights",
+        choices=("latest", "best"),
+        default="latest",
+        help="a training run's last checkpoint, or its best evaluation's "
+        "weights (best.safetensors): %(default)s",
+    )
 
 
 def _add_recipe(sub) -> None:
-    recipe = sub.add_parser("recipe", help="the recipe study: learning rate, batch and "
-                                           "timestep sampling over seeds, each run continued "
-                                           "to twice its steps")
+    recipe = sub.add_parser(
+        "recipe",
+        help="the recipe study: learning rate, batch and "
+        "timestep sampling over seeds, each run continued "
+        "to twice its steps",
+    )
     recipe.add_argument("--recipes", nargs="+", default=None, help="default: all")
     recipe.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     recipe.add_argument("--root", default="runs/recipe", help="where the runs go")
-    recipe.add_argument("--results", default="runs/recipe/recipe_study.json",
-                        help="the summary JSON (figures/recipe_study.json: the shipped one)")
-    recipe.add_argument("--check", action="store_true",
-                        help="train the recipe the finished study chooses on --check_seeds "
-                             "into --check_root, and report it beside the study")
+    recipe.add_argument(
+        "--results",
+        default="runs/recipe/recipe_study.json",
+        help="the summary JSON (figures/recipe_study.json: the shipped one)",
+    )
+    recipe.add_argument(
+        "--check",
+        action="store_true",
+        help="train the recipe the finished study chooses on --check_seeds "
+        "into --check_root, and report it beside the study",
+    )
     recipe.add_argument("--check_seeds", nargs="+", type=int, default=list(range(10)))
     recipe.add_argument("--check_root", default="runs/recipe/check")
-    recipe.add_argument("--figures", action="store_true",
-                        help="draw recipe_study.png (and recipe_check.png) beside --results")
+    recipe.add_argument(
+        "--figures",
+        action="store_true",
+        help="draw recipe_study.png (and recipe_check.png) beside --results",
+    )
     recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     recipe.add_argument("--no_summary", action="store_true", help="train only")
 
 
 def _add_measurements(sub) -> None:
     for name, help_text, samples in (
-            ("evaluate", "a ControlNet against the base and the VAE's ceiling, on the same "
-                         "evaluation conditions", 200),
-            ("control", "notebook 06's measurements of a Fill ControlNet: strength, timing, "
-                        "residuals during sampling, the empty prompt, two ControlNets at once, "
-                        "transfer to a fine-tune",
-             64)):
+        (
+            "evaluate",
+            "a ControlNet against the base and the VAE's ceiling, on the same "
+            "evaluation conditions",
+            200,
+        ),
+        (
+            "control",
+            "notebook 06's measurements of a Fill ControlNet: strength, timing, "
+            "residuals during sampling, the empty prompt, two ControlNets at once, "
+            "transfer to a fine-tune",
+            64,
+        ),
+    ):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("folder", help="a shipped ControlNet, e.g. models/controlnet-fill")
-        command.add_argument("--base", default=None if name == "evaluate" else TrainConfig.base,
-                             help="the base it controls (evaluate's default: the one its "
-                                  "run.json names)")
+        command.add_argument(
+            "--base",
+            default=None if name == "evaluate" else TrainConfig.base,
+            help="the base it controls (evaluate's default: the one its run.json names)",
+        )
         command.add_argument("--samples", type=int, default=samples)
-        command.add_argument("--profile", choices=sorted(PROFILES),  # control: notebook 06's
-                             default="quick" if name == "control" else "full",
-                             help="whose evaluation sampler (steps, guidance): %(default)s")
+        command.add_argument(
+            "--profile",
+            choices=sorted(PROFILES),  # control: notebook 06's
+            default="quick" if name == "control" else "full",
+            help="whose evaluation sampler (steps, guidance): %(default)s",
+        )
         command.add_argument("--threads", type=int, default=1)
         if name == "evaluate":
             _add_weights_flag(command)
         if name == "control":
-            command.add_argument("--segmentation", default="models/controlnet-segmentation",
-                                 help="a second ControlNet, composed with the first")
-            command.add_argument("--fine_tune", default="models/miniature-sd-cycled",
-                                 help="a fine-tune of the base, for the transfer measurement")
+            command.add_argument(
+                "--segmentation",
+                default="models/controlnet-segmentation",
+                help="a second ControlNet, composed with the first",
+            )
+            command.add_argument(
+                "--fine_tune",
+                default="models/miniature-sd-cycled",
+                help="a fine-tune of the base, for the transfer measurement",
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cnet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     lessons = sub.add_parser("lessons", help="run the math lessons headless, write figures")
     lessons.add_argument("--seed", type=int, default=0)
     lessons.add_argument("--steps", type=int, default=30)
     for name, help_text, skip in (
-            ("train", "train a ControlNet on the miniature base", ()),
-            ("compare", "runs that differ in one setting, side by side", ("out",))):
+        ("train", "train a ControlNet on the miniature base", ()),
+        ("compare", "runs that differ in one setting, side by side", ("out",)),
+    ):
         command = sub.add_parser(name, help=help_text)
-        command.add_argument("--profile", choices=sorted(PROFILES),
-                             help="quick (CPU, minutes) or full (the shipped run); default for "
-                                  "train: full on CUDA, quick otherwise; for compare: quick")
+        command.add_argument(
+            "--profile",
+            choices=sorted(PROFILES),
+            help="quick (CPU, minutes) or full (the shipped run); default for "
+            "train: full on CUDA, quick otherwise; for compare: quick",
+        )
         add_flags(command, TrainConfig, skip=skip)
     sub.choices["train"].add_argument(
-        "--figures", default=None, metavar="DIR",
+        "--figures",
+        default=None,
+        metavar="DIR",
         help="write the run's figures to DIR as 05_<profile>_*.png instead of <out>/figures "
-             "(e.g. --figures figures to replace the repository's)")
+        "(e.g. --figures figures to replace the repository's)",
+    )
     compare = sub.choices["compare"]
     compare.add_argument("--knob", required=True, help="the TrainConfig setting to vary")
     compare.add_argument("--values", required=True, nargs="+", help="its values, one run each")
     compare.add_argument("--label", default="", help="added to the figure's title")
     _add_ablate(sub)
     _add_recipe(sub)
-    course = sub.add_parser("course", help="stamp the repository's URL into the notebooks' "
-                                           "setup cells and the README's Colab links")
-    course.add_argument("--repo", required=True,
-                        help="the repository's git URL, e.g. https://github.com/you/cnet")
+    course = sub.add_parser(
+        "course",
+        help="stamp the repository's URL into the notebooks' "
+        "setup cells and the README's Colab links",
+    )
+    course.add_argument(
+        "--repo", required=True, help="the repository's git URL, e.g. https://github.com/you/cnet"
+    )
     course.add_argument("--branch", default="main", help="the branch Colab links open")
     course.add_argument("--root", default=".", help="the clone to stamp (default: here)")
     export = sub.add_parser("export", help="ship a finished run as a diffusers ControlNetModel")
     export.add_argument("run", help="the run folder (holds checkpoint.safetensors)")
     export.add_argument("out", help="the folder to ship, e.g. models/controlnet-fill")
     export.add_argument("--samples_kept", type=int, default=8)
-    export.add_argument("--half", action="store_true",
-                        help="store the weights in half precision (half the bytes)")
+    export.add_argument(
+        "--half", action="store_true", help="store the weights in half precision (half the bytes)"
+    )
     _add_weights_flag(export)
     _add_sample_and_bench(sub)
     _add_measurements(sub)
     return parser
 
 
-COMMANDS = {"lessons": run_lessons, "train": run_train, "compare": run_compare,
-            "ablate": run_ablate, "recipe": run_recipe, "course": run_course,
-            "export": run_export, "evaluate": run_evaluate, "control": run_control,
-            "bench": run_bench, "sample": run_sample}
+COMMANDS = {
+    "lessons": run_lessons,
+    "train": run_train,
+    "compare": run_compare,
+    "ablate": run_ablate,
+    "recipe": run_recipe,
+    "course": run_course,
+    "export": run_export,
+    "evaluate": run_evaluate,
+    "control": run_control,
+    "bench": run_bench,
+    "sample": run_sample,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

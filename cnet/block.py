@@ -111,9 +111,14 @@ class ControlledBlock(nn.Module):
             raise _shape_error("c", f"({n}, {self.condition_channels}, {h}, {w}) to match x", c)
 
     def _check_block_output(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[:2] != (
-            x.shape[0],
-            self.out_channels,
+        if (
+            not isinstance(y, torch.Tensor)
+            or y.dim() != 4
+            or y.shape[:2]
+            != (
+                x.shape[0],
+                self.out_channels,
+            )
         ):
             got = y if isinstance(y, torch.Tensor) else torch.empty(0)
             raise _shape_error(

@@ -42,25 +42,39 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
     for pid, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
             out[f"optimizer.{pid}.{name}"] = (
-                value if torch.is_tensor(value) else torch.tensor(value)
-            ).detach().cpu().contiguous()
+                (value if torch.is_tensor(value) else torch.tensor(value))
+                .detach()
+                .cpu()
+                .contiguous()
+            )
     return out
 
 
-def save_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None, step: int,
-                    config: Mapping[str, Any], wall_time_s: float = 0.0,
-                    extra: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    modules: Mapping[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    config: Mapping[str, Any],
+    wall_time_s: float = 0.0,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Weights of every module, the optimizer state, the step, the settings and the training
     time so far, in one file written to a temporary name and moved into place. ``extra``: more
     state a resume needs (e.g. fp16's loss scale), stored as JSON in the metadata under its
     keys."""
-    tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous()
-               for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    tensors = {
+        f"{prefix}.{k}": v.detach().cpu().contiguous()
+        for prefix, module in modules.items()
+        for k, v in module.state_dict().items()
+    }
     if optimizer is not None:
         tensors.update(_optimizer_tensors(optimizer))
-    metadata = {"step": str(step), "config": json.dumps(dict(config)),
-                "wall_time_s": f"{wall_time_s:.1f}"}
+    metadata = {
+        "step": str(step),
+        "config": json.dumps(dict(config)),
+        "wall_time_s": f"{wall_time_s:.1f}",
+    }
     metadata.update({key: json.dumps(value) for key, value in (extra or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -74,13 +88,17 @@ BEST_WEIGHTS = "best.safetensors"
 WEIGHTS = ("latest", "best")
 
 
-def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], step: int,
-                 metrics: Mapping[str, float]) -> None:
+def save_weights(
+    path: Path, modules: Mapping[str, torch.nn.Module], step: int, metrics: Mapping[str, float]
+) -> None:
     """The modules' weights at ``step`` with the evaluation they scored (``metrics``), written
     to a temporary name and moved into place, in the checkpoint's format without the
     optimizer."""
-    tensors = {f"{prefix}.{k}": v.detach().cpu().contiguous()
-               for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    tensors = {
+        f"{prefix}.{k}": v.detach().cpu().contiguous()
+        for prefix, module in modules.items()
+        for k, v in module.state_dict().items()
+    }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata={"step": str(step), "metrics": json.dumps(dict(metrics))})
     os.replace(tmp, path)
@@ -93,8 +111,10 @@ def weights_file(run: Path, weights: str = "latest") -> Path:
         raise SettingError(f"weights: {weights!r} is not allowed; expected latest or best")
     path = run / ("checkpoint.safetensors" if weights == "latest" else BEST_WEIGHTS)
     if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {run}: expected a training run"
-                                + (" that evaluated at least once" if weights == "best" else ""))
+        raise FileNotFoundError(
+            f"no {path.name} in {run}: expected a training run"
+            + (" that evaluated at least once" if weights == "best" else "")
+        )
     return path
 
 
@@ -110,13 +130,14 @@ def checkpoint_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def load_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None) -> int:
+def load_checkpoint(
+    path: Path, modules: Mapping[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None
+) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     step = int(checkpoint_metadata(path)["step"])
     tensors = load_file(path)
     for prefix, module in modules.items():
-        sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         module.load_state_dict(sub, strict=True)
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -134,8 +155,13 @@ def checkpoint_wall_time(path: Path) -> float:
     return float(checkpoint_metadata(path).get("wall_time_s", "nan"))
 
 
-def check_resumable(path: Path, settings: Mapping[str, Any], steps: int,
-                    may_change: Iterable[str], defaults: Mapping[str, Any] | None = None) -> None:
+def check_resumable(
+    path: Path,
+    settings: Mapping[str, Any],
+    steps: int,
+    may_change: Iterable[str],
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
     """Refuse to resume a checkpoint trained with other settings (except those in
     ``may_change``, which do not change what the steps already taken computed), or one that is
     already past the requested ``steps``. A setting the checkpoint does not record (it predates
@@ -143,8 +169,9 @@ def check_resumable(path: Path, settings: Mapping[str, Any], steps: int,
     metadata = checkpoint_metadata(path)
     step, saved = int(metadata["step"]), json.loads(metadata["config"])
     saved = {**(defaults or {}), **saved}
-    changed = [k for k, v in settings.items()
-               if k not in may_change and k in saved and saved[k] != v]
+    changed = [
+        k for k, v in settings.items() if k not in may_change and k in saved and saved[k] != v
+    ]
     if changed:
         raise SettingError(
             f"{path} was trained with other settings ("
@@ -161,6 +188,5 @@ def store_half(module: torch.nn.Module, folder: str | Path) -> None:
     diffusers' ``from_pretrained`` loads them back as float32), and round ``module`` to what is
     now stored, so that what a caller measures next is what ships."""
     half = {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
-    save_file(half, Path(folder) / "diffusion_pytorch_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(half, Path(folder) / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     module.load_state_dict({k: v.float() for k, v in half.items()})

@@ -268,8 +268,9 @@ class ControlNet(nn.Module):
         )
 
     @torch.no_grad()
-    def transferred(self, base: UNet2DConditionModel,
-                    fine_tune: UNet2DConditionModel) -> ControlNet:
+    def transferred(
+        self, base: UNet2DConditionModel, fine_tune: UNet2DConditionModel
+    ) -> ControlNet:
         r"""A copy of this ControlNet moved from the ``base`` it was trained on to a ``fine_tune``
         of that base, by the released code's rule (``tool_transfer_control.py``): every weight
         the copy took from the U-Net gets the fine-tune's change added,
@@ -286,8 +287,10 @@ class ControlNet(nn.Module):
                 continue  # the condition encoder and the zero convolutions
             for role, weights in (("base", base_weights), ("fine_tune", tuned_weights)):
                 if name not in weights or weights[name].shape != weight.shape:
-                    raise ValueError(f"{role}: not the U-Net this ControlNet was copied from "
-                                     f"({name} is {tuple(weight.shape)} in the ControlNet)")
+                    raise ValueError(
+                        f"{role}: not the U-Net this ControlNet was copied from "
+                        f"({name} is {tuple(weight.shape)} in the ControlNet)"
+                    )
             weight += (tuned_weights[name] - base_weights[name]).to(weight)
         return moved
 
@@ -426,9 +429,13 @@ class ControlNet(nn.Module):
         return ControlResiduals(down=down, mid=self.mid_zero_conv(h))
 
     def residuals(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor, condition: torch.Tensor | EncodedCondition,
-        scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        condition: torch.Tensor | EncodedCondition,
+        scale: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
         guess_rule: GuessRule = "released",
     ) -> ControlResiduals:
         r"""The residuals as the locked U-Net receives them: scaled by :func:`control_scales`,

@@ -55,7 +55,6 @@ __all__ = [
 HintEncoderKind = Literal["released", "paper"]
 
 
-
 @dataclass(frozen=True)
 class EncodedCondition:
     r"""A batch of conditions already encoded, :math:`Z(\mathcal{E}(c_i); \Theta_{z1})`: the term

@@ -93,8 +93,9 @@ def cfg_resolution_weights(heights: Sequence[int]) -> tuple[float, ...]:
     return tuple(heights[0] / h for h in heights)
 
 
-def guess_mode_scales(n_residuals: int = 13, rule: GuessRule = "released",
-                      heights: Sequence[int] | None = None) -> tuple[float, ...]:
+def guess_mode_scales(
+    n_residuals: int = 13, rule: GuessRule = "released", heights: Sequence[int] | None = None
+) -> tuple[float, ...]:
     r"""Guess mode's per-residual scales, shallow residuals weakest (the middle one 1 in the
     released and diffusers ramps).
 

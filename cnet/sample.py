@@ -80,9 +80,16 @@ def sample(
             eps = pipe.unet(x, t, encoder_hidden_states=embeds).sample
         else:
             outside = i / steps < control_guidance_start or (i + 1) / steps > control_guidance_end
-            residuals = controlled.residuals(x, t, embeds, conds,
-                                             _times(scales, 0.0 if outside else 1.0),
-                                             guess_mode, guess_rule, mask)
+            residuals = controlled.residuals(
+                x,
+                t,
+                embeds,
+                conds,
+                _times(scales, 0.0 if outside else 1.0),
+                guess_mode,
+                guess_rule,
+                mask,
+            )
             if on_residuals is not None:
                 on_residuals(i, residuals)
             eps = inject_residuals(pipe.unet, x, t, embeds, residuals)
@@ -103,8 +110,9 @@ def _times(scales, factor: float):
     return [_times(s, factor) for s in scales]
 
 
-def _control_inputs(controlled: ControlledUNet, conditions, n: int, cfg: bool, guess_mode: bool,
-                    device, dtype):
+def _control_inputs(
+    controlled: ControlledUNet, conditions, n: int, cfg: bool, guess_mode: bool, device, dtype
+):
     """The conditions as the batch needs them (doubled for classifier-free guidance), encoded,
     and which samples get control (guess mode with guidance: the conditional half only)."""
     conds = [conditions] if isinstance(conditions, torch.Tensor) else list(conditions)
@@ -120,8 +128,10 @@ def _control_inputs(controlled: ControlledUNet, conditions, n: int, cfg: bool, g
 
 def _check_window(start: float, end: float) -> None:
     if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"control_guidance_start, control_guidance_end: {start!r}, {end!r} are "
-                         "not allowed; expected 0 <= start < end <= 1")
+        raise ValueError(
+            f"control_guidance_start, control_guidance_end: {start!r}, {end!r} are "
+            "not allowed; expected 0 <= start < end <= 1"
+        )
 
 
 def _initial_latents(pipe, n: int, scheduler, generator, latents):
@@ -130,6 +140,10 @@ def _initial_latents(pipe, n: int, scheduler, generator, latents):
     device, dtype = pipe.unet.device, pipe.unet.dtype
     size = pipe.unet.config.sample_size
     if latents is None:
-        latents = randn_tensor((n, pipe.unet.config.in_channels, size, size),
-                               generator=generator, device=device, dtype=dtype)
+        latents = randn_tensor(
+            (n, pipe.unet.config.in_channels, size, size),
+            generator=generator,
+            device=device,
+            dtype=dtype,
+        )
     return latents.to(device, dtype) * scheduler.init_noise_sigma

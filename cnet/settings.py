@@ -46,18 +46,21 @@ def non_negative_int() -> Rule:
 
 
 def positive_number() -> Rule:
-    return (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
-            "a finite number > 0")
+    return (
+        lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+        "a finite number > 0",
+    )
 
 
 def non_negative_number() -> Rule:
-    return (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-            "a finite number >= 0")
+    return (
+        lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+        "a finite number >= 0",
+    )
 
 
 def fraction() -> Rule:
-    return (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0,
-            "a number from 0 to 1")
+    return (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a number from 0 to 1")
 
 
 def one_of(*choices: str) -> Rule:
@@ -87,21 +90,32 @@ def flag_type(field: dataclasses.Field) -> Callable[[str], Any]:
     return {"bool": parse_bool, "int": int, "float": float}.get(kind, str)
 
 
-def add_flags(parser: argparse.ArgumentParser, settings_class: type,
-              skip: tuple[str, ...] = ()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, settings_class: type, skip: tuple[str, ...] = ()
+) -> None:
     """One ``--<field>`` flag per field of ``settings_class`` (default: not given)."""
     for field in dataclasses.fields(settings_class):
         if field.name in skip:
             continue
         kind = flag_type(field)
-        parser.add_argument(f"--{field.name}", type=kind, default=None,
-                            metavar="true|false" if kind is parse_bool else None)
+        parser.add_argument(
+            f"--{field.name}",
+            type=kind,
+            default=None,
+            metavar="true|false" if kind is parse_bool else None,
+        )
 
 
-def settings_from_flags(settings_class: type, args: argparse.Namespace,
-                        profile: Mapping[str, Any]) -> Any:
+def settings_from_flags(
+    settings_class: type, args: argparse.Namespace, profile: Mapping[str, Any]
+) -> Any:
     """The profile's values with every flag given on the command line on top."""
     values = dict(profile)
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)
-                   if getattr(args, f.name, None) is not None})
+    values.update(
+        {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(settings_class)
+            if getattr(args, f.name, None) is not None
+        }
+    )
     return settings_class(**values)

@@ -54,8 +54,12 @@ def _gaussian_(conv: nn.Conv2d, gain: float, generator: torch.Generator | None) 
         p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) * std)
 
 
-def replace_connections(controlnet: ControlNet, kind: Connections, gain: float = 1.0,
-                        generator: torch.Generator | None = None) -> ControlNet:
+def replace_connections(
+    controlnet: ControlNet,
+    kind: Connections,
+    gain: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> ControlNet:
     r"""Give ``controlnet`` other connections than zero convolutions (in place; returns it).
 
     * ``"zero"``: leave them (the ControlNet of the paper);
@@ -68,8 +72,9 @@ def replace_connections(controlnet: ControlNet, kind: Connections, gain: float =
       copy's, stays a convolution, Gaussian-initialised with ``gain``.
     """
     if kind not in CONNECTIONS:
-        raise ValueError(f"connections: {kind!r} is not allowed; expected one of "
-                         + ", ".join(CONNECTIONS))
+        raise ValueError(
+            f"connections: {kind!r} is not allowed; expected one of " + ", ".join(CONNECTIONS)
+        )
     if not (math.isfinite(gain) and gain > 0):
         raise ValueError(f"connection_gain: {gain!r} is not allowed; expected a number > 0")
     if kind == "zero":
@@ -104,14 +109,19 @@ class LiteLevel(nn.Module):
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        self.resnets = nn.ModuleList(_LiteConv(r.in_channels, r.out_channels)
-                                     for r in block.resnets)
+        self.resnets = nn.ModuleList(
+            _LiteConv(r.in_channels, r.out_channels) for r in block.resnets
+        )
         downs = block.downsamplers or []
-        self.downsamplers = (nn.ModuleList(_LiteConv(d.channels, d.out_channels, stride=2)
-                                           for d in downs) if downs else None)
+        self.downsamplers = (
+            nn.ModuleList(_LiteConv(d.channels, d.out_channels, stride=2) for d in downs)
+            if downs
+            else None
+        )
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
-                **_text) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, **_text
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         h, skips = hidden_states, []
         for layer in [*self.resnets, *(self.downsamplers or [])]:
             h = layer(h)
@@ -127,8 +137,9 @@ class LiteMiddle(nn.Module):
         channels = mid_block.resnets[-1].out_channels
         self.resnets = nn.ModuleList([_LiteConv(channels, channels)])
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
-                **_text) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, **_text
+    ) -> torch.Tensor:
         return self.resnets[0](hidden_states)
 
 

@@ -50,8 +50,12 @@ def test_gaussian_std_follows_the_gain(unet):
     for gain in (1.0, 0.1):
         controlnet = _controlled(unet, kind="gaussian", gain=gain).controlnets[0]
         # each layer's weights in units of its default initialisation's std
-        scaled = torch.cat([z.weight.reshape(-1) / default_init_std(z)
-                            for z in [*controlnet.zero_convs, controlnet.mid_zero_conv]])
+        scaled = torch.cat(
+            [
+                z.weight.reshape(-1) / default_init_std(z)
+                for z in [*controlnet.zero_convs, controlnet.mid_zero_conv]
+            ]
+        )
         assert scaled.std().item() == pytest.approx(gain, rel=0.1)
 
 
@@ -99,8 +103,15 @@ def test_spread_and_differs():
 
 
 def test_first_three_updates_exactly(base, tmp_path):
-    config = TrainConfig(base=str(base), out=str(tmp_path), batch_size=4, train_size=16,
-                         eval_size=4, lr=2e-3, device="cpu")
+    config = TrainConfig(
+        base=str(base),
+        out=str(tmp_path),
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        lr=2e-3,
+        device="cpu",
+    )
     report = first_updates(config)
     residual, hint_zero, hint_inner, copy = GROUPS
     zero = [{g for g in GROUPS if u[g]["grad_exactly_zero"]} for u in report["updates"]]
@@ -116,8 +127,17 @@ def test_first_three_updates_exactly(base, tmp_path):
 
 
 def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
-    settings = dict(base=str(base), steps=6, eval_every=1, batch_size=4, train_size=16,
-                    eval_size=4, eval_steps=2, lr=2e-3, device="cpu")
+    settings = dict(
+        base=str(base),
+        steps=6,
+        eval_every=1,
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        eval_steps=2,
+        lr=2e-3,
+        device="cpu",
+    )
     monkeypatch.setattr(ablate, "ABLATION_SETTINGS", settings)
     root = tmp_path / "ablate"
     runs = ablate.run_studies(["lite"], seeds=[0], root=root)
@@ -130,15 +150,25 @@ def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
     assert default["aggregate"]["copy_drift"]["min"] > 0
     assert len(default["runs"][0]["curves"]["eval_steps"]) == 7
     assert set(result["studies"]["lite"]["differs_from_reference"]["lite"]) == set(
-        default["aggregate"])
+        default["aggregate"]
+    )
     log = read_log(runs[0])  # the cascade in the log: the encoder's inner layers from update 3
     assert log.hint_grad_norm[:2] == [0.0, 0.0] and log.hint_grad_norm[2] > 0
     assert log.copy_grad_norm[0] == 0.0 and log.copy_grad_norm[1] > 0
 
 
 def test_a_continued_variant_starts_from_the_run_it_continues(base, tmp_path, monkeypatch):
-    settings = dict(base=str(base), steps=4, eval_every=2, batch_size=4, train_size=16,
-                    eval_size=4, eval_steps=2, lr=2e-3, device="cpu")
+    settings = dict(
+        base=str(base),
+        steps=4,
+        eval_every=2,
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        eval_steps=2,
+        lr=2e-3,
+        device="cpu",
+    )
     monkeypatch.setattr(ablate, "ABLATION_SETTINGS", settings)
     monkeypatch.setitem(ablate.VARIANTS, "default-1200", {"steps": 6})
     root = tmp_path / "ablate"
@@ -154,8 +184,9 @@ def test_shipped_results_hold_the_cascade_and_every_seed():
     assert set(result["studies"]) == set(ablate.STUDIES)
     for variant in result["variants"].values():
         assert [r["seed"] for r in variant["runs"]] == result["seeds"] and len(result["seeds"]) >= 3
-    zero = [{g for g in GROUPS if u[g]["grad_exactly_zero"]}
-            for u in result["first_updates"]["updates"]]
+    zero = [
+        {g for g in GROUPS if u[g]["grad_exactly_zero"]} for u in result["first_updates"]["updates"]
+    ]
     assert zero == [set(GROUPS[1:]), {GROUPS[2]}, set()]
     assert result["variants"]["default"]["aggregate"]["step0_deviation"]["max"] == 0.0
     assert result["command"].startswith("python -m cnet ablate")

@@ -48,8 +48,9 @@ def test_peak_memory_of_a_training_step_adds_up():
 
 def test_interleaved_times_runs_each_in_turn():
     order = []
-    times = interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                              repeats=3, warmup=1)
+    times = interleaved_times(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1
+    )
     assert order == ["a", "b"] * 4 and all(len(t) == 3 for t in times.values())
 
 
@@ -58,8 +59,11 @@ def test_quick_bench_writes_every_suite(tmp_path, capsys):
     for name in SUITES:
         record = json.loads((tmp_path / f"{name}.json").read_text())
         _check_record(record, name, "quick")
-    assert {p.name for p in tmp_path.glob("*.png")} == {"step_cost.png", "loop_cost.png",
-                                                          "scaling.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "step_cost.png",
+        "loop_cost.png",
+        "scaling.png",
+    }
     sampling = json.loads((tmp_path / "sampling_cost.json").read_text())["results"]
     assert sampling["bit_for_bit"] is True  # exact, not timed: encoding once changes no number
     step = json.loads((tmp_path / "step_cost.json").read_text())["results"][0]
@@ -74,9 +78,13 @@ def _check_record(record: dict, name: str, plan: str) -> None:
     assert {"torch", "cpu", "threads"} <= set(record["machine"]) and record["date"]
     results = record["results"]
     for entry in results if isinstance(results, list) else [results]:
-        numbers = {"step_cost": ("time_ratio", "memory_ratio"), "loop_cost": ("speedup",),
-                   "scaling": (), "loop_overheads": ("data_share", "logging_ratio"),
-                   "sampling_cost": ("time_ratio",)}[name]
+        numbers = {
+            "step_cost": ("time_ratio", "memory_ratio"),
+            "loop_cost": ("speedup",),
+            "scaling": (),
+            "loop_overheads": ("data_share", "logging_ratio"),
+            "sampling_cost": ("time_ratio",),
+        }[name]
         for key in numbers:
             assert math.isfinite(entry[key]) and entry[key] > 0, key
         if name == "scaling":
@@ -100,8 +108,9 @@ def test_a_bench_run_writes_outside_the_committed_results_unless_asked():
 def test_the_readmes_quote_the_committed_results():
     from cnet.bench.report import tables
 
-    results = {n: json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text())
-               for n in SUITES}
+    results = {
+        n: json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text()) for n in SUITES
+    }
     quoted = tables(results)
     bench_readme = (ROOT / "bench" / "README.md").read_text()
     for name, table in quoted.items():

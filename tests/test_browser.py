@@ -21,13 +21,22 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium to drive"),
-              pytest.mark.slow]
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no chromium to drive"),
+    pytest.mark.slow,
+]
 
 # what the probe of this machine kind found Chromium needs on a closed network, as root
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _free_port() -> int:
@@ -40,13 +49,28 @@ def _free_port() -> int:
 def lab(tmp_path):
     """A JupyterLab server on a free port, serving ``tmp_path``; yields its base URL."""
     port, token = _free_port(), "cnet-browser-test"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / ".jupyter"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / ".runtime")}
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / ".jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / ".runtime"),
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", "--allow-root",
-         f"--ServerApp.root_dir={tmp_path}", "--LabApp.expose_app_in_browser=True"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            "--allow-root",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--LabApp.expose_app_in_browser=True",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "lab.log", "w"),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -65,10 +89,17 @@ def lab(tmp_path):
 
 def _write_notebook(path) -> None:
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(
-        "from cnet.course.widgets import ScalesExplorer\n\nexplorer = ScalesExplorer()\nexplorer")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "from cnet.course.widgets import ScalesExplorer\n\n"
+            "explorer = ScalesExplorer()\nexplorer"
+        )
+    ]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nbformat.write(nb, path)
 
 
@@ -85,7 +116,8 @@ def test_moving_a_slider_in_jupyterlab_redraws_the_explorer(lab, tmp_path):
                 " && window.jupyterapp.shell.currentWidget.sessionContext"
                 " && window.jupyterapp.shell.currentWidget.sessionContext.session"
                 " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
-                timeout=90_000)
+                timeout=90_000,
+            )
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
             picture = page.locator(".jp-OutputArea img").first
             picture.wait_for(timeout=90_000)
@@ -99,10 +131,15 @@ def test_moving_a_slider_in_jupyterlab_redraws_the_explorer(lab, tmp_path):
                 "([src, text]) => { const img = document.querySelector('.jp-OutputArea img');"
                 " const html = document.querySelector('.widget-html-content');"
                 " return img && html && img.src !== src && html.innerText !== text; }",
-                arg=[before_src, before_text], timeout=60_000)
+                arg=[before_src, before_text],
+                timeout=60_000,
+            )
             page.screenshot(path=str(tmp_path / "after.png"))
             after_text = summary.inner_text()
         finally:
             browser.close()
     assert "residual 0 × 1," in before_text and "residual 0 × 1.05," in after_text, (
-        before_text, after_text, f"screenshots in {tmp_path}")
+        before_text,
+        after_text,
+        f"screenshots in {tmp_path}",
+    )

@@ -20,8 +20,10 @@ REPO_FIGURES = repo_root() / "figures"
         (["--steps", "-1"], "steps: -1 is not allowed; expected an integer >= 1"),
         (["--batch_size", "0"], "batch_size: 0 is not allowed; expected an integer >= 1"),
         (["--lr", "nan"], "lr: nan is not allowed; expected a finite number > 0"),
-        (["--empty_prompt_ratio", "1.5"],
-         "empty_prompt_ratio: 1.5 is not allowed; expected a number from 0 to 1"),
+        (
+            ["--empty_prompt_ratio", "1.5"],
+            "empty_prompt_ratio: 1.5 is not allowed; expected a number from 0 to 1",
+        ),
         (["--grad_accum", "0"], "grad_accum: 0 is not allowed; expected an integer >= 1"),
         (["--task", "sketch"], "task: 'sketch' is not allowed; expected one of fill, outline"),
         (["--base", "/nonexistent"], "base: '/nonexistent' is not a diffusers pipeline folder"),
@@ -78,13 +80,39 @@ def _fingerprint(folder):
 def test_a_run_writes_its_figures_into_its_own_folder(base, tmp_path, capsys):
     before = _fingerprint(REPO_FIGURES)
     out = tmp_path / "run"
-    code = main(["train", "--profile", "quick", "--base", str(base), "--out", str(out),
-                 "--steps", "2", "--batch_size", "2", "--train_size", "8", "--eval_size", "2",
-                 "--eval_every", "1", "--eval_steps", "2", "--checkpoint_every", "1"])
+    code = main(
+        [
+            "train",
+            "--profile",
+            "quick",
+            "--base",
+            str(base),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--train_size",
+            "8",
+            "--eval_size",
+            "2",
+            "--eval_every",
+            "1",
+            "--eval_steps",
+            "2",
+            "--checkpoint_every",
+            "1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     written = sorted(p.name for p in (out / "figures").iterdir())
-    assert written == ["fidelity_and_loss.png", "first_steps_gradients.png",
-                       "samples_over_training.png", "zero_conv_growth.png"]
+    assert written == [
+        "fidelity_and_loss.png",
+        "first_steps_gradients.png",
+        "samples_over_training.png",
+        "zero_conv_growth.png",
+    ]
     assert _fingerprint(REPO_FIGURES) == before
 
 
@@ -95,11 +123,25 @@ def test_a_pretraining_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_p
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_file({"vae.x": torch.zeros(1)}, str(run_dir / "vae.safetensors"),
-              metadata={"meta": '{"step": 2, "elapsed_s": 1.0}'})
+    save_file(
+        {"vae.x": torch.zeros(1)},
+        str(run_dir / "vae.safetensors"),
+        metadata={"meta": '{"step": 2, "elapsed_s": 1.0}'},
+    )
     with pytest.raises(SystemExit, match="from an earlier cnet whose format is no longer read"):
-        world_main(["pretrain", "--out", str(tmp_path / "m"), "--run_dir", str(run_dir),
-                    "--vae_steps", "4", "--unet_steps", "2"])
+        world_main(
+            [
+                "pretrain",
+                "--out",
+                str(tmp_path / "m"),
+                "--run_dir",
+                str(run_dir),
+                "--vae_steps",
+                "4",
+                "--unet_steps",
+                "2",
+            ]
+        )
     assert not (tmp_path / "m").exists()
 
 
@@ -129,13 +171,34 @@ def test_evaluate_refuses_bad_values_in_one_line(tmp_path, capsys):
 def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CNET_FIGURES", str(tmp_path))
     shipped = repo_root() / "models" / "controlnet-fill"
-    assert main(["control", str(shipped), "--samples", "2",  # the default: the quick sampler
-                 "--base", str(repo_root() / "models" / "miniature-sd"),
-                 "--segmentation", str(repo_root() / "models" / "controlnet-segmentation"),
-                 "--fine_tune", str(repo_root() / "models" / "miniature-sd-cycled")]) == 0
-    names = {"06_strength", "06_strength_samples", "06_timing", "06_timing_samples",
-             "06_residuals_during_sampling", "06_prompt_free", "06_prompt_free_samples",
-             "06_composition", "06_transfer"}
+    assert (
+        main(
+            [
+                "control",
+                str(shipped),
+                "--samples",
+                "2",  # the default: the quick sampler
+                "--base",
+                str(repo_root() / "models" / "miniature-sd"),
+                "--segmentation",
+                str(repo_root() / "models" / "controlnet-segmentation"),
+                "--fine_tune",
+                str(repo_root() / "models" / "miniature-sd-cycled"),
+            ]
+        )
+        == 0
+    )
+    names = {
+        "06_strength",
+        "06_strength_samples",
+        "06_timing",
+        "06_timing_samples",
+        "06_residuals_during_sampling",
+        "06_prompt_free",
+        "06_prompt_free_samples",
+        "06_composition",
+        "06_transfer",
+    }
     assert {p.stem for p in tmp_path.glob("*.png")} == names
     numbers = json.loads((tmp_path / "06_control.json").read_text())
     assert numbers["conditions"] == 2 and len(numbers["strength"]) == 7
@@ -144,12 +207,18 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     # scale 0 adds nothing: the base alone, the same number
     assert numbers["strength"][0]["iou"] == numbers["base_alone"]["iou"]
     assert [(r["mode"], r["guidance"]) for r in numbers["prompt_free"]][:3] == [
-        ("base alone", 3.0), ("plain", 3.0), ("plain", 7.5)]
+        ("base alone", 3.0),
+        ("plain", 3.0),
+        ("plain", 7.5),
+    ]
     assert len(numbers["prompt_free"]) == 7
     assert [r["composition"] for r in numbers["composition"]][0] == "base alone"
     assert len(numbers["composition"]) == 5 and numbers["composition"][0]["n"] == 2
     assert numbers["transfer"]["fine_tune"] == "miniature-sd-cycled"
     assert [r["model"] for r in numbers["transfer"]["rows"]] == [
-        "fine-tune alone", "ControlNet unchanged", "ControlNet transferred"]
+        "fine-tune alone",
+        "ControlNet unchanged",
+        "ControlNet transferred",
+    ]
     assert main(["control", str(shipped), "--samples", "1"]) == 2
     assert "samples: 1 is not allowed" in capsys.readouterr().err

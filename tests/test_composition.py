@@ -28,8 +28,10 @@ def test_scenes_are_two_objects_apart_each_asked_for_by_its_own_condition():
     assert (data.colours != data.background[:, None]).all()
 
 
-@pytest.mark.skipif(not (MODELS / "controlnet-segmentation").exists(),
-                    reason="the shipped segmentation ControlNet is not in this checkout")
+@pytest.mark.skipif(
+    not (MODELS / "controlnet-segmentation").exists(),
+    reason="the shipped segmentation ControlNet is not in this checkout",
+)
 def test_residuals_added_are_diffusers_multicontrolnet_on_the_shipped_controlnets():
     from diffusers import StableDiffusionControlNetPipeline
 
@@ -39,18 +41,37 @@ def test_residuals_added_are_diffusers_multicontrolnet_on_the_shipped_controlnet
 
     torch.set_num_threads(2)
     base = load_base(MODELS / "miniature-sd")
-    fill, segmentation = (load_controlnet(MODELS / n)
-                          for n in ("controlnet-fill", "controlnet-segmentation"))
+    fill, segmentation = (
+        load_controlnet(MODELS / n) for n in ("controlnet-fill", "controlnet-segmentation")
+    )
     data = composition_scenes(4)
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     pipe = StableDiffusionControlNetPipeline(
-        **base.components, controlnet=[to_diffusers(fill), to_diffusers(segmentation)],
-        requires_safety_checker=False)
+        **base.components,
+        controlnet=[to_diffusers(fill), to_diffusers(segmentation)],
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(data.prompts, image=[data.outline, data.segmentation], num_inference_steps=10,
-                  guidance_scale=3.0, latents=latents.clone(), output_type="pt").images * 2 - 1
-    ours = sample(base, ControlledUNet(base.unet, [fill, segmentation]), data.prompts,
-                  [data.outline, data.segmentation], num_inference_steps=10, guidance_scale=3.0,
-                  latents=latents.clone())
+    theirs = (
+        pipe(
+            data.prompts,
+            image=[data.outline, data.segmentation],
+            num_inference_steps=10,
+            guidance_scale=3.0,
+            latents=latents.clone(),
+            output_type="pt",
+        ).images
+        * 2
+        - 1
+    )
+    ours = sample(
+        base,
+        ControlledUNet(base.unet, [fill, segmentation]),
+        data.prompts,
+        [data.outline, data.segmentation],
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        latents=latents.clone(),
+    )
     assert type(pipe.controlnet).__name__ == "MultiControlNetModel"
     assert (ours - theirs).abs().max() <= 2e-5

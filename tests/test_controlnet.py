@@ -379,8 +379,13 @@ def test_a_condition_encoded_once_gives_the_same_residuals_bit_for_bit(unet):
     mask = torch.tensor([False, True])
     controlled = ControlledUNet(unet, net)
     # guess mode's mask picks rows of the encoded batch (the encoder saw both rows: float error)
-    assert max_abs_diff(controlled(x, t, text, encoded, control_mask=mask),
-                        controlled(x, t, text, c, control_mask=mask)) < TOL
+    assert (
+        max_abs_diff(
+            controlled(x, t, text, encoded, control_mask=mask),
+            controlled(x, t, text, c, control_mask=mask),
+        )
+        < TOL
+    )
     with pytest.raises(ValueError, match="condition: encoded by another ControlNet's"):
         other(x, t, text, encoded)
     with pytest.raises(ValueError, match=r"condition: expected shape \(1, .*, 8, 16\), encoded"):
@@ -429,10 +434,14 @@ def test_transfer_rule_adds_the_fine_tunes_change_to_the_copy_only(unet):
     base_weights, tuned_weights = unet.state_dict(), tuned.state_dict()
     copied = [k for k in moved if k.startswith(("conv_in", "time_", "down_blocks", "mid_block"))]
     assert len(copied) == len(base_weights) - sum(  # every U-Net weight but the decoder side
-        k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in base_weights)
+        k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in base_weights
+    )
     for name, weight in moved.items():
-        expected = before[name] + (tuned_weights[name] - base_weights[name]) if name in copied \
+        expected = (
+            before[name] + (tuned_weights[name] - base_weights[name])
+            if name in copied
             else before[name]
+        )
         assert torch.equal(weight, expected), name
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     other = tiny_unet(unet_config(2, 1, 8, (True, False)))

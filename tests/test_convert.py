@@ -211,9 +211,7 @@ def test_official_state_dict_loads_and_exports_back_key_for_key(pair, tmp_path):
             checkpoint = tmp_path / "control.pth"
             torch.save({"state_dict": full}, checkpoint)
         else:
-            checkpoint = save_official(
-                from_diffusers(reference), tmp_path / "c.safetensors"
-            )
+            checkpoint = save_official(from_diffusers(reference), tmp_path / "c.safetensors")
         net = from_official(unet, checkpoint)
         assert _residual_err(unet, net, reference) == 0.0, source
         back = to_official_state_dict(net)

@@ -27,8 +27,19 @@ WEIGHT_TOLERANCE = 0.1 * LR
 
 def _flags(base, out, **kw):
     # uniform timesteps: the draws the tolerance above was measured with
-    settings = dict(base=base, out=out, steps=4, batch_size=4, train_size=16, eval_size=4,
-                    eval_every=0, checkpoint_every=2, lr=LR, device="cpu", timesteps="uniform")
+    settings = dict(
+        base=base,
+        out=out,
+        steps=4,
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        eval_every=0,
+        checkpoint_every=2,
+        lr=LR,
+        device="cpu",
+        timesteps="uniform",
+    )
     settings.update(kw)
     return settings
 
@@ -36,11 +47,19 @@ def _flags(base, out, **kw):
 def _torchrun(script_args, tmp_path):
     """Two CPU processes, as a user starts them: torchrun sets the environment accelerate reads
     (ranks, world size, rendezvous), and accelerate builds the gloo process group."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", *script_args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *script_args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=300)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
 
 
 def _cli(settings):
@@ -60,8 +79,7 @@ def two_process_run(base, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_of_the_same_global_batch(base, tmp_path,
-                                                                  two_process_run):
+def test_two_processes_equal_one_process_of_the_same_global_batch(base, tmp_path, two_process_run):
     two, done = two_process_run
     assert done.stdout.count("done: 4 steps") == 1  # the main process reports, once
     assert json.loads((two / "run.json").read_text())["processes"] == 2
@@ -124,9 +142,16 @@ def test_a_killed_two_process_run_resumes_exactly(base, tmp_path, two_process_ru
 
 
 def test_bf16_autocast_on_cpu_trains_and_its_loss_tracks_fp32(base, tmp_path):
-    runs = {p: train(TrainConfig(**_flags(str(base), str(tmp_path / p), mixed_precision=p,
-                                          steps=6, checkpoint_every=6)))
-            for p in ("no", "bf16")}
+    runs = {
+        p: train(
+            TrainConfig(
+                **_flags(
+                    str(base), str(tmp_path / p), mixed_precision=p, steps=6, checkpoint_every=6
+                )
+            )
+        )
+        for p in ("no", "bf16")
+    }
     assert runs["bf16"]["mixed_precision"] == "bf16"
     fp32, bf16 = _log(tmp_path / "no"), _log(tmp_path / "bf16")
     for a, b in zip(fp32, bf16, strict=True):
@@ -142,20 +167,23 @@ def test_bf16_autocast_on_cpu_trains_and_its_loss_tracks_fp32(base, tmp_path):
 def _cpu_fp16(init_scale):
     """accelerate runs fp16 with loss scaling on GPUs only; torch has float16 autocast and a
     GradScaler on the CPU too, so this switches accelerate's fp16 path on there, unchanged."""
+
     def make(config):
         accelerator = make_accelerator(config)
         accelerator.state._mixed_precision = "fp16"
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
         return accelerator
+
     return make
 
 
 def test_fp16_with_loss_scaling_logs_true_gradients_skips_overflows_and_resumes(
-        base, tmp_path, monkeypatch):
+    base, tmp_path, monkeypatch
+):
     fp32 = tmp_path / "fp32"
     train(TrainConfig(**_flags(str(base), str(fp32))))
-    monkeypatch.setattr(loop, "make_accelerator", _cpu_fp16(init_scale=2.0 ** 8))
+    monkeypatch.setattr(loop, "make_accelerator", _cpu_fp16(init_scale=2.0**8))
     train(TrainConfig(**_flags(str(base), str(tmp_path / "fp16"))))
     first32, first16 = _log(fp32)[0], _log(tmp_path / "fp16")[0]
     # computed in float16 (autocast is on), so close to the fp32 loss but not equal to it
@@ -164,7 +192,7 @@ def test_fp16_with_loss_scaling_logs_true_gradients_skips_overflows_and_resumes(
     for name, norm in first32["grad_norm"].items():  # unscaled before they are logged
         assert first16["grad_norm"][name] == pytest.approx(norm, rel=0.02, abs=1e-9), name
     with safe_open(str(tmp_path / "fp16" / "checkpoint.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["grad_scaler"])["scale"] == 2.0 ** 8
+        assert json.loads(f.metadata()["grad_scaler"])["scale"] == 2.0**8
     # resume: the loss scale comes back with the weights, and the run goes on exactly
     train(TrainConfig(**_flags(str(base), str(tmp_path / "half"), steps=2)))
     train(TrainConfig(**_flags(str(base), str(tmp_path / "half"))))
@@ -173,12 +201,12 @@ def test_fp16_with_loss_scaling_logs_true_gradients_skips_overflows_and_resumes(
 
     # a scale so large that float16 overflows: the update is skipped (no weight moves, not even
     # by weight decay) and the scale backs off
-    monkeypatch.setattr(loop, "make_accelerator", _cpu_fp16(init_scale=2.0 ** 60))
+    monkeypatch.setattr(loop, "make_accelerator", _cpu_fp16(init_scale=2.0**60))
     log = []
     train(TrainConfig(**_flags(str(base), str(tmp_path / "over"), steps=2)), on_log=log.append)
     assert log[0].get("update_skipped") and log[1]["weight_norm"] == log[0]["weight_norm"]
     with safe_open(str(tmp_path / "over" / "checkpoint.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["grad_scaler"])["scale"] < 2.0 ** 60
+        assert json.loads(f.metadata()["grad_scaler"])["scale"] < 2.0**60
 
 
 def test_gradient_checkpointing_changes_memory_not_the_numbers(base, tmp_path):
@@ -188,8 +216,11 @@ def test_gradient_checkpointing_changes_memory_not_the_numbers(base, tmp_path):
     a, b = (load_file(run / "checkpoint.safetensors") for run in (plain, tmp_path / "ckpt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # switched on or off, a run resumes: it recomputes the same activations
-    train(TrainConfig(**_flags(str(base), str(tmp_path / "mixed"), steps=2,
-                               gradient_checkpointing=True)))
+    train(
+        TrainConfig(
+            **_flags(str(base), str(tmp_path / "mixed"), steps=2, gradient_checkpointing=True)
+        )
+    )
     train(TrainConfig(**_flags(str(base), str(tmp_path / "mixed"))))
     c = load_file(tmp_path / "mixed" / "checkpoint.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
@@ -198,8 +229,10 @@ def test_gradient_checkpointing_changes_memory_not_the_numbers(base, tmp_path):
 def test_precision_and_process_settings_are_checked_before_any_work(base, tmp_path):
     assert resolve_precision("auto", torch.device("cpu")) == "no"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(SettingError, match="mixed_precision: 'fp32' is not allowed; expected "
-                                           "one of auto, no, fp16, bf16"):
+    with pytest.raises(
+        SettingError,
+        match="mixed_precision: 'fp32' is not allowed; expected one of auto, no, fp16, bf16",
+    ):
         TrainConfig(base=str(base), mixed_precision="fp32").check()
     with pytest.raises(SettingError, match="mixed_precision: 'fp16' is not allowed on the CPU"):
         train(TrainConfig(**_flags(str(base), str(tmp_path / "x"), mixed_precision="fp16")))

@@ -37,11 +37,15 @@ def bases(tmp_path_factory):
     plain.save_pretrained(root / "sd1")
     torch.manual_seed(0)
     sd2 = StableDiffusionPipeline(
-        vae=plain.vae, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
+        vae=plain.vae,
+        text_encoder=plain.text_encoder,
+        tokenizer=plain.tokenizer,
         unet=UNet2DConditionModel.from_config(plain.unet.config, use_linear_projection=True),
-        scheduler=DDIMScheduler.from_config(plain.scheduler.config,
-                                            prediction_type="v_prediction"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=DDIMScheduler.from_config(plain.scheduler.config, prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     sd2.save_pretrained(root / "sd2")
     return {"sd1": root / "sd1", "sd2": root / "sd2"}
 
@@ -49,13 +53,25 @@ def bases(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return {layout: export_folder(root / layout, layout, PAIRS) for layout in
-            ("tutorial", "imagefolder")}
+    return {
+        layout: export_folder(root / layout, layout, PAIRS)
+        for layout in ("tutorial", "imagefolder")
+    }
 
 
 def _config(base, data, out, **kw):
-    settings = dict(base=str(base), data=str(data), out=str(out), steps=4, batch_size=4,
-                    eval_size=4, eval_every=2, eval_steps=2, checkpoint_every=2, device="cpu")
+    settings = dict(
+        base=str(base),
+        data=str(data),
+        out=str(out),
+        steps=4,
+        batch_size=4,
+        eval_size=4,
+        eval_every=2,
+        eval_steps=2,
+        checkpoint_every=2,
+        device="cpu",
+    )
     settings.update(kw)
     return TrainConfig(**settings)
 
@@ -92,7 +108,10 @@ def test_a_folder_run_resumes_exactly_validates_and_ships(bases, data, tmp_path)
     a, b = (load_file(tmp_path / r / "checkpoint.safetensors") for r in ("straight", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (tmp_path / "cut" / "validation").iterdir()) == [
-        "step_000000.png", "step_000002.png", "step_000004.png"]
+        "step_000000.png",
+        "step_000002.png",
+        "step_000004.png",
+    ]
     shipped = export_run(tmp_path / "straight", tmp_path / "shipped")
     _runs_in_diffusers_pipeline(bases["sd1"], shipped / "controlnet")
 
@@ -100,34 +119,69 @@ def test_a_folder_run_resumes_exactly_validates_and_ships(bases, data, tmp_path)
 def _runs_in_diffusers_pipeline(base, controlnet_folder):
     controlnet = ControlNetModel.from_pretrained(controlnet_folder)
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False)
+        base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("red circle with blue background", image=torch.rand(1, 3, 64, 64),
-                 num_inference_steps=2, output_type="pt").images
+    image = pipe(
+        "red circle with blue background",
+        image=torch.rand(1, 3, 64, 64),
+        num_inference_steps=2,
+        output_type="pt",
+    ).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
 def test_metadata_columns_are_named_as_in_diffusers_script(bases, data, tmp_path):
     folder = tmp_path / "renamed"
     folder.mkdir()
-    rows = [json.loads(line) for line in
-            (data["imagefolder"] / "metadata.jsonl").read_text().splitlines()]
-    renamed = [{"target": str(data["imagefolder"] / r["image"]), "caption": r["text"],
-                "hint": str(data["imagefolder"] / r["conditioning_image"])} for r in rows]
+    rows = [
+        json.loads(line)
+        for line in (data["imagefolder"] / "metadata.jsonl").read_text().splitlines()
+    ]
+    renamed = [
+        {
+            "target": str(data["imagefolder"] / r["image"]),
+            "caption": r["text"],
+            "hint": str(data["imagefolder"] / r["conditioning_image"]),
+        }
+        for r in rows
+    ]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in renamed))
-    with pytest.raises(SettingError, match="has no 'image' column; it has caption, hint, "
-                                           r"target \(or name it with --image_column\)"):
+    with pytest.raises(
+        SettingError,
+        match="has no 'image' column; it has caption, hint, "
+        r"target \(or name it with --image_column\)",
+    ):
         train(_config(bases["sd1"], folder, tmp_path / "a", steps=1))
-    summary = train(_config(bases["sd1"], folder, tmp_path / "b", steps=2, eval_every=0,
-                            image_column="target", conditioning_image_column="hint",
-                            caption_column="caption"))
+    summary = train(
+        _config(
+            bases["sd1"],
+            folder,
+            tmp_path / "b",
+            steps=2,
+            eval_every=0,
+            image_column="target",
+            conditioning_image_column="hint",
+            caption_column="caption",
+        )
+    )
     assert summary["steps"] == 2
     # a Hugging Face datasets image folder: file_name, conditioning_image_file_name
     hub_style = tmp_path / "hub-style"
     hub_style.mkdir()
-    (hub_style / "metadata.jsonl").write_text("".join(
-        json.dumps({"file_name": r["target"], "conditioning_image_file_name": r["hint"],
-                    "text": r["caption"]}) + "\n" for r in renamed))
+    (hub_style / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "file_name": r["target"],
+                    "conditioning_image_file_name": r["hint"],
+                    "text": r["caption"],
+                }
+            )
+            + "\n"
+            for r in renamed
+        )
+    )
     pairs = folders.read_folder(hub_style)
     assert [str(p) for p in pairs.images] == [r["target"] for r in renamed]
     assert [str(p) for p in pairs.conditions] == [r["hint"] for r in renamed]
@@ -138,10 +192,13 @@ def test_an_sd2_style_base_trains_on_the_velocity(bases, data, tmp_path):
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     assert scheduler.config.prediction_type == "v_prediction"
     g = torch.Generator().manual_seed(0)
-    batch = {"latents": torch.randn(2, 4, 8, 8, generator=g),
-             "noise": torch.randn(2, 4, 8, 8, generator=g), "timesteps": torch.tensor([10, 900]),
-             "embeddings": torch.randn(2, 16, 32, generator=g),
-             "condition": torch.rand(2, 3, 64, 64)}
+    batch = {
+        "latents": torch.randn(2, 4, 8, 8, generator=g),
+        "noise": torch.randn(2, 4, 8, 8, generator=g),
+        "timesteps": torch.tensor([10, 900]),
+        "embeddings": torch.randn(2, 16, 32, generator=g),
+        "condition": torch.rand(2, 3, 64, 64),
+    }
 
     def predicts(zt, t, embeddings, condition):
         return torch.zeros_like(zt)
@@ -186,20 +243,51 @@ def test_caching_resumes_at_the_first_missing_shard(bases, data, tmp_path, monke
 def test_sample_from_a_checkpoint(bases, data, tmp_path, capsys):
     train(_config(bases["sd1"], data["tutorial"], tmp_path / "run", steps=2, eval_every=0))
     out = tmp_path / "sample.png"
-    code = main(["sample", "--controlnet", str(tmp_path / "run"), "--condition",
-                 str(data["tutorial"] / "source" / "0.png"),
-                 str(data["tutorial"] / "source" / "1.png"),
-                 "--prompt", "red circle with blue background", "--steps", "2",
-                 "--out", str(out)])
+    code = main(
+        [
+            "sample",
+            "--controlnet",
+            str(tmp_path / "run"),
+            "--condition",
+            str(data["tutorial"] / "source" / "0.png"),
+            str(data["tutorial"] / "source" / "1.png"),
+            "--prompt",
+            "red circle with blue background",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and out.is_file()
     from PIL import Image
 
     assert Image.open(out).size == (2 * 64, 2 * 64)  # two pairs: condition above sample
     assert "edge F1" in capsys.readouterr().out
-    assert main(["sample", "--controlnet", str(tmp_path / "none"), "--condition", str(out),
-                 "--prompt", "x"]) == 2
-    train(_config(bases["sd1"], data["tutorial"], tmp_path / "unlocked", steps=1, eval_every=0,
-                  sd_locked=False))
+    assert (
+        main(
+            [
+                "sample",
+                "--controlnet",
+                str(tmp_path / "none"),
+                "--condition",
+                str(out),
+                "--prompt",
+                "x",
+            ]
+        )
+        == 2
+    )
+    train(
+        _config(
+            bases["sd1"],
+            data["tutorial"],
+            tmp_path / "unlocked",
+            steps=1,
+            eval_every=0,
+            sd_locked=False,
+        )
+    )
     with pytest.raises(SettingError, match="trained the U-Net's decoder too"):
         load_controlnet(tmp_path / "unlocked")
 
@@ -223,25 +311,54 @@ def test_every_bad_folder_is_refused_in_one_line(bases, data, tmp_path):
     small = (tmp_path / "small.png").read_bytes()
     cases = {
         "no_listing": (_bad(tmp_path, "empty"), "has neither prompt.json"),
-        "bad_json": (_bad(tmp_path, "json", "prompt.json", ["{not json"]),
-                     r"prompt.json, line 1 is not JSON"),
-        "no_column": (_bad(tmp_path, "col", "prompt.json", ['{"source": "a.png"}']),
-                      "line 1 has no 'target' column; it has source"),
-        "no_file": (_bad(tmp_path, "file", "prompt.json",
-                         ['{"source": "s.png", "target": "t.png", "prompt": "p"}'],
-                         [("t.png", png)]), "the condition file .*s.png does not exist"),
-        "unreadable": (_bad(tmp_path, "garbage", "metadata.jsonl",
-                            ['{"image": "i.png", "conditioning_image": "c.png", "text": "p"}'] * 6,
-                            [("i.png", b"not a png"), ("c.png", png)]),
-                       "i.png is not an image that can be read"),
-        "mismatched": (_bad(tmp_path, "sizes", "metadata.jsonl",
-                            ['{"image": "i.png", "conditioning_image": "c.png", "text": "p"}'] * 6,
-                            [("i.png", png), ("c.png", small)]),
-                       "i.png is 64x64 but its pair .*c.png is 32x32"),
-        "too_small": (_bad(tmp_path, "few", "metadata.jsonl",
-                           ['{"image": "i.png", "conditioning_image": "c.png", "text": "p"}'] * 4,
-                           [("i.png", png), ("c.png", png)]),
-                      r"eval_size: 4 is not allowed for .*few \(4 pairs\)"),
+        "bad_json": (
+            _bad(tmp_path, "json", "prompt.json", ["{not json"]),
+            r"prompt.json, line 1 is not JSON",
+        ),
+        "no_column": (
+            _bad(tmp_path, "col", "prompt.json", ['{"source": "a.png"}']),
+            "line 1 has no 'target' column; it has source",
+        ),
+        "no_file": (
+            _bad(
+                tmp_path,
+                "file",
+                "prompt.json",
+                ['{"source": "s.png", "target": "t.png", "prompt": "p"}'],
+                [("t.png", png)],
+            ),
+            "the condition file .*s.png does not exist",
+        ),
+        "unreadable": (
+            _bad(
+                tmp_path,
+                "garbage",
+                "metadata.jsonl",
+                ['{"image": "i.png", "conditioning_image": "c.png", "text": "p"}'] * 6,
+                [("i.png", b"not a png"), ("c.png", png)],
+            ),
+            "i.png is not an image that can be read",
+        ),
+        "mismatched": (
+            _bad(
+                tmp_path,
+                "sizes",
+                "metadata.jsonl",
+                ['{"image": "i.png", "conditioning_image": "c.png", "text": "p"}'] * 6,
+                [("i.png", png), ("c.png", small)],
+            ),
+            "i.png is 64x64 but its pair .*c.png is 32x32",
+        ),
+        "too_small": (
+            _bad(
+                tmp_path,
+                "few",
+                "metadata.jsonl",
+                ['{"image": "i.png", "conditioning_image": "c.png", "text": "p"}'] * 4,
+                [("i.png", png), ("c.png", png)],
+            ),
+            r"eval_size: 4 is not allowed for .*few \(4 pairs\)",
+        ),
     }
     for name, (folder, message) in cases.items():
         with pytest.raises(SettingError, match=message):
@@ -249,7 +366,21 @@ def test_every_bad_folder_is_refused_in_one_line(bases, data, tmp_path):
         assert not (tmp_path / f"out-{name}" / "checkpoint.safetensors").exists(), name
     with pytest.raises(SettingError, match="data: '.*nowhere' is not a folder"):
         _config(bases["sd1"], tmp_path / "nowhere", tmp_path / "x").check()
-    assert main(["train", "--base", str(bases["sd1"]), "--data", str(tmp_path / "empty"),
-                 "--out", str(tmp_path / "cli"), "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(bases["sd1"]),
+                "--data",
+                str(tmp_path / "empty"),
+                "--out",
+                str(tmp_path / "cli"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert os.path.isdir(tmp_path / "cli")  # nothing but the folder: no checkpoint, no log
     assert not (tmp_path / "cli" / "log.jsonl").exists()

@@ -168,8 +168,12 @@ def _released_reference(enc: ReleasedHintEncoder, condition: torch.Tensor) -> to
 
 @pytest.mark.parametrize("factor", [1, 2, 4, 8])
 def test_released_encoder_equals_an_explicit_reference_forward(factor):
-    enc = make_hint_encoder("released", out_channels=6, downscale_factor=factor,
-                            channels=(4, 5, 6, 7)[: factor.bit_length()]).double()
+    enc = make_hint_encoder(
+        "released",
+        out_channels=6,
+        downscale_factor=factor,
+        channels=(4, 5, 6, 7)[: factor.bit_length()],
+    ).double()
     assert len(enc.blocks) == 2 * (factor.bit_length() - 1)
     _randomise_(enc, seed=factor)
     assert enc.zero_conv is enc.conv_out

@@ -35,13 +35,18 @@ def test_nbval_fails_on_a_wrong_checked_output(tmp_path):
     cell = new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1 + 1)")
     cell.outputs = [new_output("stream", name="stdout", text="3\n")]
     nb = new_notebook(cells=[cell])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     path = tmp_path / "broken.ipynb"
     nbformat.write(nb, path)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", str(path)],
-        cwd=tmp_path, capture_output=True, text=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0, result.stdout
     assert "1 failed" in result.stdout

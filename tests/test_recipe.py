@@ -32,8 +32,9 @@ def test_uniform_timesteps_are_the_draw_the_loop_always_made():
     # the default keeps every earlier run's batches bit for bit: the same call on the same
     # generator state
     a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    assert torch.equal(draw_timesteps("uniform", 64, 1000, a), torch.randint(0, 1000, (64,),
-                                                                             generator=b))
+    assert torch.equal(
+        draw_timesteps("uniform", 64, 1000, a), torch.randint(0, 1000, (64,), generator=b)
+    )
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))  # same state after
 
 
@@ -54,19 +55,35 @@ def test_draw_batch_uses_the_configured_timestep_sampling():
     from cnet.train.data import CachedData
 
     n = 8
-    data = CachedData(latent_mean=torch.zeros(n, 4, 2, 2), latent_std=torch.zeros(n, 4, 2, 2),
-                      condition=torch.zeros(n, 3, 4, 4), prompt_index=torch.ones(n, dtype=int),
-                      embeddings=torch.zeros(2, 3, 2), prompts=["", "p"])
+    data = CachedData(
+        latent_mean=torch.zeros(n, 4, 2, 2),
+        latent_std=torch.zeros(n, 4, 2, 2),
+        condition=torch.zeros(n, 3, 4, 4),
+        prompt_index=torch.ones(n, dtype=int),
+        embeddings=torch.zeros(2, 3, 2),
+        prompts=["", "p"],
+    )
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    cubic = torch.cat([draw_batch(data, TrainConfig(batch_size=256, timesteps="cubic"), s, 0,
-                                  scheduler)["timesteps"] for s in range(8)])
-    uniform = torch.cat([draw_batch(data, TrainConfig(batch_size=256), s, 0,
-                                    scheduler)["timesteps"] for s in range(8)])
+    cubic = torch.cat(
+        [
+            draw_batch(data, TrainConfig(batch_size=256, timesteps="cubic"), s, 0, scheduler)[
+                "timesteps"
+            ]
+            for s in range(8)
+        ]
+    )
+    uniform = torch.cat(
+        [
+            draw_batch(data, TrainConfig(batch_size=256), s, 0, scheduler)["timesteps"]
+            for s in range(8)
+        ]
+    )
     assert (cubic >= 500).double().mean() > 0.75 > 0.55 > (uniform >= 500).double().mean()
-    with pytest.raises(SettingError, match="timesteps: 'cosine' is not allowed; expected one "
-                                           "of uniform, cubic"):
+    with pytest.raises(
+        SettingError, match="timesteps: 'cosine' is not allowed; expected one of uniform, cubic"
+    ):
         TrainConfig(timesteps="cosine").check()
 
 
@@ -96,8 +113,11 @@ def test_the_shipped_collapses_are_caught_and_the_healthy_runs_are_not():
         curves = run["curves"]
         steps, loss = curves["norm_steps"], curves["loss"]
         flagged = [steps[i] for i in range(len(loss)) if loss_spiked(loss[: i + 1])]
-        falls = [s for i, s in enumerate(curves["eval_steps"])
-                 if fidelity_collapsed(curves["iou"][: i + 1])]
+        falls = [
+            s
+            for i, s in enumerate(curves["eval_steps"])
+            if fidelity_collapsed(curves["iou"][: i + 1])
+        ]
         if run["diverged_at"] is None:
             assert not flagged and not falls, run["run"]
         else:
@@ -119,8 +139,18 @@ def test_a_loss_spike_needs_history_and_a_doubling():
 
 
 def _config(base, out, **kw):
-    settings = dict(base=str(base), out=str(out), steps=4, batch_size=4, train_size=16,
-                    eval_size=4, eval_every=1, eval_steps=2, checkpoint_every=1, lr=1e-3)
+    settings = dict(
+        base=str(base),
+        out=str(out),
+        steps=4,
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        eval_every=1,
+        eval_steps=2,
+        checkpoint_every=1,
+        lr=1e-3,
+    )
     settings.update(kw)
     return TrainConfig(**settings)
 
@@ -141,8 +171,9 @@ def _controlnet_weights(path):
     return {k: v for k, v in load_file(path).items() if k.startswith("controlnet.")}
 
 
-def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(base, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(
+    base, tmp_path, monkeypatch, capsys
+):
     # the reference: the same run stopped at step 2, the step whose evaluation is the best
     _scripted_evaluations(monkeypatch, [0.30, 0.60, 0.90])
     train(_config(base, tmp_path / "to-2", steps=2))
@@ -152,8 +183,9 @@ def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(base, tmp_pat
     entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     alerts = [e for e in entries if "alert" in e]
     assert [e["step"] for e in alerts] == [3]  # once, at the first evaluation that fell
-    assert alerts[0]["alert"].startswith("collapse at step 3: iou 0.350, down from its best "
-                                         "0.900 toward the locked base's 0.300")
+    assert alerts[0]["alert"].startswith(
+        "collapse at step 3: iou 0.350, down from its best 0.900 toward the locked base's 0.300"
+    )
     assert alerts[0]["alert"] in capsys.readouterr().out  # the line above the progress bar
     assert summary["final_eval"]["iou"] == 0.32
     best = _controlnet_weights(run / "best.safetensors")
@@ -176,8 +208,9 @@ def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(base, tmp_pat
     assert all(torch.equal(v, best["controlnet." + k]) for k, v in model.state_dict().items())
     with pytest.raises(SettingError, match="weights: 'best' is not allowed for .*shipped"):
         load_controlnet(shipped, "best")
-    with pytest.raises(SettingError, match="weights: 'first' is not allowed; expected latest "
-                                           "or best"):
+    with pytest.raises(
+        SettingError, match="weights: 'first' is not allowed; expected latest or best"
+    ):
         load_controlnet(run, "first")
 
 
@@ -195,16 +228,16 @@ def test_the_best_survives_a_resume_and_a_later_worse_evaluation(base, tmp_path,
     assert '"alert"' not in entries  # 0.85 is above half of the gain: no collapse
 
 
-def test_a_resumed_run_keeps_its_alerts_and_reports_a_collapse_once(base, tmp_path,
-                                                                     monkeypatch):
+def test_a_resumed_run_keeps_its_alerts_and_reports_a_collapse_once(base, tmp_path, monkeypatch):
     # collapsed at step 3, where the run stops; resumed, it is still collapsed, and says so
     # no second time: the alert at the checkpoint's step stays in the log and in the watch
     _scripted_evaluations(monkeypatch, [0.30, 0.90, 0.85, 0.35])
     train(_config(base, tmp_path / "run", steps=3))
     _scripted_evaluations(monkeypatch, [0.32, 0.31])
     train(_config(base, tmp_path / "run", steps=5))
-    entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
-               .splitlines()]
+    entries = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
     assert [(e["step"], e["kind"]) for e in entries if "alert" in e] == [(3, "collapse")]
     assert [e["step"] for e in entries if "eval" in e] == [0, 1, 2, 3, 4, 5]
 
@@ -236,10 +269,20 @@ def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
         return loss if len(calls) <= 8 else loss * 10 + 1
 
     monkeypatch.setattr(loop, "diffusion_loss", spiking)
-    train(_config(base, tmp_path / "run", steps=11, eval_every=0, checkpoint_every=1000,
-                  batch_size=1, train_size=4))
-    entries = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text()
-               .splitlines()]
+    train(
+        _config(
+            base,
+            tmp_path / "run",
+            steps=11,
+            eval_every=0,
+            checkpoint_every=1000,
+            batch_size=1,
+            train_size=4,
+        )
+    )
+    entries = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
     alerts = [e for e in entries if "alert" in e]
     # steps 0-7 are the real loss; the first 2-step window with a spiked loss (steps 7-8)
     # already averages over twice the earlier mean: reported after update 9, once
@@ -260,15 +303,18 @@ def test_every_recipe_gets_the_same_budget_and_its_continuation_is_a_resume():
         from dataclasses import asdict
 
         from cnet.train.loop import RESUMABLE_CHANGES
+
         differ = {k for k, v in asdict(config).items() if asdict(longer)[k] != v}
         assert differ == {"steps", "out"} and differ <= set(RESUMABLE_CHANGES)
     # the quick profile is this recipe, so its command names only the folder and the seed; the
     # old profile's recipe names what differs from it
     assert recipe_command("b32-lr2e-3-cubic", 5, "r") == (
-        "python -m cnet train --profile quick --out r/b32-lr2e-3-cubic/seed5 --seed 5")
+        "python -m cnet train --profile quick --out r/b32-lr2e-3-cubic/seed5 --seed 5"
+    )
     assert recipe_command("b16-lr2e-3", 5, "r") == (
         "python -m cnet train --profile quick --out r/b16-lr2e-3/seed5 --steps 800 "
-        "--batch_size 16 --timesteps uniform --seed 5")
+        "--batch_size 16 --timesteps uniform --seed 5"
+    )
     with pytest.raises(SettingError, match="recipe: 'fast' is not allowed"):
         recipe_config("fast", 0)
 
@@ -276,21 +322,32 @@ def test_every_recipe_gets_the_same_budget_and_its_continuation_is_a_resume():
 def test_the_summary_counts_onsets_and_collapses_per_seed(tmp_path):
     # two finished seeds of one recipe, written as the loop writes them
     recipe = "b32-lr2e-3-cubic"
-    curves = {0: [0.30, 0.31, 0.60, 0.80, 0.85, 0.86, 0.87, 0.86, 0.88],
-              1: [0.28, 0.29, 0.28, 0.27, 0.29, 0.50, 0.80, 0.40, 0.10],
-              2: [0.31, 0.30, 0.45, 0.70, 0.80]}  # not continued yet
+    curves = {
+        0: [0.30, 0.31, 0.60, 0.80, 0.85, 0.86, 0.87, 0.86, 0.88],
+        1: [0.28, 0.29, 0.28, 0.27, 0.29, 0.50, 0.80, 0.40, 0.10],
+        2: [0.31, 0.30, 0.45, 0.70, 0.80],
+    }  # not continued yet
     for seed, iou in curves.items():
         for continued, upto in ((False, 5), (True, 9))[: 2 if seed < 2 else 1]:
             config = recipe_config(recipe, seed, tmp_path, continued)
             out = Path(config.out)
             out.mkdir(parents=True)
             steps = [100 * i for i in range(upto)]
-            (out / "log.jsonl").write_text("".join(
-                json.dumps({"step": s, "eval": {"iou": v}}) + "\n"
-                for s, v in zip(steps, iou[:upto])))
-            (out / "run.json").write_text(json.dumps({
-                "steps": config.steps, "device_name": "cpu, 1 thread(s)",
-                "wall_time_s": 10.0 * (2 if continued else 1)}))
+            (out / "log.jsonl").write_text(
+                "".join(
+                    json.dumps({"step": s, "eval": {"iou": v}}) + "\n"
+                    for s, v in zip(steps, iou[:upto])
+                )
+            )
+            (out / "run.json").write_text(
+                json.dumps(
+                    {
+                        "steps": config.steps,
+                        "device_name": "cpu, 1 thread(s)",
+                        "wall_time_s": 10.0 * (2 if continued else 1),
+                    }
+                )
+            )
     # the budget is 400 steps of 32: evaluations 0-400 are the first run's
     result = summarize_recipes([recipe], [0, 1, 2, 3], tmp_path)
     summary = result["recipes"][recipe]
@@ -319,14 +376,16 @@ def test_the_learning_rate_schedule_by_step():
     assert {lr_factor(constant, s) for s in range(0, 5000, 7)} == {1.0}
     decay = TrainConfig(lr_decay_start=300, lr_decay_steps=100, lr_min_share=0.1)
     assert [lr_factor(decay, s) for s in (0, 299, 300, 350, 400, 10_000)] == pytest.approx(
-        [1, 1, 1, 0.55, 0.1, 0.1])
+        [1, 1, 1, 0.55, 0.1, 0.1]
+    )
 
 
 def test_a_decaying_run_resumed_equals_the_uninterrupted_one(base, tmp_path):
     from cnet.train.loop import Trainer
 
-    decay = dict(lr_decay_start=2, lr_decay_steps=2, lr_min_share=0.25, eval_every=0,
-                 checkpoint_every=2)
+    decay = dict(
+        lr_decay_start=2, lr_decay_steps=2, lr_min_share=0.25, eval_every=0, checkpoint_every=2
+    )
     train(_config(base, tmp_path / "straight", steps=5, **decay))
     train(_config(base, tmp_path / "resumed", steps=3, **decay))
     trainer = Trainer(_config(base, tmp_path / "resumed", steps=5, **decay))

@@ -34,13 +34,28 @@ def test_same_images_as_the_diffusers_controlnet_pipeline(parts, guess_mode, gui
     )
     reference.set_progress_bar_config(disable=True)
     expected = reference(
-        PROMPTS, image=conditions, num_inference_steps=4, guidance_scale=guidance_scale,
-        latents=latents.clone(), guess_mode=guess_mode, output_type="pt", height=RES, width=RES,
+        PROMPTS,
+        image=conditions,
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        latents=latents.clone(),
+        guess_mode=guess_mode,
+        output_type="pt",
+        height=RES,
+        width=RES,
     ).images
     controlled = ControlledUNet(pipe.unet, controlnet)
-    got = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=4,
-                 guidance_scale=guidance_scale, guess_mode=guess_mode, guess_rule="diffusers",
-                 latents=latents.clone())
+    got = sample(
+        pipe,
+        controlled,
+        PROMPTS,
+        conditions,
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        guess_mode=guess_mode,
+        guess_rule="diffusers",
+        latents=latents.clone(),
+    )
     assert (got * 0.5 + 0.5 - expected).abs().max() <= 1e-5
 
 
@@ -48,12 +63,14 @@ def test_the_control_matters_and_none_is_the_plain_base(parts):
     pipe, controlnet, conditions, latents = parts
     controlled = ControlledUNet(pipe.unet, controlnet)
     plain = sample(pipe, None, PROMPTS, num_inference_steps=3, latents=latents.clone())
-    with_control = sample(pipe, controlled, PROMPTS, conditions, num_inference_steps=3,
-                          latents=latents.clone())
+    with_control = sample(
+        pipe, controlled, PROMPTS, conditions, num_inference_steps=3, latents=latents.clone()
+    )
     assert (plain - with_control).abs().max() > 1e-3
     fresh = ControlledUNet(pipe.unet, ControlNet.from_unet(pipe.unet))
-    untrained = sample(pipe, fresh, PROMPTS, conditions, num_inference_steps=3,
-                       latents=latents.clone())
+    untrained = sample(
+        pipe, fresh, PROMPTS, conditions, num_inference_steps=3, latents=latents.clone()
+    )
     assert torch.equal(untrained, plain)  # Eq. 4 through a whole sampling run
 
 
@@ -66,16 +83,32 @@ def test_control_window_equals_diffusers_control_guidance_start_end(parts, windo
     reference.set_progress_bar_config(disable=True)
     start, end = window
     expected = reference(
-        PROMPTS, image=conditions, num_inference_steps=4, guidance_scale=4.0,
-        latents=latents.clone(), output_type="pt", height=RES, width=RES,
-        control_guidance_start=start, control_guidance_end=end,
+        PROMPTS,
+        image=conditions,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        latents=latents.clone(),
+        output_type="pt",
+        height=RES,
+        width=RES,
+        control_guidance_start=start,
+        control_guidance_end=end,
     ).images
     seen = {}
-    got = sample(pipe, ControlledUNet(pipe.unet, controlnet), PROMPTS, conditions,
-                 num_inference_steps=4, guidance_scale=4.0, latents=latents.clone(),
-                 control_guidance_start=start, control_guidance_end=end,
-                 on_residuals=lambda i, r: seen.setdefault(i, max(t.abs().max().item()
-                                                                   for t in r.tensors())))
+    got = sample(
+        pipe,
+        ControlledUNet(pipe.unet, controlnet),
+        PROMPTS,
+        conditions,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        latents=latents.clone(),
+        control_guidance_start=start,
+        control_guidance_end=end,
+        on_residuals=lambda i, r: seen.setdefault(
+            i, max(t.abs().max().item() for t in r.tensors())
+        ),
+    )
     assert (got * 0.5 + 0.5 - expected).abs().max() <= 1e-5
     # step i of 4 is controlled iff start <= i/4 and (i+1)/4 <= end; elsewhere exactly zero
     assert sorted(seen) == [0, 1, 2, 3]

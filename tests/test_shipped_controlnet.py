@@ -63,8 +63,13 @@ def test_diffusers_default_controlnet_runs_on_the_base_in_its_pipeline(base):
     pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=theirs)
     pipe.set_progress_bar_config(disable=True)
     condition = cache_data(base, "fill", 1, "eval", seed=0).condition
-    image = pipe("red circle with blue background", image=condition, num_inference_steps=2,
-                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "red circle with blue background",
+        image=condition,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
@@ -76,8 +81,13 @@ def test_diffusers_and_cnet_give_the_same_residuals(base):
     t = torch.tensor([500, 20])
     with torch.no_grad():
         a = ours(latents, t, data.embeddings[data.prompt_index[:2]], data.condition[:2])
-        down, mid = theirs(latents, t, data.embeddings[data.prompt_index[:2]], data.condition[:2],
-                           return_dict=False)
+        down, mid = theirs(
+            latents,
+            t,
+            data.embeddings[data.prompt_index[:2]],
+            data.condition[:2],
+            return_dict=False,
+        )
     assert len(a.down) == len(down) == 12
     for x, y in zip(a.down, down, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
@@ -93,8 +103,23 @@ def test_trained_controlnet_follows_its_condition_better_than_the_base(base, tmp
 
     folder = tmp_path / "controlnet-fill"
     shutil.copytree(SHIPPED, folder)
-    assert main(["evaluate", str(folder), "--base", str(BASE), "--samples", "16",
-                 "--profile", "quick", "--threads", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(folder),
+                "--base",
+                str(BASE),
+                "--samples",
+                "16",
+                "--profile",
+                "quick",
+                "--threads",
+                "2",
+            ]
+        )
+        == 0
+    )
     measured = json.loads((folder / "run.json").read_text())["evaluation"]
     assert json.loads(capsys.readouterr().out) == measured
     assert measured["samples"] == measured["base"]["n"] == measured["controlnet"]["n"] == 16
@@ -120,16 +145,26 @@ def test_shipped_log_shows_the_jump_and_matches_its_summary():
 def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_path):
     path = tmp_path / "tiny-sd"
     tiny_sd_pipeline().save_pretrained(path)
-    config = TrainConfig(base=str(path), out=str(tmp_path / "run"), steps=3, batch_size=2,
-                         train_size=8, eval_size=2, eval_every=3, eval_steps=2,
-                         checkpoint_every=1, lr=1e-3)
+    config = TrainConfig(
+        base=str(path),
+        out=str(tmp_path / "run"),
+        steps=3,
+        batch_size=2,
+        train_size=8,
+        eval_size=2,
+        eval_every=3,
+        eval_steps=2,
+        checkpoint_every=1,
+        lr=1e-3,
+    )
     train(config)
     shipped = export_run(config.out, tmp_path / "shipped", samples_kept=1)
     trained = load_controlnet(shipped)
     reference = ControlNet.from_unet(load_base(path).unet)
     load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", {"controlnet": reference}, None)
-    for (k, v), (k2, v2) in zip(reference.state_dict().items(), trained.state_dict().items(),
-                                strict=True):
+    for (k, v), (k2, v2) in zip(
+        reference.state_dict().items(), trained.state_dict().items(), strict=True
+    ):
         assert k == k2 and torch.equal(v, v2), k
     assert read_log(shipped).eval_iou == read_log(config.out).eval_iou
     assert export_run(config.out, shipped, samples_kept=1) == shipped  # a re-export replaces it
@@ -150,8 +185,9 @@ def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_pat
     halved = export_run(config.out, tmp_path / "half", samples_kept=1, half=True)
     stored = load_file(halved / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in stored.values()} == {torch.float16}
-    for (k, v), (_, w) in zip(trained.state_dict().items(),
-                              load_controlnet(halved).state_dict().items(), strict=True):
+    for (k, v), (_, w) in zip(
+        trained.state_dict().items(), load_controlnet(halved).state_dict().items(), strict=True
+    ):
         assert torch.equal(v.half().float(), w), k
 
 
@@ -185,17 +221,42 @@ def test_diffusers_pipeline_on_the_fine_tune_gives_cnets_images_and_numbers(base
     data = cache_data(fine_tune, "fill", 4, "eval", seed=0, style="cycled")
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        FINE_TUNE, controlnet=to_diffusers(controlnet), local_files_only=True,
-        low_cpu_mem_usage=False, safety_checker=None, requires_safety_checker=False)
+        FINE_TUNE,
+        controlnet=to_diffusers(controlnet),
+        local_files_only=True,
+        low_cpu_mem_usage=False,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(data.extras["prompt"], image=data.condition, num_inference_steps=10,
-                  guidance_scale=3.0, latents=latents.clone(), output_type="pt").images * 2 - 1
-    ours = sample(fine_tune, ControlledUNet(fine_tune.unet, controlnet), data.extras["prompt"],
-                  data.condition, num_inference_steps=10, guidance_scale=3.0,
-                  latents=latents.clone())
+    theirs = (
+        pipe(
+            data.extras["prompt"],
+            image=data.condition,
+            num_inference_steps=10,
+            guidance_scale=3.0,
+            latents=latents.clone(),
+            output_type="pt",
+        ).images
+        * 2
+        - 1
+    )
+    ours = sample(
+        fine_tune,
+        ControlledUNet(fine_tune.unet, controlnet),
+        data.extras["prompt"],
+        data.condition,
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        latents=latents.clone(),
+    )
     assert (ours - theirs).abs().max() <= 2e-5
-    measured = [fidelity(x, data.extras["foreground"], data.extras["background"],
-                         data.extras["region"], "cycled") for x in (ours, theirs)]
+    measured = [
+        fidelity(
+            x, data.extras["foreground"], data.extras["background"], data.extras["region"], "cycled"
+        )
+        for x in (ours, theirs)
+    ]
     assert torch.equal(measured[0]["iou"], measured[1]["iou"])
 
 
@@ -205,13 +266,20 @@ def test_control_explorer_resamples_live_and_scale_zero_is_the_base(base):
     from cnet.sample import sample
 
     data = cache_data(base, "fill", 3, "eval", seed=0)
-    explorer = ControlExplorer(base, ControlledUNet(base.unet, load_controlnet(SHIPPED)).eval(),
-                               data, steps=10)
+    explorer = ControlExplorer(
+        base, ControlledUNet(base.unet, load_controlnet(SHIPPED)).eval(), data, steps=10
+    )
     controlled_iou, image = explorer.iou, explorer.image.value
     assert len(image) > 1000 and "IoU with the requested disc" in explorer.summary.value
     explorer.scale.value = 0.0
-    alone = sample(base, None, data.extras["prompt"][:1], num_inference_steps=10,
-                   guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    alone = sample(
+        base,
+        None,
+        data.extras["prompt"][:1],
+        num_inference_steps=10,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(explorer.sample, alone)  # scale 0: the locked base, bit for bit
     assert explorer.iou < controlled_iou and explorer.image.value != image
     explorer.condition.value = 2
@@ -224,6 +292,14 @@ def test_control_explorer_resamples_live_and_scale_zero_is_the_base(base):
     explorer.window.value = (0.5, 0.5)  # an empty window: said, not sampled
     assert explorer.summary.value.startswith("not sampled: ")
     assert explorer.sample is last_quarter
-    assert not torch.equal(explorer.sample, sample(
-        base, None, data.extras["prompt"][2:3], num_inference_steps=10, guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(
+        explorer.sample,
+        sample(
+            base,
+            None,
+            data.extras["prompt"][2:3],
+            num_inference_steps=10,
+            guidance_scale=3.0,
+            generator=torch.Generator().manual_seed(0),
+        ),
+    )

@@ -32,8 +32,18 @@ from cnet.world.data import FillDataset, ShapesDataset
 
 
 def _config(base, out, **kw):
-    settings = dict(base=str(base), out=str(out), steps=4, batch_size=4, train_size=16,
-                    eval_size=4, eval_every=0, eval_steps=2, checkpoint_every=2, lr=1e-3)
+    settings = dict(
+        base=str(base),
+        out=str(out),
+        steps=4,
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        eval_every=0,
+        eval_steps=2,
+        checkpoint_every=2,
+        lr=1e-3,
+    )
     settings.update(kw)
     return TrainConfig(**settings)
 
@@ -75,8 +85,14 @@ def test_loss_decreases_on_a_short_cpu_run(base):
     controlled = ControlledUNet(pipe.unet, controlnet).train()
     data = cache_data(pipe, "fill", 8, "train", seed=0)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    fixed = draw_batch(data, TrainConfig(batch_size=4, empty_prompt_ratio=0.0), 0, 0,
-                        scheduler, torch.device("cpu"))
+    fixed = draw_batch(
+        data,
+        TrainConfig(batch_size=4, empty_prompt_ratio=0.0),
+        0,
+        0,
+        scheduler,
+        torch.device("cpu"),
+    )
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=2e-3)
     scaling = pipe.vae.config.scaling_factor
     losses = []
@@ -113,7 +129,8 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     assert (tmp_path / "resumed" / "config.json").read_text() == config_json
     # the wall time adds up over the resume; the weights carry no trace of it
     assert summary["wall_time_s"] == pytest.approx(
-        at_step_2 + summary["wall_time_this_invocation_s"], abs=0.11)
+        at_step_2 + summary["wall_time_this_invocation_s"], abs=0.11
+    )
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and any(k.startswith("optimizer.") for k in a)
     for key in a:
@@ -127,8 +144,14 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     written = write_run_figures(tmp_path / "resumed", prefix="t_")
     assert {p.parent for p in written} == {tmp_path / "resumed" / "figures"}
     assert sorted(p.name for p in written) == sorted(
-        f"t_{n}.png" for n in ("fidelity_and_loss", "zero_conv_growth", "first_steps_gradients",
-                               "samples_over_training"))
+        f"t_{n}.png"
+        for n in (
+            "fidelity_and_loss",
+            "zero_conv_growth",
+            "first_steps_gradients",
+            "samples_over_training",
+        )
+    )
     assert all(p.stat().st_size > 5000 for p in written)
 
 
@@ -175,10 +198,11 @@ def test_unlocked_decoder_trains_only_the_decoder(base, tmp_path):
     before = load_base(base).unet.state_dict()
     train(_config(base, tmp_path / "unlocked", sd_locked=False, steps=2))
     saved = _weights(tmp_path / "unlocked")
-    unet_keys = {k[len("unet."):] for k in saved if k.startswith("unet.")}
+    unet_keys = {k[len("unet.") :] for k in saved if k.startswith("unet.")}
     changed = {k for k in unet_keys if not torch.equal(saved["unet." + k], before[k])}
-    assert changed and all(k.startswith(("up_blocks", "conv_norm_out", "conv_out"))
-                           for k in changed)
+    assert changed and all(
+        k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in changed
+    )
     assert not any(k.startswith(("down_blocks", "mid_block", "conv_in")) for k in changed)
 
 
@@ -230,8 +254,9 @@ def test_fidelity_of_the_ground_truth_is_perfect_and_a_shifted_region_is_not():
     assert perfect["iou"].shape == (16,) and perfect["colours_ok"].dtype == torch.bool
     assert torch.equal(perfect["iou"], torch.ones(16))
     assert bool(perfect["colours_ok"].all())
-    shifted = fidelity(batch["image"], foreground, background,
-                       torch.roll(region, shifts=(5, 5), dims=(1, 2)))
+    shifted = fidelity(
+        batch["image"], foreground, background, torch.roll(region, shifts=(5, 5), dims=(1, 2))
+    )
     assert (shifted["iou"] < 1).all() and shifted["iou"].mean() < 0.9
     # colours_ok judges the image alone, not the region
     assert torch.equal(shifted["colours_ok"], perfect["colours_ok"])
@@ -251,11 +276,13 @@ def _cached(n=64, prompts=5, latent_std=0.0, seed=0):
     return CachedData(
         latent_mean=torch.randn(n, 4, 2, 2, generator=g),
         latent_std=torch.full((n, 4, 2, 2), float(latent_std)),
-        condition=torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 4, 4)
+        condition=torch.arange(n, dtype=torch.float32)[:, None, None, None]
+        .expand(n, 3, 4, 4)
         .clone(),
         prompt_index=torch.randint(1, prompts, (n,), generator=g),
-        embeddings=torch.arange(prompts, dtype=torch.float32)[:, None, None].expand(
-            prompts, 3, 2).clone(),
+        embeddings=torch.arange(prompts, dtype=torch.float32)[:, None, None]
+        .expand(prompts, 3, 2)
+        .clone(),
         prompts=[""] + [f"prompt {p}" for p in range(1, prompts)],
     )
 
@@ -296,8 +323,9 @@ def test_draw_batch_drops_the_prompt_at_the_configured_rate(ratio):
 def test_draw_batch_timesteps_are_uniform_over_the_whole_schedule():
     data = _cached()
     config = TrainConfig(batch_size=256)
-    t = torch.cat([draw_batch(data, config, step, 0, SCHEDULER, "cpu")["timesteps"]
-                   for step in range(20)])
+    t = torch.cat(
+        [draw_batch(data, config, step, 0, SCHEDULER, "cpu")["timesteps"] for step in range(20)]
+    )
     assert not t.is_floating_point()
     assert t.min() >= 0 and t.max() <= 999
     assert t.min() < 20 and t.max() > 980
@@ -311,8 +339,11 @@ def test_draw_batch_timesteps_are_uniform_over_the_whole_schedule():
 def test_draw_batch_every_micro_batch_has_its_own_randomness():
     data = _cached(latent_std=1.0)
     config = TrainConfig(grad_accum=3, batch_size=8)
-    noises = {(step, micro): draw_batch(data, config, step, micro, SCHEDULER, "cpu")["noise"]
-              for step in range(5) for micro in range(3)}
+    noises = {
+        (step, micro): draw_batch(data, config, step, micro, SCHEDULER, "cpu")["noise"]
+        for step in range(5)
+        for micro in range(3)
+    }
     for (a, na), (b, nb) in itertools.combinations(noises.items(), 2):
         assert not torch.equal(na, nb), (a, b)
     # the same (seed, step, micro) draws the same batch again: the key to exact resume
@@ -325,8 +356,9 @@ def test_draw_batch_every_micro_batch_has_its_own_randomness():
         assert not torch.equal(draws[a]["noise"], draws[b]["noise"]), (a, b)
         assert not torch.equal(draws[a]["latents"], draws[b]["latents"]), (a, b)
     # and the seed changes the draw
-    other_seed = draw_batch(data, TrainConfig(grad_accum=1, batch_size=8, seed=1), 0, 0,
-                            SCHEDULER, "cpu")
+    other_seed = draw_batch(
+        data, TrainConfig(grad_accum=1, batch_size=8, seed=1), 0, 0, SCHEDULER, "cpu"
+    )
     assert not torch.equal(other_seed["noise"], draws[0]["noise"])
 
 
@@ -368,8 +400,9 @@ class _Spy:
 def test_diffusion_loss_feeds_the_noised_scaled_latent_and_regresses_the_noise():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     data = _cached(latent_std=1.0)
-    batch = draw_batch(data, TrainConfig(batch_size=16, empty_prompt_ratio=0.5), 0, 0,
-                       scheduler, "cpu")
+    batch = draw_batch(
+        data, TrainConfig(batch_size=16, empty_prompt_ratio=0.5), 0, 0, scheduler, "cpu"
+    )
     batch["timesteps"][:3] = torch.tensor([0, 500, 999])  # both ends of the schedule too
     prediction = torch.randn(batch["noise"].shape, generator=torch.Generator().manual_seed(1))
     spy = _Spy(prediction)
@@ -378,8 +411,10 @@ def test_diffusion_loss_feeds_the_noised_scaled_latent_and_regresses_the_noise()
     assert len(spy.calls) == 1
     sample, timestep, embeddings, condition = spy.calls[0]
     abar = scheduler.alphas_cumprod.double()[batch["timesteps"]][:, None, None, None]
-    expected = (abar.sqrt() * batch["latents"].double() * scaling
-                + (1 - abar).sqrt() * batch["noise"].double())
+    expected = (
+        abar.sqrt() * batch["latents"].double() * scaling
+        + (1 - abar).sqrt() * batch["noise"].double()
+    )
     assert sample.shape == batch["latents"].shape
     torch.testing.assert_close(sample.double(), expected, rtol=0, atol=1e-6)
     assert torch.equal(timestep, batch["timesteps"])

@@ -40,8 +40,10 @@ def test_same_index_same_bytes_in_any_order_and_any_instance(cls):
     assert _bytes(b[17]) == first[1]
     batch = b.batch([17, 5])
     for row, single in zip((0, 1), (first[1], first[0]), strict=True):
-        assert _bytes({k: v[row] if not isinstance(v, list) else v[row]
-                       for k, v in batch.items()}) == single
+        assert (
+            _bytes({k: v[row] if not isinstance(v, list) else v[row] for k, v in batch.items()})
+            == single
+        )
 
 
 @pytest.mark.parametrize("cls", [FillDataset, ShapesDataset])
@@ -158,15 +160,18 @@ def test_shapes_prompts_name_every_shape_and_colour_back_to_front():
     data = ShapesDataset(100)
     scenes = data.scenes(range(20))
     for b, prompt in enumerate(data.batch(range(20))["prompt"]):
-        parts = [f"{COLOUR_NAMES[c]} {SHAPES[s]}" for c, s, p in
-                 zip(scenes.colour[b], scenes.shape[b], scenes.present[b], strict=True) if p]
-        assert prompt == " and ".join(parts) + f" with {COLOUR_NAMES[scenes.background[b]]} " \
-                                                "background"
+        parts = [
+            f"{COLOUR_NAMES[c]} {SHAPES[s]}"
+            for c, s, p in zip(scenes.colour[b], scenes.shape[b], scenes.present[b], strict=True)
+            if p
+        ]
+        assert (
+            prompt == " and ".join(parts) + f" with {COLOUR_NAMES[scenes.background[b]]} background"
+        )
 
 
 def test_render_shapes_from_names_matches_a_hand_check():
-    sample = render_shapes([("red", "square", 10, 10, 5), ("blue", "circle", 14, 14, 4)],
-                           "white")
+    sample = render_shapes([("red", "square", 10, 10, 5), ("blue", "circle", 14, 14, 4)], "white")
     assert sample["prompt"] == ["red square and blue circle with white background"]
     image = sample["image"][0]
     blue = torch.tensor(PALETTE_RGB[COLOUR_NAMES.index("blue")]) * 2 - 1
@@ -209,8 +214,9 @@ def test_a_style_repaints_the_same_scenes_and_nothing_else(family):
     from cnet.world.data import STYLES
     from cnet.world.metrics import classify_colours
 
-    plain, cycled = (family(size=16, split="eval", style=s).batch(range(16))
-                     for s in ("plain", "cycled"))
+    plain, cycled = (
+        family(size=16, split="eval", style=s).batch(range(16)) for s in ("plain", "cycled")
+    )
     assert plain["prompt"] == cycled["prompt"]
     for key in plain:  # Canny edges are found in the painted image, so they may differ
         if key not in ("image", "prompt", "canny"):

@@ -18,7 +18,7 @@ from cnet.world.metrics import (
 
 def _box(top: int, left: int, height: int, width: int, size: int = 8) -> torch.Tensor:
     mask = torch.zeros(1, size, size, dtype=torch.bool)
-    mask[0, top:top + height, left:left + width] = True
+    mask[0, top : top + height, left : left + width] = True
     return mask
 
 
@@ -74,8 +74,9 @@ def test_depth_order_is_read_from_which_colour_is_on_top():
     right = depth_order_accuracy(sample["image"], sample["shape_masks"], [["red", "blue"]])
     assert right == {"accuracy": 1.0, "pairs": 1}
     # the same picture, claimed to have the circle behind the square
-    wrong = depth_order_accuracy(sample["image"], sample["shape_masks"][:, [1, 0]],
-                                 [["blue", "red"]])
+    wrong = depth_order_accuracy(
+        sample["image"], sample["shape_masks"][:, [1, 0]], [["blue", "red"]]
+    )
     assert wrong == {"accuracy": 0.0, "pairs": 1}
 
 
@@ -83,8 +84,10 @@ def test_depth_order_accuracy_of_world_images_is_perfect():
     data = ShapesDataset(1000, split="eval")
     indices = list(range(64))
     batch, scenes = data.batch(indices), data.scenes(indices)
-    colours = [[COLOUR_NAMES[c] for c, p in zip(scenes.colour[b], scenes.present[b],
-                                                strict=True) if p] for b in range(64)]
+    colours = [
+        [COLOUR_NAMES[c] for c, p in zip(scenes.colour[b], scenes.present[b], strict=True) if p]
+        for b in range(64)
+    ]
     masks = batch["shape_masks"]
     result = depth_order_accuracy(batch["image"], masks, colours)
     assert result["pairs"] > 5 and result["accuracy"] == 1.0
@@ -93,8 +96,9 @@ def test_depth_order_accuracy_of_world_images_is_perfect():
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle", "diamond"])
 def test_fit_shape_names_each_rendered_shape(shape):
     sizes = [4.0, 5.5, 7.0]
-    masks = torch.cat([render_shapes([("red", shape, 15.3, 16.2, r)], "blue")["layers"] > 0
-                       for r in sizes])
+    masks = torch.cat(
+        [render_shapes([("red", shape, 15.3, 16.2, r)], "blue")["layers"] > 0 for r in sizes]
+    )
     result = fit_shape(masks)
     assert result["shape"] == [shape] * len(sizes)
     assert (result["iou"].max(dim=1).values > 0.9).all()
@@ -109,11 +113,13 @@ def test_layout_iou_ignores_which_colour_fills_the_region():
     from cnet.world.metrics import fidelity, layout_iou
 
     scenes = FillDataset(size=4, split="eval").scenes(range(4))
-    plain, cycled = (FillDataset(size=4, split="eval", style=s).batch(range(4))
-                     for s in ("plain", "cycled"))
+    plain, cycled = (
+        FillDataset(size=4, split="eval", style=s).batch(range(4)) for s in ("plain", "cycled")
+    )
     region = plain["layers"] > 0
-    foreground, background = (torch.from_numpy(a.copy()) for a in (scenes.colour[:, 0],
-                                                                   scenes.background))
+    foreground, background = (
+        torch.from_numpy(a.copy()) for a in (scenes.colour[:, 0], scenes.background)
+    )
     exact = fidelity(plain["image"], foreground, background, region)
     assert torch.equal(exact["iou"], torch.ones(4))
     assert torch.equal(exact["layout_iou"], exact["iou"])

@@ -36,8 +36,9 @@ def test_every_word_of_the_world_is_one_token(tokenizer):
         ids = tokenizer(word).input_ids
         assert len(ids) == 3, word  # <|startoftext|> word <|endoftext|>
         assert tokenizer.convert_ids_to_tokens(ids[1]) == f"{word}</w>"
-    assert len(set(tokenizer(list(VOCABULARY)).input_ids[i][1] for i in range(len(VOCABULARY)))) \
-        == len(VOCABULARY)
+    assert len(
+        set(tokenizer(list(VOCABULARY)).input_ids[i][1] for i in range(len(VOCABULARY)))
+    ) == len(VOCABULARY)
 
 
 def test_every_prompt_of_the_world_fits_the_tokenizer(tokenizer):
@@ -61,14 +62,16 @@ def test_unet_has_sd_topology_with_12_plus_1_injection_points(tokenizer):
     text_encoder = build_text_encoder(tokenizer, "tiny")
     unet = build_unet(text_encoder.config.hidden_size, "tiny")
     assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3 + [
-        "DownBlock2D"]
-    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + [
-        "CrossAttnUpBlock2D"] * 3
+        "DownBlock2D"
+    ]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     assert unet.config.layers_per_block == 2
     # count the residuals the down path hands to the decoder, as a ControlNet would replace
     features = []
-    hooks = [b.register_forward_hook(lambda m, i, o: features.append(len(o[1])))
-             for b in unet.down_blocks]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: features.append(len(o[1])))
+        for b in unet.down_blocks
+    ]
     latents = torch.zeros(1, 4, 8, 8)
     unet(latents, 10, torch.zeros(1, MAX_PROMPT_TOKENS, text_encoder.config.hidden_size))
     for h in hooks:
@@ -88,8 +91,12 @@ def test_vae_downsamples_8x_to_4_channels_as_sd():
 def test_pipeline_saves_as_safetensors_and_loads_offline(tmp_path, tokenizer):
     torch.manual_seed(0)
     text_encoder = build_text_encoder(tokenizer, "tiny")
-    pipe = build_pipeline(build_vae("tiny"), text_encoder, tokenizer,
-                          build_unet(text_encoder.config.hidden_size, "tiny"))
+    pipe = build_pipeline(
+        build_vae("tiny"),
+        text_encoder,
+        tokenizer,
+        build_unet(text_encoder.config.hidden_size, "tiny"),
+    )
     pipe.save_pretrained(tmp_path, safe_serialization=True)
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
@@ -103,8 +110,16 @@ def test_pipeline_saves_as_safetensors_and_loads_offline(tmp_path, tokenizer):
 
 
 def _tiny(**overrides) -> Settings:
-    values = dict(vae_steps=4, vae_batch=4, unet_steps=6, unet_batch=4, warmup_steps=2,
-                  decoder_steps=4, decoder_batch=4, checkpoint_every=2)
+    values = dict(
+        vae_steps=4,
+        vae_batch=4,
+        unet_steps=6,
+        unet_batch=4,
+        warmup_steps=2,
+        decoder_steps=4,
+        decoder_batch=4,
+        checkpoint_every=2,
+    )
     return Settings(**{**values, **overrides})
 
 
@@ -129,8 +144,11 @@ def _interrupted(monkeypatch, run, steps_done: int) -> None:
 
 def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     straight = pretrain(_tiny(), tmp_path / "a" / "model", tmp_path / "a" / "run")
-    _interrupted(monkeypatch, lambda: pretrain(_tiny(), tmp_path / "b" / "model",
-                                               tmp_path / "b" / "run"), steps_done=5)
+    _interrupted(
+        monkeypatch,
+        lambda: pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run"),
+        steps_done=5,
+    )
     resumed = pretrain(_tiny(), tmp_path / "b" / "model", tmp_path / "b" / "run")
     for name in ("unet", "text_encoder", "vae"):
         a = getattr(straight, name).state_dict()
@@ -139,10 +157,14 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "b" / "model" / "pretraining.json").read_text())
     assert record["steps"] == {"vae": 4, "unet": 6, "decoder": 4}
     # the shipped log has one entry per step, the resumed run's values where steps were redone
-    shipped = [json.loads(line) for line in
-               (tmp_path / "b" / "model" / "pretraining_log.jsonl").read_text().splitlines()]
-    straight_log = [json.loads(line) for line in
-                    (tmp_path / "a" / "model" / "pretraining_log.jsonl").read_text().splitlines()]
+    shipped = [
+        json.loads(line)
+        for line in (tmp_path / "b" / "model" / "pretraining_log.jsonl").read_text().splitlines()
+    ]
+    straight_log = [
+        json.loads(line)
+        for line in (tmp_path / "a" / "model" / "pretraining_log.jsonl").read_text().splitlines()
+    ]
     assert shipped == straight_log
     assert len((tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()) > len(shipped)
     # checkpoints are plain safetensors: weights, EMA weights and optimizer state
@@ -166,24 +188,31 @@ def test_quick_profile_runs_end_to_end(tmp_path):
     pipe = pretrain(Settings(threads=2), tmp_path / "model", tmp_path / "run", profile="quick")
     record = json.loads((tmp_path / "model" / "pretraining.json").read_text())
     assert record["profile"] == "quick"
-    log = [json.loads(line) for line in
-           (tmp_path / "model" / "pretraining_log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "model" / "pretraining_log.jsonl").read_text().splitlines()
+    ]
     unet_losses = [e["loss"] for e in log if e["stage"] == "unet"]
     vae_mse = [e["mse"] for e in log if e["stage"] == "vae"]
     decoder_mse = [e["mse"] for e in log if e["stage"] == "decoder"]
     # one entry per step, in order, for each stage
     assert [e["step"] for e in log if e["stage"] == "unet"] == list(range(Settings().unet_steps))
     assert [e["step"] for e in log if e["stage"] == "vae"] == list(range(Settings().vae_steps))
-    assert [e["stage"] for e in log] == (["vae"] * Settings().vae_steps
-                                         + ["unet"] * Settings().unet_steps
-                                         + ["decoder"] * Settings().decoder_steps)
+    assert [e["stage"] for e in log] == (
+        ["vae"] * Settings().vae_steps
+        + ["unet"] * Settings().unet_steps
+        + ["decoder"] * Settings().decoder_steps
+    )
     # the recorded final losses are the means of the last (up to 100) logged values
     assert record["final"]["unet_loss_last_100"] == pytest.approx(
-        sum(unet_losses[-100:]) / len(unet_losses[-100:]), rel=1e-12)
+        sum(unet_losses[-100:]) / len(unet_losses[-100:]), rel=1e-12
+    )
     assert record["final"]["vae_mse_last_100"] == pytest.approx(
-        sum(vae_mse[-100:]) / len(vae_mse[-100:]), rel=1e-12)
+        sum(vae_mse[-100:]) / len(vae_mse[-100:]), rel=1e-12
+    )
     assert record["final"]["decoder_mse_last_100"] == pytest.approx(
-        sum(decoder_mse) / len(decoder_mse), rel=1e-12)
+        sum(decoder_mse) / len(decoder_mse), rel=1e-12
+    )
     # and both stages learn, even in 40 steps (seeded: about 0.98 -> 0.75 for the U-Net,
     # 0.51 -> 0.42 for the VAE)
     first, last = sum(unet_losses[:10]) / 10, sum(unet_losses[-10:]) / 10
@@ -191,8 +220,7 @@ def test_quick_profile_runs_end_to_end(tmp_path):
     assert sum(vae_mse[-10:]) / 10 < 0.95 * sum(vae_mse[:10]) / 10, vae_mse
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
     assert loaded.vae.config.scaling_factor == pipe.vae.config.scaling_factor
-    assert generate(loaded, ["green square with white background"], steps=2).shape == (
-        1, 3, 64, 64)
+    assert generate(loaded, ["green square with white background"], steps=2).shape == (1, 3, 64, 64)
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
@@ -219,16 +247,29 @@ def test_shapes_report_splits_accuracy_by_shape_and_its_references_are_exact():
     assert set(by_shape) <= {"circle", "square", "triangle", "diamond"} and len(by_shape) >= 2
     assert all(0 <= v <= 1 for v in by_shape.values())
     # each shape's rate is a share of its own samples: k / n with n <= 12
-    assert all(any(abs(v * n - round(v * n)) < 1e-6 for n in range(1, 13))
-               for v in by_shape.values())
+    assert all(
+        any(abs(v * n - round(v * n)) < 1e-6 for n in range(1, 13)) for v in by_shape.values()
+    )
 
 
 def test_command_line_applies_overrides_on_top_of_the_profile(tmp_path):
     from cnet.world.__main__ import main
 
-    main(["pretrain", "--profile", "quick", "--out", str(tmp_path / "model"), "--run_dir",
-          str(tmp_path / "run"), "--vae_steps=2", "--unet_steps=3", "--unet_batch=2",
-          "--vae_batch=2"])
+    main(
+        [
+            "pretrain",
+            "--profile",
+            "quick",
+            "--out",
+            str(tmp_path / "model"),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--vae_steps=2",
+            "--unet_steps=3",
+            "--unet_batch=2",
+            "--vae_batch=2",
+        ]
+    )
     record = json.loads((tmp_path / "model" / "pretraining.json").read_text())
     assert record["settings"]["unet_steps"] == 3 and record["settings"]["size"] == "tiny"
     assert "--unet_steps=3" in record["command"]
@@ -243,11 +284,19 @@ def test_style_fine_tune_changes_the_unet_alone_and_stores_it_in_half_precision(
     from cnet.world.finetune import FINETUNE_PROFILES, finetune, style_of
 
     settings = Settings(**FINETUNE_PROFILES["quick"])
-    pipe = finetune(SHIPPED, settings, tmp_path / "variant", tmp_path / "run",
-                    command=["python", "-m", "cnet.world", "finetune"])
+    pipe = finetune(
+        SHIPPED,
+        settings,
+        tmp_path / "variant",
+        tmp_path / "run",
+        command=["python", "-m", "cnet.world", "finetune"],
+    )
     out = tmp_path / "variant"
-    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-                 "tokenizer/tokenizer.json"):
+    for part in (
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         assert (out / part).read_bytes() == (SHIPPED / part).read_bytes(), part
     stored = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in stored.values()} == {torch.float16}
@@ -279,8 +328,11 @@ def test_style_fine_tune_resumes_exactly(tmp_path, monkeypatch):
 
     settings = Settings(**FINETUNE_PROFILES["quick"])
     straight = finetune(SHIPPED, settings, tmp_path / "a", tmp_path / "a_run")
-    _interrupted(monkeypatch, lambda: finetune(SHIPPED, settings, tmp_path / "b",
-                                               tmp_path / "b_run"), steps_done=2)
+    _interrupted(
+        monkeypatch,
+        lambda: finetune(SHIPPED, settings, tmp_path / "b", tmp_path / "b_run"),
+        steps_done=2,
+    )
     resumed = finetune(SHIPPED, settings, tmp_path / "b", tmp_path / "b_run")
     a, b = straight.unet.state_dict(), resumed.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -37,9 +37,11 @@ PLANS: dict[str, dict] = {
         "repeats": 2,
         "step_cost": [{"unet": "miniature", "latent_size": 8, "batch": 4, "text_length": 16}],
         "loop_cost": [{"unet": "miniature", "resolution": 64, "batch": 4}],
-        "scaling": {"workload": {"unet": "sd15", "width": 1 / 8, "latent_size": 4,
-                                 "batch": 1},
-                    "batches": [1, 2], "latent_sizes": [4, 8]},
+        "scaling": {
+            "workload": {"unet": "sd15", "width": 1 / 8, "latent_size": 4, "batch": 1},
+            "batches": [1, 2],
+            "latent_sizes": [4, 8],
+        },
         "loop_overheads": {"batch_size": 4, "train_size": 16},
         "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 2},
     },
@@ -54,9 +56,11 @@ PLANS: dict[str, dict] = {
             {"unet": "miniature", "resolution": 64, "batch": 32},
             {"unet": "sd15", "width": 1 / 4, "resolution": 512, "batch": 1},
         ],
-        "scaling": {"workload": {"unet": "sd15", "width": 1 / 8, "latent_size": 16,
-                                 "batch": 2},
-                    "batches": [1, 2, 4, 8], "latent_sizes": [8, 16, 32, 64]},
+        "scaling": {
+            "workload": {"unet": "sd15", "width": 1 / 8, "latent_size": 16, "batch": 2},
+            "batches": [1, 2, 4, 8],
+            "latent_sizes": [8, 16, 32, 64],
+        },
         "loop_overheads": {"batch_size": 32, "train_size": 1024},
         "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 64},
     },
@@ -64,18 +68,32 @@ PLANS: dict[str, dict] = {
 
 
 def _record(name: str, result: dict, plan: str, out: Path, command: str) -> Path:
-    record = {"suite": name, "plan": plan, "command": command,
-              "date": datetime.date.today().isoformat(), "machine": machine(),
-              "results": result}
+    record = {
+        "suite": name,
+        "plan": plan,
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "results": result,
+    }
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
 
-def run_bench(plan: str = "full", out: str | Path = "runs/bench", threads: int | None = None,
-              suites: tuple[str, ...] = ("step_cost", "loop_cost", "scaling",
-                                         "loop_overheads", "sampling_cost"),
-              command: str = "python -m cnet bench") -> dict[str, Path]:
+def run_bench(
+    plan: str = "full",
+    out: str | Path = "runs/bench",
+    threads: int | None = None,
+    suites: tuple[str, ...] = (
+        "step_cost",
+        "loop_cost",
+        "scaling",
+        "loop_overheads",
+        "sampling_cost",
+    ),
+    command: str = "python -m cnet bench",
+) -> dict[str, Path]:
     """Run the plan's suites, write each one's JSON (with ``command``, the machine and the
     date) and figure to ``out``; returns the paths."""
     import matplotlib.pyplot as plt
@@ -96,14 +114,14 @@ def run_bench(plan: str = "full", out: str | Path = "runs/bench", threads: int |
         results["loop_cost"] = [loop_cost(w, repeats, device) for w in settings["loop_cost"]]
     if "scaling" in suites:
         s = settings["scaling"]
-        results["scaling"] = scaling(s["workload"], s["batches"], s["latent_sizes"], repeats,
-                                     device)
+        results["scaling"] = scaling(
+            s["workload"], s["batches"], s["latent_sizes"], repeats, device
+        )
     if "loop_overheads" in suites:
         config = TrainConfig(**settings["loop_overheads"], device=device.type)
         results["loop_overheads"] = loop_overheads(config, max(repeats, 5))
     if "sampling_cost" in suites:
-        results["sampling_cost"] = sampling_cost(settings["sampling_cost"], max(repeats, 5),
-                                                 device)
+        results["sampling_cost"] = sampling_cost(settings["sampling_cost"], max(repeats, 5), device)
     for name, result in results.items():
         written[name] = _record(name, result, plan, out, command)
         figure = draw(name, result, plan)

@@ -34,8 +34,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                      device: torch.device | str = "cpu") -> dict[str, list[float]]:
+def interleaved_times(
+    calls: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
     """Seconds per call of each callable, ``repeats`` each, run in turn."""
     device = torch.device(device)
     for _ in range(warmup):
@@ -90,8 +94,9 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def _tensors_held(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
-                  extra: list[torch.Tensor]) -> list[torch.Tensor]:
+def _tensors_held(
+    modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, extra: list[torch.Tensor]
+) -> list[torch.Tensor]:
     held = list(extra)
     for module in modules:
         held += list(module.parameters()) + list(module.buffers())
@@ -101,9 +106,13 @@ def _tensors_held(modules: list[torch.nn.Module], optimizer: torch.optim.Optimiz
     return held
 
 
-def peak_memory(step: Callable[[], object], modules: list[torch.nn.Module],
-                optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu",
-                extra: list[torch.Tensor] = ()) -> int:
+def peak_memory(
+    step: Callable[[], object],
+    modules: list[torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+    extra: list[torch.Tensor] = (),
+) -> int:
     """Peak bytes of tensors alive during one call of ``step`` (run it once before, so that the
     optimizer's state exists, as in every step but the first). ``extra``: more tensors that
     are held throughout (the batch)."""
@@ -112,8 +121,9 @@ def peak_memory(step: Callable[[], object], modules: list[torch.nn.Module],
     if device.type == "cuda":
         # other steps' models live on the device too: count this step's tensors, and what the
         # step allocates above what was there before it
-        own = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                   for t in held}.values())
+        own = sum(
+            {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values()
+        )
         del held  # no reference of ours may keep a tensor the step frees alive
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -130,9 +140,12 @@ def peak_memory(step: Callable[[], object], modules: list[torch.nn.Module],
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

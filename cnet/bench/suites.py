@@ -35,8 +35,7 @@ from .workloads import (
     sd15_vae,
 )
 
-__all__ = ["loop_cost", "loop_overheads", "sampling_cost", "scaling", "step_cost",
-           "variant_cost"]
+__all__ = ["loop_cost", "loop_overheads", "sampling_cost", "scaling", "step_cost", "variant_cost"]
 
 
 def _median_ms(times: list[float]) -> float:
@@ -53,22 +52,38 @@ def step_cost(workload: dict, repeats: int, device: torch.device) -> dict:
     """ControlNet step / fine-tuning step: time (ratio of medians) and peak tensor memory; and
     the condition encoder's forward and backward alone, the part of a ControlNet step that runs
     at the image's resolution rather than the latents'."""
-    batch = make_batch(_unet(workload, device), workload["batch"], workload["latent_size"],
-                       workload.get("text_length", 77), device)
-    steps = {"controlnet": controlnet_step(_unet(workload, device), batch),
-             "finetune": finetune_step(_unet(workload, device), batch)}
+    batch = make_batch(
+        _unet(workload, device),
+        workload["batch"],
+        workload["latent_size"],
+        workload.get("text_length", 77),
+        device,
+    )
+    steps = {
+        "controlnet": controlnet_step(_unet(workload, device), batch),
+        "finetune": finetune_step(_unet(workload, device), batch),
+    }
     hint = steps["controlnet"].modules[0].controlnets[0].hint_encoder
-    times = interleaved_times({**{k: s.run for k, s in steps.items()},
-                               "condition_encoder": lambda: hint(batch.condition).sum().backward()},
-                              repeats, 1, device)
-    memory = {k: peak_memory(s.run, s.modules, s.optimizer, device,
-                             extra=list(batch.as_dict().values()))
-              for k, s in steps.items()}
+    times = interleaved_times(
+        {
+            **{k: s.run for k, s in steps.items()},
+            "condition_encoder": lambda: hint(batch.condition).sum().backward(),
+        },
+        repeats,
+        1,
+        device,
+    )
+    memory = {
+        k: peak_memory(s.run, s.modules, s.optimizer, device, extra=list(batch.as_dict().values()))
+        for k, s in steps.items()
+    }
     locked = sum(p.numel() for p in steps["finetune"].modules[0].parameters())
     return {
-        "workload": workload, "unet_parameters": locked,
+        "workload": workload,
+        "unet_parameters": locked,
         "trainable_parameters": {k: s.trainable_parameters for k, s in steps.items()},
-        "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
+        "step_ms": {k: _median_ms(t) for k, t in times.items()},
+        "times_s": times,
         "peak_bytes": memory,
         "time_ratio": ratio(times, "controlnet", "finetune"),
         "condition_encoder_share": ratio(times, "condition_encoder", "controlnet"),
@@ -76,8 +91,9 @@ def step_cost(workload: dict, repeats: int, device: torch.device) -> dict:
     }
 
 
-def _per_step_encoding(step: Step, vae, text_encoder, images: torch.Tensor,
-                       input_ids: torch.Tensor, batch: Batch) -> Step:
+def _per_step_encoding(
+    step: Step, vae, text_encoder, images: torch.Tensor, input_ids: torch.Tensor, batch: Batch
+) -> Step:
     """The same step preceded by what a diffusers-style loop does on every step: the VAE encodes
     the batch's images and the text encoder its prompts (no gradients through either)."""
     scaling = vae.config.scaling_factor
@@ -110,13 +126,17 @@ def loop_cost(workload: dict, repeats: int, device: torch.device) -> dict:
     input_ids = torch.randint(0, text.config.vocab_size, (n, length), generator=g).to(device)
     cached = controlnet_step(unet, batch)
     encoding = _per_step_encoding(cached, vae, text, images, input_ids, batch)
-    times = interleaved_times({"cached": cached.run, "per_step_encoding": encoding.run},
-                              repeats, 1, device)
+    times = interleaved_times(
+        {"cached": cached.run, "per_step_encoding": encoding.run}, repeats, 1, device
+    )
     encode_only = interleaved_times(
-        {"vae_and_text": lambda: _encode_only(vae, text, images, input_ids)}, repeats, 1, device)
+        {"vae_and_text": lambda: _encode_only(vae, text, images, input_ids)}, repeats, 1, device
+    )
     return {
-        "workload": workload, "step_ms": {k: _median_ms(t) for k, t in times.items()},
-        "encode_ms": _median_ms(encode_only["vae_and_text"]), "times_s": times,
+        "workload": workload,
+        "step_ms": {k: _median_ms(t) for k, t in times.items()},
+        "encode_ms": _median_ms(encode_only["vae_and_text"]),
+        "times_s": times,
         "samples_per_s": {k: n * 1000 / _median_ms(t) for k, t in times.items()},
         "speedup": ratio(times, "per_step_encoding", "cached"),
     }
@@ -128,10 +148,12 @@ def _encode_only(vae, text_encoder, images, input_ids) -> None:
     text_encoder(input_ids)
 
 
-def scaling(workload: dict, batches: list[int], latent_sizes: list[int], repeats: int,
-            device: torch.device) -> dict:
+def scaling(
+    workload: dict, batches: list[int], latent_sizes: list[int], repeats: int, device: torch.device
+) -> dict:
     """ControlNet step time against batch size (at the workload's latent size) and against
     latent size (at its batch), each point relative to the first."""
+
     def times_for(batch_size: int, latent_size: int) -> float:
         unet = sd15_unet(workload["width"], latent_size).to(device)
         step = controlnet_step(unet, make_batch(unet, batch_size, latent_size, 77, device))
@@ -141,10 +163,16 @@ def scaling(workload: dict, batches: list[int], latent_sizes: list[int], repeats
     by_size = {s: times_for(workload["batch"], s) for s in latent_sizes}
     return {
         "workload": workload,
-        "batch": {"sizes": batches, "step_ms": list(by_batch.values()),
-                  "relative": [t / by_batch[batches[0]] for t in by_batch.values()]},
-        "latent_size": {"sizes": latent_sizes, "step_ms": list(by_size.values()),
-                        "relative": [t / by_size[latent_sizes[0]] for t in by_size.values()]},
+        "batch": {
+            "sizes": batches,
+            "step_ms": list(by_batch.values()),
+            "relative": [t / by_batch[batches[0]] for t in by_batch.values()],
+        },
+        "latent_size": {
+            "sizes": latent_sizes,
+            "step_ms": list(by_size.values()),
+            "relative": [t / by_size[latent_sizes[0]] for t in by_size.values()],
+        },
     }
 
 
@@ -160,18 +188,23 @@ def loop_overheads(config: TrainConfig, repeats: int) -> dict:
         scheduler = DDPMScheduler.from_config(trainer.pipe.scheduler.config)
         steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
         times = interleaved_times(
-            {"draw_batch": lambda: draw_batch(trainer.data, config, 0, 0, scheduler),
-             "step_logged": lambda: trainer.step(next(steps), log=True),
-             "step_unlogged": lambda: trainer.step(next(steps), log=False)},
-            repeats, 1, trainer.device)
+            {
+                "draw_batch": lambda: draw_batch(trainer.data, config, 0, 0, scheduler),
+                "step_logged": lambda: trainer.step(next(steps), log=True),
+                "step_unlogged": lambda: trainer.step(next(steps), log=False),
+            },
+            repeats,
+            1,
+            trainer.device,
+        )
         trainer.close()
     return {
         "config": {k: getattr(config, k) for k in ("base", "batch_size", "train_size")},
-        "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
+        "step_ms": {k: _median_ms(t) for k, t in times.items()},
+        "times_s": times,
         "data_share": ratio(times, "draw_batch", "step_unlogged"),
         "logging_ratio": ratio(times, "step_logged", "step_unlogged"),
     }
-
 
 
 def variant_cost(config: TrainConfig, variants: dict[str, dict], repeats: int) -> dict:
@@ -183,22 +216,31 @@ def variant_cost(config: TrainConfig, variants: dict[str, dict], repeats: int) -
     trainers, calls, parameters = {}, {}, {}
     with tempfile.TemporaryDirectory() as out:
         for name, overrides in variants.items():
-            variant = replace(config, **overrides, out=f"{out}/{len(trainers)}", eval_every=0,
-                              resume=False, train_size=min(config.train_size, 256))
+            variant = replace(
+                config,
+                **overrides,
+                out=f"{out}/{len(trainers)}",
+                eval_every=0,
+                resume=False,
+                train_size=min(config.train_size, 256),
+            )
             trainer = trainers[name] = Trainer(variant)
             trainer.load_data()
             steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
             calls[name] = lambda trainer=trainer, steps=steps: trainer.step(next(steps))
-            parameters[name] = sum(p.numel() for p in trainer.controlnet.parameters()
-                                   if p.requires_grad)
+            parameters[name] = sum(
+                p.numel() for p in trainer.controlnet.parameters() if p.requires_grad
+            )
         times = interleaved_times(calls, repeats, 1, next(iter(trainers.values())).device)
         for trainer in trainers.values():
             trainer.close()
     first = next(iter(variants))
     return {
         "config": {k: getattr(config, k) for k in ("base", "batch_size", "grad_accum")},
-        "variants": variants, "trainable_parameters": parameters,
-        "step_ms": {k: _median_ms(t) for k, t in times.items()}, "times_s": times,
+        "variants": variants,
+        "trainable_parameters": parameters,
+        "step_ms": {k: _median_ms(t) for k, t in times.items()},
+        "times_s": times,
         "time_ratio": {k: ratio(times, k, first) for k in variants},
     }
 
@@ -216,16 +258,27 @@ def sampling_cost(workload: dict, repeats: int, device: torch.device) -> dict:
     controlled = ControlledUNet(pipe.unet, net).to(device).eval()
     n, size, g = 2 * workload["batch"], pipe.unet.config.sample_size, torch.Generator()
     x = torch.randn(n, pipe.unet.config.in_channels, size, size, generator=g.manual_seed(0))
-    condition = torch.rand(n, net.condition_channels, net.downscale_factor * size,
-                           net.downscale_factor * size, generator=g).to(device)
+    condition = torch.rand(
+        n,
+        net.condition_channels,
+        net.downscale_factor * size,
+        net.downscale_factor * size,
+        generator=g,
+    ).to(device)
     text = pipe.encode_prompt(["red circle with blue background"] * n, device, 1, False)[0]
     x, encoded = x.to(device), net.encode_condition(condition)
-    calls = {"encoded_each_step": lambda: controlled(x, 500, text, condition),
-             "encoded_once": lambda: controlled(x, 500, text, encoded),
-             "encoding": lambda: net.encode_condition(condition)}
+    calls = {
+        "encoded_each_step": lambda: controlled(x, 500, text, condition),
+        "encoded_once": lambda: controlled(x, 500, text, encoded),
+        "encoding": lambda: net.encode_condition(condition),
+    }
     with torch.no_grad():
         same = torch.equal(calls["encoded_each_step"](), calls["encoded_once"]())
         times = interleaved_times(calls, repeats, 1, device)
-    return {"workload": workload, "step_ms": {k: _median_ms(t) for k, t in times.items()},
-            "times_s": times, "bit_for_bit": same,
-            "time_ratio": ratio(times, "encoded_once", "encoded_each_step")}
+    return {
+        "workload": workload,
+        "step_ms": {k: _median_ms(t) for k, t in times.items()},
+        "times_s": times,
+        "bit_for_bit": same,
+        "time_ratio": ratio(times, "encoded_once", "encoded_each_step"),
+    }

@@ -47,8 +47,13 @@ def sd15_unet(width: float = 1.0, sample_size: int = 64, seed: int = 0) -> UNet2
     torch.manual_seed(seed)
     channels = tuple(int(c * width) for c in SD15_CHANNELS)
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=channels, cross_attention_dim=768, attention_head_dim=8,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=channels,
+        cross_attention_dim=768,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         norm_num_groups=32 if width == 1.0 else 8,
@@ -59,18 +64,30 @@ def sd15_vae(seed: int = 0) -> AutoencoderKL:
     """SD's VAE configuration (128, 256, 512, 512 channels, 8x, 4 latent channels)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
         block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
 
 
 def sd15_text_encoder(seed: int = 0) -> CLIPTextModel:
     """SD1.5's text encoder configuration (CLIP ViT-L/14's: 12 layers, 768 wide, 77 tokens)."""
     torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
 
 
 @dataclass
@@ -87,8 +104,14 @@ class Batch:
         return vars(self)
 
 
-def make_batch(unet: UNet2DConditionModel, batch_size: int, latent_size: int,
-               text_length: int = 77, device: torch.device | str = "cpu", seed: int = 0) -> Batch:
+def make_batch(
+    unet: UNet2DConditionModel,
+    batch_size: int,
+    latent_size: int,
+    text_length: int = 77,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Batch:
     g = torch.Generator().manual_seed(seed)
     shape = (batch_size, unet.config.in_channels, latent_size, latent_size)
     dim = unet.config.cross_attention_dim
@@ -97,8 +120,9 @@ def make_batch(unet: UNet2DConditionModel, batch_size: int, latent_size: int,
         noise=torch.randn(shape, generator=g).to(device),
         timesteps=torch.randint(0, 1000, (batch_size,), generator=g).to(device),
         embeddings=torch.randn(batch_size, text_length, dim, generator=g).to(device),
-        condition=torch.rand(batch_size, 3, 8 * latent_size, 8 * latent_size,
-                             generator=g).to(device),
+        condition=torch.rand(batch_size, 3, 8 * latent_size, 8 * latent_size, generator=g).to(
+            device
+        ),
     )
 
 
@@ -118,8 +142,7 @@ def _adamw(parameters, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameters, lr=1e-5, **fast)
 
 
-def controlnet_step(unet: UNet2DConditionModel, batch: Batch,
-                    precision: str | None = None) -> Step:
+def controlnet_step(unet: UNet2DConditionModel, batch: Batch, precision: str | None = None) -> Step:
     """The ControlNet step of :mod:`cnet.train.loop`: locked U-Net, trainable copy."""
     device = unet.device
     controlnet = ControlNet.from_unet(unet, condition_size=8 * batch.latents.shape[-1])
@@ -138,8 +161,7 @@ def controlnet_step(unet: UNet2DConditionModel, batch: Batch,
     return Step(run, [controlled], optimizer, sum(p.numel() for p in controlnet.parameters()))
 
 
-def finetune_step(unet: UNet2DConditionModel, batch: Batch,
-                  precision: str | None = None) -> Step:
+def finetune_step(unet: UNet2DConditionModel, batch: Batch, precision: str | None = None) -> Step:
     """Fine-tuning the whole U-Net on the same batch and loss (no condition: fine-tuning SD)."""
     device = unet.device
     unet.requires_grad_(True).train()
@@ -162,5 +184,6 @@ def finetune_step(unet: UNet2DConditionModel, batch: Batch,
 def _autocast(device: torch.device, precision: str | None):
     if precision in (None, "no"):
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16,
-                                              "fp16": torch.float16}[precision])
+    return torch.autocast(
+        device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    )

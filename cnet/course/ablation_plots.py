@@ -15,15 +15,28 @@ from ..train.data import condition_images
 from .figures import save_figure
 from .training_plots import plot_sample_grid
 
-__all__ = ["plot_first_updates", "plot_seed_convergence", "plot_step0_damage",
-           "plot_study", "samples_around_onset", "step0_samples", "write_ablation_figures"]
+__all__ = [
+    "plot_first_updates",
+    "plot_seed_convergence",
+    "plot_step0_damage",
+    "plot_study",
+    "samples_around_onset",
+    "step0_samples",
+    "write_ablation_figures",
+]
 
 LABELS = {
-    "default": "ControlNet (zero convs)", "gaussian": "Gaussian convs (std × 1)",
-    "gaussian-0.1": "Gaussian convs (std × 0.1)", "none": "no connection layer",
-    "lite": "ControlNet-lite", "no-empty-prompts": "0 % empty prompts",
-    "data-1k": "1k samples", "data-20k": "20k samples", "lr-1e-3": "lr 1e-3",
-    "accum-2": "2 micro-batches / update", "default-1200": "ControlNet, 1200 steps",
+    "default": "ControlNet (zero convs)",
+    "gaussian": "Gaussian convs (std × 1)",
+    "gaussian-0.1": "Gaussian convs (std × 0.1)",
+    "none": "no connection layer",
+    "lite": "ControlNet-lite",
+    "no-empty-prompts": "0 % empty prompts",
+    "data-1k": "1k samples",
+    "data-20k": "20k samples",
+    "lr-1e-3": "lr 1e-3",
+    "accum-2": "2 micro-batches / update",
+    "default-1200": "ControlNet, 1200 steps",
     "gaussian-1200": "Gaussian convs (std × 1), 1200 steps",
     "lite-1200": "ControlNet-lite, 1200 steps",
 }
@@ -40,8 +53,9 @@ def plot_seed_convergence(result: dict, variant: str = "default") -> plt.Figure:
     fig, axes = plt.subplots(3, 1, figsize=(7.5, 7), sharex=True)
     for run, colour in zip(runs, plt.cm.tab10.colors, strict=False):
         c = run["curves"]
-        label = f"seed {run['seed']}" + (f", onset {run['onset']}" if run["onset"] else
-                                         ", no onset")
+        label = f"seed {run['seed']}" + (
+            f", onset {run['onset']}" if run["onset"] else ", no onset"
+        )
         axes[0].plot(c["eval_steps"], c["iou"], "o-", ms=3, color=colour, label=label)
         if run["onset"]:
             axes[0].axvline(run["onset"], color=colour, ls=":", lw=1)
@@ -50,8 +64,11 @@ def plot_seed_convergence(result: dict, variant: str = "default") -> plt.Figure:
     mean = np.mean([r["curves"]["iou"] for r in runs], axis=0)
     axes[0].plot(runs[0]["curves"]["eval_steps"], mean, "k-", lw=2, label="mean over seeds")
     axes[0].set_ylabel("IoU with the condition")
-    axes[0].set_title(f"{_label(variant)}: {len(runs)} seeds, evaluated every "
-                      f"{result['settings']['eval_every']} steps", fontsize=10)
+    axes[0].set_title(
+        f"{_label(variant)}: {len(runs)} seeds, evaluated every "
+        f"{result['settings']['eval_every']} steps",
+        fontsize=10,
+    )
     axes[1].set_ylabel("‖Θ_z1‖ (encoder's zero conv)")
     axes[2].set_ylabel("‖∇Θ_c‖ (copy; 0 at update 1)")
     axes[2].set_xlabel("training step")
@@ -66,17 +83,22 @@ def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
     """Each variant of ``study``: the mean fidelity curve over seeds, with the band from the
     lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    for variant, colour in zip(result["studies"][study]["variants"], plt.cm.tab10.colors,
-                               strict=False):
+    for variant, colour in zip(
+        result["studies"][study]["variants"], plt.cm.tab10.colors, strict=False
+    ):
         runs = result["variants"][variant]["runs"]
         steps = runs[0]["curves"]["eval_steps"]
         values = np.array([r["curves"][measure] for r in runs])
-        ax.plot(steps, values.mean(0), color=colour,
-                label=f"{_label(variant)} ({len(runs)} seeds)")
+        ax.plot(steps, values.mean(0), color=colour, label=f"{_label(variant)} ({len(runs)} seeds)")
         ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2)
     ax.set_xlabel("training step")
-    ax.set_ylabel({"iou": "IoU with the condition", "colours_ok": "colours right",
-                   "layout_iou": "layout IoU"}.get(measure, measure))
+    ax.set_ylabel(
+        {
+            "iou": "IoU with the condition",
+            "colours_ok": "colours right",
+            "layout_iou": "layout IoU",
+        }.get(measure, measure)
+    )
     ax.set_title(f"{study.replace('_', ' ')}: mean over seeds, band = min to max", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -84,23 +106,35 @@ def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
     return fig
 
 
-def plot_step0_damage(result: dict, variants=("default", "gaussian", "gaussian-0.1", "none")
-                      ) -> plt.Figure:
+def plot_step0_damage(
+    result: dict, variants=("default", "gaussian", "gaussian-0.1", "none")
+) -> plt.Figure:
     """Before any update: how far each connection's controlled U-Net predicts from the locked
     one, and what that does to the samples' colours (the prompt) and to their IoU."""
     variants = [v for v in variants if v in result["variants"]]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, title in zip(axes, ("step0_deviation", "step0_colours_ok", "step0_iou"),
-                              ("‖ε_c − ε‖ / ‖ε‖ at step 0", "colours right at step 0",
-                               "IoU at step 0"), strict=True):
+    for ax, key, title in zip(
+        axes,
+        ("step0_deviation", "step0_colours_ok", "step0_iou"),
+        ("‖ε_c − ε‖ / ‖ε‖ at step 0", "colours right at step 0", "IoU at step 0"),
+        strict=True,
+    ):
         stats = [result["variants"][v]["aggregate"][key] for v in variants]
         means = [s.get("mean", np.nan) for s in stats]
-        errors = [[m - s.get("min", m) for m, s in zip(means, stats, strict=True)],
-                  [s.get("max", m) - m for m, s in zip(means, stats, strict=True)]]
-        ax.bar(range(len(variants)), means, yerr=errors, capsize=3,
-               color=plt.cm.tab10.colors[: len(variants)])
-        ax.set_xticks(range(len(variants)), [_label(v).replace(" (", "\n(") for v in variants],
-                      fontsize=7)
+        errors = [
+            [m - s.get("min", m) for m, s in zip(means, stats, strict=True)],
+            [s.get("max", m) - m for m, s in zip(means, stats, strict=True)],
+        ]
+        ax.bar(
+            range(len(variants)),
+            means,
+            yerr=errors,
+            capsize=3,
+            color=plt.cm.tab10.colors[: len(variants)],
+        )
+        ax.set_xticks(
+            range(len(variants)), [_label(v).replace(" (", "\n(") for v in variants], fontsize=7
+        )
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -128,8 +162,9 @@ def plot_first_updates(first: dict) -> plt.Figure:
     ax.set_xticks(range(len(updates)), [f"update {k + 1}" for k in range(len(updates))])
     ax.set_ylabel("gradient norm (hatched: exactly 0)")
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("Which parameters get gradient, update by update (the real training step)",
-                 fontsize=10)
+    ax.set_title(
+        "Which parameters get gradient, update by update (the real training step)", fontsize=10
+    )
     fig.tight_layout()
     return fig
 
@@ -144,15 +179,20 @@ def samples_around_onset(run: dict, rows: int = 6) -> plt.Figure | None:
     samples = load_file(folder / "samples.safetensors")
     steps = run["curves"]["eval_steps"]
     i = steps.index(run["onset"])
-    shown = sorted({steps[0], *steps[max(i - 2, 0): i + 2], steps[-1]})
+    shown = sorted({steps[0], *steps[max(i - 2, 0) : i + 2], steps[-1]})
     first = samples[f"step_{steps[0]}"]
     conditions = condition_images("fill", len(first), run["seed"], first.shape[-1])
-    return plot_sample_grid({k: v[:rows] for k, v in samples.items()}, conditions[:rows],
-                            shown, label=f"seed {run['seed']}: onset at step {run['onset']}")
+    return plot_sample_grid(
+        {k: v[:rows] for k, v in samples.items()},
+        conditions[:rows],
+        shown,
+        label=f"seed {run['seed']}: onset at step {run['onset']}",
+    )
 
 
-def step0_samples(result: dict, variants=("default", "gaussian", "gaussian-0.1", "none"),
-                  columns: int = 8) -> plt.Figure | None:
+def step0_samples(
+    result: dict, variants=("default", "gaussian", "gaussian-0.1", "none"), columns: int = 8
+) -> plt.Figure | None:
     """Seed 0's evaluation samples before any update, one row per connection variant (None
     where the runs' folders are not here)."""
     rows = []
@@ -162,8 +202,9 @@ def step0_samples(result: dict, variants=("default", "gaussian", "gaussian-0.1",
         if path is None or not path.exists():
             return None
         rows.append((variant, load_file(path)["step_0"][:columns]))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.2 * columns, 1.3 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(1.2 * columns, 1.3 * len(rows)), squeeze=False
+    )
     for r, (variant, images) in enumerate(rows):
         for c in range(columns):
             axes[r, c].imshow(images[c].permute(1, 2, 0).numpy())
@@ -194,7 +235,9 @@ def write_ablation_figures(result: dict, folder: str | Path | None = None) -> li
     if grid is not None:
         figures["07_samples_around_onset"] = grid
     # the sample grids are many small images: a lower resolution keeps them light in a notebook
-    paths = [save_figure(fig, name, folder, dpi=60 if "samples" in name else 110)
-             for name, fig in figures.items()]
+    paths = [
+        save_figure(fig, name, folder, dpi=60 if "samples" in name else 110)
+        for name, fig in figures.items()
+    ]
     plt.close("all")
     return paths

@@ -10,9 +10,13 @@ from .ablation_plots import LABELS
 __all__ = ["ablation_table", "effects", "format_spread", "step_time_table"]
 
 MEASURES = {
-    "onset": "onset step", "t50": "50 % step", "final_iou": "final IoU",
-    "final_colours_ok": "final colour accuracy", "prompt_free_layout_iou": "prompt-free layout IoU",
-    "step0_deviation": "step-0 deviation", "step0_colours_ok": "step-0 colour accuracy",
+    "onset": "onset step",
+    "t50": "50 % step",
+    "final_iou": "final IoU",
+    "final_colours_ok": "final colour accuracy",
+    "prompt_free_layout_iou": "prompt-free layout IoU",
+    "step0_deviation": "step-0 deviation",
+    "step0_colours_ok": "step-0 colour accuracy",
     "copy_drift": "copy drift",
 }
 
@@ -33,8 +37,11 @@ def ablation_table(result: dict) -> str:
     how many seeds left the step-0 band), final IoU and prompt-free layout IoU (mean ± sd), and
     how many seeds diverged (:func:`cnet.experiments.ablate.diverged_at`)."""
     ratios = result.get("step_time", {}).get("time_ratio", {})
-    lines = ["| variant | trainable parameters | step time | onset step (seeds with one) "
-             "| final IoU | prompt-free layout IoU | diverged |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | trainable parameters | step time | onset step (seeds with one) "
+        "| final IoU | prompt-free layout IoU | diverged |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, variant in result["variants"].items():
         stats = variant["aggregate"]
         ratio = f"{ratios[name]:.2f}×" if name in ratios else "—"
@@ -43,7 +50,8 @@ def ablation_table(result: dict) -> str:
             f"| {format_spread(stats['onset'], 0, counts=True)} "
             f"| {format_spread(stats['final_iou'])} "
             f"| {format_spread(stats['prompt_free_layout_iou'])} "
-            f"| {stats['diverged_at']['n']}/{stats['diverged_at']['of']} |")
+            f"| {stats['diverged_at']['n']}/{stats['diverged_at']['of']} |"
+        )
     return "\n".join(lines)
 
 
@@ -75,9 +83,11 @@ def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
             else:
                 verdict = "not every seed has one: no verdict"
             digits = 0 if key in ("onset", "t50") else 2
-            lines.append(f"{LABELS.get(variant, variant)}: {MEASURES[key]} "
-                         f"{format_spread(a, digits, not complete)} vs "
-                         f"{format_spread(b, digits, not complete)}: {verdict}")
+            lines.append(
+                f"{LABELS.get(variant, variant)}: {MEASURES[key]} "
+                f"{format_spread(a, digits, not complete)} vs "
+                f"{format_spread(b, digits, not complete)}: {verdict}"
+            )
     return lines
 
 
@@ -85,10 +95,14 @@ def step_time_table(result: dict) -> str:
     """The ablations' step times (median ms, ratio to the ControlNet's) and trainable
     parameters, as bench/README.md quotes them."""
     step = result["step_time"]
-    lines = ["| variant | trainable parameters | step (median) | against the ControlNet |",
-             "|---|---|---|---|"]
+    lines = [
+        "| variant | trainable parameters | step (median) | against the ControlNet |",
+        "|---|---|---|---|",
+    ]
     for name, ratio in step["time_ratio"].items():
         parameters = step["trainable_parameters"][name] / 1e6
-        lines.append(f"| {LABELS.get(name, name)} | {parameters:.2f}M "
-                     f"| {step['step_ms'][name]:.0f} ms | {ratio:.2f}× |")
+        lines.append(
+            f"| {LABELS.get(name, name)} | {parameters:.2f}M "
+            f"| {step['step_ms'][name]:.0f} ms | {ratio:.2f}× |"
+        )
     return "\n".join(lines)

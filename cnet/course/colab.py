@@ -22,7 +22,7 @@ from pathlib import Path
 
 __all__ = ["SETUP_CELL", "colab_link", "setup_cell", "stamp_repository"]
 
-SETUP_CELL = '''\
+SETUP_CELL = """\
 # Setup: import cnet from an installed package or from the clone this notebook sits in; in a
 # fresh Colab runtime, clone the repository and install it (the runtime's own torch stays).
 import os
@@ -49,7 +49,7 @@ except ImportError:
     sys.path.insert(0, str(clone))  # importable now, without restarting the runtime
     os.environ["CNET_ROOT"] = str(clone)  # where models/ and figures/ are
     import cnet
-'''
+"""
 
 _URL_LINE = re.compile(r'^REPO_URL = os\.environ\.get\("CNET_REPO_URL"\) or (.*?)  #', re.M)
 _LINKS = re.compile(r"(<!-- colab links -->\n)(.*?)(<!-- /colab links -->)", re.S)
@@ -81,8 +81,10 @@ def colab_link(repo_url: str, notebook: str, branch: str = "main") -> str | None
 
 def _readme_links(repo_url: str, notebooks: list[Path], root: Path, branch: str) -> str:
     if not repo_url:
-        return ("No repository URL is stamped yet: `python -m cnet course --repo URL` writes "
-                "the links here.\n")
+        return (
+            "No repository URL is stamped yet: `python -m cnet course --repo URL` writes "
+            "the links here.\n"
+        )
     lines = []
     for path in notebooks:
         link = colab_link(repo_url, path.relative_to(root).as_posix(), branch)

@@ -22,8 +22,14 @@ from .training_plots import (
     plot_zero_conv_growth,
 )
 
-__all__ = ["figures_dir", "repo_root", "run_figures", "save_figure", "save_numbers",
-           "write_run_figures"]
+__all__ = [
+    "figures_dir",
+    "repo_root",
+    "run_figures",
+    "save_figure",
+    "save_numbers",
+    "write_run_figures",
+]
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,8 +61,9 @@ def figures_dir() -> Path:
     return path
 
 
-def save_figure(fig: plt.Figure, name: str, folder: str | Path | None = None,
-                dpi: int = 110) -> Path:
+def save_figure(
+    fig: plt.Figure, name: str, folder: str | Path | None = None, dpi: int = 110
+) -> Path:
     """Write ``fig`` to ``<folder>/<name>.png`` (default :func:`figures_dir`); returns the path."""
     folder = Path(folder) if folder is not None else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,8 +93,11 @@ def run_figures(run: str | Path, label: str = "") -> dict:
 
     run = Path(run)
     log = read_log(run)
-    report = (detect_sudden_convergence(log.eval_steps, log.eval_iou)
-              if len(log.eval_steps) >= 5 else None)
+    report = (
+        detect_sudden_convergence(log.eval_steps, log.eval_iou)
+        if len(log.eval_steps) >= 5
+        else None
+    )
     figures = {
         "fidelity_and_loss": plot_fidelity_and_loss(log, report, label),
         "zero_conv_growth": plot_zero_conv_growth(log, label),
@@ -107,12 +117,17 @@ def run_figures(run: str | Path, label: str = "") -> dict:
         conditions = None
     else:
         conditions, regions, ranked = conditions_the_base_misses(
-            config, samples[f"step_{steps[0]}"])
+            config, samples[f"step_{steps[0]}"]
+        )
     if conditions is not None:
         rows = ranked[: min(6, len(ranked))]
         figures["samples_over_training"] = plot_sample_grid(
-            {k: v[rows] for k, v in samples.items()}, conditions[rows], shown, label,
-            regions=regions[rows])
+            {k: v[rows] for k, v in samples.items()},
+            conditions[rows],
+            shown,
+            label,
+            regions=regions[rows],
+        )
     figures["report"] = report
     return figures
 
@@ -132,15 +147,19 @@ def conditions_the_base_misses(config, first_samples):
     dataset = task_dataset(config.task, n, "eval", resolution, config.seed)
     batch, scenes = dataset.batch(list(range(n))), dataset.scenes(list(range(n)))
     regions = batch["layers"] > 0  # as the evaluation measures it (cnet.train.data.cache_data)
-    per_image = fidelity(first_samples.float() / 127.5 - 1,
-                         torch.from_numpy(scenes.colour[:, 0].copy()),
-                         torch.from_numpy(scenes.background.copy()), regions)
+    per_image = fidelity(
+        first_samples.float() / 127.5 - 1,
+        torch.from_numpy(scenes.colour[:, 0].copy()),
+        torch.from_numpy(scenes.background.copy()),
+        regions,
+    )
     ranked = torch.tensor(sorted(range(n), key=lambda i: (float(per_image["iou"][i]), i)))
     return conditions, regions, ranked
 
 
-def write_run_figures(run: str | Path, folder: str | Path | None = None, prefix: str = "",
-                      label: str = "") -> list[Path]:
+def write_run_figures(
+    run: str | Path, folder: str | Path | None = None, prefix: str = "", label: str = ""
+) -> list[Path]:
     """Save :func:`run_figures` as ``<folder>/<prefix><name>.png``, by default in
     ``<run>/figures``; returns the paths."""
     folder = Path(folder) if folder is not None else Path(run) / "figures"

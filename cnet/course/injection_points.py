@@ -14,6 +14,7 @@ from ..controlnet import unet_residual_names
 
 __all__ = ["InjectionPoint", "injection_points"]
 
+
 @dataclass(frozen=True)
 class InjectionPoint:
     """One of the 12 + 1 places a residual enters the locked U-Net."""

@@ -29,8 +29,13 @@ def plot_zero_conv_trajectory(traj, title: str = "") -> plt.Figure:
         ax.grid(alpha=0.3)
     _zero_aware_log_axis(axes[1], traj.input_grad_norm)
     for ax, values in ((axes[0], traj.weight_norm), (axes[1], traj.input_grad_norm)):
-        ax.annotate(f"{values[0]:g} at step 0", (0, values[0]), xytext=(8, 8),
-                    textcoords="offset points", fontsize=8)
+        ax.annotate(
+            f"{values[0]:g} at step 0",
+            (0, values[0]),
+            xytext=(8, 8),
+            textcoords="offset points",
+            fontsize=8,
+        )
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -54,11 +59,16 @@ def plot_gradient_flow(flow, steps: tuple[int, ...] = (0, 1)) -> plt.Figure:
     for k, s in enumerate(steps):
         xs = [i + (k - (len(steps) - 1) / 2) * width for i in range(len(names))]
         vals = per_step[s]
-        ax.bar(xs, [v if v > 0 else 0 for v in vals], width, label=f"step {s + 1}",
-               color=f"C{k}")
+        ax.bar(xs, [v if v > 0 else 0 for v in vals], width, label=f"step {s + 1}", color=f"C{k}")
         zx = [x for x, v in zip(xs, vals) if v == 0]
-        ax.plot(zx, [floor] * len(zx), "o", mfc="none", color=f"C{k}",
-                label=f"step {s + 1}: exactly 0" if zx else None)
+        ax.plot(
+            zx,
+            [floor] * len(zx),
+            "o",
+            mfc="none",
+            color=f"C{k}",
+            label=f"step {s + 1}: exactly 0" if zx else None,
+        )
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor / 2)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
@@ -106,14 +116,16 @@ def plot_zero_conv_grads(grad_I, grad_W, grad_B, title: str = "") -> plt.Figure:
     return fig
 
 
-def plot_world_conditions(batch: dict, conditions: list[str], rows: int = 4,
-                          title: str = "") -> plt.Figure:
+def plot_world_conditions(
+    batch: dict, conditions: list[str], rows: int = 4, title: str = ""
+) -> plt.Figure:
     """The procedural world: each row one sample, its image (in [-1, 1]) then each condition
     (in [0, 1]) of ``batch`` (as ``cnet.world`` datasets' ``batch`` returns it), with the prompt
     as the row's label."""
     columns = ["image", *conditions]
-    fig, axes = plt.subplots(rows, len(columns), figsize=(1.45 * len(columns) + 2.6, 1.5 * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(columns), figsize=(1.45 * len(columns) + 2.6, 1.5 * rows), squeeze=False
+    )
     for r in range(rows):
         for c, name in enumerate(columns):
             picture = batch[name][r]
@@ -125,16 +137,22 @@ def plot_world_conditions(batch: dict, conditions: list[str], rows: int = 4,
             if r == 0:
                 ax.set_title(name, fontsize=9)
         axes[r, -1].yaxis.set_label_position("right")
-        axes[r, -1].set_ylabel(batch["prompt"][r].replace(" with ", "\nwith "), fontsize=7,
-                               rotation=0, ha="left", va="center")
+        axes[r, -1].set_ylabel(
+            batch["prompt"][r].replace(" with ", "\nwith "),
+            fontsize=7,
+            rotation=0,
+            ha="left",
+            va="center",
+        )
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_generated(images, prompts: list[str], columns: int = 6, title: str = "",
-                   outlines=None) -> plt.Figure:
+def plot_generated(
+    images, prompts: list[str], columns: int = 6, title: str = "", outlines=None
+) -> plt.Figure:
     """Generated images (B, 3, H, W) in [-1, 1] with their prompts; where ``outlines`` (B, H, W)
     is given, each requested outline is drawn over its image in white, to show where the
     shape was asked for."""
@@ -169,23 +187,42 @@ def plot_injection_points(points, condition: str = "", title: str = "") -> plt.F
     xs = {"encoder": 0.0, "decoder": 4.6, "copy": 9.2}
     box_w, box_h = 3.0, 0.72
     heights = sorted({p.height for p in points}, reverse=True)
-    colour = {h: plt.cm.viridis(0.15 + 0.7 * k / max(1, len(heights) - 1))
-              for k, h in enumerate(heights)}
+    colour = {
+        h: plt.cm.viridis(0.15 + 0.7 * k / max(1, len(heights) - 1)) for k, h in enumerate(heights)
+    }
     fig, ax = plt.subplots(figsize=(12.5, 0.62 * (n + 3)))
 
     def box(x, y, text, face, edge="black", alpha=0.35):
-        ax.add_patch(mpatches.FancyBboxPatch((x - box_w / 2, y - box_h / 2), box_w, box_h,
-                                             boxstyle="round,pad=0.02", fc=face, ec=edge,
-                                             alpha=alpha, lw=1))
+        ax.add_patch(
+            mpatches.FancyBboxPatch(
+                (x - box_w / 2, y - box_h / 2),
+                box_w,
+                box_h,
+                boxstyle="round,pad=0.02",
+                fc=face,
+                ec=edge,
+                alpha=alpha,
+                lw=1,
+            )
+        )
         ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
 
     def arrow(x0, x1, y, colour="black", style="-|>"):
-        ax.annotate("", xy=(x1, y), xytext=(x0, y),
-                    arrowprops=dict(arrowstyle=style, color=colour, lw=1.1))
+        ax.annotate(
+            "", xy=(x1, y), xytext=(x0, y), arrowprops=dict(arrowstyle=style, color=colour, lw=1.1)
+        )
 
     def zero_conv(x, y, index):
-        ax.text(x, y, f"Z{index}", ha="center", va="center", fontsize=7, color="tab:blue",
-                bbox=dict(boxstyle="circle,pad=0.25", fc="white", ec="tab:blue", lw=1.2))
+        ax.text(
+            x,
+            y,
+            f"Z{index}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="tab:blue",
+            bbox=dict(boxstyle="circle,pad=0.25", fc="white", ec="tab:blue", lw=1.2),
+        )
 
     for p in skips:
         y = -p.index
@@ -210,13 +247,22 @@ def plot_injection_points(points, condition: str = "", title: str = "") -> plt.F
     arrow(z_x - 0.32, locked_mid_x + box_w / 2, y, "tab:blue")
     ax.text(locked_mid_x + box_w / 2 + 0.12, y + 0.18, "+", fontsize=10, color="tab:blue")
     top = 1.25
-    for key, label in (("encoder", "locked encoder\n(source of each skip)"),
-                       ("decoder", "locked decoder\n(skip + Z_i(copy), Eq. 2)"),
-                       ("copy", "ControlNet: trainable copy")):
+    for key, label in (
+        ("encoder", "locked encoder\n(source of each skip)"),
+        ("decoder", "locked decoder\n(skip + Z_i(copy), Eq. 2)"),
+        ("copy", "ControlNet: trainable copy"),
+    ):
         ax.text(xs[key], top, label, ha="center", va="bottom", fontsize=9, weight="bold")
     if condition:
-        ax.text(xs["copy"], top - 0.35, condition, ha="center", va="bottom", fontsize=7.5,
-                color="tab:orange")
+        ax.text(
+            xs["copy"],
+            top - 0.35,
+            condition,
+            ha="center",
+            va="bottom",
+            fontsize=7.5,
+            color="tab:orange",
+        )
     ax.set_xlim(xs["encoder"] - box_w / 2 - 0.2, xs["copy"] + box_w / 2 + 0.2)
     ax.set_ylim(-(n + 1.3), top + 0.9)
     ax.axis("off")
@@ -248,8 +294,14 @@ def plot_guess_mode_scales(scales: dict, title: str = "") -> plt.Figure:
     if panels == 2:
         diff_ax = axes[0, 1]
         for (label, values), marker in list(zip(rules.items(), "os^dv"))[1:]:
-            diff_ax.plot(range(n), [100 * (v / f - 1) for v, f in zip(values, first)],
-                         marker + "-", ms=4, label=label, color="tab:orange")
+            diff_ax.plot(
+                range(n),
+                [100 * (v / f - 1) for v, f in zip(values, first)],
+                marker + "-",
+                ms=4,
+                label=label,
+                color="tab:orange",
+            )
         diff_ax.axhline(0, color="gray", lw=0.6)
         diff_ax.set_ylabel(f"% difference from '{next(iter(rules))}'")
         diff_ax.set_title("How far apart the rules are", fontsize=10)

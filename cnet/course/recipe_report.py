@@ -13,13 +13,16 @@ def _row(name: str, recipe: dict, where: str) -> str:
     onset = f"{onsets[0]}–{onsets[-1]}" if onsets else "—"
     final = recipe["final_iou"]
     longer = recipe["final_iou_2x"]
-    final_2x = (f"{longer['median']:.2f} ({longer['min']:.2f}–{longer['max']:.2f})"
-                if longer else "—")
+    final_2x = (
+        f"{longer['median']:.2f} ({longer['min']:.2f}–{longer['max']:.2f})" if longer else "—"
+    )
     wall = recipe["wall_time_s"]
-    return (f"| {name} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
-            f"| {final['median']:.2f} ({final['min']:.2f}–{final['max']:.2f}) "
-            f"| {recipe['collapses_2x']}/{recipe['n_2x']} | {final_2x} "
-            f"| {wall['median']:.0f} |")
+    return (
+        f"| {name} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
+        f"| {final['median']:.2f} ({final['min']:.2f}–{final['max']:.2f}) "
+        f"| {recipe['collapses_2x']}/{recipe['n_2x']} | {final_2x} "
+        f"| {wall['median']:.0f} |"
+    )
 
 
 def recipe_table(result: dict) -> str:
@@ -28,9 +31,11 @@ def recipe_table(result: dict) -> str:
     collapses when continued to 2× (k of the seeds continued), the final IoU at 2×, and the
     median training time of a run to the budget (s; on the machine and threads its runs
     record)."""
-    lines = ["| recipe | runs | onset | onset steps | final IoU, median (range) "
-             "| collapsed at 2× | final IoU at 2× | training time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | runs | onset | onset steps | final IoU, median (range) "
+        "| collapsed at 2× | final IoU at 2× | training time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     parts = [(result, "study")] + ([(result["check"], "check")] if "check" in result else [])
     for part, kind in parts:
         for name, recipe in part["recipes"].items():

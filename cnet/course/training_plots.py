@@ -18,8 +18,9 @@ def _smooth(values, window: int):
     if window <= 1 or len(values) < window:
         return values
     kernel = np.ones(window) / window
-    return np.convolve(np.pad(values, (window // 2, window - 1 - window // 2), mode="edge"),
-                       kernel, mode="valid")
+    return np.convolve(
+        np.pad(values, (window // 2, window - 1 - window // 2), mode="edge"), kernel, mode="valid"
+    )
 
 
 def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
@@ -27,31 +28,54 @@ def plot_fidelity_and_loss(log, report=None, label: str = "") -> plt.Figure:
     the training loss on the same step axis: the loss barely shows what fidelity does."""
     fig, ax = plt.subplots(figsize=(8, 4.4))
     ax.plot(log.eval_steps, log.eval_iou, "o-", ms=3, color="tab:blue", label="fidelity (IoU)")
-    ax.plot(log.eval_steps, log.eval_colours, "s-", ms=2, color="tab:green", alpha=0.6,
-            label="prompted colours drawn")
+    ax.plot(
+        log.eval_steps,
+        log.eval_colours,
+        "s-",
+        ms=2,
+        color="tab:green",
+        alpha=0.6,
+        label="prompted colours drawn",
+    )
     ax.set_xlabel("training step")
     ax.set_ylabel("fidelity on the evaluation set")
     ax.set_ylim(0, 1)
     if report is not None and report.converged:
         ax.axvspan(report.start, report.end, color="tab:orange", alpha=0.15)
-        ax.axvline(report.step, color="tab:orange", ls="--",
-                   label=f"convergence step {report.step}"
-                         f" ({'sudden' if report.sudden else 'gradual'}, "
-                         f"abruptness {report.abruptness:.2f}; sharpest rise "
-                         f"{report.sharpest_share:.0%} of the gain, at step "
-                         f"{report.sharpest_step})")
+        ax.axvline(
+            report.step,
+            color="tab:orange",
+            ls="--",
+            label=f"convergence step {report.step}"
+            f" ({'sudden' if report.sudden else 'gradual'}, "
+            f"abruptness {report.abruptness:.2f}; sharpest rise "
+            f"{report.sharpest_share:.0%} of the gain, at step "
+            f"{report.sharpest_step})",
+        )
     loss_ax = ax.twinx()
     window = max(1, len(log.loss) // 100)
-    loss_ax.plot(log.steps, _smooth(log.loss, window), color="tab:gray", lw=1, alpha=0.8,
-                 label=f"loss (running mean of {window})")
+    loss_ax.plot(
+        log.steps,
+        _smooth(log.loss, window),
+        color="tab:gray",
+        lw=1,
+        alpha=0.8,
+        label=f"loss (running mean of {window})",
+    )
     loss_ax.set_ylabel("training loss")
     lines = ax.get_legend_handles_labels()
     more = loss_ax.get_legend_handles_labels()
     # below the axes: the curves fill the whole plot area
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper center",
-              bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    ax.set_title(f"Fidelity and loss during training{' — ' + label if label else ''}",
-                 fontsize=10)
+    ax.legend(
+        lines[0] + more[0],
+        lines[1] + more[1],
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=2,
+        frameon=False,
+    )
+    ax.set_title(f"Fidelity and loss during training{' — ' + label if label else ''}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -64,14 +88,24 @@ def plot_zero_conv_growth(log, label: str = "") -> plt.Figure:
     cmap = plt.get_cmap("viridis")
     for k, name in enumerate(names):
         is_hint, is_mid = name.endswith("hint"), name.endswith("mid")
-        ax.plot(log.steps, log.weight_norm[name], lw=2 if (is_hint or is_mid) else 1,
-                color="tab:red" if is_hint else ("black" if is_mid else cmap(k / len(names))),
-                label=name.replace("zero_conv.", ""))
+        ax.plot(
+            log.steps,
+            log.weight_norm[name],
+            lw=2 if (is_hint or is_mid) else 1,
+            color="tab:red" if is_hint else ("black" if is_mid else cmap(k / len(names))),
+            label=name.replace("zero_conv.", ""),
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("‖(W, B)‖ (Frobenius norm)")
     ax.set_title(f"Zero convolutions leaving zero{' — ' + label if label else ''}", fontsize=10)
-    ax.legend(fontsize=6, ncol=2, title="zero conv", title_fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))  # all 14 named, beside the axes
+    ax.legend(
+        fontsize=6,
+        ncol=2,
+        title="zero conv",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )  # all 14 named, beside the axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -92,41 +126,53 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
     positive = [v for vals in series.values() for v in vals if v > 0]
     floor = min(positive) / 10 if positive else 1e-12
     for k, (name, values) in enumerate(series.items()):
-        ax.plot(xs, [v if v > 0 else float("nan") for v in values], "o-", color=f"C{k}",
-                label=name)
+        ax.plot(xs, [v if v > 0 else float("nan") for v in values], "o-", color=f"C{k}", label=name)
         zeros = [x for x, v in zip(xs, values) if v == 0]
-        ax.plot(zeros, [floor] * len(zeros), "o", mfc="none", color=f"C{k}", ms=8 + 4 * k,
-                label=f"{name}: exactly 0" if zeros else None)
+        ax.plot(
+            zeros,
+            [floor] * len(zeros),
+            "o",
+            mfc="none",
+            color=f"C{k}",
+            ms=8 + 4 * k,
+            label=f"{name}: exactly 0" if zeros else None,
+        )
     ax.set_yscale("log")
     ax.set_xticks(xs)
     ax.set_xlabel("training step")
     ax.set_ylabel("gradient norm")
-    ax.set_title(f"Where the gradient goes in the first steps{' — ' + label if label else ''}",
-                 fontsize=10)
+    ax.set_title(
+        f"Where the gradient goes in the first steps{' — ' + label if label else ''}", fontsize=10
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def plot_sample_grid(samples: dict, conditions, steps, label: str = "",
-                     regions=None) -> plt.Figure:
+def plot_sample_grid(samples: dict, conditions, steps, label: str = "", regions=None) -> plt.Figure:
     """v1 Fig. 4 (the paper's sudden-convergence samples) in miniature: the same conditions
     (rows) sampled with the same seeds at several training steps (columns). ``samples`` maps
     ``step_<n>`` to uint8 images. ``regions`` (rows, H, W) bool: the region each condition asks
     for, whose outline is drawn over every sample of its row, so that a sample that follows its
     condition and one that does not read apart at a glance."""
     rows = len(conditions)
-    fig, axes = plt.subplots(rows, len(steps) + 1, figsize=(1.3 * (len(steps) + 1), 1.3 * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, len(steps) + 1, figsize=(1.3 * (len(steps) + 1), 1.3 * rows), squeeze=False
+    )
     for r in range(rows):
         axes[r, 0].imshow(conditions[r].permute(1, 2, 0).numpy())
         for c, step in enumerate(steps):
             axes[r, c + 1].imshow(samples[f"step_{step}"][r].permute(1, 2, 0).numpy())
             if regions is not None:
                 for colour, width, style in (("black", 1.4, "solid"), ("white", 0.8, "dashed")):
-                    axes[r, c + 1].contour(regions[r].float().numpy(), levels=[0.5],
-                                           colors=colour, linewidths=width, linestyles=style)
+                    axes[r, c + 1].contour(
+                        regions[r].float().numpy(),
+                        levels=[0.5],
+                        colors=colour,
+                        linewidths=width,
+                        linestyles=style,
+                    )
             if r == 0:
                 axes[r, c + 1].set_title(f"step {step}", fontsize=8)
         if r == 0:
@@ -135,8 +181,11 @@ def plot_sample_grid(samples: dict, conditions, steps, label: str = "",
         ax.set_xticks([])
         ax.set_yticks([])
     if label:
-        fig.suptitle(label + ("\n(dashed: the region the condition asks for)"
-                              if regions is not None else ""), fontsize=9)
+        fig.suptitle(
+            label
+            + ("\n(dashed: the region the condition asks for)" if regions is not None else ""),
+            fontsize=9,
+        )
     fig.tight_layout()
     return fig
 
@@ -150,11 +199,15 @@ def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Fi
     for k, (value, entry) in enumerate(comparison.items()):
         colour = colours(k / max(1, len(comparison)))
         report = entry["report"]
-        text = (f"{knob}={value}: step {report['step']}, abruptness {report['abruptness']:.2f}, "
-                f"sharpest rise {report['sharpest_share']:.0%}"
-                if report["converged"] else f"{knob}={value}: no jump")
-        ax.plot(entry["eval_steps"], entry["eval_iou"], "o-", ms=2.5, lw=1.2, color=colour,
-                label=text)
+        text = (
+            f"{knob}={value}: step {report['step']}, abruptness {report['abruptness']:.2f}, "
+            f"sharpest rise {report['sharpest_share']:.0%}"
+            if report["converged"]
+            else f"{knob}={value}: no jump"
+        )
+        ax.plot(
+            entry["eval_steps"], entry["eval_iou"], "o-", ms=2.5, lw=1.2, color=colour, label=text
+        )
         if report["converged"]:
             ax.axvline(report["step"], color=colour, ls="--", lw=0.8)
     ax.set_xlabel("training step")
@@ -171,24 +224,29 @@ def plot_recipe_study(result: dict) -> plt.Figure:
     every seed's fidelity over its run and the continuation to twice its steps (the dotted
     line: the budget), onsets marked, and the recipe's tally in the title."""
     recipes = result["recipes"]
-    fig, axes = plt.subplots(1, len(recipes), figsize=(3.3 * len(recipes), 3.2), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(recipes), figsize=(3.3 * len(recipes), 3.2), sharey=True, squeeze=False
+    )
     for ax, (name, recipe) in zip(axes[0], recipes.items(), strict=True):
         for run, colour in zip(recipe["runs"], plt.cm.tab10.colors, strict=False):
-            ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1,
-                    label=f"seed {run['seed']}")
+            ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1, label=f"seed {run['seed']}")
             if run["onset"] is not None:
                 i = run["eval_steps"].index(run["onset"])
                 ax.plot(run["onset"], run["iou"][i], "o", color=colour, ms=4)
         ax.axvline(recipe["runs"][0]["steps"], color="grey", ls=":", lw=1)
-        ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, collapsed at 2× "
-                     f"{recipe['collapses_2x']}/{recipe['n_2x']}", fontsize=8)
+        ax.set_title(
+            f"{name}\nonset {recipe['onsets']}/{recipe['n']}, collapsed at 2× "
+            f"{recipe['collapses_2x']}/{recipe['n_2x']}",
+            fontsize=8,
+        )
         ax.set_xlabel("training step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"{result['budget_samples']} training samples per run (dotted line), then "
-                 "continued to twice that; dots: onsets; step 0: the locked base's fidelity",
-                 fontsize=8)
+    fig.suptitle(
+        f"{result['budget_samples']} training samples per run (dotted line), then "
+        "continued to twice that; dots: onsets; step 0: the locked base's fidelity",
+        fontsize=8,
+    )
     fig.tight_layout()
     return fig

@@ -42,34 +42,53 @@ class ZeroConvExplorer(_Explorer):
 
     OPTIMIZERS = (("SGD (Eq. 7)", "sgd"), ("AdamW", "adamw"))
 
-    def __init__(self, lr: float = 0.1, input_scale: float = 1.0, steps: int = 20, seed: int = 0,
-                 optimizer: str = "sgd"):
+    def __init__(
+        self,
+        lr: float = 0.1,
+        input_scale: float = 1.0,
+        steps: int = 20,
+        seed: int = 0,
+        optimizer: str = "sgd",
+    ):
         self.seed = seed
-        self.optimizer = widgets.ToggleButtons(options=self.OPTIMIZERS, value=optimizer,
-                                               description="optimizer")
-        self.lr = widgets.FloatLogSlider(value=lr, base=10, min=-4, max=0, step=0.25,
-                                         description="learning rate")
-        self.input_scale = widgets.FloatSlider(value=input_scale, min=0.0, max=3.0, step=0.25,
-                                               description="input scale")
+        self.optimizer = widgets.ToggleButtons(
+            options=self.OPTIMIZERS, value=optimizer, description="optimizer"
+        )
+        self.lr = widgets.FloatLogSlider(
+            value=lr, base=10, min=-4, max=0, step=0.25, description="learning rate"
+        )
+        self.input_scale = widgets.FloatSlider(
+            value=input_scale, min=0.0, max=3.0, step=0.25, description="input scale"
+        )
         self.steps = widgets.IntSlider(value=steps, min=1, max=100, description="steps")
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
         for control in (self.optimizer, self.lr, self.input_scale, self.steps):
             control.observe(lambda _change: self.update(), names="value")
-        self.widget = widgets.VBox([
-            self.optimizer, widgets.HBox([self.lr, self.input_scale, self.steps]), self.summary,
-            self.image,
-        ])
+        self.widget = widgets.VBox(
+            [
+                self.optimizer,
+                widgets.HBox([self.lr, self.input_scale, self.steps]),
+                self.summary,
+                self.image,
+            ]
+        )
         self.update()
 
     def update(self) -> None:
         lr, name = self.lr.value, dict((v, k) for k, v in self.OPTIMIZERS)[self.optimizer.value]
         self.trajectory = t = zero_conv_trajectory(
-            lr=lr, input_scale=self.input_scale.value, steps=self.steps.value, seed=self.seed,
+            lr=lr,
+            input_scale=self.input_scale.value,
+            steps=self.steps.value,
+            seed=self.seed,
             optimizer=self.optimizer.value,
         )
-        rule = ("lr·|g| each, proportional to its gradient" if self.optimizer.value == "sgd"
-                else "about lr each, whatever its gradient: −lr·sign(g)")
+        rule = (
+            "lr·|g| each, proportional to its gradient"
+            if self.optimizer.value == "sgd"
+            else "about lr each, whatever its gradient: −lr·sign(g)"
+        )
         opened = len(t.input_grad_norm) > 1 and t.input_grad_norm[1] > 0
         self.summary.value = (
             f"{name}: update 1 moves W's entries by {min(t.first_step) / lr:.3g} to "
@@ -88,8 +107,9 @@ class GradientFlowExplorer(_Explorer):
 
     def __init__(self, flow):
         self.flow = flow
-        self.update_number = widgets.IntSlider(value=1, min=1, max=len(flow.loss),
-                                               description="update")
+        self.update_number = widgets.IntSlider(
+            value=1, min=1, max=len(flow.loss), description="update"
+        )
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
         self.update_number.observe(lambda _change: self.update(), names="value")
@@ -101,7 +121,8 @@ class GradientFlowExplorer(_Explorer):
         self.nonzero = {g: self.flow.nonzero(g, k - 1) for g, _ in self.GROUPS}
         self.summary.value = f"update {k}: non-zero gradient in " + ", ".join(
             f"{label} {self.nonzero[g]} of {len(getattr(self.flow, g))} tensors"
-            for g, label in self.GROUPS)
+            for g, label in self.GROUPS
+        )
         fig = plot_gradient_flow(self.flow, steps=(k - 1,))
         fig.axes[0].set_title(f"Where the gradient flows at update {k}", fontsize=10)
         self.image.value = _png(fig)
@@ -116,21 +137,28 @@ class ScalesExplorer(_Explorer):
     conditional and on the unconditional branch of classifier-free guidance: plain control,
     guess mode (the released and diffusers ramps) and CFG resolution weighting (ICCV §3.4)."""
 
-    MODES = (("plain", None), ("guess mode (released)", "released"),
-             ("guess mode (diffusers)", "diffusers"), ("CFG resolution weighting", "cfg_rw"))
+    MODES = (
+        ("plain", None),
+        ("guess mode (released)", "released"),
+        ("guess mode (diffusers)", "diffusers"),
+        ("CFG resolution weighting", "cfg_rw"),
+    )
 
     def __init__(self, heights=SD15_RESIDUAL_HEIGHTS):
         self.heights = tuple(heights)
-        self.scale = widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05,
-                                         description="scale")
-        self.mode = widgets.Dropdown(options=[m for m, _ in self.MODES], value="plain",
-                                     description="mode")
+        self.scale = widgets.FloatSlider(
+            value=1.0, min=0.0, max=2.0, step=0.05, description="scale"
+        )
+        self.mode = widgets.Dropdown(
+            options=[m for m, _ in self.MODES], value="plain", description="mode"
+        )
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
         for control in (self.scale, self.mode):
             control.observe(lambda _change: self.update(), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.scale, self.mode]), self.summary,
-                                    self.image])
+        self.widget = widgets.VBox(
+            [widgets.HBox([self.scale, self.mode]), self.summary, self.image]
+        )
         self.update()
 
     def update(self) -> None:
@@ -138,8 +166,9 @@ class ScalesExplorer(_Explorer):
 
         rule = dict(self.MODES)[self.mode.value]
         n = len(self.heights)
-        self.conditional = control_scales(n, self.scale.value, rule is not None, rule or "released",
-                                          self.heights)
+        self.conditional = control_scales(
+            n, self.scale.value, rule is not None, rule or "released", self.heights
+        )
         # plain control reaches both branches; guess mode and CFG-RW the conditional one only
         self.unconditional = self.conditional if rule is None else (0.0,) * n
         fig, ax = plt.subplots(figsize=(7, 2.8))
@@ -154,8 +183,10 @@ class ScalesExplorer(_Explorer):
         ax.legend(fontsize=8, ncol=2, loc="upper left")
         fig.tight_layout()
         self.image.value = _png(fig)
-        self.summary.value = (f"{self.mode.value}: residual 0 × {self.conditional[0]:.3g}, the "
-                              f"middle one × {self.conditional[-1]:.3g} (conditional branch)")
+        self.summary.value = (
+            f"{self.mode.value}: residual 0 × {self.conditional[0]:.3g}, the "
+            f"middle one × {self.conditional[-1]:.3g} (conditional branch)"
+        )
 
 
 class RunExplorer(_Explorer):
@@ -174,10 +205,12 @@ class RunExplorer(_Explorer):
         config = read_config(run)
         first = self.samples[f"step_{self.sample_steps[0]}"]
         self.rows = min(rows, len(first))
-        self.conditions = condition_images(config.task, config.eval_size, config.seed,
-                                           resolution=first.shape[-1])[: self.rows]
-        self.step = widgets.SelectionSlider(options=self.sample_steps, value=self.sample_steps[0],
-                                            description="step")
+        self.conditions = condition_images(
+            config.task, config.eval_size, config.seed, resolution=first.shape[-1]
+        )[: self.rows]
+        self.step = widgets.SelectionSlider(
+            options=self.sample_steps, value=self.sample_steps[0], description="step"
+        )
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
         self.step.observe(lambda _change: self.update(), names="value")
@@ -190,8 +223,9 @@ class RunExplorer(_Explorer):
         norms = log.weight_norm
         at = max(i for i, s in enumerate(log.steps) if s <= k)
         mid = norms.get("zero_conv.mid", next(iter(norms.values())))[at]
-        self.summary.value = (f"step {k}: IoU {self.iou:.3f}" if self.iou is not None
-                              else f"step {k}") + f"; the middle zero conv's norm {mid:.3g}"
+        self.summary.value = (
+            f"step {k}: IoU {self.iou:.3f}" if self.iou is not None else f"step {k}"
+        ) + f"; the middle zero conv's norm {mid:.3g}"
         fig = plt.figure(figsize=(8, 4.2))
         grid = fig.add_gridspec(3, self.rows)
         images = self.samples[f"step_{k}"][: self.rows]
@@ -200,13 +234,21 @@ class RunExplorer(_Explorer):
                 ax = fig.add_subplot(grid[row, i])
                 ax.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
                 ax.axis("off")
-        curve, growth = fig.add_subplot(grid[2, : self.rows // 2]), fig.add_subplot(
-            grid[2, self.rows // 2:])
+        curve, growth = (
+            fig.add_subplot(grid[2, : self.rows // 2]),
+            fig.add_subplot(grid[2, self.rows // 2 :]),
+        )
         curve.plot(log.eval_steps, log.eval_iou, color="tab:green")
         curve.set_ylabel("IoU", fontsize=8)
         for name, values in norms.items():
-            growth.plot(log.steps, values, lw=0.8, color="tab:red" if name.endswith("hint")
-                        else ("black" if name.endswith("mid") else "tab:gray"))
+            growth.plot(
+                log.steps,
+                values,
+                lw=0.8,
+                color="tab:red"
+                if name.endswith("hint")
+                else ("black" if name.endswith("mid") else "tab:gray"),
+            )
         growth.set_ylabel("zero conv ‖(W, B)‖", fontsize=8)
         for ax in (curve, growth):
             ax.axvline(k, color="tab:blue", lw=1)
@@ -222,26 +264,40 @@ class ControlExplorer(_Explorer):
     its fidelity (:func:`cnet.train.fidelity`) beside it. ``data`` is an evaluation set from
     :func:`cnet.train.cache_data`; the last sample is kept as ``.sample``, its IoU as ``.iou``."""
 
-    def __init__(self, pipe, controlled, data, steps: int = 10, guidance: float = 3.0,
-                 seed: int = 0):
-        self.pipe, self.controlled, self.data, self.steps, self.seed = (pipe, controlled, data,
-                                                                         steps, seed)
-        self.scale = widgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05,
-                                         description="scale")
-        self.window = widgets.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05,
-                                               description="window")
-        self.guidance = widgets.FloatSlider(value=guidance, min=1.0, max=9.0, step=0.5,
-                                            description="guidance")
-        self.condition = widgets.IntSlider(value=0, min=0, max=len(data.condition) - 1,
-                                           description="condition")
+    def __init__(
+        self, pipe, controlled, data, steps: int = 10, guidance: float = 3.0, seed: int = 0
+    ):
+        self.pipe, self.controlled, self.data, self.steps, self.seed = (
+            pipe,
+            controlled,
+            data,
+            steps,
+            seed,
+        )
+        self.scale = widgets.FloatSlider(
+            value=1.0, min=0.0, max=2.0, step=0.05, description="scale"
+        )
+        self.window = widgets.FloatRangeSlider(
+            value=(0.0, 1.0), min=0.0, max=1.0, step=0.05, description="window"
+        )
+        self.guidance = widgets.FloatSlider(
+            value=guidance, min=1.0, max=9.0, step=0.5, description="guidance"
+        )
+        self.condition = widgets.IntSlider(
+            value=0, min=0, max=len(data.condition) - 1, description="condition"
+        )
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
         for control in (self.scale, self.window, self.guidance, self.condition):
             control.observe(lambda _change: self.update(), names="value")
-        self.widget = widgets.VBox([
-            widgets.HBox([self.scale, self.window]), widgets.HBox([self.guidance, self.condition]),
-            self.summary, self.image,
-        ])
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.scale, self.window]),
+                widgets.HBox([self.guidance, self.condition]),
+                self.summary,
+                self.image,
+            ]
+        )
         self.update()
 
     def update(self) -> None:
@@ -252,18 +308,32 @@ class ControlExplorer(_Explorer):
         extras = self.data.extras
         condition = self.data.condition[i : i + 1]
         try:
-            self.sample = sample(
-                self.pipe, self.controlled, extras["prompt"][i : i + 1], condition,
-                num_inference_steps=self.steps, guidance_scale=self.guidance.value,
-                scales=self.scale.value, control_guidance_start=start, control_guidance_end=end,
-                generator=torch.Generator(self.pipe.unet.device).manual_seed(self.seed),
-            ).float().cpu()
+            self.sample = (
+                sample(
+                    self.pipe,
+                    self.controlled,
+                    extras["prompt"][i : i + 1],
+                    condition,
+                    num_inference_steps=self.steps,
+                    guidance_scale=self.guidance.value,
+                    scales=self.scale.value,
+                    control_guidance_start=start,
+                    control_guidance_end=end,
+                    generator=torch.Generator(self.pipe.unet.device).manual_seed(self.seed),
+                )
+                .float()
+                .cpu()
+            )
         except ValueError as error:  # e.g. an empty window: say so, keep the last picture
             self.summary.value = f"not sampled: {error}"
             return
-        measured = fidelity(self.sample, extras["foreground"][i : i + 1],
-                            extras["background"][i : i + 1], extras["region"][i : i + 1],
-                            extras.get("style", "plain"))
+        measured = fidelity(
+            self.sample,
+            extras["foreground"][i : i + 1],
+            extras["background"][i : i + 1],
+            extras["region"][i : i + 1],
+            extras.get("style", "plain"),
+        )
         self.iou = float(measured["iou"][0])
         self.summary.value = (
             f"“{extras['prompt'][i]}”: IoU with the requested disc {self.iou:.3f}, both colours "
@@ -271,8 +341,9 @@ class ControlExplorer(_Explorer):
         )
         fig, axes = plt.subplots(1, 2, figsize=(3.6, 1.9))
         axes[0].imshow(condition[0].permute(1, 2, 0).numpy(), interpolation="nearest")
-        axes[1].imshow(((self.sample[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(),
-                       interpolation="nearest")
+        axes[1].imshow(
+            ((self.sample[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest"
+        )
         for ax, title in zip(axes, ("condition", f"s = {self.scale.value:.2f}"), strict=True):
             ax.set_title(title, fontsize=8)
             ax.axis("off")

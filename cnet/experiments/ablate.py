@@ -58,15 +58,31 @@ from ..train.evaluate import evaluate
 from ..train.loop import train
 from ..train.runs import load_checkpoint, read_log
 
-__all__ = ["ABLATION_SETTINGS", "DIVERGED_LOSS", "SEEDS", "STUDIES", "VARIANTS", "ablation_config",
-           "diverged_at", "measure_run", "run_studies", "summarize", "train_command",
-           "train_variant"]
+__all__ = [
+    "ABLATION_SETTINGS",
+    "DIVERGED_LOSS",
+    "SEEDS",
+    "STUDIES",
+    "VARIANTS",
+    "ablation_config",
+    "diverged_at",
+    "measure_run",
+    "run_studies",
+    "summarize",
+    "train_command",
+    "train_variant",
+]
 
 #: The quick profile notebook 07's shipped runs were made with (lr 2e-3, 600 steps of batch 16,
 #: uniform timesteps: the profile before the recipe study, cnet.experiments.recipe), and evaluations
 #: dense enough to time a jump of ~100 steps.
-ABLATION_SETTINGS: dict = {"lr": 2e-3, "batch_size": 16, "steps": 600, "timesteps": "uniform",
-                           "eval_every": 25}
+ABLATION_SETTINGS: dict = {
+    "lr": 2e-3,
+    "batch_size": 16,
+    "steps": 600,
+    "timesteps": "uniform",
+    "eval_every": 25,
+}
 SEEDS = (0, 1, 2)
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -103,10 +119,12 @@ REFERENCE = {"seeds": None, "long": "default-1200"}
 def ablation_config(variant: str, seed: int, root: str | Path = "runs/ablate") -> TrainConfig:
     """The settings of one run: the ablation settings, the variant's, the seed."""
     if variant not in VARIANTS:
-        raise SettingError(f"variant: {variant!r} is not allowed; expected one of "
-                           + ", ".join(VARIANTS))
-    return TrainConfig(**{**ABLATION_SETTINGS, **VARIANTS[variant]}, seed=seed,
-                       out=f"{root}/{variant}/seed{seed}").check()
+        raise SettingError(
+            f"variant: {variant!r} is not allowed; expected one of " + ", ".join(VARIANTS)
+        )
+    return TrainConfig(
+        **{**ABLATION_SETTINGS, **VARIANTS[variant]}, seed=seed, out=f"{root}/{variant}/seed{seed}"
+    ).check()
 
 
 def train_command(variant: str, seed: int, root: str | Path = "runs/ablate") -> str:
@@ -114,20 +132,23 @@ def train_command(variant: str, seed: int, root: str | Path = "runs/ablate") -> 
     flags = {k: v for k, v in ABLATION_SETTINGS.items() if PROFILES["quick"].get(k) != v}
     flags |= {**VARIANTS[variant], "seed": seed, "out": f"{root}/{variant}/seed{seed}"}
     return "python -m cnet train --profile quick " + " ".join(
-        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items())
+        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()
+    )
 
 
 def _check_studies(studies: Sequence[str], seeds: Sequence[int]) -> None:
     for study in studies:
         if study not in STUDIES:
-            raise SettingError(f"studies: {study!r} is not allowed; expected some of "
-                               + ", ".join(STUDIES))
+            raise SettingError(
+                f"studies: {study!r} is not allowed; expected some of " + ", ".join(STUDIES)
+            )
     if not seeds or any(s < 0 for s in seeds):
         raise SettingError(f"seeds: {list(seeds)!r} is not allowed; expected integers >= 0")
 
 
-def run_studies(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
-                root: str | Path = "runs/ablate") -> list[Path]:
+def run_studies(
+    studies: Sequence[str], seeds: Sequence[int] = SEEDS, root: str | Path = "runs/ablate"
+) -> list[Path]:
     """Train (or resume, or skip, when finished) every run the studies need; returns their
     folders. Each run is an ordinary training run (``python -m cnet train`` with its
     settings gives the same one)."""
@@ -198,13 +219,17 @@ def _curves(folder: Path, log) -> dict:
     every = 5  # the norms are logged every step; 1 in 5 is plenty for a plot
     residual = [norms for name, norms in log.weight_norm.items() if name != "zero_conv.hint"]
     return {
-        "eval_steps": log.eval_steps, "iou": log.eval_iou,
-        "layout_iou": [e["layout_iou"] for e in evals], "colours_ok": log.eval_colours,
+        "eval_steps": log.eval_steps,
+        "iou": log.eval_iou,
+        "layout_iou": [e["layout_iou"] for e in evals],
+        "colours_ok": log.eval_colours,
         "norm_steps": log.steps[::every],
         "hint_weight_norm": log.weight_norm.get("zero_conv.hint", [])[::every],
         # the 12 + 1 residual zero convolutions together
-        "residual_weight_norm": [float(np.sqrt(sum(n[i] ** 2 for n in residual)))
-                                 for i in range(0, len(log.steps), every)],
+        "residual_weight_norm": [
+            float(np.sqrt(sum(n[i] ** 2 for n in residual)))
+            for i in range(0, len(log.steps), every)
+        ],
         "copy_grad_norm": log.copy_grad_norm[::every],
         "loss": log.loss[::every],
     }
@@ -246,14 +271,26 @@ def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -
     eval_data = cache_data(pipe, config.task, config.eval_size, "eval", config.seed)
     trained = build_controlnet(pipe, config)
     load_checkpoint(folder / "checkpoint.safetensors", {"controlnet": trained}, None)
-    prompt_free, _ = evaluate(pipe, ControlledUNet(pipe.unet, trained.eval()), eval_data,
-                              config.eval_steps, config.guidance_scale, prompt_free=True)
+    prompt_free, _ = evaluate(
+        pipe,
+        ControlledUNet(pipe.unet, trained.eval()),
+        eval_data,
+        config.eval_steps,
+        config.guidance_scale,
+        prompt_free=True,
+    )
     result = {
-        "key": key, "run": str(folder), "seed": config.seed, "steps": run["steps"],
-        "wall_time_s": run["wall_time_s"], "curves": curves, "report": report.as_dict(),
+        "key": key,
+        "run": str(folder),
+        "seed": config.seed,
+        "steps": run["steps"],
+        "wall_time_s": run["wall_time_s"],
+        "curves": curves,
+        "report": report.as_dict(),
         "onset": onset_step(curves["eval_steps"], curves["iou"], reference=reference),
         "diverged_at": diverged_at(log.steps, log.loss),
-        "final": run["final_eval"], "prompt_free_layout_iou": prompt_free["layout_iou"],
+        "final": run["final_eval"],
+        "prompt_free_layout_iou": prompt_free["layout_iou"],
         "step0_deviation": step0_deviation(pipe, config, eval_data),
         "copy_drift": _copy_drift(pipe, config, folder / "checkpoint.safetensors"),
         "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
@@ -274,8 +311,12 @@ def spread(values: Sequence[float | None]) -> dict:
     have = [float(v) for v in values if v is not None]
     out = {"n": len(have), "of": len(values)}
     if have:
-        out |= {"mean": float(np.mean(have)), "min": min(have), "max": max(have),
-                "sd": float(np.std(have, ddof=1)) if len(have) > 1 else None}
+        out |= {
+            "mean": float(np.mean(have)),
+            "min": min(have),
+            "max": max(have),
+            "sd": float(np.std(have, ddof=1)) if len(have) > 1 else None,
+        }
     return out
 
 
@@ -292,8 +333,10 @@ def differs(a: dict, b: dict) -> bool:
 def aggregate(runs: list[dict]) -> dict:
     """A variant's measures over its seeds (:func:`spread` of each)."""
     pick = {
-        "onset": lambda r: r["onset"], "t20": lambda r: r["report"]["start"],
-        "t50": lambda r: r["report"]["step"], "t80": lambda r: r["report"]["end"],
+        "onset": lambda r: r["onset"],
+        "t20": lambda r: r["report"]["start"],
+        "t50": lambda r: r["report"]["step"],
+        "t80": lambda r: r["report"]["end"],
         "sharpest_share": lambda r: r["report"]["sharpest_share"],
         "final_iou": lambda r: r["final"]["iou"],
         "final_layout_iou": lambda r: r["final"]["layout_iou"],
@@ -302,15 +345,21 @@ def aggregate(runs: list[dict]) -> dict:
         "step0_iou": lambda r: r["curves"]["iou"][0],
         "step0_colours_ok": lambda r: r["curves"]["colours_ok"][0],
         "step0_deviation": lambda r: r["step0_deviation"],
-        "copy_drift": lambda r: r["copy_drift"], "wall_time_s": lambda r: r["wall_time_s"],
+        "copy_drift": lambda r: r["copy_drift"],
+        "wall_time_s": lambda r: r["wall_time_s"],
         "diverged_at": lambda r: r["diverged_at"],
     }
     return {name: spread([f(r) for r in runs]) for name, f in pick.items()}
 
 
-def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
-              root: str | Path = "runs/ablate", step_time: dict | None = None,
-              first_updates: dict | None = None, command: str = "") -> dict:
+def summarize(
+    studies: Sequence[str],
+    seeds: Sequence[int] = SEEDS,
+    root: str | Path = "runs/ablate",
+    step_time: dict | None = None,
+    first_updates: dict | None = None,
+    command: str = "",
+) -> dict:
     """Measure every finished run of ``studies`` and gather them: per variant its settings,
     trainable parameters, runs and aggregate; per study its variants, its reference (the
     default, or :data:`REFERENCE`'s) and, for each variant against it, which measures differ
@@ -318,25 +367,45 @@ def summarize(studies: Sequence[str], seeds: Sequence[int] = SEEDS,
     _check_studies(studies, seeds)
     variants = list(dict.fromkeys(v for s in studies for v in STUDIES[s]))
     pipe = load_base(ablation_config(variants[0], seeds[0], root).base)
-    result: dict = {"command": command, "settings": ABLATION_SETTINGS, "seeds": list(seeds),
-                    "variants": {}, "studies": {}}
-    reference = {s: measure_run(ablation_config("default", s, root).out, pipe)["curves"]["iou"][0]
-                 for s in seeds}  # the locked base's fidelity on each seed's evaluation set
+    result: dict = {
+        "command": command,
+        "settings": ABLATION_SETTINGS,
+        "seeds": list(seeds),
+        "variants": {},
+        "studies": {},
+    }
+    reference = {
+        s: measure_run(ablation_config("default", s, root).out, pipe)["curves"]["iou"][0]
+        for s in seeds
+    }  # the locked base's fidelity on each seed's evaluation set
     for variant in variants:
-        runs = [measure_run(ablation_config(variant, s, root).out, pipe,
-                            None if variant == "default" else reference[s]) for s in seeds]
+        runs = [
+            measure_run(
+                ablation_config(variant, s, root).out,
+                pipe,
+                None if variant == "default" else reference[s],
+            )
+            for s in seeds
+        ]
         result["variants"][variant] = {
-            "settings": VARIANTS[variant], "runs": runs, "aggregate": aggregate(runs),
+            "settings": VARIANTS[variant],
+            "runs": runs,
+            "aggregate": aggregate(runs),
             "train_commands": [train_command(variant, s, root) for s in seeds],
-            "trainable_parameters": runs[0]["trainable_parameters"]}
+            "trainable_parameters": runs[0]["trainable_parameters"],
+        }
     for study in studies:
         names, reference = STUDIES[study], REFERENCE.get(study, "default")
         base = result["variants"][reference]["aggregate"] if reference else {}
         result["studies"][study] = {
-            "variants": list(names), "reference": reference,
+            "variants": list(names),
+            "reference": reference,
             "differs_from_reference": {
                 v: {k: differs(result["variants"][v]["aggregate"][k], base[k]) for k in base}
-                for v in names if reference and v != reference}}
+                for v in names
+                if reference and v != reference
+            },
+        }
     if step_time is not None:
         result["step_time"] = step_time
     if first_updates is not None:

@@ -1,6 +1,6 @@
 """Which knob makes convergence sudden: runs that differ in one setting, trained side by side.
 
-    python -m cnet compare --knob lr --values 2e-4 1e-3 --label "quick profile, CPU"
+python -m cnet compare --knob lr --values 2e-4 1e-3 --label "quick profile, CPU"
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ __all__ = ["compare_runs", "run_folder", "train_comparison"]
 def run_folder(config: TrainConfig, root: str = "runs/compare") -> str:
     """A run's folder, named by every setting that differs from the defaults, so a run that two
     comparisons share (their common baseline) is trained once and resumed after."""
-    changed = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
-               if f.name != "out" and getattr(config, f.name) != f.default]
+    changed = [
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if f.name != "out" and getattr(config, f.name) != f.default
+    ]
     return f"{root}/" + ("_".join(changed) or "default")
 
 
@@ -32,8 +35,10 @@ def train_comparison(settings: TrainConfig, knob: str, values: Sequence[str]) ->
     ``{value as given: run folder}``."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if knob not in fields or knob == "out":
-        raise SettingError(f"knob: {knob!r} is not a training setting; expected one of "
-                           + ", ".join(k for k in fields if k != "out"))
+        raise SettingError(
+            f"knob: {knob!r} is not a training setting; expected one of "
+            + ", ".join(k for k in fields if k != "out")
+        )
     configs = {}
     for text in values:  # every value is checked before the first run starts
         try:
@@ -44,8 +49,10 @@ def train_comparison(settings: TrainConfig, knob: str, values: Sequence[str]) ->
         configs[text] = dataclasses.replace(config, out=run_folder(config)).check()
     runs = {}
     for text, config in configs.items():
-        print(f"--- {knob} = {text}: {config.steps} steps of batch {config.batch_size}"
-              f" x {config.grad_accum}, lr {config.lr}, into {config.out}")
+        print(
+            f"--- {knob} = {text}: {config.steps} steps of batch {config.batch_size}"
+            f" x {config.grad_accum}, lr {config.lr}, into {config.out}"
+        )
         train(config, profile=f"compare {knob}")
         runs[text] = config.out
     return runs
@@ -58,8 +65,12 @@ def compare_runs(runs: dict[str, str | Path]) -> dict:
     for label, run in runs.items():
         log = read_log(run)
         report = detect_sudden_convergence(log.eval_steps, log.eval_iou)
-        result[label] = {"run": str(run), "eval_steps": log.eval_steps,
-                         "eval_iou": log.eval_iou, "eval_colours": log.eval_colours,
-                         "report": report.as_dict(),
-                         "config": json.loads((Path(run) / "config.json").read_text())}
+        result[label] = {
+            "run": str(run),
+            "eval_steps": log.eval_steps,
+            "eval_iou": log.eval_iou,
+            "eval_colours": log.eval_colours,
+            "report": report.as_dict(),
+            "config": json.loads((Path(run) / "config.json").read_text()),
+        }
     return result

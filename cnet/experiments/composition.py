@@ -29,8 +29,13 @@ from ..world.metrics import colours_drawn
 __all__ = ["COMPOSITIONS", "CompositionData", "composition_scenes", "composition_sweep"]
 
 #: What each row of :func:`composition_sweep` feeds: which ControlNets, with which conditions.
-COMPOSITIONS = ("base alone", "Fill alone", "segmentation alone", "both, residuals added",
-                "segmentation, both objects in one map")
+COMPOSITIONS = (
+    "base alone",
+    "Fill alone",
+    "segmentation alone",
+    "both, residuals added",
+    "segmentation, both objects in one map",
+)
 _RADIUS = (0.14, 0.22)  # fraction of the side: two objects side by side in 64 px
 _REACH = 1.6  # how far any shape reaches from its centre, in equal-area radii (triangle: 1.56)
 
@@ -60,38 +65,45 @@ def _place(rng: np.random.Generator, resolution: int) -> tuple[list, str]:
         centres = [rng.uniform(_REACH * ri + 1, resolution - _REACH * ri - 1, size=2) for ri in r]
         if np.hypot(*(centres[0] - centres[1])) > _REACH * r.sum() + 2:
             break
-    shapes = [(COLOUR_NAMES[colours[k]], ("circle", other)[k], *centres[k], r[k])
-              for k in range(2)]
+    shapes = [(COLOUR_NAMES[colours[k]], ("circle", other)[k], *centres[k], r[k]) for k in range(2)]
     return shapes, COLOUR_NAMES[colours[2]]
 
 
-def composition_scenes(n: int, seed: int = 0,
-                       resolution: int = DEFAULT_RESOLUTION) -> CompositionData:
+def composition_scenes(
+    n: int, seed: int = 0, resolution: int = DEFAULT_RESOLUTION
+) -> CompositionData:
     """``n`` two-object scenes, a pure function of ``(n, seed)``."""
     rng = np.random.default_rng([seed, 2024])
     rows = []
     for _ in range(n):
         shapes, background = _place(rng, resolution)
         both = render_shapes(shapes, background, resolution)
-        rows.append({
-            "prompt": both["prompt"][0],
-            "outline": render_shapes(shapes[:1], background, resolution)["outline"][0].float(),
-            "segmentation": render_shapes(shapes[1:], background,
-                                          resolution)["segmentation"][0].float(),
-            "merged": both["segmentation"][0].float(),
-            "regions": torch.stack([both["layers"][0] == k + 1 for k in range(2)]),
-            "colours": torch.tensor([COLOUR_NAMES.index(s[0]) for s in shapes]),
-            "background": torch.tensor(COLOUR_NAMES.index(background)),
-        })
+        rows.append(
+            {
+                "prompt": both["prompt"][0],
+                "outline": render_shapes(shapes[:1], background, resolution)["outline"][0].float(),
+                "segmentation": render_shapes(shapes[1:], background, resolution)["segmentation"][
+                    0
+                ].float(),
+                "merged": both["segmentation"][0].float(),
+                "regions": torch.stack([both["layers"][0] == k + 1 for k in range(2)]),
+                "colours": torch.tensor([COLOUR_NAMES.index(s[0]) for s in shapes]),
+                "background": torch.tensor(COLOUR_NAMES.index(background)),
+            }
+        )
     stacked = {key: torch.stack([row[key] for row in rows]) for key in rows[0] if key != "prompt"}
     return CompositionData(prompts=[row["prompt"] for row in rows], **stacked)
 
 
 @torch.no_grad()
-def composition_sweep(pipe: StableDiffusionPipeline, fill: ControlNet, segmentation: ControlNet,
-                      data: CompositionData, steps: int = FULL_SAMPLER["steps"],
-                      guidance: float = FULL_SAMPLER["guidance"]
-                      ) -> tuple[list[dict], torch.Tensor]:
+def composition_sweep(
+    pipe: StableDiffusionPipeline,
+    fill: ControlNet,
+    segmentation: ControlNet,
+    data: CompositionData,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+) -> tuple[list[dict], torch.Tensor]:
     """Each of :data:`COMPOSITIONS` on the same scenes and seeds: per object (``circle``, the
     Fill ControlNet's; ``shape``, the segmentation ControlNet's) the mean IoU of its prompted
     colour with its region and the colour-blind layout IoU (where the object is drawn, in
@@ -103,10 +115,11 @@ def composition_sweep(pipe: StableDiffusionPipeline, fill: ControlNet, segmentat
         "base alone": (None, None),
         "Fill alone": (ControlledUNet(unet, fill), data.outline),
         "segmentation alone": (ControlledUNet(unet, segmentation), data.segmentation),
-        "both, residuals added": (ControlledUNet(unet, [fill, segmentation]),
-                                  [data.outline, data.segmentation]),
-        "segmentation, both objects in one map": (ControlledUNet(unet, segmentation),
-                                                  data.merged),
+        "both, residuals added": (
+            ControlledUNet(unet, [fill, segmentation]),
+            [data.outline, data.segmentation],
+        ),
+        "segmentation, both objects in one map": (ControlledUNet(unet, segmentation), data.merged),
     }
     rows, images = [], []
     for name in COMPOSITIONS:
@@ -123,4 +136,3 @@ def composition_sweep(pipe: StableDiffusionPipeline, fill: ControlNet, segmentat
         rows.append(row)
         images.append(drawn)
     return rows, torch.stack(images)
-

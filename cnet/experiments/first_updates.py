@@ -34,18 +34,25 @@ from ..train.norms import hint_inner_parameters
 
 __all__ = ["GROUPS", "first_updates", "parameter_groups"]
 
-GROUPS = ("residual zero convs", "condition encoder's zero conv",
-          "condition encoder's inner layers", "trainable copy")
+GROUPS = (
+    "residual zero convs",
+    "condition encoder's zero conv",
+    "condition encoder's inner layers",
+    "trainable copy",
+)
 
 
 def parameter_groups(controlnet: ControlNet) -> dict[str, list[torch.nn.Parameter]]:
     """The ControlNet's trainable parameters in the four groups of the cascade."""
-    residual = [p for z in [*controlnet.zero_convs, controlnet.mid_zero_conv]
-                for p in z.parameters()]
-    groups = {GROUPS[0]: residual,
-              GROUPS[1]: list(controlnet.hint_encoder.zero_conv.parameters()),
-              GROUPS[2]: hint_inner_parameters(controlnet),
-              GROUPS[3]: controlnet.theta_c_parameters()}
+    residual = [
+        p for z in [*controlnet.zero_convs, controlnet.mid_zero_conv] for p in z.parameters()
+    ]
+    groups = {
+        GROUPS[0]: residual,
+        GROUPS[1]: list(controlnet.hint_encoder.zero_conv.parameters()),
+        GROUPS[2]: hint_inner_parameters(controlnet),
+        GROUPS[3]: controlnet.theta_c_parameters(),
+    }
     return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
 
@@ -53,8 +60,13 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).double() for t in tensors] or [torch.zeros(0)])
 
 
-def _update_facts(before: list[torch.Tensor], after: list[torch.Tensor],
-                  grads: list[torch.Tensor], lr: float, weight_decay: float) -> dict:
+def _update_facts(
+    before: list[torch.Tensor],
+    after: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+) -> dict:
     g, w0, w1 = _flat(grads), _flat(before), _flat(after)
     decayed = [b * (1 - lr * weight_decay) for b in before]  # AdamW's decay, as foreach does
     return {
@@ -67,7 +79,8 @@ def _update_facts(before: list[torch.Tensor], after: list[torch.Tensor],
         "decay_only": all(torch.equal(a, d) for a, d in zip(after, decayed, strict=True)),
         "decay_only_within_1_ulp": all(
             torch.allclose(a, d, rtol=torch.finfo(a.dtype).eps, atol=0)
-            for a, d in zip(after, decayed, strict=True)),
+            for a, d in zip(after, decayed, strict=True)
+        ),
         "update_norm": float((w1 - w0).norm()),
     }
 
@@ -84,10 +97,12 @@ def _first_step(before, after, grads, lr: float, weight_decay: float, eps: float
         "max_abs_step": float(step.abs().max()),
         "max_deviation_from_adamw_formula": float((step - adam).abs().max()),
         # |step| = lr |g| / (|g| + eps): close to lr only where |g| is well above eps
-        "share_within_1pct_of_lr": float(((step.abs() - lr).abs() <= 0.01 * lr)[nonzero]
-                                         .double().mean()),
-        "share_within_10pct_of_lr": float(((step.abs() - lr).abs() <= 0.1 * lr)[nonzero]
-                                          .double().mean()),
+        "share_within_1pct_of_lr": float(
+            ((step.abs() - lr).abs() <= 0.01 * lr)[nonzero].double().mean()
+        ),
+        "share_within_10pct_of_lr": float(
+            ((step.abs() - lr).abs() <= 0.1 * lr)[nonzero].double().mean()
+        ),
         "median_abs_grad": float(g.abs()[nonzero].median()),
         "sgd_step_norm": float(sgd.norm()),
         "adamw_step_norm": float(step.norm()),
@@ -106,23 +121,40 @@ def first_updates(config: TrainConfig, updates: int = 3) -> dict:
 
     def record(step: int, controlnet: ControlNet) -> None:
         net[:] = [controlnet]
-        seen.append({name: ([p.detach().clone() for p in ps],
-                            [p.grad.detach().clone() if p.grad is not None
-                             else torch.zeros_like(p) for p in ps])
-                     for name, ps in parameter_groups(controlnet).items()})
+        seen.append(
+            {
+                name: (
+                    [p.detach().clone() for p in ps],
+                    [
+                        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                        for p in ps
+                    ],
+                )
+                for name, ps in parameter_groups(controlnet).items()
+            }
+        )
 
     with tempfile.TemporaryDirectory() as out:
-        run = dataclasses.replace(config, steps=updates, eval_every=0, out=out, resume=False,
-                                  mixed_precision="no")
+        run = dataclasses.replace(
+            config, steps=updates, eval_every=0, out=out, resume=False, mixed_precision="no"
+        )
         train(run, profile="first updates", on_update=record)
-    final = {name: [p.detach().clone() for p in ps]
-             for name, ps in parameter_groups(net[0]).items()}
+    final = {
+        name: [p.detach().clone() for p in ps] for name, ps in parameter_groups(net[0]).items()
+    }
     afters = [{k: v[0] for k, v in s.items()} for s in seen[1:]] + [final]
     lr, wd = config.lr, config.weight_decay
-    report = {"updates": [{name: _update_facts(seen[k][name][0], afters[k][name],
-                                                seen[k][name][1], lr, wd)
-                           for name in GROUPS} for k in range(updates)]}
+    report = {
+        "updates": [
+            {
+                name: _update_facts(seen[k][name][0], afters[k][name], seen[k][name][1], lr, wd)
+                for name in GROUPS
+            }
+            for k in range(updates)
+        ]
+    }
     if seen[0][GROUPS[0]][0]:  # an ablation without connection layers has none to compare
-        report["first_step"] = _first_step(seen[0][GROUPS[0]][0], afters[0][GROUPS[0]],
-                                           seen[0][GROUPS[0]][1], lr, wd, eps=1e-8)
+        report["first_step"] = _first_step(
+            seen[0][GROUPS[0]][0], afters[0][GROUPS[0]], seen[0][GROUPS[0]][1], lr, wd, eps=1e-8
+        )
     return report

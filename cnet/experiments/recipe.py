@@ -41,9 +41,19 @@ from ..train.convergence import (
 from ..train.loop import train
 from ..train.runs import read_log
 
-__all__ = ["BUDGET_SAMPLES", "COLLAPSE_SHARE", "RECIPES", "RECIPE_SEEDS", "choose",
-           "measure_recipe_run",
-           "recipe_command", "recipe_config", "recipe_study", "run_recipes", "summarize_recipes"]
+__all__ = [
+    "BUDGET_SAMPLES",
+    "COLLAPSE_SHARE",
+    "RECIPES",
+    "RECIPE_SEEDS",
+    "choose",
+    "measure_recipe_run",
+    "recipe_command",
+    "recipe_config",
+    "recipe_study",
+    "run_recipes",
+    "summarize_recipes",
+]
 
 #: Training samples per run (steps × batch size): 400 steps of 32, about 3.5 minutes on 2 cores.
 BUDGET_SAMPLES = 12_800
@@ -58,44 +68,61 @@ RECIPES: dict[str, dict] = {
     "b32-lr2e-3-cubic": {"batch_size": 32, "lr": 2e-3, "timesteps": "cubic"},
     "b32-lr1e-3-cubic": {"batch_size": 32, "lr": 1e-3, "timesteps": "cubic"},
     # the last quarter of the budget decays to a tenth of the rate, which it keeps after
-    "b32-lr2e-3-cubic-decay": {"batch_size": 32, "lr": 2e-3, "timesteps": "cubic",
-                               "lr_decay_start": 300, "lr_decay_steps": 100},
+    "b32-lr2e-3-cubic-decay": {
+        "batch_size": 32,
+        "lr": 2e-3,
+        "timesteps": "cubic",
+        "lr_decay_start": 300,
+        "lr_decay_steps": 100,
+    },
     # a higher peak rate for an earlier onset, held steady by the same decay
-    "b32-lr3e-3-cubic-decay": {"batch_size": 32, "lr": 3e-3, "timesteps": "cubic",
-                               "lr_decay_start": 300, "lr_decay_steps": 100},
+    "b32-lr3e-3-cubic-decay": {
+        "batch_size": 32,
+        "lr": 3e-3,
+        "timesteps": "cubic",
+        "lr_decay_start": 300,
+        "lr_decay_steps": 100,
+    },
 }
 #: A continued run has collapsed where its final fidelity is below this share of its best.
 COLLAPSE_SHARE = 0.9
 ONSET_MARGIN = 0.05
 
 
-def recipe_config(recipe: str, seed: int, root: str | Path = "runs/recipe",
-                  continued: bool = False) -> TrainConfig:
+def recipe_config(
+    recipe: str, seed: int, root: str | Path = "runs/recipe", continued: bool = False
+) -> TrainConfig:
     """One run's settings: the quick profile, the shared study settings, the recipe, the
     seed, and the budget's steps (twice them when ``continued``)."""
     if recipe not in RECIPES:
-        raise SettingError(f"recipe: {recipe!r} is not allowed; expected one of "
-                           + ", ".join(RECIPES))
+        raise SettingError(
+            f"recipe: {recipe!r} is not allowed; expected one of " + ", ".join(RECIPES)
+        )
     settings = {**RECIPE_SETTINGS, **RECIPES[recipe]}
     steps = BUDGET_SAMPLES // settings["batch_size"] * (2 if continued else 1)
     name = f"{recipe}-2x" if continued else recipe
-    return TrainConfig(**settings, steps=steps, seed=seed,
-                       out=f"{root}/{name}/seed{seed}").check()
+    return TrainConfig(**settings, steps=steps, seed=seed, out=f"{root}/{name}/seed{seed}").check()
 
 
-def recipe_command(recipe: str, seed: int, root: str | Path = "runs/recipe",
-                   continued: bool = False) -> str:
+def recipe_command(
+    recipe: str, seed: int, root: str | Path = "runs/recipe", continued: bool = False
+) -> str:
     """The ``python -m cnet train`` line that makes the same run."""
     config = recipe_config(recipe, seed, root, continued)
     quick = TrainConfig(**PROFILES["quick"])
-    flags = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-             if getattr(config, f.name) != getattr(quick, f.name)}
+    flags = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(quick, f.name)
+    }
     return "python -m cnet train --profile quick " + " ".join(
-        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items())
+        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()
+    )
 
 
-def train_recipe(recipe: str, seed: int, root: str | Path = "runs/recipe",
-                 continued: bool = False) -> None:
+def train_recipe(
+    recipe: str, seed: int, root: str | Path = "runs/recipe", continued: bool = False
+) -> None:
     """Train one recipe's run to the budget, or (``continued``) continue it to 2×: a copy of
     its folder, resumed. Finished runs are left as they are; interrupted ones resume."""
     first = recipe_config(recipe, seed, root)
@@ -114,8 +141,9 @@ def train_recipe(recipe: str, seed: int, root: str | Path = "runs/recipe",
     train(longer, profile="recipe")
 
 
-def run_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
-                root: str | Path = "runs/recipe") -> None:
+def run_recipes(
+    recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS, root: str | Path = "runs/recipe"
+) -> None:
     """Every recipe's runs to the budget, seed by seed, then their continuations (so that
     the onsets of every seed are in before the longer runs start)."""
     for recipe in recipes:
@@ -137,17 +165,23 @@ def choose(summary: dict) -> str:
     def collapse_rate(r: dict) -> float:
         return r["collapses_2x"] / r["n_2x"] if r["n_2x"] else 1.0
 
-    return max(recipes, key=lambda r: (recipes[r]["onsets"] / recipes[r]["n"],
-                                       -collapse_rate(recipes[r]),
-                                       recipes[r]["final_iou"]["median"]))
+    return max(
+        recipes,
+        key=lambda r: (
+            recipes[r]["onsets"] / recipes[r]["n"],
+            -collapse_rate(recipes[r]),
+            recipes[r]["final_iou"]["median"],
+        ),
+    )
 
 
 def _caught(loss: list[float], iou: list[float]) -> bool:
     """Whether the loop's alerts (:func:`fidelity_collapsed`, :func:`loss_spiked`) fire at any
     point of this log: read back from the log, so runs logged before the alerts existed count
     the same way."""
-    return (any(fidelity_collapsed(iou[: i + 1]) for i in range(len(iou)))
-            or any(loss_spiked(loss[: i + 1]) for i in range(4 * LOSS_WINDOW - 1, len(loss))))
+    return any(fidelity_collapsed(iou[: i + 1]) for i in range(len(iou))) or any(
+        loss_spiked(loss[: i + 1]) for i in range(4 * LOSS_WINDOW - 1, len(loss))
+    )
 
 
 def _finished(config: TrainConfig) -> bool:
@@ -167,24 +201,38 @@ def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe")
     budget = [i for i, s in enumerate(steps) if s <= first.steps]
     report = detect_sudden_convergence([steps[i] for i in budget], [iou[i] for i in budget])
     result = {
-        "seed": seed, "steps": first.steps, "device": record["device_name"],
+        "seed": seed,
+        "steps": first.steps,
+        "device": record["device_name"],
         "wall_time_s": record["wall_time_s"],
-        "onset": onset_step([steps[i] for i in budget], [iou[i] for i in budget],
-                            margin=ONSET_MARGIN),
-        "step0_iou": iou[0], "final_iou": iou[budget[-1]],
+        "onset": onset_step(
+            [steps[i] for i in budget], [iou[i] for i in budget], margin=ONSET_MARGIN
+        ),
+        "step0_iou": iou[0],
+        "final_iou": iou[budget[-1]],
         "best_iou": max(iou[i] for i in budget),
-        "abruptness": report.abruptness, "sudden": report.sudden,
-        "eval_steps": steps, "iou": iou, "commands": [recipe_command(recipe, seed, root)],
-        "continued": continued, "wall_time_2x_s": None, "onset_2x": None, "final_iou_2x": None,
-        "best_iou_2x": None, "collapsed_2x": None, "alert_2x": None,
+        "abruptness": report.abruptness,
+        "sudden": report.sudden,
+        "eval_steps": steps,
+        "iou": iou,
+        "commands": [recipe_command(recipe, seed, root)],
+        "continued": continued,
+        "wall_time_2x_s": None,
+        "onset_2x": None,
+        "final_iou_2x": None,
+        "best_iou_2x": None,
+        "collapsed_2x": None,
+        "alert_2x": None,
     }
     if continued:
         best_2x = max(iou)
         result |= {
             "wall_time_2x_s": json.loads((Path(longer.out) / "run.json").read_text())[
-                "wall_time_s"],
+                "wall_time_s"
+            ],
             "onset_2x": onset_step(steps, iou, margin=ONSET_MARGIN),
-            "final_iou_2x": iou[-1], "best_iou_2x": best_2x,
+            "final_iou_2x": iou[-1],
+            "best_iou_2x": best_2x,
             "collapsed_2x": iou[-1] < COLLAPSE_SHARE * best_2x,
             "alert_2x": _caught(log.loss, iou),
             "commands": result["commands"] + [recipe_command(recipe, seed, root, True)],
@@ -196,46 +244,66 @@ def _spread(values: list[float]) -> dict:
     values = sorted(values)
     n = len(values)
     median = (values[(n - 1) // 2] + values[n // 2]) / 2
-    return {"median": median, "min": values[0], "max": values[-1],
-            "mean": sum(values) / n}
+    return {"median": median, "min": values[0], "max": values[-1], "mean": sum(values) / n}
 
 
-def summarize_recipes(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
-                      root: str | Path = "runs/recipe", command: str = "") -> dict:
+def summarize_recipes(
+    recipes: Sequence[str],
+    seeds: Sequence[int] = RECIPE_SEEDS,
+    root: str | Path = "runs/recipe",
+    command: str = "",
+) -> dict:
     """Every seed of every recipe whose run to the budget has finished, and per recipe: onsets
     k of n, collapses at 2× k of those continued (``n_2x``), the spread of the final fidelity
     and the wall time."""
-    result: dict = {"command": command, "budget_samples": BUDGET_SAMPLES,
-                    "settings": RECIPE_SETTINGS,
-                    "collapse_share": COLLAPSE_SHARE, "onset_margin": ONSET_MARGIN,
-                    "recipes": {}}
+    result: dict = {
+        "command": command,
+        "budget_samples": BUDGET_SAMPLES,
+        "settings": RECIPE_SETTINGS,
+        "collapse_share": COLLAPSE_SHARE,
+        "onset_margin": ONSET_MARGIN,
+        "recipes": {},
+    }
     result["not_run"] = []
     for recipe in recipes:
-        runs = [measure_recipe_run(recipe, seed, root) for seed in seeds
-                if _finished(recipe_config(recipe, seed, root))]
+        runs = [
+            measure_recipe_run(recipe, seed, root)
+            for seed in seeds
+            if _finished(recipe_config(recipe, seed, root))
+        ]
         if not runs:
             result["not_run"].append(recipe)
             continue
         onsets = [r["onset"] for r in runs if r["onset"] is not None]
         continued = [r for r in runs if r["continued"]]
         result["recipes"][recipe] = {
-            "settings": RECIPES[recipe], "seeds": [r["seed"] for r in runs], "runs": runs,
-            "n": len(runs), "onsets": len(onsets), "n_2x": len(continued),
+            "settings": RECIPES[recipe],
+            "seeds": [r["seed"] for r in runs],
+            "runs": runs,
+            "n": len(runs),
+            "onsets": len(onsets),
+            "n_2x": len(continued),
             "collapses_2x": sum(r["collapsed_2x"] for r in continued),
             "alerts_2x": sum(r["alert_2x"] for r in continued),
             "onset_step": _spread(onsets) if onsets else None,
             "final_iou": _spread([r["final_iou"] for r in runs]),
-            "final_iou_2x": (_spread([r["final_iou_2x"] for r in continued]) if continued
-                             else None),
+            "final_iou_2x": (
+                _spread([r["final_iou_2x"] for r in continued]) if continued else None
+            ),
             "wall_time_s": _spread([r["wall_time_s"] for r in runs]),
         }
     return result
 
 
-def recipe_study(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
-                 root: str | Path = "runs/recipe", train: bool = True,
-                 check_seeds: Sequence[int] | None = None,
-                 check_root: str | Path = "runs/recipe/check", command: str = "") -> dict:
+def recipe_study(
+    recipes: Sequence[str],
+    seeds: Sequence[int] = RECIPE_SEEDS,
+    root: str | Path = "runs/recipe",
+    train: bool = True,
+    check_seeds: Sequence[int] | None = None,
+    check_root: str | Path = "runs/recipe/check",
+    command: str = "",
+) -> dict:
     """The study (``python -m cnet recipe``): train what is missing (unless not ``train``),
     summarize, choose (:func:`choose`) and, with ``check_seeds``, run the chosen recipe on
     those seeds in ``check_root`` (e.g. on another number of threads) and report it beside."""
@@ -245,8 +313,11 @@ def recipe_study(recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS,
     if not result["recipes"]:
         raise SettingError(f"root: no finished recipe runs in {str(root)!r}; train them first")
     chosen = choose(result)
-    result["chosen"] = {"recipe": chosen, "settings": RECIPES[chosen],
-                        "steps": result["recipes"][chosen]["runs"][0]["steps"]}
+    result["chosen"] = {
+        "recipe": chosen,
+        "settings": RECIPES[chosen],
+        "steps": result["recipes"][chosen]["runs"][0]["steps"],
+    }
     if check_seeds is not None:
         if train:
             run_recipes([chosen], check_seeds, check_root)

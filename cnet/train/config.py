@@ -104,15 +104,21 @@ class TrainConfig:
                 "stable-diffusion-v1-5/stable-diffusion-v1-5 where a hub is reachable"
             )
         if self.data and not Path(self.data).is_dir():
-            raise SettingError(f"data: {self.data!r} is not a folder; expected a folder with "
-                               "prompt.json or metadata.jsonl (cnet.train.folders)")
+            raise SettingError(
+                f"data: {self.data!r} is not a folder; expected a folder with "
+                "prompt.json or metadata.jsonl (cnet.train.folders)"
+            )
         return self
 
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
-            and not Path(parts[0]).exists())
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "/"))
+        and not Path(parts[0]).exists()
+    )
 
 
 # A profile is the settings it changes from the defaults. Its eval_steps and guidance_scale are
@@ -121,9 +127,16 @@ PROFILES: dict[str, dict] = {
     # the recipe study's choice (figures/recipe_study.json; why: cnet.train.loop)
     "quick": {"lr": 2e-3, "batch_size": 32, "steps": 400, "timesteps": "cubic"},
     "full": dict(
-        out="runs/controlnet-fill-full", steps=3000, batch_size=32, train_size=20_000,
-        eval_size=64, eval_every=100, eval_steps=SAMPLERS["full"]["steps"],
-        guidance_scale=SAMPLERS["full"]["guidance"], log_every=5, checkpoint_every=250,
+        out="runs/controlnet-fill-full",
+        steps=3000,
+        batch_size=32,
+        train_size=20_000,
+        eval_size=64,
+        eval_every=100,
+        eval_steps=SAMPLERS["full"]["steps"],
+        guidance_scale=SAMPLERS["full"]["guidance"],
+        log_every=5,
+        checkpoint_every=250,
     ),
 }
 
@@ -131,6 +144,7 @@ PROFILES: dict[str, dict] = {
 # ------------------------------------------------------------------------------------------
 # Checking values
 # ------------------------------------------------------------------------------------------
+
 
 def device_rule() -> Rule:
     def ok(value: str) -> bool:
@@ -179,8 +193,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
         raise ValueError(f"no CUDA device {name!r} on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("no MPS device on this machine")

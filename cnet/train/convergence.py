@@ -44,8 +44,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["LOSS_WINDOW", "ConvergenceReport", "detect_sudden_convergence", "fidelity_collapsed",
-           "loss_spiked", "onset_step"]
+__all__ = [
+    "LOSS_WINDOW",
+    "ConvergenceReport",
+    "detect_sudden_convergence",
+    "fidelity_collapsed",
+    "loss_spiked",
+    "onset_step",
+]
 
 
 @dataclass(frozen=True)
@@ -117,14 +123,25 @@ def detect_sudden_convergence(
     first = max(i20 - 1, 0)
     sharpest = first + int(np.argmax(rises[first : max(i80, first + 1)]))
     return ConvergenceReport(
-        True, step50, int(t[i20]), int(t[i80]), abruptness, abruptness <= sudden_below,
-        baseline, final, sharpest_step=int(t[sharpest + 1]),
+        True,
+        step50,
+        int(t[i20]),
+        int(t[i80]),
+        abruptness,
+        abruptness <= sudden_below,
+        baseline,
+        final,
+        sharpest_step=int(t[sharpest + 1]),
         sharpest_share=float(rises[sharpest] / gain),
     )
 
 
-def onset_step(steps: Sequence[int], fidelity: Sequence[float], margin: float = 0.05,
-               reference: float | None = None) -> int | None:
+def onset_step(
+    steps: Sequence[int],
+    fidelity: Sequence[float],
+    margin: float = 0.05,
+    reference: float | None = None,
+) -> int | None:
     """The first evaluation step whose fidelity exceeds ``reference`` (default: the step-0
     value) by more than ``margin`` at that evaluation and the next (None if no such step);
     ``steps[0]`` must be the step-0 evaluation."""

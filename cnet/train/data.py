@@ -46,10 +46,14 @@ def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDif
     # load them plainly rather than through the low-memory path
     # sampling here never runs SD's safety checker: it would only take (GPU) memory
     index = json.loads((Path(path) / "model_index.json").read_text()) if local else {}
-    checker = {} if local and not (index.get("safety_checker") or [None])[0] else {
-        "safety_checker": None, "requires_safety_checker": False}
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=local,
-                                                   low_cpu_mem_usage=not local, **checker)
+    checker = (
+        {}
+        if local and not (index.get("safety_checker") or [None])[0]
+        else {"safety_checker": None, "requires_safety_checker": False}
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, local_files_only=local, low_cpu_mem_usage=not local, **checker
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -62,8 +66,9 @@ def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> Cont
     encoder downsamples the base's image resolution to its latent resolution; or one of the
     paper's ablations of it (``connections``, ``trainable_copy``: :mod:`cnet.variants`)."""
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    controlnet = ControlNet.from_unet(pipe.unet, hint_encoder=config.hint_encoder,
-                                      condition_size=resolution)
+    controlnet = ControlNet.from_unet(
+        pipe.unet, hint_encoder=config.hint_encoder, condition_size=resolution
+    )
     if config.trainable_copy == "lite":
         make_lite(controlnet)
     # the ablations' random weights come from the run's seed, as the condition encoder's do
@@ -71,8 +76,9 @@ def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> Cont
     return replace_connections(controlnet, config.connections, config.connection_gain, generator)
 
 
-def task_dataset(task: str, size: int, split: str, resolution: int, seed: int,
-                 style: str = "plain"):
+def task_dataset(
+    task: str, size: int, split: str, resolution: int, seed: int, style: str = "plain"
+):
     """The world's dataset a task trains on: Fill, or Shapes for one of its conditions, painted
     in ``style``'s palette."""
     if task not in TASKS:
@@ -105,8 +111,15 @@ class CachedData:
 
 
 @torch.no_grad()
-def cache_data(pipe: StableDiffusionPipeline, task: str, size: int, split: str, seed: int,
-               chunk: int = 256, style: str = "plain") -> CachedData:
+def cache_data(
+    pipe: StableDiffusionPipeline,
+    task: str,
+    size: int,
+    split: str,
+    seed: int,
+    chunk: int = 256,
+    style: str = "plain",
+) -> CachedData:
     """Render ``size`` samples of ``task`` (in ``style``'s palette, which fidelity is then
     measured in) and push them through the frozen VAE and text encoder once."""
     device = pipe.unet.device
@@ -130,16 +143,26 @@ def cache_data(pipe: StableDiffusionPipeline, task: str, size: int, split: str, 
         bg.append(torch.from_numpy(scenes.background.copy()))
     distinct = [""] + sorted(set(prompts_all) - {""})
     lookup = {p: i for i, p in enumerate(distinct)}
-    embeddings = torch.cat([
-        pipe.encode_prompt(distinct[i : i + chunk], device, 1, False)[0].float().cpu()
-        for i in range(0, len(distinct), chunk)
-    ])
+    embeddings = torch.cat(
+        [
+            pipe.encode_prompt(distinct[i : i + chunk], device, 1, False)[0].float().cpu()
+            for i in range(0, len(distinct), chunk)
+        ]
+    )
     return CachedData(
-        latent_mean=torch.cat(means), latent_std=torch.cat(stds),
-        condition=torch.cat(conditions), embeddings=embeddings, prompts=distinct,
+        latent_mean=torch.cat(means),
+        latent_std=torch.cat(stds),
+        condition=torch.cat(conditions),
+        embeddings=embeddings,
+        prompts=distinct,
         prompt_index=torch.tensor([lookup[p] for p in prompts_all]),
-        extras={"region": torch.cat(layers) > 0, "foreground": torch.cat(fg),
-                "background": torch.cat(bg), "prompt": prompts_all, "style": style},
+        extras={
+            "region": torch.cat(layers) > 0,
+            "foreground": torch.cat(fg),
+            "background": torch.cat(bg),
+            "prompt": prompts_all,
+            "style": style,
+        },
     )
 
 
@@ -155,8 +178,9 @@ def step_generator(seed: int, draw: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + draw)
 
 
-def draw_timesteps(sampling: str, size: int, num_train_timesteps: int,
-                   generator: torch.Generator) -> torch.Tensor:
+def draw_timesteps(
+    sampling: str, size: int, num_train_timesteps: int, generator: torch.Generator
+) -> torch.Tensor:
     r"""The timesteps of one micro-batch. ``uniform``: :math:`t \sim U\{0, \dots, T-1\}`, as SD,
     the released ControlNet and diffusers' ``train_controlnet.py`` train. ``cubic``:
     :math:`t = \lfloor (1 - u^3)\, T \rfloor`, :math:`u \sim U[0, 1)`, T2I-Adapter's non-uniform
@@ -171,8 +195,14 @@ def draw_timesteps(sampling: str, size: int, num_train_timesteps: int,
     raise SettingError(f"timesteps: {sampling!r} is not allowed; expected one of uniform, cubic")
 
 
-def draw_batch(data: CachedData, config: TrainConfig, step: int, micro: int,
-               noise_scheduler: DDPMScheduler, device: torch.device | str = "cpu") -> dict:
+def draw_batch(
+    data: CachedData,
+    config: TrainConfig,
+    step: int,
+    micro: int,
+    noise_scheduler: DDPMScheduler,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Micro-batch ``micro`` of optimizer step ``step``: ``batch_size`` samples drawn with
     replacement, a latent drawn from each one's cached distribution, noise, a timestep
     (:func:`draw_timesteps`: uniform over the scheduler's range unless the settings say
@@ -185,12 +215,15 @@ def draw_batch(data: CachedData, config: TrainConfig, step: int, micro: int,
     mean = data.latent_mean[idx]  # read once: a folder's rows come from disk
     latents = mean + data.latent_std[idx] * torch.randn(mean.shape, generator=g)
     noise = torch.randn(latents.shape, generator=g)
-    timesteps = draw_timesteps(config.timesteps, config.batch_size,
-                               noise_scheduler.config.num_train_timesteps, g)
+    timesteps = draw_timesteps(
+        config.timesteps, config.batch_size, noise_scheduler.config.num_train_timesteps, g
+    )
     keep_prompt = torch.rand(config.batch_size, generator=g) >= config.empty_prompt_ratio
     prompt_index = torch.where(keep_prompt, data.prompt_index[idx], 0)
     return {
-        "latents": latents.to(device), "noise": noise.to(device), "timesteps": timesteps.to(device),
+        "latents": latents.to(device),
+        "noise": noise.to(device),
+        "timesteps": timesteps.to(device),
         "embeddings": data.embeddings[prompt_index].to(device),
         "condition": data.condition[idx].to(device),
         "prompt_index": prompt_index,

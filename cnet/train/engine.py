@@ -66,6 +66,7 @@ def process_state(cpu: bool) -> PartialState:
     :data:`BARRIER_TIMEOUT`."""
     return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT) if _launched() else PartialState(cpu=cpu)
 
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` made concrete for ``device``: bf16 where the GPU has it natively, fp16 (with
     loss scaling) on an older GPU, no mixed precision on the CPU."""
@@ -94,17 +95,26 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     device = state.device if distributed else resolve_device(config.device)
     precision = resolve_precision(config.mixed_precision, device)
     if precision == "fp16" and device.type == "cpu":
-        raise SettingError("mixed_precision: 'fp16' is not allowed on the CPU; expected no or "
-                           "bf16 there (fp16 with loss scaling needs a GPU)")
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
-                              gradient_accumulation_steps=config.grad_accum)
+        raise SettingError(
+            "mixed_precision: 'fp16' is not allowed on the CPU; expected no or "
+            "bf16 there (fp16 with loss scaling needs a GPU)"
+        )
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=device.type == "cpu",
+        gradient_accumulation_steps=config.grad_accum,
+    )
     if accelerator.device != device and not distributed:
-        raise SettingError(f"device: {config.device!r} is not allowed here; accelerate places "
-                           f"this run on {accelerator.device} (use auto, cpu or cuda)")
+        raise SettingError(
+            f"device: {config.device!r} is not allowed here; accelerate places "
+            f"this run on {accelerator.device} (use auto, cpu or cuda)"
+        )
     if config.batch_size % accelerator.num_processes:
-        raise SettingError(f"batch_size: {config.batch_size} is not allowed with "
-                           f"{accelerator.num_processes} processes; expected a multiple of "
-                           f"{accelerator.num_processes} (each process takes an equal share)")
+        raise SettingError(
+            f"batch_size: {config.batch_size} is not allowed with "
+            f"{accelerator.num_processes} processes; expected a multiple of "
+            f"{accelerator.num_processes} (each process takes an equal share)"
+        )
     return accelerator
 
 
@@ -113,8 +123,9 @@ def process_share(batch: dict, accelerator: Accelerator) -> dict:
     device."""
     count, index = accelerator.num_processes, accelerator.process_index
     share = len(batch["timesteps"]) // count
-    return {k: v[index * share:(index + 1) * share].to(accelerator.device)
-            for k, v in batch.items()}
+    return {
+        k: v[index * share : (index + 1) * share].to(accelerator.device) for k, v in batch.items()
+    }
 
 
 def checkpoint_trainable_copy(controlnet: ControlNet) -> int:
@@ -122,10 +133,15 @@ def checkpoint_trainable_copy(controlnet: ControlNet) -> int:
     that supports it (the blocks' ``gradient_checkpointing`` switch, as
     ``ModelMixin.enable_gradient_checkpointing`` sets it); returns how many blocks."""
     recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    blocks = [m for part in (controlnet.down_blocks, controlnet.mid_block)
-              for m in part.modules() if hasattr(m, "gradient_checkpointing")]
+    blocks = [
+        m
+        for part in (controlnet.down_blocks, controlnet.mid_block)
+        for m in part.modules()
+        if hasattr(m, "gradient_checkpointing")
+    ]
     for block in blocks:
         block._gradient_checkpointing_func = lambda module, *args, f=recompute: f(
-            module.__call__, *args)
+            module.__call__, *args
+        )
         block.gradient_checkpointing = True
     return len(blocks)

@@ -45,37 +45,75 @@ from .config import TrainConfig
 from .data import CachedData, cache_data, load_base, task_dataset
 
 __all__ = [
-    "FULL_SAMPLER", "edge_reconstruction_f1", "evaluate", "fidelity", "measure_controlnet",
+    "FULL_SAMPLER",
+    "edge_reconstruction_f1",
+    "evaluate",
+    "fidelity",
+    "measure_controlnet",
     "measure_run",
-    "sample_set", "sampler_settings", "vae_round_trip", "validate", "validation_grid",
+    "sample_set",
+    "sampler_settings",
+    "vae_round_trip",
+    "validate",
+    "validation_grid",
 ]
 
 
 @torch.no_grad()
-def sample_set(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None,
-               prompts: list[str], conditions: torch.Tensor | list[torch.Tensor] | None,
-               steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-               seed: int = 1234, batch_size: int = 64, **control) -> torch.Tensor:
+def sample_set(
+    pipe: StableDiffusionPipeline,
+    controlled: ControlledUNet | None,
+    prompts: list[str],
+    conditions: torch.Tensor | list[torch.Tensor] | None,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 1234,
+    batch_size: int = 64,
+    **control,
+) -> torch.Tensor:
     """:func:`cnet.sample` over a whole set in batches, the starting noise of the batch from
     index ``start`` seeded by ``seed + start`` (so a set's images do not depend on what else is
     sampled); ``conditions``: one tensor, or one per ControlNet. Images (N, 3, H, W) on the CPU."""
     images = []
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size
-        batch = ([c[start:end] for c in conditions] if isinstance(conditions, (list, tuple))
-                 else None if conditions is None else conditions[start:end])
+        batch = (
+            [c[start:end] for c in conditions]
+            if isinstance(conditions, (list, tuple))
+            else None
+            if conditions is None
+            else conditions[start:end]
+        )
         g = torch.Generator(pipe.unet.device).manual_seed(seed + start)
-        images.append(sample(pipe, controlled, prompts[start:end], batch,
-                             num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                             **control).float().cpu())
+        images.append(
+            sample(
+                pipe,
+                controlled,
+                prompts[start:end],
+                batch,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=g,
+                **control,
+            )
+            .float()
+            .cpu()
+        )
     return torch.cat(images)
 
 
 @torch.no_grad()
-def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, data: CachedData,
-             steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-             seed: int = 1234, batch_size: int = 64, prompt_free: bool = False,
-             **control) -> tuple[dict, torch.Tensor]:
+def evaluate(
+    pipe: StableDiffusionPipeline,
+    controlled: ControlledUNet | None,
+    data: CachedData,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 1234,
+    batch_size: int = 64,
+    prompt_free: bool = False,
+    **control,
+) -> tuple[dict, torch.Tensor]:
     """Sample the evaluation set (its prompts and conditions) with fixed seeds and measure
     :func:`fidelity`. ``controlled=None`` measures the base alone; ``control`` goes to
     :func:`cnet.sample` (``scales``, ``guess_mode``, ``control_guidance_start``, ...). Returns
@@ -83,10 +121,16 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
     (N, 3, H, W). ``prompt_free`` samples every condition with the empty prompt instead and
     returns only what can be measured without one: the mean ``layout_iou`` and the count."""
     prompts = [""] * len(data.extras["prompt"]) if prompt_free else data.extras["prompt"]
-    images = sample_set(pipe, controlled, prompts, data.condition, steps, guidance, seed,
-                        batch_size, **control)
-    per_image = fidelity(images, data.extras["foreground"], data.extras["background"],
-                         data.extras["region"], data.extras.get("style", "plain"))
+    images = sample_set(
+        pipe, controlled, prompts, data.condition, steps, guidance, seed, batch_size, **control
+    )
+    per_image = fidelity(
+        images,
+        data.extras["foreground"],
+        data.extras["background"],
+        data.extras["region"],
+        data.extras.get("style", "plain"),
+    )
     if prompt_free:
         return {"layout_iou": float(per_image["layout_iou"].mean()), "n": len(images)}, images
     metrics = {
@@ -99,10 +143,16 @@ def evaluate(pipe: StableDiffusionPipeline, controlled: ControlledUNet | None, d
 
 
 @torch.no_grad()
-def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, task: str,
-                       samples: int = 200, steps: int = FULL_SAMPLER["steps"],
-                       guidance: float = FULL_SAMPLER["guidance"], seed: int = 0,
-                       style: str = "plain") -> dict:
+def measure_controlnet(
+    pipe: StableDiffusionPipeline,
+    controlnet: ControlNet,
+    task: str,
+    samples: int = 200,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 0,
+    style: str = "plain",
+) -> dict:
     """A ControlNet, the base alone and the VAE's ceiling on the same ``samples`` evaluation
     conditions, by :func:`fidelity`: the ceiling is the IoU of the evaluation images themselves
     after :func:`vae_round_trip` (as ``python -m cnet.world evaluate`` measures the base's
@@ -114,18 +164,35 @@ def measure_controlnet(pipe: StableDiffusionPipeline, controlnet: ControlNet, ta
     trained, _ = evaluate(pipe, controlled, data, steps, guidance)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     dataset = task_dataset(task, samples, "eval", resolution, seed, style)
-    ceiling = fidelity(vae_round_trip(pipe, dataset.batch(range(samples))["image"]),
-                       data.extras["foreground"], data.extras["background"],
-                       data.extras["region"], style)
-    return {"task": task, "samples": samples, "style": style,
-            "sampler": f"DDIM, {steps} steps, guidance {guidance}",
-            "controlnet": trained, "base": base,
-            "vae_ceiling": {"iou": float(ceiling["iou"].mean()),
-                            "colours_ok": float(ceiling["colours_ok"].float().mean())}}
+    ceiling = fidelity(
+        vae_round_trip(pipe, dataset.batch(range(samples))["image"]),
+        data.extras["foreground"],
+        data.extras["background"],
+        data.extras["region"],
+        style,
+    )
+    return {
+        "task": task,
+        "samples": samples,
+        "style": style,
+        "sampler": f"DDIM, {steps} steps, guidance {guidance}",
+        "controlnet": trained,
+        "base": base,
+        "vae_ceiling": {
+            "iou": float(ceiling["iou"].mean()),
+            "colours_ok": float(ceiling["colours_ok"].float().mean()),
+        },
+    }
 
 
-def measure_run(folder: str | Path, weights: str = "latest", base: str | None = None,
-                samples: int = 200, profile: str = "full", command: str = "") -> dict:
+def measure_run(
+    folder: str | Path,
+    weights: str = "latest",
+    base: str | None = None,
+    samples: int = 200,
+    profile: str = "full",
+    command: str = "",
+) -> dict:
     """``python -m cnet evaluate``: the ControlNet in ``folder`` (a run's ``weights``, latest or
     best, or a shipped folder), measured by :func:`measure_controlnet` on ``base`` (default: the
     base it was trained on) with ``profile``'s sampler, and recorded in the folder's
@@ -140,16 +207,27 @@ def measure_run(folder: str | Path, weights: str = "latest", base: str | None = 
     config = record.get("config", {})
     base = base or config.get("base", TrainConfig.base)
     torch.manual_seed(0)
-    result = measure_controlnet(load_base(base), controlnet, config.get("task", "fill"),
-                                samples, **sampler_settings(profile), style=style_of(base))
-    record["evaluation"] = {"command": command, "base_model": str(base), "weights": weights,
-                            **result}
+    result = measure_controlnet(
+        load_base(base),
+        controlnet,
+        config.get("task", "fill"),
+        samples,
+        **sampler_settings(profile),
+        style=style_of(base),
+    )
+    record["evaluation"] = {
+        "command": command,
+        "base_model": str(base),
+        "weights": weights,
+        **result,
+    }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record["evaluation"]
 
 
-def edge_reconstruction_f1(images: torch.Tensor, conditions: torch.Tensor,
-                           tolerance: int = 2) -> torch.Tensor:
+def edge_reconstruction_f1(
+    images: torch.Tensor, conditions: torch.Tensor, tolerance: int = 2
+) -> torch.Tensor:
     """Per image: F1 of the Canny edges of ``images`` (N, 3, H, W) in [-1, 1] against the
     lines of ``conditions`` (N, 3, H, W) in [0, 1] (pixels brighter than 0.5)."""
     rgb = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -158,16 +236,25 @@ def edge_reconstruction_f1(images: torch.Tensor, conditions: torch.Tensor,
 
 
 @torch.no_grad()
-def validate(pipe: StableDiffusionPipeline, controlled: ControlledUNet, validation: dict,
-             steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-             seed: int = 1234) -> tuple[dict, torch.Tensor]:
+def validate(
+    pipe: StableDiffusionPipeline,
+    controlled: ControlledUNet,
+    validation: dict,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 1234,
+) -> tuple[dict, torch.Tensor]:
     """Sample a folder's held-out pairs (their prompts and conditions) with fixed seeds and
     measure :func:`edge_reconstruction_f1`, for the samples and for the held-out images."""
-    images = sample_set(pipe, controlled, validation["prompt"], validation["condition"], steps,
-                        guidance, seed)
+    images = sample_set(
+        pipe, controlled, validation["prompt"], validation["condition"], steps, guidance, seed
+    )
     ceiling = edge_reconstruction_f1(validation["image"] * 2 - 1, validation["condition"])
-    return {"edge_f1": float(edge_reconstruction_f1(images, validation["condition"]).mean()),
-            "edge_f1_images": float(ceiling.mean()), "n": len(images)}, images
+    return {
+        "edge_f1": float(edge_reconstruction_f1(images, validation["condition"]).mean()),
+        "edge_f1_images": float(ceiling.mean()),
+        "n": len(images),
+    }, images
 
 
 def validation_grid(conditions: torch.Tensor, images: torch.Tensor, columns: int = 8) -> Image:
@@ -178,8 +265,10 @@ def validation_grid(conditions: torch.Tensor, images: torch.Tensor, columns: int
     grid = np.zeros((rows * 2 * h, min(n, columns) * w, 3), np.uint8)
     for i in range(n):
         r, c = divmod(i, columns)
-        grid[2 * r * h:(2 * r + 1) * h, c * w:(c + 1) * w] = (
-            conditions[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        grid[(2 * r + 1) * h:(2 * r + 2) * h, c * w:(c + 1) * w] = (
-            (images[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        grid[2 * r * h : (2 * r + 1) * h, c * w : (c + 1) * w] = (
+            (conditions[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        )
+        grid[(2 * r + 1) * h : (2 * r + 2) * h, c * w : (c + 1) * w] = (
+            ((images[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        )
     return Image.fromarray(grid)

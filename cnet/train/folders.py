@@ -66,34 +66,50 @@ class FolderPairs:
         return len(self.images)
 
     def subset(self, start: int, stop: int) -> FolderPairs:
-        return FolderPairs(self.root, self.layout, self.images[start:stop],
-                           self.conditions[start:stop], self.prompts[start:stop])
+        return FolderPairs(
+            self.root,
+            self.layout,
+            self.images[start:stop],
+            self.conditions[start:stop],
+            self.prompts[start:stop],
+        )
 
     def fingerprint(self) -> str:
         """Changes when the list of pairs or their prompts change (a cache is then stale)."""
-        text = json.dumps([[str(i), str(c), p] for i, c, p in
-                           zip(self.images, self.conditions, self.prompts, strict=True)])
+        text = json.dumps(
+            [
+                [str(i), str(c), p]
+                for i, c, p in zip(self.images, self.conditions, self.prompts, strict=True)
+            ]
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_folder(path: str | Path, image_column: str = "image",
-                conditioning_image_column: str = "conditioning_image",
-                caption_column: str = "text") -> FolderPairs:
+def read_folder(
+    path: str | Path,
+    image_column: str = "image",
+    conditioning_image_column: str = "conditioning_image",
+    caption_column: str = "text",
+) -> FolderPairs:
     """The pairs of a folder in either layout; one clear line for a wrong folder, a missing
     column or a missing file, before any image is read."""
     root = Path(path)
     if not root.is_dir():
-        raise SettingError(f"data: {str(path)!r} is not a folder; expected a folder with "
-                           "prompt.json (official tutorial layout) or metadata.jsonl "
-                           "(diffusers' image folder)")
+        raise SettingError(
+            f"data: {str(path)!r} is not a folder; expected a folder with "
+            "prompt.json (official tutorial layout) or metadata.jsonl "
+            "(diffusers' image folder)"
+        )
     if (root / "prompt.json").is_file():
         layout, listing, keys = "tutorial", root / "prompt.json", ("target", "source", "prompt")
     elif (root / "metadata.jsonl").is_file():
         layout, listing = "imagefolder", root / "metadata.jsonl"
         keys = (image_column, conditioning_image_column, caption_column)
     else:
-        raise SettingError(f"data: {root} has neither prompt.json (official tutorial layout) "
-                           "nor metadata.jsonl (diffusers' image folder)")
+        raise SettingError(
+            f"data: {root} has neither prompt.json (official tutorial layout) "
+            "nor metadata.jsonl (diffusers' image folder)"
+        )
     images, conditions, prompts = [], [], []
     for number, line in enumerate(listing.read_text().splitlines(), start=1):
         if not line.strip():
@@ -106,11 +122,15 @@ def read_folder(path: str | Path, image_column: str = "image",
         keys = tuple(_file_name_column(k, row) for k in keys)
         missing = [k for k in keys if k not in row]
         if missing:
-            flags = {image_column: "--image_column", conditioning_image_column:
-                     "--conditioning_image_column", caption_column: "--caption_column"}
+            flags = {
+                image_column: "--image_column",
+                conditioning_image_column: "--conditioning_image_column",
+                caption_column: "--caption_column",
+            }
             hint = "" if layout == "tutorial" else f" (or name it with {flags[missing[0]]})"
-            raise SettingError(f"data: {where} has no {missing[0]!r} column; it has "
-                               f"{', '.join(sorted(row))}{hint}")
+            raise SettingError(
+                f"data: {where} has no {missing[0]!r} column; it has {', '.join(sorted(row))}{hint}"
+            )
         image, condition = root / row[keys[0]], root / row[keys[1]]
         for kind, file in (("image", image), ("condition", condition)):
             if not file.is_file():
@@ -146,13 +166,16 @@ def load_image(path: Path, resolution: int, partner: Path | None = None) -> torc
     if partner is not None:
         with Image.open(partner) as other:
             if other.size != image.size:
-                raise SettingError(f"data: {path} is {image.size[0]}x{image.size[1]} but its pair "
-                                   f"{partner} is {other.size[0]}x{other.size[1]}; an image and "
-                                   "its condition must have the same size")
+                raise SettingError(
+                    f"data: {path} is {image.size[0]}x{image.size[1]} but its pair "
+                    f"{partner} is {other.size[0]}x{other.size[1]}; an image and "
+                    "its condition must have the same size"
+                )
     w, h = image.size
     scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.BILINEAR)
+    image = image.resize(
+        (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR
+    )
     w, h = image.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
@@ -170,8 +193,9 @@ class ConditionFiles:
         return len(self.pairs)
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.stack([load_image(self.pairs.conditions[int(i)], self.resolution)
-                            for i in index.reshape(-1)])
+        return torch.stack(
+            [load_image(self.pairs.conditions[int(i)], self.resolution) for i in index.reshape(-1)]
+        )
 
 
 class ShardedRows:
@@ -190,7 +214,7 @@ class ShardedRows:
         rows = []
         for i in index.reshape(-1).tolist():
             shard, row = divmod(int(i), self.rows)
-            rows.append(self._shard(shard).get_slice(self.key)[row:row + 1])
+            rows.append(self._shard(shard).get_slice(self.key)[row : row + 1])
         return torch.cat(rows).float()
 
 
@@ -225,23 +249,38 @@ def cache_folder(pipe, pairs: FolderPairs, cache: Path, chunk: int | None = None
         stop = min(len(pairs), start + SHARD)
         means, stds = [], []
         for i in range(start, stop, chunk):
-            batch = torch.stack([load_image(pairs.images[j], resolution, pairs.conditions[j])
-                                 for j in range(i, min(stop, i + chunk))]) * 2 - 1
+            batch = (
+                torch.stack(
+                    [
+                        load_image(pairs.images[j], resolution, pairs.conditions[j])
+                        for j in range(i, min(stop, i + chunk))
+                    ]
+                )
+                * 2
+                - 1
+            )
             dist = pipe.vae.encode(batch.to(device, pipe.vae.dtype)).latent_dist
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
-        _write_atomic({"mean": torch.cat(means), "std": torch.cat(stds)},
-                      names[k], {"fingerprint": fingerprint})
+        _write_atomic(
+            {"mean": torch.cat(means), "std": torch.cat(stds)},
+            names[k],
+            {"fingerprint": fingerprint},
+        )
     distinct = [""] + sorted(set(pairs.prompts) - {""})
     prompt_names = [cache / f"prompts_{k:05d}.safetensors" for k in range(0, len(distinct), SHARD)]
     for k, path in enumerate(prompt_names):
         if not _shard_valid(path, fingerprint):
-            texts = distinct[k * SHARD:(k + 1) * SHARD]
+            texts = distinct[k * SHARD : (k + 1) * SHARD]
             embeds = pipe.encode_prompt(texts, device, 1, False)[0].float().cpu()
             _write_atomic({"embeddings": embeds.half()}, path, {"fingerprint": fingerprint})
     lookup = {p: i for i, p in enumerate(distinct)}
-    return {"latent_shards": names, "prompt_shards": prompt_names, "prompts": distinct,
-            "prompt_index": torch.tensor([lookup[p] for p in pairs.prompts])}
+    return {
+        "latent_shards": names,
+        "prompt_shards": prompt_names,
+        "prompts": distinct,
+        "prompt_index": torch.tensor([lookup[p] for p in pairs.prompts]),
+    }
 
 
 def _base_fingerprint(pipe) -> str:
@@ -271,12 +310,15 @@ def folder_data(pipe, config, cache: Path) -> tuple[FolderData, dict]:
     """The training set and the validation set of ``config.data``: the last
     ``config.eval_size`` pairs are held out for validation (never trained on); returns the
     training set and the validation set (its conditions in memory, its prompts)."""
-    pairs = read_folder(config.data, config.image_column, config.conditioning_image_column,
-                        config.caption_column)
+    pairs = read_folder(
+        config.data, config.image_column, config.conditioning_image_column, config.caption_column
+    )
     if len(pairs) <= config.eval_size:
-        raise SettingError(f"eval_size: {config.eval_size} is not allowed for {config.data} "
-                           f"({len(pairs)} pairs); expected fewer than the pairs, the rest "
-                           "trains")
+        raise SettingError(
+            f"eval_size: {config.eval_size} is not allowed for {config.data} "
+            f"({len(pairs)} pairs); expected fewer than the pairs, the rest "
+            "trains"
+        )
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     train_pairs = pairs.subset(0, len(pairs) - config.eval_size)
     cached = cache_folder(pipe, train_pairs, cache)
@@ -286,10 +328,13 @@ def folder_data(pipe, config, cache: Path) -> tuple[FolderData, dict]:
         condition=ConditionFiles(train_pairs, resolution),
         prompt_index=cached["prompt_index"],
         embeddings=ShardedRows(cached["prompt_shards"], "embeddings", SHARD),
-        prompts=cached["prompts"], extras={"layout": pairs.layout})
+        prompts=cached["prompts"],
+        extras={"layout": pairs.layout},
+    )
     held_out = pairs.subset(len(pairs) - config.eval_size, len(pairs))
-    validation = {"condition": torch.stack([load_image(c, resolution)
-                                            for c in held_out.conditions]),
-                  "prompt": held_out.prompts,
-                  "image": torch.stack([load_image(i, resolution) for i in held_out.images])}
+    validation = {
+        "condition": torch.stack([load_image(c, resolution) for c in held_out.conditions]),
+        "prompt": held_out.prompts,
+        "image": torch.stack([load_image(i, resolution) for i in held_out.images]),
+    }
     return data, validation

@@ -95,8 +95,14 @@ FIRST_STEPS_LOGGED = 10
 # Settings a run may change when it resumes (where it runs, how long it goes on, how often it
 # saves): none of them changes what the steps already taken compute.
 # Gradient checkpointing recomputes the same activations, so it may change too.
-RESUMABLE_CHANGES = ("out", "resume", "device", "steps", "checkpoint_every",
-                     "gradient_checkpointing")
+RESUMABLE_CHANGES = (
+    "out",
+    "resume",
+    "device",
+    "steps",
+    "checkpoint_every",
+    "gradient_checkpointing",
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,9 +119,12 @@ class Trainer:
     ``on_log`` sees every log entry as it is written; ``on_update(step, controlnet)`` sees the
     ControlNet with the step's gradients, just before the optimizer updates it."""
 
-    def __init__(self, config: TrainConfig,
-                 on_log: Callable[[dict], None] | None = None,
-                 on_update: Callable[[int, ControlNet], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        on_log: Callable[[dict], None] | None = None,
+        on_update: Callable[[int, ControlNet], None] | None = None,
+    ) -> None:
         config.check()
         self.config, self.on_log, self.on_update = config, on_log, on_update
         self.accelerator = make_accelerator(config)
@@ -123,8 +132,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resuming = config.resume and self.checkpoint.exists()
         if resuming:
-            check_resumable(self.checkpoint, dataclasses.asdict(config), config.steps,
-                            RESUMABLE_CHANGES, defaults=dataclasses.asdict(TrainConfig()))
+            check_resumable(
+                self.checkpoint,
+                dataclasses.asdict(config),
+                config.steps,
+                RESUMABLE_CHANGES,
+                defaults=dataclasses.asdict(TrainConfig()),
+            )
         torch.manual_seed(config.seed)
         self.pipe = load_base(config.base, self.device)
         self.controlnet = build_controlnet(self.pipe, config).to(self.device)
@@ -142,8 +156,9 @@ class Trainer:
         # the controlled U-Net as accelerate prepared it (DDP-wrapped in several processes),
         # and accelerate's optimizer wrapper (loss scaling, accumulation)
         self.model, self.optimizer = self.accelerator.prepare(self.controlled, optimizer)
-        scaler_state = (checkpoint_metadata(self.checkpoint).get("grad_scaler")
-                        if self.start > 0 else None)
+        scaler_state = (
+            checkpoint_metadata(self.checkpoint).get("grad_scaler") if self.start > 0 else None
+        )
         if self.accelerator.scaler is not None and scaler_state:
             self.accelerator.scaler.load_state_dict(json.loads(scaler_state))
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -191,9 +206,15 @@ class Trainer:
         """The checkpoint of the weights after ``step`` updates (main process), atomically."""
         if self.main:
             scaler = self.accelerator.scaler
-            save_checkpoint(self.checkpoint, self.trainable, self.optimizer, step,
-                            dataclasses.asdict(self.config), self.wall_time(),
-                            extra={"grad_scaler": scaler.state_dict()} if scaler else None)
+            save_checkpoint(
+                self.checkpoint,
+                self.trainable,
+                self.optimizer,
+                step,
+                dataclasses.asdict(self.config),
+                self.wall_time(),
+                extra={"grad_scaler": scaler.state_dict()} if scaler else None,
+            )
         if wait:  # no process runs ahead of a checkpoint it might be killed before
             self.accelerator.wait_for_everyone()
 
@@ -222,10 +243,10 @@ class Trainer:
             if not self.main:
                 self.data, self.eval_data = folder_data(self.pipe, config, self.out / "cache")
         else:
-            self.data = cache_data(self.pipe, config.task, config.train_size, "train",
-                                   config.seed)
-            self.eval_data = cache_data(self.pipe, config.task, config.eval_size, "eval",
-                                        config.seed)
+            self.data = cache_data(self.pipe, config.task, config.train_size, "train", config.seed)
+            self.eval_data = cache_data(
+                self.pipe, config.task, config.eval_size, "eval", config.seed
+            )
         if not self.main:
             return
         truncate_log(self.out / "log.jsonl", self.start)
@@ -234,8 +255,11 @@ class Trainer:
         self.watch.restore(self.start)
         samples_path = self.out / "samples.safetensors"
         if self.start > 0 and samples_path.exists():  # keep what the checkpoint's weights made
-            self.samples = {k: v for k, v in load_file(samples_path).items()
-                            if int(k.split("_")[1]) <= self.start}
+            self.samples = {
+                k: v
+                for k, v in load_file(samples_path).items()
+                if int(k.split("_")[1]) <= self.start
+            }
 
     # -------------------------------------------------------------------------- one step
 
@@ -249,8 +273,9 @@ class Trainer:
         scaling = self.pipe.vae.config.scaling_factor
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(config.grad_accum):
-            batch = process_share(draw_batch(self.data, config, step, micro,
-                                             self.noise_scheduler), accelerator)
+            batch = process_share(
+                draw_batch(self.data, config, step, micro, self.noise_scheduler), accelerator
+            )
             # accelerate: autocast (in the prepared model), loss / grad_accum, loss scaling,
             # and no gradient all-reduce until the last micro-batch
             with accelerator.accumulate(self.model):
@@ -290,16 +315,24 @@ class Trainer:
         if self.main:
             self.controlled.eval()
             measure = validate if self.config.data else evaluate
-            metrics, images = measure(self.pipe, self.controlled, self.eval_data,
-                                      self.config.eval_steps, self.config.guidance_scale)
+            metrics, images = measure(
+                self.pipe,
+                self.controlled,
+                self.eval_data,
+                self.config.eval_steps,
+                self.config.guidance_scale,
+            )
             self.controlled.train()
-            conditions = (self.eval_data["condition"] if self.config.data
-                          else self.eval_data.condition)
+            conditions = (
+                self.eval_data["condition"] if self.config.data else self.eval_data.condition
+            )
             (self.out / "validation").mkdir(exist_ok=True)
             validation_grid(conditions, images).save(
-                self.out / "validation" / f"step_{step:06d}.png")
-            self.samples[f"step_{step}"] = ((images + 1) * 127.5).round().to(
-                torch.uint8).contiguous()
+                self.out / "validation" / f"step_{step:06d}.png"
+            )
+            self.samples[f"step_{step}"] = (
+                ((images + 1) * 127.5).round().to(torch.uint8).contiguous()
+            )
             path = self.out / "samples.safetensors"
             tmp = path.with_name(path.name + ".tmp")
             save_file(self.samples, tmp)
@@ -331,8 +364,15 @@ class Trainer:
         completed = self.start  # optimizer steps taken so far
         # redrawn at most once a second: in a notebook every redraw is a widget message, and a
         # flood of them can outrun the kernel's output channel (nbval then loses the cell's end)
-        bar = tqdm(range(self.start, config.steps), initial=self.start, total=config.steps,
-                   desc="train", dynamic_ncols=True, mininterval=1.0, disable=not self.main)
+        bar = tqdm(
+            range(self.start, config.steps),
+            initial=self.start,
+            total=config.steps,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            disable=not self.main,
+        )
         try:
             for step in bar:
                 loss, entry = self.step(step)
@@ -341,23 +381,27 @@ class Trainer:
                     self.log(entry)
                     if self.watch is not None:
                         self.watch.losses.append(entry["loss"])
-                if config.eval_every > 0 and (completed % config.eval_every == 0
-                                              or completed == config.steps):
+                if config.eval_every > 0 and (
+                    completed % config.eval_every == 0 or completed == config.steps
+                ):
                     last_eval = self.evaluate(completed)
                 if completed % config.checkpoint_every == 0 or completed == config.steps:
                     self.save(completed)
                 for kind, line in self.watch.check(completed) if self.main else ():
                     bar.write(line)
                     self.log({"step": completed, "alert": line, "kind": kind})
-                postfix = {"loss": f"{loss:.4f}",
-                           self.metric: f"{last_eval.get(self.metric, float('nan')):.3f}"}
+                postfix = {
+                    "loss": f"{loss:.4f}",
+                    self.metric: f"{last_eval.get(self.metric, float('nan')):.3f}",
+                }
                 if self.main and self.watch.alerts:
                     postfix["alert"] = "+".join(sorted(self.watch.alerts))
                 bar.set_postfix(postfix, refresh=False)
         except KeyboardInterrupt:
             self.save(completed, wait=False)  # the other processes may not have been interrupted
-            print(f"\ninterrupted: saved step {completed} to {self.checkpoint}; run again to "
-                  "resume")
+            print(
+                f"\ninterrupted: saved step {completed} to {self.checkpoint}; run again to resume"
+            )
             raise
         finally:
             bar.close()
@@ -368,24 +412,32 @@ class Trainer:
         """What ``run.json`` records: profile, where it ran, the steps, the wall time, the last
         evaluation and the settings."""
         return {
-            "profile": profile, "device": str(self.device),
+            "profile": profile,
+            "device": str(self.device),
             "processes": self.accelerator.num_processes,
             "mixed_precision": self.accelerator.mixed_precision,
-            "device_name": (torch.cuda.get_device_name(self.device)
-                            if self.device.type == "cuda"
-                            else f"cpu, {torch.get_num_threads()} thread(s)"),
-            "steps": self.config.steps, "resumed_from": self.start,
+            "device_name": (
+                torch.cuda.get_device_name(self.device)
+                if self.device.type == "cuda"
+                else f"cpu, {torch.get_num_threads()} thread(s)"
+            ),
+            "steps": self.config.steps,
+            "resumed_from": self.start,
             # the training time behind these weights, over every invocation that produced them
             # (setup and work lost to a crash after the last checkpoint not counted)
             "wall_time_s": finite_or_none(round(self.wall_time(), 1)),
             "wall_time_this_invocation_s": round(time.perf_counter() - self.started, 1),
-            "final_eval": last_eval, "config": dataclasses.asdict(self.config),
+            "final_eval": last_eval,
+            "config": dataclasses.asdict(self.config),
         }
 
 
-def train(config: TrainConfig, profile: str = "custom",
-          on_log: Callable[[dict], None] | None = None,
-          on_update: Callable[[int, ControlNet], None] | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    profile: str = "custom",
+    on_log: Callable[[dict], None] | None = None,
+    on_update: Callable[[int, ControlNet], None] | None = None,
+) -> dict:
     """Train a ControlNet on the locked base ``config.base`` and return a summary (final step,
     wall time, last evaluation). Writes ``log.jsonl``, ``checkpoint.safetensors``,
     ``samples.safetensors`` (the evaluation images at each evaluation), ``config.json`` and,
@@ -397,8 +449,7 @@ def train(config: TrainConfig, profile: str = "custom",
         print(f"{trainer.out} already finished {config.steps} steps; nothing to do")
         return json.loads((trainer.out / "run.json").read_text())
     if trainer.main:
-        (trainer.out / "config.json").write_text(json.dumps(dataclasses.asdict(config),
-                                                            indent=2))
+        (trainer.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     trainer.load_data()
     last_eval = trainer.run()
     summary = trainer.summary(profile, last_eval)

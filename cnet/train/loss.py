@@ -16,8 +16,9 @@ from ..settings import SettingError
 __all__ = ["diffusion_loss"]
 
 
-def diffusion_loss(controlled: ControlledUNet, batch: dict, noise_scheduler: DDPMScheduler,
-                   scaling_factor: float) -> torch.Tensor:
+def diffusion_loss(
+    controlled: ControlledUNet, batch: dict, noise_scheduler: DDPMScheduler, scaling_factor: float
+) -> torch.Tensor:
     r"""The ε-prediction loss with control: :math:`\lVert \epsilon - \epsilon_\theta(z_t, t, c_t,
     c_f)\rVert^2`, :math:`z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon`
     (diffusers' ``DDPMScheduler.add_noise``), :math:`z_0` the VAE latent times the VAE's
@@ -40,5 +41,6 @@ def _target(noise_scheduler: DDPMScheduler, z0: torch.Tensor, batch: dict) -> to
         return noise_scheduler.get_velocity(z0, batch["noise"], batch["timesteps"])
     if kind == "sample":
         return z0
-    raise SettingError(f"base: prediction_type {kind!r} is not allowed; expected epsilon, "
-                       "v_prediction or sample")
+    raise SettingError(
+        f"base: prediction_type {kind!r} is not allowed; expected epsilon, v_prediction or sample"
+    )

@@ -20,20 +20,27 @@ def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
     norms = []
     for tensors in groups.values():
         parts = [torch.linalg.vector_norm(t.detach().float()) for t in tensors if t is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack(parts)) if parts
-                     else torch.zeros((), device=_device_of(groups)))
+        norms.append(
+            torch.linalg.vector_norm(torch.stack(parts))
+            if parts
+            else torch.zeros((), device=_device_of(groups))
+        )
     return dict(zip(groups, torch.stack(norms).tolist(), strict=True))
 
 
 def _device_of(groups: dict[str, list[torch.Tensor | None]]) -> torch.device:
-    return next((t.device for ts in groups.values() for t in ts if t is not None),
-                torch.device("cpu"))
+    return next(
+        (t.device for ts in groups.values() for t in ts if t is not None), torch.device("cpu")
+    )
 
 
 def _zero_conv_groups(controlnet: ControlNet, grads: bool) -> dict[str, list]:
     # an ablation without connection layers (cnet.variants) has nothing to record there
-    return {name: [conv.weight.grad, conv.bias.grad] if grads else [conv.weight, conv.bias]
-            for name, conv in controlnet.zero_convolutions.items() if hasattr(conv, "weight")}
+    return {
+        name: [conv.weight.grad, conv.bias.grad] if grads else [conv.weight, conv.bias]
+        for name, conv in controlnet.zero_convolutions.items()
+        if hasattr(conv, "weight")
+    }
 
 
 def hint_inner_parameters(controlnet: ControlNet) -> list[torch.nn.Parameter]:

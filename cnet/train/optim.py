@@ -30,23 +30,25 @@ def lr_factor(config: TrainConfig, step: int) -> float:
     return 1.0 - (1.0 - config.lr_min_share) * progress
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                  start: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, start: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """torch's ``LambdaLR`` over :func:`lr_factor`, placed at update ``start`` (a resumed run's
     first); stepped once per optimizer step."""
     for group in optimizer.param_groups:  # what LambdaLR scales, set as it would at step 0
         group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config),
-                                             last_epoch=start - 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, config), last_epoch=start - 1
+    )
 
 
-def make_optimizer(controlnet: ControlNet, unet, config: TrainConfig,
-                   device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    controlnet: ControlNet, unet, config: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW over the ControlNet's trainable weights, as the released ``cldm.py``
     (``configure_optimizers``); with ``sd_locked`` false, also over the U-Net's decoder at
     ``decoder_lr_scale`` × the rate (its encoder never trains)."""
-    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad],
-               "lr": config.lr}]
+    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad], "lr": config.lr}]
     if not config.sd_locked:
         decoder = [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
         params = [p for part in decoder if part is not None for p in part.parameters()]

@@ -53,6 +53,7 @@ __all__ = [
     "truncate_log",
 ]
 
+
 def truncate_log(path: Path, start: int) -> None:
     """Drop log entries a resumed run will write again (those after the checkpoint's step)."""
     if start == 0 or not path.exists():
@@ -62,8 +63,9 @@ def truncate_log(path: Path, start: int) -> None:
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         # what the step-``start`` checkpoint already evaluated and reported stays
-        if entry["step"] < start or (("eval" in entry or "alert" in entry)
-                                     and entry["step"] <= start):
+        if entry["step"] < start or (
+            ("eval" in entry or "alert" in entry) and entry["step"] <= start
+        ):
             keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
 
@@ -135,8 +137,13 @@ def read_config(run: str | Path) -> TrainConfig:
 RUN_FILES = ("log.jsonl", "config.json", "run.json")
 
 
-def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
-               half: bool = False, weights: str = "latest") -> Path:
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    samples_kept: int = 8,
+    half: bool = False,
+    weights: str = "latest",
+) -> Path:
     """Ship a finished run: its ControlNet as a diffusers ``ControlNetModel`` folder
     (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``; with
     ``half``, stored in half precision by :func:`store_half`) beside the run's log, config and
@@ -150,26 +157,36 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
         raise FileNotFoundError(f"no checkpoint.safetensors in {run}: expected a training run")
     config = read_config(run)
     if config.hint_encoder != "released":
-        raise SettingError("only the released hint encoder has a diffusers ControlNetModel "
-                           f"form; this run used {config.hint_encoder!r}")
+        raise SettingError(
+            "only the released hint encoder has a diffusers ControlNetModel "
+            f"form; this run used {config.hint_encoder!r}"
+        )
     if config.connections == "none" or config.trainable_copy == "lite":
-        raise SettingError("a ControlNetModel has zero convolutions and a full trainable copy; "
-                           f"this run is an ablation (connections {config.connections!r}, "
-                           f"trainable_copy {config.trainable_copy!r}), kept as its run folder")
+        raise SettingError(
+            "a ControlNetModel has zero convolutions and a full trainable copy; "
+            f"this run is an ablation (connections {config.connections!r}, "
+            f"trainable_copy {config.trainable_copy!r}), kept as its run folder"
+        )
     controlnet = build_controlnet(load_base(config.base), config)
     step = load_checkpoint(checkpoint, {"controlnet": controlnet}, None)
     if step != config.steps:
-        raise SettingError(f"the run in {run} stopped at step {step} of {config.steps}; "
-                           "finish it (run the same command again) before shipping it")
+        raise SettingError(
+            f"the run in {run} stopped at step {step} of {config.steps}; "
+            "finish it (run the same command again) before shipping it"
+        )
     shipped_weights = {"weights": weights, "step": step}
     if weights != "latest":  # run.json's final_eval stays the last step's; this says what ships
         best = weights_file(run, weights)
         if int(checkpoint_metadata(best)["step"]) == 0:
-            raise SettingError(f"weights: 'best' is not allowed for {run}: no evaluation beat "
-                               "step 0's, the untrained ControlNet (the base itself); ship latest")
-        shipped_weights = {"weights": weights, "step": load_checkpoint(best, {"controlnet":
-                                                                             controlnet}, None),
-                           **json.loads(checkpoint_metadata(best)["metrics"])}
+            raise SettingError(
+                f"weights: 'best' is not allowed for {run}: no evaluation beat "
+                "step 0's, the untrained ControlNet (the base itself); ship latest"
+            )
+        shipped_weights = {
+            "weights": weights,
+            "step": load_checkpoint(best, {"controlnet": controlnet}, None),
+            **json.loads(checkpoint_metadata(best)["metrics"]),
+        }
     if out.exists() and any(out.iterdir()) and not (out / "run.json").exists():
         raise SettingError(f"{out} exists and is not a shipped run; export into a new folder")
     # written beside `out` and moved into place whole: a crash leaves no half-shipped folder
@@ -186,8 +203,10 @@ def export_run(run: str | Path, out: str | Path, samples_kept: int = 8,
     record["shipped_weights"] = shipped_weights
     (staging / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     samples = load_file(run / "samples.safetensors")
-    save_file({k: v[:samples_kept].contiguous() for k, v in samples.items()},
-              staging / "samples.safetensors")
+    save_file(
+        {k: v[:samples_kept].contiguous() for k, v in samples.items()},
+        staging / "samples.safetensors",
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return out
@@ -203,21 +222,27 @@ def load_controlnet(folder: str | Path, weights: str = "latest") -> ControlNet:
     if (folder / "checkpoint.safetensors").is_file() and not (folder / "controlnet").is_dir():
         config = read_config(folder)
         if not config.sd_locked:
-            raise SettingError(f"{folder} trained the U-Net's decoder too (sd_locked false); its "
-                               "ControlNet alone would be sampled with the untrained decoder")
+            raise SettingError(
+                f"{folder} trained the U-Net's decoder too (sd_locked false); its "
+                "ControlNet alone would be sampled with the untrained decoder"
+            )
         path = weights_file(folder, weights)
         controlnet = build_controlnet(load_base(config.base), config)
         load_checkpoint(path, {"controlnet": controlnet}, None)
         return controlnet.eval()
     if weights != "latest":
-        raise SettingError(f"weights: {weights!r} is not allowed for {folder}, a shipped "
-                           "ControlNet (one set of weights); expected latest, or a training "
-                           "run's folder")
+        raise SettingError(
+            f"weights: {weights!r} is not allowed for {folder}, a shipped "
+            "ControlNet (one set of weights); expected latest, or a training "
+            "run's folder"
+        )
     if (folder / "controlnet" / "config.json").exists():
         folder = folder / "controlnet"
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"no ControlNetModel in {folder}: expected a config.json there "
-                                "or in its controlnet/ subfolder")
+        raise FileNotFoundError(
+            f"no ControlNetModel in {folder}: expected a config.json there "
+            "or in its controlnet/ subfolder"
+        )
     model = ControlNetModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     return from_diffusers(model).eval()
 

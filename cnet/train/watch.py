@@ -43,8 +43,9 @@ class RunWatch:
             self.best_path.unlink(missing_ok=True)
             return
         entries = [json.loads(line) for line in (self.out / "log.jsonl").read_text().splitlines()]
-        self.fidelity = [e["eval"][self.metric] for e in entries
-                         if "eval" in e and self.metric in e["eval"]]
+        self.fidelity = [
+            e["eval"][self.metric] for e in entries if "eval" in e and self.metric in e["eval"]
+        ]
         self.losses = [e["loss"] for e in entries if "loss" in e]
         self.alerts = {e["kind"] for e in entries if "alert" in e}
         self.best = max(self.fidelity, default=float("-inf"))
@@ -55,8 +56,9 @@ class RunWatch:
             else:
                 self.best_path.unlink()
 
-    def evaluated(self, step: int, metrics: Mapping[str, float],
-                  trainable: Mapping[str, torch.nn.Module]) -> None:
+    def evaluated(
+        self, step: int, metrics: Mapping[str, float], trainable: Mapping[str, torch.nn.Module]
+    ) -> None:
         """Record an evaluation; where it is the best so far, its weights become
         ``best.safetensors`` (written atomically)."""
         value = metrics.get(self.metric)
@@ -73,14 +75,24 @@ class RunWatch:
         found = []
         if "collapse" not in self.alerts and fidelity_collapsed(self.fidelity):
             f = self.fidelity
-            found.append(("collapse", f"collapse at step {step}: {self.metric} {f[-1]:.3f}, down "
-                          f"from its best {max(f):.3f} toward the locked base's {f[0]:.3f}; "
-                          f"the best weights are kept in {self.best_path}"))
+            found.append(
+                (
+                    "collapse",
+                    f"collapse at step {step}: {self.metric} {f[-1]:.3f}, down "
+                    f"from its best {max(f):.3f} toward the locked base's {f[0]:.3f}; "
+                    f"the best weights are kept in {self.best_path}",
+                )
+            )
         if "loss" not in self.alerts and loss_spiked(self.losses, LOSS_WINDOW):
             recent, earlier = self.losses[-LOSS_WINDOW:], self.losses[:-LOSS_WINDOW]
-            found.append(("loss", f"loss spike at step {step}: the last {len(recent)} logged "
-                          f"losses average {sum(recent) / len(recent):.3f}, over twice the "
-                          f"earlier {sum(earlier) / len(earlier):.3f}; the best weights are "
-                          f"kept in {self.best_path}"))
+            found.append(
+                (
+                    "loss",
+                    f"loss spike at step {step}: the last {len(recent)} logged "
+                    f"losses average {sum(recent) / len(recent):.3f}, over twice the "
+                    f"earlier {sum(earlier) / len(earlier):.3f}; the best weights are "
+                    f"kept in {self.best_path}",
+                )
+            )
         self.alerts |= {kind for kind, _ in found}
         return found

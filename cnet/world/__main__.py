@@ -28,8 +28,12 @@ def _parse(command: str, profiles: dict, argv: list[str], extra=None):
     parser = argparse.ArgumentParser(prog=f"python -m cnet.world {command}")
     parser.add_argument("--profile", choices=sorted(profiles), default="quick")
     parser.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
-    parser.add_argument("--run_dir", type=Path, default=None,
-                        help="checkpoints and log (default: runs/<out's name>); resumes from it")
+    parser.add_argument(
+        "--run_dir",
+        type=Path,
+        default=None,
+        help="checkpoints and log (default: runs/<out's name>); resumes from it",
+    )
     if extra is not None:
         extra(parser)
     add_flags(parser, Settings)
@@ -42,22 +46,36 @@ def _pretrain(argv: list[str]) -> None:
     from .pretrain import PROFILES, pretrain
 
     args, settings, run_dir = _parse("pretrain", PROFILES, argv)
-    pretrain(settings, args.out, run_dir, profile=args.profile,
-             command=["python", "-m", "cnet.world", "pretrain", *argv])
+    pretrain(
+        settings,
+        args.out,
+        run_dir,
+        profile=args.profile,
+        command=["python", "-m", "cnet.world", "pretrain", *argv],
+    )
 
 
 def _finetune(argv: list[str]) -> None:
     from .finetune import FINETUNE_PROFILES, finetune
 
     def base_flag(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--base", type=Path, default=Path("models/miniature-sd"),
-                            help="the pipeline folder to fine-tune")
+        parser.add_argument(
+            "--base",
+            type=Path,
+            default=Path("models/miniature-sd"),
+            help="the pipeline folder to fine-tune",
+        )
 
     args, settings, run_dir = _parse("finetune", FINETUNE_PROFILES, argv, base_flag)
     if not (args.base / "model_index.json").exists():
         raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
-    finetune(args.base, settings, args.out, run_dir,
-             command=["python", "-m", "cnet.world", "finetune", *argv])
+    finetune(
+        args.base,
+        settings,
+        args.out,
+        run_dir,
+        command=["python", "-m", "cnet.world", "finetune", *argv],
+    )
 
 
 def _evaluate(argv: list[str]) -> None:
@@ -81,8 +99,9 @@ def _export(argv: list[str]) -> None:
     if args.samples < 1:
         raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer >= 1")
     try:
-        out = export_folder(args.out, args.layout, args.samples, args.task, args.resolution,
-                            args.seed)
+        out = export_folder(
+            args.out, args.layout, args.samples, args.task, args.resolution, args.seed
+        )
     except (ValueError, FileExistsError) as error:
         raise SettingError(str(error)) from None
     print(f"wrote {args.samples} pairs to {out} ({args.layout} layout)")
@@ -90,8 +109,12 @@ def _export(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate,
-                "export": _export}
+    commands = {
+        "pretrain": _pretrain,
+        "finetune": _finetune,
+        "evaluate": _evaluate,
+        "export": _export,
+    }
     if not argv or argv[0] not in commands:
         sys.exit(f"usage: python -m cnet.world {{{','.join(commands)}}} ... (see --help)")
     try:

@@ -64,9 +64,12 @@ DEFAULT_RESOLUTION = 64
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 # Segmentation label 0 is the background, label k + 1 is SHAPES[k] (ADE20K-style class colours).
-SEGMENTATION_COLOURS = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]], dtype=np.float32
-) / 255.0
+SEGMENTATION_COLOURS = (
+    np.array(
+        [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]], dtype=np.float32
+    )
+    / 255.0
+)
 CONDITIONS: tuple[str, ...] = ("outline", "canny", "segmentation", "depth", "scribble")
 
 # Size parameter r is the radius of the circle of equal area: every shape of size r covers
@@ -75,8 +78,9 @@ _SQUARE_HALF_SIDE = np.sqrt(np.pi) / 2  # (2h)^2 = pi r^2
 _TRIANGLE_CIRCUMRADIUS = np.sqrt(4 * np.pi / (3 * np.sqrt(3)))  # (3 sqrt3 / 4) R^2 = pi r^2
 _DIAMOND_HALF_DIAGONAL = np.sqrt(np.pi / 2)  # 2 d^2 = pi r^2
 # How far each shape reaches from its centre, in units of r (keeps shapes inside the image).
-_EXTENT = np.array([1.0, _SQUARE_HALF_SIDE * np.sqrt(2), _TRIANGLE_CIRCUMRADIUS,
-                    _DIAMOND_HALF_DIAGONAL])
+_EXTENT = np.array(
+    [1.0, _SQUARE_HALF_SIDE * np.sqrt(2), _TRIANGLE_CIRCUMRADIUS, _DIAMOND_HALF_DIAGONAL]
+)
 
 FILL_RADIUS = (0.12, 0.38)  # fraction of the resolution: radii vary widely, as in Fill50K
 # Shapes are 16-30% of the image side in equal-area radius (10-19 px at 64 px): big enough that
@@ -124,8 +128,7 @@ def shape_masks(
     return np.take_along_axis(stacked, np.asarray(shape)[None, :, None, None], axis=0)[0]
 
 
-def every_shape_mask(cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
-                     resolution: int) -> np.ndarray:
+def every_shape_mask(cx: np.ndarray, cy: np.ndarray, r: np.ndarray, resolution: int) -> np.ndarray:
     """Boolean masks (shapes, B, H, W): each of :data:`SHAPES` at each centre and size."""
     x, y = _grid(resolution)
     dx = x - np.asarray(cx, np.float32)[:, None, None]
@@ -137,8 +140,10 @@ def every_shape_mask(cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
     # down, up-left and up-right, at the inradius R/2 from the centre.
     half_inradius = _TRIANGLE_CIRCUMRADIUS * r / 2
     s, c = np.float32(0.5), np.float32(np.sqrt(3) / 2)
-    triangle = (dy <= half_inradius) & (-c * dx - s * dy <= half_inradius) & (
-        c * dx - s * dy <= half_inradius
+    triangle = (
+        (dy <= half_inradius)
+        & (-c * dx - s * dy <= half_inradius)
+        & (c * dx - s * dy <= half_inradius)
     )
     diamond = np.abs(dx) + np.abs(dy) <= _DIAMOND_HALF_DIAGONAL * r
     return np.stack([circle, square, triangle, diamond])
@@ -151,8 +156,12 @@ def outline_of(layers: np.ndarray) -> np.ndarray:
     the front shape. The image border does not count as an edge."""
     padded = np.pad(layers, ((0, 0), (1, 1), (1, 1)), mode="edge")
     centre = padded[:, 1:-1, 1:-1]
-    neighbours = [padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2],
-                  padded[:, 1:-1, 2:]]
+    neighbours = [
+        padded[:, :-2, 1:-1],
+        padded[:, 2:, 1:-1],
+        padded[:, 1:-1, :-2],
+        padded[:, 1:-1, 2:],
+    ]
     return np.any([centre > n for n in neighbours], axis=0)
 
 
@@ -206,14 +215,19 @@ class SceneBatch:
                 for k in range(self.shape.shape[1])
                 if self.present[b, k]
             ]
-            prompts.append(f"{' and '.join(parts)} with {COLOUR_NAMES[self.background[b]]} "
-                           "background")
+            prompts.append(
+                f"{' and '.join(parts)} with {COLOUR_NAMES[self.background[b]]} background"
+            )
         return prompts
 
 
-def _render(scenes: SceneBatch, resolution: int, conditions: Sequence[str],
-            scribble_rngs: Sequence[np.random.Generator] = (),
-            palette: np.ndarray = PALETTE_RGB) -> dict:
+def _render(
+    scenes: SceneBatch,
+    resolution: int,
+    conditions: Sequence[str],
+    scribble_rngs: Sequence[np.random.Generator] = (),
+    palette: np.ndarray = PALETTE_RGB,
+) -> dict:
     """Rasterise a batch of scenes into images (painted with ``palette``), layer maps, full shape
     masks and the requested conditions (numpy arrays; the scribble draws its randomness from
     ``scribble_rngs``)."""
@@ -224,8 +238,9 @@ def _render(scenes: SceneBatch, resolution: int, conditions: Sequence[str],
     layers = np.zeros((batch, resolution, resolution), np.int64)  # slot + 1 of the front shape
     full_masks = np.zeros((batch, slots, resolution, resolution), bool)
     for k in range(slots):  # back to front: later slots occlude earlier ones
-        mask = shape_masks(scenes.shape[:, k], scenes.cx[:, k], scenes.cy[:, k], scenes.r[:, k],
-                           resolution)
+        mask = shape_masks(
+            scenes.shape[:, k], scenes.cx[:, k], scenes.cy[:, k], scenes.r[:, k], resolution
+        )
         mask &= scenes.present[:, k, None, None]
         full_masks[:, k] = mask
         image = np.where(mask[:, None], palette[scenes.colour[:, k]][:, :, None, None], image)
@@ -266,8 +281,12 @@ def _scribble(outline: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.nd
         keep = rngs[b].uniform(size=(height // 4, width // 4)) >= 0.25
         field = [cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in coarse]
         ys, xs = np.nonzero(outline[b])
-        keep_pixel = cv2.resize(keep.astype(np.uint8), (width, height),
-                                interpolation=cv2.INTER_NEAREST)[ys, xs] > 0
+        keep_pixel = (
+            cv2.resize(keep.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)[
+                ys, xs
+            ]
+            > 0
+        )
         ys2 = np.clip(np.round(ys + field[1][ys, xs]), 0, height - 1).astype(int)
         xs2 = np.clip(np.round(xs + field[0][ys, xs]), 0, width - 1).astype(int)
         result[b, ys2[keep_pixel], xs2[keep_pixel]] = True
@@ -282,8 +301,16 @@ def _sample_fill(rng: np.random.Generator, resolution: int) -> dict:
     colours = _pick_distinct(rng, 2)
     r = rng.uniform(*FILL_RADIUS) * resolution
     cx, cy = rng.uniform(r + 1, resolution - r - 1, size=2)
-    return dict(shape=[0], colour=[colours[0]], cx=[cx], cy=[cy], r=[r], nearness=[1.0],
-                present=[True], background=colours[1])
+    return dict(
+        shape=[0],
+        colour=[colours[0]],
+        cx=[cx],
+        cy=[cy],
+        r=[r],
+        nearness=[1.0],
+        present=[True],
+        background=colours[1],
+    )
 
 
 def _sample_shapes(rng: np.random.Generator, resolution: int) -> dict:
@@ -298,18 +325,32 @@ def _sample_shapes(rng: np.random.Generator, resolution: int) -> dict:
     present = np.arange(MAX_SHAPES) < count
     colour = np.zeros(MAX_SHAPES, np.int64)
     colour[:count] = colours[1:]
-    return dict(shape=shape, colour=colour, cx=cx, cy=cy, r=r, nearness=nearness,
-                present=present, background=colours[0])
+    return dict(
+        shape=shape,
+        colour=colour,
+        cx=cx,
+        cy=cy,
+        r=r,
+        nearness=nearness,
+        present=present,
+        background=colours[0],
+    )
 
 
 def _stack(rows: list[dict]) -> SceneBatch:
     def col(key, dtype):
         return np.array([row[key] for row in rows], dtype=dtype)
 
-    return SceneBatch(shape=col("shape", np.int64), colour=col("colour", np.int64),
-                      cx=col("cx", np.float32), cy=col("cy", np.float32), r=col("r", np.float32),
-                      nearness=col("nearness", np.float32), present=col("present", bool),
-                      background=col("background", np.int64))
+    return SceneBatch(
+        shape=col("shape", np.int64),
+        colour=col("colour", np.int64),
+        cx=col("cx", np.float32),
+        cy=col("cy", np.float32),
+        r=col("r", np.float32),
+        nearness=col("nearness", np.float32),
+        present=col("present", bool),
+        background=col("background", np.int64),
+    )
 
 
 # ---------------------------------------------------------------------------------- public
@@ -323,21 +364,35 @@ def _to_sample(out: dict, prompts: list[str]) -> dict:
 
 
 def render_fill(
-    colour: str, background: str, cx: float, cy: float, radius: float,
+    colour: str,
+    background: str,
+    cx: float,
+    cy: float,
+    radius: float,
     resolution: int = DEFAULT_RESOLUTION,
 ) -> dict:
     """One Fill scene from names: ``image`` (1, 3, H, W) in [-1, 1], ``outline`` (1, 3, H, W) in
     [0, 1], ``layers`` and ``prompt``. ValueError for an unknown colour or a bad resolution."""
     check_resolution(resolution)
-    row = dict(shape=[0], colour=[colour_index(colour)], cx=[cx], cy=[cy], r=[radius],
-               nearness=[1.0], present=[True], background=colour_index(background))
+    row = dict(
+        shape=[0],
+        colour=[colour_index(colour)],
+        cx=[cx],
+        cy=[cy],
+        r=[radius],
+        nearness=[1.0],
+        present=[True],
+        background=colour_index(background),
+    )
     scenes = _stack([row])
     return _to_sample(_render(scenes, resolution, ("outline",)), scenes.prompts())
 
 
 def render_shapes(
-    shapes: Sequence[tuple[str, str, float, float, float]], background: str,
-    resolution: int = DEFAULT_RESOLUTION, seed: int = 0,
+    shapes: Sequence[tuple[str, str, float, float, float]],
+    background: str,
+    resolution: int = DEFAULT_RESOLUTION,
+    seed: int = 0,
 ) -> dict:
     """One Shapes scene from names: ``shapes`` lists ``(colour, shape, cx, cy, r)`` back to front
     (1 to MAX_SHAPES of them). Returns the image and every condition as (1, 3, H, W) tensors.
@@ -349,7 +404,8 @@ def render_shapes(
     row = dict(
         shape=[shape_index(s[1]) for s in shapes] + [0] * pad,
         colour=[colour_index(s[0]) for s in shapes] + [0] * pad,
-        cx=[s[2] for s in shapes] + [0.0] * pad, cy=[s[3] for s in shapes] + [0.0] * pad,
+        cx=[s[2] for s in shapes] + [0.0] * pad,
+        cy=[s[3] for s in shapes] + [0.0] * pad,
         r=[s[4] for s in shapes] + [0.0] * pad,
         nearness=list(np.linspace(0.3, 1.0, MAX_SHAPES)),
         present=[True] * len(shapes) + [False] * pad,
@@ -370,8 +426,14 @@ class _ProceduralDataset(Dataset):
     family = ""
     conditions: tuple[str, ...] = ()
 
-    def __init__(self, size: int = 50_000, split: str = "train",
-                 resolution: int = DEFAULT_RESOLUTION, seed: int = 0, style: str = "plain"):
+    def __init__(
+        self,
+        size: int = 50_000,
+        split: str = "train",
+        resolution: int = DEFAULT_RESOLUTION,
+        seed: int = 0,
+        style: str = "plain",
+    ):
         self.palette = palette_of(style)
         self.style = style
         if split not in _SPLITS:

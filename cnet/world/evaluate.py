@@ -55,10 +55,16 @@ __all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "ch
 RECOGNISABLE_IOU = 0.75
 
 
-def generate(pipe: StableDiffusionPipeline, prompts: list[str],
-             steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-             seed: int = 0, batch_size: int = 100,
-             resolution: int | None = None, progress: bool = False) -> torch.Tensor:
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 0,
+    batch_size: int = 100,
+    resolution: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1], on the CPU, sampled by the pipeline (its DDIM scheduler,
     on the pipeline's device) for ``prompts``, with one seeded generator per batch. ValueError
     for a prompt outside the world's vocabulary or longer than the tokenizer's length, or a
@@ -71,9 +77,15 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str],
     images = []
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="sampling", disable=not progress):
-        out = pipe(prompts[start:start + batch_size], num_inference_steps=steps,
-                   guidance_scale=guidance, height=resolution, width=resolution,
-                   generator=torch.Generator().manual_seed(seed + start), output_type="pt")
+        out = pipe(
+            prompts[start : start + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=torch.Generator().manual_seed(seed + start),
+            output_type="pt",
+        )
         images.append((out.images * 2 - 1).float().cpu())  # measured on the CPU, as the rest
     return torch.cat(images)
 
@@ -110,13 +122,21 @@ def _shape_report(images: torch.Tensor, colour_names: list[str], shapes: list[st
     fits = fit_shape(region)
     best = fits["iou"].max(dim=1).values
     correct = torch.tensor([f == s for f, s in zip(fits["shape"], shapes, strict=True)])
-    return {"foreground": foreground, "correct_shape": correct,
-            "recognisable": correct & (best >= RECOGNISABLE_IOU), "fit_iou": best}
+    return {
+        "foreground": foreground,
+        "correct_shape": correct,
+        "recognisable": correct & (best >= RECOGNISABLE_IOU),
+        "fit_iou": best,
+    }
 
 
-def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200,
-                  steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-                  seed: int = 0) -> tuple[dict, torch.Tensor]:
+def evaluate_fill(
+    pipe: StableDiffusionPipeline,
+    samples: int = 200,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 0,
+) -> tuple[dict, torch.Tensor]:
     """The base on Fill eval prompts: colour adherence, circle recognisability, and IoU with a
     random requested outline against its chance level (see module docstring). Returns the
     numbers and the generated images."""
@@ -139,20 +159,28 @@ def evaluate_fill(pipe: StableDiffusionPipeline, samples: int = 200,
         "foreground_colour_rate": colours["foreground_ok"].float().mean().item(),
         "background_colour_rate": colours["background_ok"].float().mean().item(),
         "recognisable_circle_rate": shape["recognisable"].float().mean().item(),
-        "recognisable_circle_rate_of_dataset_images": reference["recognisable"].float().mean()
+        "recognisable_circle_rate_of_dataset_images": reference["recognisable"]
+        .float()
+        .mean()
         .item(),
         "iou_with_requested_outline": fidelity(images, foreground, background, requested)["iou"]
-        .mean().item(),
-        "iou_of_vae_reconstruction": fidelity(through_vae, foreground, background, requested)[
-            "iou"].mean().item(),
+        .mean()
+        .item(),
+        "iou_of_vae_reconstruction": fidelity(through_vae, foreground, background, requested)["iou"]
+        .mean()
+        .item(),
         "chance_iou_of_two_random_circles": chance_iou(requested),
         "chance_iou_generated_vs_other_requests": chance_iou(drawn, requested),
     }, images
 
 
-def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200,
-                    steps: int = FULL_SAMPLER["steps"], guidance: float = FULL_SAMPLER["guidance"],
-                    seed: int = 0) -> dict:
+def evaluate_shapes(
+    pipe: StableDiffusionPipeline,
+    samples: int = 200,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 0,
+) -> dict:
     """The base on Shapes eval prompts: for one-shape prompts, colours drawn and shape accuracy;
     for several shapes, whether every prompted colour is drawn."""
     data = ShapesDataset(20_000, split="eval")
@@ -164,25 +192,39 @@ def evaluate_shapes(pipe: StableDiffusionPipeline, samples: int = 200,
     for name, indices in (("one_shape", single), ("several_shapes", several)):
         batch = data.batch(indices)
         sub = data.scenes(indices)
-        fg = [[COLOUR_NAMES[c] for c, p in zip(sub.colour[b], sub.present[b], strict=True) if p]
-              for b in range(len(indices))]
+        fg = [
+            [COLOUR_NAMES[c] for c, p in zip(sub.colour[b], sub.present[b], strict=True) if p]
+            for b in range(len(indices))
+        ]
         bg = [COLOUR_NAMES[c] for c in sub.background]
         images = generate(pipe, batch["prompt"], steps, guidance, seed + 10_000, progress=True)
-        entry = {"samples": len(indices),
-                 "colours_drawn_rate": colours_drawn(images, fg, bg)["both_ok"].float().mean()
-                 .item()}
+        entry = {
+            "samples": len(indices),
+            "colours_drawn_rate": colours_drawn(images, fg, bg)["both_ok"].float().mean().item(),
+        }
         if name == "one_shape":
             shapes = [SHAPES[s] for s in sub.shape[:, 0]]
             result = _shape_report(images, [f[0] for f in fg], shapes)
             entry["shape_accuracy"] = result["correct_shape"].float().mean().item()
             entry["shape_accuracy_by_shape"] = {  # which shapes the base gets wrong
                 shape: result["correct_shape"][[s == shape for s in shapes]].float().mean().item()
-                for shape in SHAPES if shape in shapes}
-            entry["shape_accuracy_of_dataset_images"] = _shape_report(
-                batch["image"], [f[0] for f in fg], shapes)["correct_shape"].float().mean().item()
-            entry["shape_accuracy_of_vae_reconstruction"] = _shape_report(  # the ceiling
-                vae_round_trip(pipe, batch["image"]), [f[0] for f in fg], shapes
-            )["correct_shape"].float().mean().item()
+                for shape in SHAPES
+                if shape in shapes
+            }
+            entry["shape_accuracy_of_dataset_images"] = (
+                _shape_report(batch["image"], [f[0] for f in fg], shapes)["correct_shape"]
+                .float()
+                .mean()
+                .item()
+            )
+            entry["shape_accuracy_of_vae_reconstruction"] = (
+                _shape_report(  # the ceiling
+                    vae_round_trip(pipe, batch["image"]), [f[0] for f in fg], shapes
+                )["correct_shape"]
+                .float()
+                .mean()
+                .item()
+            )
             entry["shape_accuracy_chance"] = 1 / len(SHAPES)
         report[name] = entry
     return report
@@ -192,29 +234,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m cnet.world evaluate")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--profile", choices=sorted(SAMPLERS), default="full",
-                        help="whose evaluation sampler to sample with (steps, guidance)")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(SAMPLERS),
+        default="full",
+        help="whose evaluation sampler to sample with (steps, guidance)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if not 2 <= args.samples <= 1000:
-        raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer from "
-                           "2 to 1000")
+        raise SettingError(
+            f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
+        )
     if args.threads < 1:
         raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
     if not (args.model / "model_index.json").exists():
         raise FileNotFoundError(f"model: {args.model} is not a diffusers pipeline folder")
     torch.set_num_threads(args.threads)
     sampler = sampler_settings(args.profile)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True,
-                                                   low_cpu_mem_usage=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.model, local_files_only=True, low_cpu_mem_usage=False
+    )
     fill, _ = evaluate_fill(pipe, args.samples, seed=args.seed, **sampler)
     shapes = evaluate_shapes(pipe, args.samples, seed=args.seed, **sampler)
     argv = sys.argv[1:] if argv is None else argv
-    result = {"command": " ".join(["python", "-m", "cnet.world", "evaluate", *argv]),
-              "sampler": f"DDIM, {sampler['steps']} steps, guidance {sampler['guidance']}, "
-                         f"seed {args.seed} (profile {args.profile})",
-              "fill": fill, "shapes": shapes}
+    result = {
+        "command": " ".join(["python", "-m", "cnet.world", "evaluate", *argv]),
+        "sampler": f"DDIM, {sampler['steps']} steps, guidance {sampler['guidance']}, "
+        f"seed {args.seed} (profile {args.profile})",
+        "fill": fill,
+        "shapes": shapes,
+    }
     record_path = args.model / "pretraining.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record["evaluation"] = result

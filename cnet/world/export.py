@@ -30,20 +30,26 @@ def _png(tensor, path: Path, signed: bool) -> None:
     Image.fromarray(values.round().byte().permute(1, 2, 0).numpy().astype(np.uint8)).save(path)
 
 
-def export_folder(out: str | Path, layout: str = "tutorial", samples: int = 1000,
-                  task: str = "fill", resolution: int = DEFAULT_RESOLUTION, seed: int = 0,
-                  chunk: int = 256) -> Path:
+def export_folder(
+    out: str | Path,
+    layout: str = "tutorial",
+    samples: int = 1000,
+    task: str = "fill",
+    resolution: int = DEFAULT_RESOLUTION,
+    seed: int = 0,
+    chunk: int = 256,
+) -> Path:
     """Write ``samples`` scenes of ``task`` ("fill" or a Shapes condition) as PNG pairs in
     ``layout``; returns the folder (which must not exist yet or be empty)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout: {layout!r} is not allowed; expected one of "
-                         f"{', '.join(LAYOUTS)}")
+        raise ValueError(f"layout: {layout!r} is not allowed; expected one of {', '.join(LAYOUTS)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"out: {out} exists and is not empty; export into a new folder")
     condition = "outline" if task == "fill" else task
     dataset = (FillDataset if task == "fill" else ShapesDataset)(
-        size=samples, split="train", resolution=resolution, seed=seed)
+        size=samples, split="train", resolution=resolution, seed=seed
+    )
     folders = ("source", "target") if layout == "tutorial" else ("conditioning_images", "images")
     for name in folders:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -55,9 +61,11 @@ def export_folder(out: str | Path, layout: str = "tutorial", samples: int = 1000
             cond, image = f"{folders[0]}/{i}.png", f"{folders[1]}/{i}.png"
             _png(batch[condition][j], out / cond, signed=False)
             _png(batch["image"][j], out / image, signed=True)
-            rows.append({"source": cond, "target": image, "prompt": prompt}
-                        if layout == "tutorial" else
-                        {"image": image, "conditioning_image": cond, "text": prompt})
+            rows.append(
+                {"source": cond, "target": image, "prompt": prompt}
+                if layout == "tutorial"
+                else {"image": image, "conditioning_image": cond, "text": prompt}
+            )
     listing = "prompt.json" if layout == "tutorial" else "metadata.jsonl"
     (out / listing).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out

@@ -32,13 +32,21 @@ __all__ = ["FINETUNE_PROFILES", "finetune", "style_of"]
 #: A style fine-tune: the U-Net alone, a few minutes on a CPU ("full"), or seconds (tests).
 FINETUNE_PROFILES: dict[str, dict] = {
     "quick": dict(style="cycled", unet_steps=4, unet_batch=4, warmup_steps=2, checkpoint_every=2),
-    "full": dict(style="cycled", unet_steps=2400, unet_batch=32, unet_lr=1e-3, warmup_steps=100,
-                 ema_decay=0.99, checkpoint_every=100),
+    "full": dict(
+        style="cycled",
+        unet_steps=2400,
+        unet_batch=32,
+        unet_lr=1e-3,
+        warmup_steps=100,
+        ema_decay=0.99,
+        checkpoint_every=100,
+    ),
 }
 
 
-def finetune(base: Path, settings: Settings, out: Path, run_dir: Path,
-             command: list[str] | None = None):
+def finetune(
+    base: Path, settings: Settings, out: Path, run_dir: Path, command: list[str] | None = None
+):
     """A community fine-tune in miniature: the base's U-Net trained on with the same loss on
     images painted in another palette (``settings.style``), the VAE, text encoder and tokenizer
     left as they are. Of ``settings`` only the style stage's fields (``STAGE_SETTINGS["style"]``),
@@ -53,15 +61,20 @@ def finetune(base: Path, settings: Settings, out: Path, run_dir: Path,
     s = _check(settings)
     torch.set_num_threads(s.threads)
     started = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True,
-                                                   low_cpu_mem_usage=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, local_files_only=True, low_cpu_mem_usage=False
+    )
     pipe.set_progress_bar_config(disable=True)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if resolution != s.resolution:
-        raise SettingError(f"resolution: {s.resolution!r} is not allowed; the base at {base} "
-                           f"makes {resolution} px images")
-    datasets = [FillDataset(s.dataset_size, "train", s.resolution, s.seed, s.style),
-                ShapesDataset(s.dataset_size, "train", s.resolution, s.seed, s.style)]
+        raise SettingError(
+            f"resolution: {s.resolution!r} is not allowed; the base at {base} "
+            f"makes {resolution} px images"
+        )
+    datasets = [
+        FillDataset(s.dataset_size, "train", s.resolution, s.seed, s.style),
+        ShapesDataset(s.dataset_size, "train", s.resolution, s.seed, s.style),
+    ]
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "log.jsonl").open("a") as log_file:
 
@@ -77,13 +90,20 @@ def finetune(base: Path, settings: Settings, out: Path, run_dir: Path,
     (out / "finetune_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     losses = [e["loss"] for e in entries][-100:]
     record = {
-        "command": " ".join(command or sys.argv), "base": str(base), "style": s.style,
-        "settings": {k: v for k, v in dataclasses.asdict(s).items()
-                     if k in (*STAGE_SETTINGS["style"], "checkpoint_every", "threads")},
+        "command": " ".join(command or sys.argv),
+        "base": str(base),
+        "style": s.style,
+        "settings": {
+            k: v
+            for k, v in dataclasses.asdict(s).items()
+            if k in (*STAGE_SETTINGS["style"], "checkpoint_every", "threads")
+        },
         "device": f"cpu ({platform.processor() or platform.machine()}), "
-                  f"{s.threads} thread(s), torch {torch.__version__}",
-        "wall_time_s": {"style": round(seconds, 1),
-                        "this_invocation": round(time.time() - started, 1)},
+        f"{s.threads} thread(s), torch {torch.__version__}",
+        "wall_time_s": {
+            "style": round(seconds, 1),
+            "this_invocation": round(time.time() - started, 1),
+        },
         "trained": "unet (EMA weights, stored as float16)",
         "final": {"style_loss_last_100": float(np.mean(losses))},
     }
@@ -98,11 +118,15 @@ def _check(settings: Settings) -> Settings:
     used = (*STAGE_SETTINGS["style"], "checkpoint_every", "threads")
     for name, value in dataclasses.asdict(s).items():
         if name not in used and value != getattr(Settings(), name):
-            raise SettingError(f"{name}: {value!r} is not allowed for a fine-tune, which trains "
-                               f"the base's U-Net as it is; expected only {', '.join(used)}")
+            raise SettingError(
+                f"{name}: {value!r} is not allowed for a fine-tune, which trains "
+                f"the base's U-Net as it is; expected only {', '.join(used)}"
+            )
     if s.style == "plain":
-        raise SettingError("style: 'plain' is not allowed for a fine-tune; expected a style the "
-                           f"base did not learn: {', '.join(k for k in STYLES if k != 'plain')}")
+        raise SettingError(
+            "style: 'plain' is not allowed for a fine-tune; expected a style the "
+            f"base did not learn: {', '.join(k for k in STYLES if k != 'plain')}"
+        )
     return s
 
 

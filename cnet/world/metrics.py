@@ -69,8 +69,12 @@ def layout_iou(images: torch.Tensor, region: torch.Tensor, style: str = "plain")
     prompted colour's pixels (the IoU of :func:`fidelity`). An image of one
     colour scores :math:`|R| / HW` here, whichever colour it is."""
     drawn = classify_colours(images, style)
-    counts = torch.stack([torch.bincount(d[r], minlength=len(COLOUR_NAMES))
-                          for d, r in zip(drawn, region.bool(), strict=True)])
+    counts = torch.stack(
+        [
+            torch.bincount(d[r], minlength=len(COLOUR_NAMES))
+            for d, r in zip(drawn, region.bool(), strict=True)
+        ]
+    )
     return iou(drawn == counts.argmax(1)[:, None, None], region)
 
 
@@ -107,8 +111,9 @@ def edge_f1(predicted: torch.Tensor, target: torch.Tensor, tolerance: int = 1) -
     return torch.where(both_empty, torch.ones_like(f1), f1)
 
 
-def depth_order_accuracy(images: torch.Tensor, shape_masks_: torch.Tensor,
-                         colours: Sequence[Sequence[str]]) -> dict:
+def depth_order_accuracy(
+    images: torch.Tensor, shape_masks_: torch.Tensor, colours: Sequence[Sequence[str]]
+) -> dict:
     """For every pair of shapes whose full masks overlap where no third, nearer shape hides
     them, is the nearer shape of the pair the one drawn on top? ``shape_masks_``
     (B, slots, H, W) holds each shape's full (unoccluded) mask, back to front as the dataset
@@ -132,9 +137,13 @@ def depth_order_accuracy(images: torch.Tensor, shape_masks_: torch.Tensor,
     return {"accuracy": correct / pairs if pairs else None, "pairs": pairs}
 
 
-def colours_drawn(images: torch.Tensor, foregrounds: Sequence[Sequence[str]],
-                  backgrounds: Sequence[str], min_fraction: float = 0.01,
-                  style: str = "plain") -> dict:
+def colours_drawn(
+    images: torch.Tensor,
+    foregrounds: Sequence[Sequence[str]],
+    backgrounds: Sequence[str],
+    min_fraction: float = 0.01,
+    style: str = "plain",
+) -> dict:
     """Prompt adherence for colours. The background is right when the prompted background colour
     is the majority colour of the image's border ring; the foreground is right when every
     prompted foreground colour covers at least ``min_fraction`` of the image and together they
@@ -151,12 +160,16 @@ def colours_drawn(images: torch.Tensor, foregrounds: Sequence[Sequence[str]],
         wanted = [colour_index(n) for n in fg_names]
         covers = [(drawn[b] == c).sum().item() for c in wanted]
         not_background = (drawn[b] != colour_index(bg_name)).sum().item()
-        foreground_ok.append(min(covers) >= min_fraction * pixels
-                             and sum(covers) > not_background / 2)
+        foreground_ok.append(
+            min(covers) >= min_fraction * pixels and sum(covers) > not_background / 2
+        )
     background = torch.tensor(background_ok)
     foreground = torch.tensor(foreground_ok)
-    return {"background_ok": background, "foreground_ok": foreground,
-            "both_ok": background & foreground}
+    return {
+        "background_ok": background,
+        "foreground_ok": foreground,
+        "both_ok": background & foreground,
+    }
 
 
 def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
@@ -169,10 +182,13 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
     batch, height, _ = masks.shape
     indices = [shape_index(s) for s in shapes]
     fits = torch.zeros(batch, len(indices))
-    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(height) + 0.5,
-                            indexing="ij")
-    offsets = [(dx, dy, k) for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-               for k in (0.85, 0.925, 1.0, 1.075, 1.15)]
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(height) + 0.5, indexing="ij")
+    offsets = [
+        (dx, dy, k)
+        for dx in (-1, 0, 1)
+        for dy in (-1, 0, 1)
+        for k in (0.85, 0.925, 1.0, 1.075, 1.15)
+    ]
     for b in range(batch):
         area = masks[b].sum().item()
         if area == 0:
@@ -180,9 +196,14 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
         cx = (xs * masks[b]).sum().item() / area
         cy = (ys * masks[b]).sum().item() / area
         r = np.sqrt(area / np.pi)
-        templates = torch.from_numpy(every_shape_mask(  # (shapes, placements, H, W)
-            np.array([cx + o[0] for o in offsets]), np.array([cy + o[1] for o in offsets]),
-            np.array([r * o[2] for o in offsets]), height)[indices])
+        templates = torch.from_numpy(
+            every_shape_mask(  # (shapes, placements, H, W)
+                np.array([cx + o[0] for o in offsets]),
+                np.array([cy + o[1] for o in offsets]),
+                np.array([r * o[2] for o in offsets]),
+                height,
+            )[indices]
+        )
         placed = templates.flatten(0, 1)
         fits[b] = iou(placed, masks[b].expand(len(placed), -1, -1)).view(len(indices), -1).amax(1)
     names = [shapes[int(fits[b].argmax())] if masks[b].any() else None for b in range(batch)]
@@ -195,8 +216,10 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
 
 #: How fidelity is sampled, by profile: DDIM with ``steps`` steps and classifier-free guidance
 #: ``guidance`` (the training profiles' ``eval_steps`` and ``guidance_scale`` are these).
-SAMPLERS: dict[str, dict] = {"quick": {"steps": 10, "guidance": 3.0},
-                             "full": {"steps": 20, "guidance": 3.0}}
+SAMPLERS: dict[str, dict] = {
+    "quick": {"steps": 10, "guidance": 3.0},
+    "full": {"steps": 20, "guidance": 3.0},
+}
 #: The full profile's sampler: the default wherever fidelity is measured.
 FULL_SAMPLER = dict(SAMPLERS["full"])
 
@@ -206,17 +229,29 @@ def sampler_settings(profile: str) -> dict:
     return dict(SAMPLERS[profile])
 
 
-def fidelity(images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor,
-             region: torch.Tensor, style: str = "plain") -> dict[str, torch.Tensor]:
+def fidelity(
+    images: torch.Tensor,
+    foreground: torch.Tensor,
+    background: torch.Tensor,
+    region: torch.Tensor,
+    style: str = "plain",
+) -> dict[str, torch.Tensor]:
     """Per-image fidelity of ``images`` (N, 3, H, W) in [-1, 1] to a requested region
     (N, H, W) bool, with prompted ``foreground`` and ``background`` palette indices (N,):
     ``{"iou": (N,) float, "colours_ok": (N,) bool, "layout_iou": (N,) float}``."""
     drawn = classify_colours(images, style)
     ious = iou(drawn == foreground[:, None, None], region)
-    colours = colours_drawn(images, [[COLOUR_NAMES[int(i)]] for i in foreground],
-                            [COLOUR_NAMES[int(i)] for i in background], style=style)
-    return {"iou": ious, "colours_ok": colours["both_ok"],
-            "layout_iou": layout_iou(images, region, style)}
+    colours = colours_drawn(
+        images,
+        [[COLOUR_NAMES[int(i)]] for i in foreground],
+        [COLOUR_NAMES[int(i)] for i in background],
+        style=style,
+    )
+    return {
+        "iou": ious,
+        "colours_ok": colours["both_ok"],
+        "layout_iou": layout_iou(images, region, style),
+    }
 
 
 @torch.no_grad()

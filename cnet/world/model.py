@@ -63,15 +63,23 @@ VAE_DOWNSAMPLING = 8
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # SD1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+)
 
 # Widths of the miniature parts (SD1.5's are in the module docstring).
 SIZES = {
-    "small": dict(unet_channels=(32, 64, 64, 64), text_width=64, text_layers=2,
-                  vae_channels=(16, 32, 64, 64)),
-    "tiny": dict(unet_channels=(32, 32, 32, 32), text_width=32, text_layers=1,
-                 vae_channels=(16, 16, 16, 16)),
+    "small": dict(
+        unet_channels=(32, 64, 64, 64), text_width=64, text_layers=2, vae_channels=(16, 32, 64, 64)
+    ),
+    "tiny": dict(
+        unet_channels=(32, 32, 32, 32), text_width=32, text_layers=1, vae_channels=(16, 16, 16, 16)
+    ),
 }
 
 
@@ -107,8 +115,12 @@ def build_tokenizer() -> CLIPTokenizer:
         (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
         (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
         tokenizer = CLIPTokenizer(
-            vocab=str(Path(folder) / "vocab.json"), merges=str(Path(folder) / "merges.txt"),
-            model_max_length=MAX_PROMPT_TOKENS, unk_token=EOS, bos_token=BOS, eos_token=EOS,
+            vocab=str(Path(folder) / "vocab.json"),
+            merges=str(Path(folder) / "merges.txt"),
+            model_max_length=MAX_PROMPT_TOKENS,
+            unk_token=EOS,
+            bos_token=BOS,
+            eos_token=EOS,
             pad_token=EOS,
         )
     return tokenizer
@@ -133,12 +145,18 @@ def check_prompt(prompt: str, tokenizer: CLIPTokenizer) -> str:
     return prompt
 
 
-def encode_prompts(prompts: list[str], tokenizer: CLIPTokenizer,
-                   text_encoder: CLIPTextModel) -> torch.Tensor:
+def encode_prompts(
+    prompts: list[str], tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel
+) -> torch.Tensor:
     """Text embeddings (B, tokens, width) exactly as ``StableDiffusionPipeline.encode_prompt``
     computes them (max-length padding, no attention mask, last hidden state), with gradients."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
@@ -146,10 +164,15 @@ def build_text_encoder(tokenizer: CLIPTokenizer, size: str = "small") -> CLIPTex
     """A small ``CLIPTextModel`` (randomly initialised) over the tokenizer's vocabulary."""
     width = SIZES[size]["text_width"]
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=SIZES[size]["text_layers"], num_attention_heads=4,
-        max_position_embeddings=MAX_PROMPT_TOKENS, projection_dim=width,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=SIZES[size]["text_layers"],
+        num_attention_heads=4,
+        max_position_embeddings=MAX_PROMPT_TOKENS,
+        projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModel(config)
@@ -161,27 +184,36 @@ def build_vae(size: str = "small", resolution: int = DEFAULT_RESOLUTION) -> Auto
     check_resolution(resolution, VAE_DOWNSAMPLING)
     channels = SIZES[size]["vae_channels"]
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=channels,
+        layers_per_block=1,
+        norm_num_groups=16,
         sample_size=resolution,
     )
 
 
-def build_unet(cross_attention_dim: int, size: str = "small",
-               resolution: int = DEFAULT_RESOLUTION) -> UNet2DConditionModel:
+def build_unet(
+    cross_attention_dim: int, size: str = "small", resolution: int = DEFAULT_RESOLUTION
+) -> UNet2DConditionModel:
     """A ``UNet2DConditionModel`` with SD1.5's topology: 4 levels (3 with cross-attention, the
     deepest without), 2 layers per level, a cross-attention middle block; 12 down features
     (conv_in, 2 per level, 3 downsamplers) + 1 middle feature, the ControlNet's 12 + 1
     injection points."""
     check_resolution(resolution, VAE_DOWNSAMPLING)
     return UNet2DConditionModel(
-        sample_size=resolution // VAE_DOWNSAMPLING, in_channels=4, out_channels=4,
+        sample_size=resolution // VAE_DOWNSAMPLING,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=SIZES[size]["unet_channels"], layers_per_block=2,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+        block_out_channels=SIZES[size]["unet_channels"],
+        layers_per_block=2,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
         # SD normalises in 32 groups over 8x8 or more pixels at its deepest level; here the
         # deepest level is 1x1, so a group must span several channels or GroupNorm would
         # reduce each one to its bias.
@@ -196,12 +228,22 @@ def build_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
     return ddpm, ddim
 
 
-def build_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                   unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+def build_pipeline(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+) -> StableDiffusionPipeline:
     """Assemble the parts as diffusers' ``StableDiffusionPipeline`` (DDIM sampler, no safety
     checker), ready for ``save_pretrained`` / ``from_pretrained``."""
     _, ddim = build_schedulers()
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=ddim,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=ddim,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )

@@ -74,15 +74,59 @@ STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3, "style": 4}
 # What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
 # how often it saves, the later stage's settings) but none of these.
 STAGE_SETTINGS = {
-    "vae": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
-            "warmup_steps", "dataset_size"),
-    "unet": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
-             "warmup_steps", "dataset_size", "unet_steps", "unet_batch", "unet_lr",
-             "empty_prompt_ratio", "ema_decay"),
-    "decoder": ("size", "resolution", "seed", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
-                "warmup_steps", "dataset_size", "decoder_steps", "decoder_batch", "decoder_lr"),
-    "style": ("resolution", "seed", "warmup_steps", "dataset_size", "unet_steps", "unet_batch",
-              "unet_lr", "empty_prompt_ratio", "ema_decay", "style"),
+    "vae": (
+        "size",
+        "resolution",
+        "seed",
+        "vae_steps",
+        "vae_batch",
+        "vae_lr",
+        "kl_weight",
+        "warmup_steps",
+        "dataset_size",
+    ),
+    "unet": (
+        "size",
+        "resolution",
+        "seed",
+        "vae_steps",
+        "vae_batch",
+        "vae_lr",
+        "kl_weight",
+        "warmup_steps",
+        "dataset_size",
+        "unet_steps",
+        "unet_batch",
+        "unet_lr",
+        "empty_prompt_ratio",
+        "ema_decay",
+    ),
+    "decoder": (
+        "size",
+        "resolution",
+        "seed",
+        "vae_steps",
+        "vae_batch",
+        "vae_lr",
+        "kl_weight",
+        "warmup_steps",
+        "dataset_size",
+        "decoder_steps",
+        "decoder_batch",
+        "decoder_lr",
+    ),
+    "style": (
+        "resolution",
+        "seed",
+        "warmup_steps",
+        "dataset_size",
+        "unet_steps",
+        "unet_batch",
+        "unet_lr",
+        "empty_prompt_ratio",
+        "ema_decay",
+        "style",
+    ),
 }
 
 
@@ -115,33 +159,57 @@ class Settings:
         """Refuse any value that cannot work (:class:`cnet.settings.SettingError`)."""
         from .model import SIZES, VAE_DOWNSAMPLING
 
-        check_settings(self, {
-            "size": one_of(*SIZES), "seed": non_negative_int(), "vae_steps": positive_int(),
-            "vae_batch": positive_int(), "vae_lr": positive_number(),
-            "kl_weight": non_negative_number(),
-            "unet_steps": positive_int(), "unet_batch": positive_int(),
-            "unet_lr": positive_number(), "decoder_steps": non_negative_int(),
-            "decoder_batch": positive_int(), "decoder_lr": positive_number(),
-            "warmup_steps": non_negative_int(), "empty_prompt_ratio": fraction(),
-            "ema_decay": ((lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
-                          "a number from 0 up to, not including, 1"),
-            "checkpoint_every": positive_int(),
-            "dataset_size": positive_int(), "threads": positive_int(),
-            "style": one_of(*STYLES),
-        })
+        check_settings(
+            self,
+            {
+                "size": one_of(*SIZES),
+                "seed": non_negative_int(),
+                "vae_steps": positive_int(),
+                "vae_batch": positive_int(),
+                "vae_lr": positive_number(),
+                "kl_weight": non_negative_number(),
+                "unet_steps": positive_int(),
+                "unet_batch": positive_int(),
+                "unet_lr": positive_number(),
+                "decoder_steps": non_negative_int(),
+                "decoder_batch": positive_int(),
+                "decoder_lr": positive_number(),
+                "warmup_steps": non_negative_int(),
+                "empty_prompt_ratio": fraction(),
+                "ema_decay": (
+                    (lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
+                    "a number from 0 up to, not including, 1",
+                ),
+                "checkpoint_every": positive_int(),
+                "dataset_size": positive_int(),
+                "threads": positive_int(),
+                "style": one_of(*STYLES),
+            },
+        )
         try:
             check_resolution(self.resolution, VAE_DOWNSAMPLING)
         except ValueError:
-            raise SettingError(f"resolution: {self.resolution!r} is not allowed; expected an "
-                               f"integer >= 16 divisible by {VAE_DOWNSAMPLING}") from None
+            raise SettingError(
+                f"resolution: {self.resolution!r} is not allowed; expected an "
+                f"integer >= 16 divisible by {VAE_DOWNSAMPLING}"
+            ) from None
         return self
 
 
 PROFILES: dict[str, dict] = {
     "quick": {},
-    "full": dict(size="small", vae_steps=1500, vae_batch=32, unet_steps=4000, unet_batch=48,
-                 warmup_steps=200, ema_decay=0.999, checkpoint_every=250, decoder_steps=2000,
-                 decoder_batch=32),
+    "full": dict(
+        size="small",
+        vae_steps=1500,
+        vae_batch=32,
+        unet_steps=4000,
+        unet_batch=48,
+        warmup_steps=200,
+        ema_decay=0.999,
+        checkpoint_every=250,
+        decoder_steps=2000,
+        decoder_batch=32,
+    ),
 }
 
 
@@ -157,8 +225,10 @@ def _batch(datasets, size: int, gen: torch.Generator) -> dict:
     for dataset, count in zip(datasets, (half, size - half), strict=True):
         indices = torch.randint(0, len(dataset), (count,), generator=gen).tolist()
         parts.append(dataset.batch(indices))
-    return {"image": torch.cat([p["image"] for p in parts]),
-            "prompt": parts[0]["prompt"] + parts[1]["prompt"]}
+    return {
+        "image": torch.cat([p["image"] for p in parts]),
+        "prompt": parts[0]["prompt"] + parts[1]["prompt"],
+    }
 
 
 def _lr(step: int, s: Settings, peak: float, total: int) -> float:
@@ -173,8 +243,14 @@ def _lr(step: int, s: Settings, peak: float, total: int) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _resume(checkpoint: Path, modules: dict, optimizer: torch.optim.Optimizer, s: Settings,
-            stage: str, steps: int) -> tuple[int, float]:
+def _resume(
+    checkpoint: Path,
+    modules: dict,
+    optimizer: torch.optim.Optimizer,
+    s: Settings,
+    stage: str,
+    steps: int,
+) -> tuple[int, float]:
     """(step, training seconds so far) of a stage's checkpoint, restored into the modules and
     the optimizer; (0, 0.0) where there is none yet."""
     if not checkpoint.exists():
@@ -192,10 +268,16 @@ def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: st
     """Stage 1 (``"vae"``): the whole VAE, reconstruction + KL. Stage 3 (``"decoder"``): the
     decoder and the convolution before it, reconstruction only, the encoder frozen."""
     decoder_only = stage == "decoder"
-    steps, batch, peak = ((s.decoder_steps, s.decoder_batch, s.decoder_lr) if decoder_only
-                          else (s.vae_steps, s.vae_batch, s.vae_lr))
-    params = ([*vae.post_quant_conv.parameters(), *vae.decoder.parameters()] if decoder_only
-              else list(vae.parameters()))
+    steps, batch, peak = (
+        (s.decoder_steps, s.decoder_batch, s.decoder_lr)
+        if decoder_only
+        else (s.vae_steps, s.vae_batch, s.vae_lr)
+    )
+    params = (
+        [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+        if decoder_only
+        else list(vae.parameters())
+    )
     checkpoint = run_dir / f"{stage}.safetensors"
     optimizer = torch.optim.AdamW(params, lr=peak)
     start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, stage, steps)
@@ -219,8 +301,14 @@ def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: st
         optimizer.step()
         log({"stage": stage, "step": step, "mse": mse.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(checkpoint, {"vae": vae}, optimizer, step + 1,
-                            dataclasses.asdict(s), elapsed + time.time() - began)
+            save_checkpoint(
+                checkpoint,
+                {"vae": vae},
+                optimizer,
+                step + 1,
+                dataclasses.asdict(s),
+                elapsed + time.time() - began,
+            )
     vae.requires_grad_(False)
     vae.eval()
     return elapsed + time.time() - began if start < steps else elapsed
@@ -255,8 +343,9 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
     for m in trained.values():
         m.train()
     scale = vae.config.scaling_factor
-    for step in tqdm(range(start, s.unet_steps), desc=" + ".join(trained), initial=start,
-                     total=s.unet_steps):
+    for step in tqdm(
+        range(start, s.unet_steps), desc=" + ".join(trained), initial=start, total=s.unet_steps
+    ):
         gen = _generator(s.seed, stage, step)
         batch = _batch(datasets, s.unet_batch, gen)
         with torch.no_grad():
@@ -264,8 +353,9 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
         drop = torch.rand(len(batch["prompt"]), generator=gen) < s.empty_prompt_ratio
         prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist(), strict=True)]
         noise = torch.randn(latents.shape, generator=gen)
-        timesteps = torch.randint(0, ddpm.config.num_train_timesteps, (len(latents),),
-                                  generator=gen)
+        timesteps = torch.randint(
+            0, ddpm.config.num_train_timesteps, (len(latents),), generator=gen
+        )
         noisy = ddpm.add_noise(latents, noise, timesteps)
         embeddings = encode_prompts(prompts, pipe.tokenizer, text_encoder)
         loss = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise)
@@ -282,8 +372,14 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
             _ema_update(emas[name], m, decay)
         log({"stage": stage, "step": step, "loss": loss.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
-            save_checkpoint(checkpoint, modules, optimizer, step + 1, dataclasses.asdict(s),
-                            elapsed + time.time() - began)
+            save_checkpoint(
+                checkpoint,
+                modules,
+                optimizer,
+                step + 1,
+                dataclasses.asdict(s),
+                elapsed + time.time() - began,
+            )
     # The EMA weights are the ones that ship.
     for name, m in trained.items():
         m.load_state_dict(emas[name].state_dict())
@@ -310,23 +406,32 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 # ------------------------------------------------------------------------------ entry point
 
 
-def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custom",
-             command: list[str] | None = None):
+def pretrain(
+    settings: Settings,
+    out: Path,
+    run_dir: Path,
+    profile: str = "custom",
+    command: list[str] | None = None,
+):
     """Run the three stages (resuming from ``run_dir`` where checkpoints exist), save the
     pipeline to ``out`` with ``save_pretrained`` (safetensors), copy the per-step log to
     ``out/pretraining_log.jsonl`` and write ``out/pretraining.json`` (command, profile,
     settings, device, wall time, steps, final losses). Returns the pipeline."""
     s = settings.check()
     if s.style != "plain":
-        raise SettingError(f"style: {s.style!r} is not allowed for pretraining; expected 'plain' "
-                           "(another style is a fine-tune: python -m cnet.world finetune)")
+        raise SettingError(
+            f"style: {s.style!r} is not allowed for pretraining; expected 'plain' "
+            "(another style is a fine-tune: python -m cnet.world finetune)"
+        )
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)  # model initialisation
     np.random.seed(s.seed)
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    datasets = [FillDataset(s.dataset_size, "train", s.resolution, s.seed),
-                ShapesDataset(s.dataset_size, "train", s.resolution, s.seed)]
+    datasets = [
+        FillDataset(s.dataset_size, "train", s.resolution, s.seed),
+        ShapesDataset(s.dataset_size, "train", s.resolution, s.seed),
+    ]
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(tokenizer, s.size)
     vae = build_vae(s.size, s.resolution)
@@ -353,15 +458,18 @@ def pretrain(settings: Settings, out: Path, run_dir: Path, profile: str = "custo
         "profile": profile,
         "settings": dataclasses.asdict(s),
         "device": f"cpu ({platform.processor() or platform.machine()}), "
-                  f"{s.threads} thread(s), torch {torch.__version__}",
-        "wall_time_s": {"vae": round(vae_seconds, 1), "unet": round(unet_seconds, 1),
-                        "decoder": round(decoder_seconds, 1),
-                        "this_invocation": round(time.time() - started, 1)},
-        "steps": {"vae": s.vae_steps, "unet": s.unet_steps,
-                  "decoder": s.decoder_steps},
-        "parameters": {name: sum(p.numel() for p in m.parameters())
-                       for name, m in (("vae", vae), ("text_encoder", text_encoder),
-                                       ("unet", unet))},
+        f"{s.threads} thread(s), torch {torch.__version__}",
+        "wall_time_s": {
+            "vae": round(vae_seconds, 1),
+            "unet": round(unet_seconds, 1),
+            "decoder": round(decoder_seconds, 1),
+            "this_invocation": round(time.time() - started, 1),
+        },
+        "steps": {"vae": s.vae_steps, "unet": s.unet_steps, "decoder": s.decoder_steps},
+        "parameters": {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))
+        },
         "vae_scaling_factor": vae.config.scaling_factor,
         "final": _final_losses(run_dir / "log.jsonl"),
     }
@@ -383,10 +491,13 @@ def _latest_entries(path: Path) -> list[dict]:
 def _final_losses(path: Path, window: int = 100) -> dict:
     """Mean of the last ``window`` logged values of each stage (the whole run, resumes included)."""
     entries = _latest_entries(path)
+
     def last(stage: str, key: str) -> float | None:
         values = [e[key] for e in entries if e["stage"] == stage][-window:]
         return float(np.mean(values)) if values else None
 
-    return {f"vae_mse_last_{window}": last("vae", "mse"),
-            f"unet_loss_last_{window}": last("unet", "loss"),
-            f"decoder_mse_last_{window}": last("decoder", "mse")}
+    return {
+        f"vae_mse_last_{window}": last("vae", "mse"),
+        f"unet_loss_last_{window}": last("unet", "loss"),
+        f"decoder_mse_last_{window}": last("decoder", "mse"),
+    }
