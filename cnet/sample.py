@@ -7,7 +7,7 @@ so that it runs any cnet ControlNet, including the paper's condition encoder and
 ControlNets with per-residual scales, which diffusers' ``ControlNetModel`` cannot express. One
 difference: each condition is encoded once (:meth:`cnet.ControlNet.encode_condition`; the same
 residuals, bit for bit), not at every step, which halves a step's work on the miniature's CPU.
-``tests/test_sample.py`` checks it against the diffusers pipeline's output.
+``tests/core/test_sample.py`` checks it against the diffusers pipeline's output.
 
 Guess mode with classifier-free guidance follows the released code and diffusers: the
 unconditional half of the batch gets no control at all.

@@ -8,7 +8,6 @@ draws its batch from that cache with a generator seeded by ``(seed, step, micro-
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..block import lock
 from ..controlnet import ControlNet
 from ..variants import make_lite, replace_connections
 from ..world.data import FillDataset, ShapesDataset
+from ..world.model import load_pipeline
 from .config import TASKS, SettingError, TrainConfig
 
 __all__ = [
@@ -34,28 +34,9 @@ __all__ = [
 
 
 def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
-    """Load a diffusers ``StableDiffusionPipeline`` folder offline and lock VAE, text encoder and
-    U-Net (:func:`cnet.lock`)."""
-    local = (Path(path) / "model_index.json").exists()
-    if not local and (Path(path).exists() or len(str(path).split("/")) != 2):
-        raise FileNotFoundError(
-            f"expected a diffusers pipeline folder with model_index.json at {path}; build the "
-            "miniature base with `python -m cnet.world pretrain`"
-        )
-    # a hub id (org/name) downloads where a hub is reachable; the miniature models are small:
-    # load them plainly rather than through the low-memory path
-    # sampling here never runs SD's safety checker: it would only take (GPU) memory
-    index = json.loads((Path(path) / "model_index.json").read_text()) if local else {}
-    checker = (
-        {}
-        if local and not (index.get("safety_checker") or [None])[0]
-        else {"safety_checker": None, "requires_safety_checker": False}
-    )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=local, low_cpu_mem_usage=not local, **checker
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
+    """Load a diffusers ``StableDiffusionPipeline`` (:func:`cnet.world.model.load_pipeline`: a
+    folder, offline, or a hub id) and lock VAE, text encoder and U-Net (:func:`cnet.lock`)."""
+    pipe = load_pipeline(path, device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
         lock(part)
     return pipe

@@ -48,7 +48,7 @@ from .metrics import (
     sampler_settings,
     vae_round_trip,
 )
-from .model import check_prompt
+from .model import check_prompt, load_pipeline
 
 __all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "chance_iou"]
 
@@ -253,9 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"model: {args.model} is not a diffusers pipeline folder")
     torch.set_num_threads(args.threads)
     sampler = sampler_settings(args.profile)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, local_files_only=True, low_cpu_mem_usage=False
-    )
+    pipe = load_pipeline(args.model)
     fill, _ = evaluate_fill(pipe, args.samples, seed=args.seed, **sampler)
     shapes = evaluate_shapes(pipe, args.samples, seed=args.seed, **sampler)
     argv = sys.argv[1:] if argv is None else argv

@@ -23,6 +23,7 @@ import torch
 from ..checkpoints import store_half
 from ..settings import SettingError
 from .data import FillDataset, ShapesDataset
+from .model import load_pipeline
 from .palette import STYLES
 from .pretrain import STAGE_SETTINGS, Settings, _latest_entries, _train_unet
 
@@ -56,15 +57,10 @@ def finetune(
     usually shared; diffusers loads it back as float32), the log, and ``finetune.json``
     (command, base, style, settings, device, wall time, final loss). Returns the pipeline, its
     U-Net rounded as stored."""
-    from diffusers import StableDiffusionPipeline
-
     s = _check(settings)
     torch.set_num_threads(s.threads)
     started = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base, local_files_only=True, low_cpu_mem_usage=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(base)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if resolution != s.resolution:
         raise SettingError(

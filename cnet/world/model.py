@@ -24,6 +24,7 @@ differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
@@ -247,3 +248,46 @@ def build_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+@contextlib.contextmanager
+def _loading_bars_off():
+    """diffusers' and transformers' "Loading ..." bars off for the block (their only controls are
+    global switches; each is put back as it was): loading a folder from disk is not news."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [m.is_progress_bar_enabled() for m in (diffusers_logging, transformers_logging)]
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in zip((diffusers_logging, transformers_logging), was, strict=True):
+            if enabled:
+                module.enable_progress_bar()
+
+
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """A diffusers ``StableDiffusionPipeline``: a folder (offline), or a hub id (``org/name``,
+    downloaded where a hub is reachable, its safety checker left out: sampling here never runs
+    it, and it would only take memory). Loaded quietly, its sampling bar off, on ``device``."""
+    local = (Path(path) / "model_index.json").exists()
+    if not local and (Path(path).exists() or len(str(path).split("/")) != 2):
+        raise FileNotFoundError(
+            f"expected a diffusers pipeline folder with model_index.json at {path}; build the "
+            "miniature base with `python -m cnet.world pretrain`"
+        )
+    index = json.loads((Path(path) / "model_index.json").read_text()) if local else {}
+    checker = (
+        {}
+        if local and not (index.get("safety_checker") or [None])[0]
+        else {"safety_checker": None, "requires_safety_checker": False}
+    )
+    # the miniature models are small: loaded plainly rather than through the low-memory path
+    with _loading_bars_off():
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, local_files_only=local, low_cpu_mem_usage=not local, **checker
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,5 +1,5 @@
 """The explorers the notebooks let a learner play with: moving a control re-draws the figure and
-the numbers under it are the library's (the real-browser test is tests/test_browser.py)."""
+the numbers under it are the library's (the real-browser test is tests/course/test_browser.py)."""
 
 import copy
 import math

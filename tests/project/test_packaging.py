@@ -11,7 +11,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # conda-forge's name -> PyPI's name
 CONDA_NAMES = {"pytorch": "torch", "opencv": "opencv-python-headless"}
 NOT_PYTHON_PACKAGES = {"python", "pip"}

@@ -18,7 +18,7 @@ from cnet.train import SettingError, TrainConfig, read_log
 from cnet.train.convergence import onset_step
 from cnet.variants import default_init_std, make_lite, replace_connections
 
-SHIPPED = Path(__file__).resolve().parents[1] / "figures" / "07_ablations.json"
+SHIPPED = Path(__file__).resolve().parents[2] / "figures" / "07_ablations.json"
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_shipped_results_hold_the_cascade_and_every_seed():
 def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
     from cnet.__main__ import _parser, _train_settings
 
-    monkeypatch.chdir(SHIPPED.parents[1])  # the settings' base is relative to the clone
+    monkeypatch.chdir(SHIPPED.parents[2])  # the settings' base is relative to the clone
     for variant in ablate.VARIANTS:
         argv = ablate.train_command(variant, 2).split()[3:]
         _, config = _train_settings(_parser().parse_args(argv), "quick")
@@ -205,14 +205,14 @@ def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
 def test_readme_quotes_the_shipped_table():
     from cnet.course.ablation_report import ablation_table
 
-    readme = (SHIPPED.parents[1] / "README.md").read_text()
+    readme = (SHIPPED.parents[2] / "README.md").read_text()
     assert ablation_table(json.loads(SHIPPED.read_text())) in readme
 
 
 def test_bench_readme_quotes_the_shipped_step_times():
     from cnet.course.ablation_report import step_time_table
 
-    bench_readme = (SHIPPED.parents[1] / "bench" / "README.md").read_text()
+    bench_readme = (SHIPPED.parents[2] / "bench" / "README.md").read_text()
     assert step_time_table(json.loads(SHIPPED.read_text())) in bench_readme
 
 

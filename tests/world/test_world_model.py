@@ -23,7 +23,7 @@ from cnet.world.model import (
 )
 from cnet.world.pretrain import PROFILES, Settings, pretrain
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "miniature-sd"
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "miniature-sd"
 
 
 @pytest.fixture(scope="module")

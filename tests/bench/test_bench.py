@@ -11,7 +11,7 @@ import torch
 from cnet.__main__ import _parser, main
 from cnet.bench.measure import LiveTensorBytes, interleaved_times, peak_memory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost")
 
 

@@ -222,3 +222,25 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     ]
     assert main(["control", str(shipped), "--samples", "1"]) == 2
     assert "samples: 1 is not allowed" in capsys.readouterr().err
+
+
+def test_a_training_run_writes_only_its_own_lines_to_stderr(base, tmp_path):
+    """``python -m cnet train`` as a user runs it (a fresh process): on stderr, nothing from
+    third-party libraries (no loading bars, no import-time notes), only the run's own progress
+    bar; its report on stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    done = subprocess.run(
+        [sys.executable, "-m", "cnet", "train", "--base", str(base), "--out",
+         str(tmp_path / "run"), "--steps", "2", "--batch_size", "2", "--train_size", "4",
+         "--eval_size", "2", "--eval_steps", "1", "--eval_every", "0"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    strangers = [line for line in lines if not line.startswith("train:")]
+    assert not strangers, "\n".join(strangers)
+    assert lines and "done: 2 steps" in done.stdout

@@ -23,7 +23,7 @@ from cnet.train.data import draw_timesteps
 from cnet.train.runs import export_run, load_controlnet
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------------- timestep sampling
 
