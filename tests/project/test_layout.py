@@ -204,7 +204,8 @@ def settings_route(argv: list[str]) -> list[tuple[str, str, str]]:
 def test_the_training_settings_reach_the_step_downwards(base, tmp_path, capsys):
     """``python -m cnet train``'s settings, followed from the command line to the step of a
     one-step run: no call runs back up a floor, and the stops (a module entered, counted again
-    when re-entered) are few. ``pytest tests/project/test_layout.py -k downwards -s`` prints the route."""
+    when re-entered) are few. ``pytest tests/project/test_layout.py -k downwards -s`` prints
+    the route."""
     route = settings_route(
         [
             "train",
