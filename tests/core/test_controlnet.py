@@ -449,3 +449,20 @@ def test_transfer_rule_adds_the_fine_tunes_change_to_the_copy_only(unet):
         net.transferred(unet, other)
     with pytest.raises(ValueError, match="base: not the U-Net this ControlNet was copied"):
         net.transferred(other, unet)
+
+
+def test_cfg_resolution_weighting_reads_each_residual_height_not_its_width():
+    # a 12 x 16 latent: the heights halve 12 -> 6 -> 3 -> 2 (rounded up), the widths
+    # 16 -> 8 -> 4 -> 2, so h_0 / h_i and w_0 / w_i part at the deepest level
+    unet = tiny_unet(SD15_TINY)
+    ours, _ = paired_controlnets(unet)
+    x, t, text, c = inputs(unet, 2, 12, 16)
+    with torch.no_grad():
+        raw = ours(x, t, text, c)
+        got = ours.residuals(x, t, text, c, 1.0, guess_mode=True, guess_rule="cfg_rw")
+    heights = [r.shape[-2] for r in raw.tensors()]
+    assert heights == [12] * 3 + [6] * 3 + [3] * 3 + [2] * 4
+    weights = [12 / h for h in heights]  # ICCV §3.4: h_0 / h_i, the largest map's weight 1
+    assert weights[-1] == 6.0 and 16 / raw.tensors()[-1].shape[-1] == 8.0
+    for r, w, g in zip(raw.tensors(), weights, got.tensors(), strict=True):
+        assert torch.equal(g, r * w)

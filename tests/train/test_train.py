@@ -423,3 +423,72 @@ def test_diffusion_loss_feeds_the_noised_scaled_latent_and_regresses_the_noise()
     assert loss.shape == () and torch.equal(loss, F.mse_loss(prediction, batch["noise"]))
     # a perfect prediction of the noise costs nothing
     assert diffusion_loss(_Spy(batch["noise"].clone()), batch, scheduler, scaling) == 0
+
+
+# ------------------------------------------------------------------------- what a step averages
+
+
+def test_accumulated_micro_batches_are_different_and_their_gradients_averaged(base, tmp_path):
+    """grad_accum 2: the update's gradient is the mean of the two micro-batches' gradients
+    (not their sum), and the micro-batches hold different samples and noise."""
+    from cnet.train import Trainer
+
+    config = _config(base, tmp_path / "run", batch_size=2, grad_accum=2, steps=1)
+    trainer = Trainer(config)
+    trainer.load_data()
+    first, second = (
+        draw_batch(trainer.data, config, 0, micro, trainer.noise_scheduler) for micro in (0, 1)
+    )
+    assert not torch.equal(first["latents"], second["latents"])
+    assert not torch.equal(first["noise"], second["noise"])
+    params = [p for p in trainer.controlnet.parameters() if p.requires_grad]
+    scaling = trainer.pipe.vae.config.scaling_factor
+    each = [
+        torch.autograd.grad(
+            diffusion_loss(trainer.controlled, batch, trainer.noise_scheduler, scaling), params,
+            allow_unused=True,
+        )
+        for batch in (first, second)
+    ]  # fmt: skip
+    seen = {}
+
+    def keep(step, controlnet):
+        seen["grads"] = [p.grad.clone() for p in params]
+
+    trainer.on_update = keep
+    trainer.step(0)
+    trainer.close()
+    checked = 0
+    for got, a, b in zip(seen["grads"], *each, strict=True):
+        if a is None:
+            continue
+        mean = (a + b) / 2
+        torch.testing.assert_close(got, mean, rtol=1e-5, atol=1e-9)
+        checked += int(mean.abs().max() > 0)
+    assert checked >= 2  # the zero convolutions' gradients at step 0 are not zero
+
+
+def test_a_run_is_evaluated_on_the_evaluation_split(base, tmp_path):
+    from cnet.train import Trainer
+
+    config = _config(base, tmp_path / "run", eval_size=4, train_size=16)
+    trainer = Trainer(config)
+    trainer.load_data()
+    trainer.close()
+    evaluation = cache_data(trainer.pipe, "fill", 4, "eval", config.seed)
+    training = cache_data(trainer.pipe, "fill", 4, "train", config.seed)
+    assert torch.equal(trainer.eval_data.condition, evaluation.condition)
+    assert not torch.equal(trainer.eval_data.condition, training.condition)
+    assert torch.equal(trainer.data.condition[:4], training.condition)
+
+
+def test_a_set_sampled_in_batches_gives_each_batch_its_own_starting_noise(base):
+    from cnet.train.evaluate import sample_set
+
+    pipe = load_base(base)
+    prompts = ["red circle with blue background"] * 4
+    whole = sample_set(pipe, None, prompts, None, steps=2, seed=7, batch_size=2)
+    # batch k starts from seed + its first index, whatever else is sampled
+    second = sample_set(pipe, None, prompts[2:], None, steps=2, seed=9, batch_size=2)
+    assert torch.equal(whole[2:], second)
+    assert not torch.equal(whole[:2], whole[2:])  # the same prompts, other noise
