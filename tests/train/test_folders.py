@@ -384,3 +384,30 @@ def test_every_bad_folder_is_refused_in_one_line(bases, data, tmp_path):
     )
     assert os.path.isdir(tmp_path / "cli")  # nothing but the folder: no checkpoint, no log
     assert not (tmp_path / "cli" / "log.jsonl").exists()
+
+
+def test_a_folders_latents_encode_its_images_and_its_held_out_pairs_never_train(
+    bases, data, tmp_path
+):
+    """The cache holds the VAE's encoding of each training image in [-1, 1] (as SD's VAE was
+    trained), and the last ``eval_size`` pairs are the validation set, left out of training."""
+    from cnet.train import Trainer
+
+    config = _config(bases["sd1"], data["tutorial"], tmp_path / "run")
+    trainer = Trainer(config)
+    trainer.load_data()
+    trainer.close()
+    pairs = folders.read_folder(
+        config.data, config.image_column, config.conditioning_image_column, config.caption_column
+    )
+    kept = len(pairs) - config.eval_size
+    resolution = trainer.pipe.unet.config.sample_size * trainer.pipe.vae_scale_factor
+    rows = torch.tensor([0, 1, kept - 1])
+    images = torch.stack([folders.load_image(pairs.images[j], resolution) for j in rows.tolist()])
+    with torch.no_grad():
+        expected = trainer.pipe.vae.encode(images * 2 - 1).latent_dist
+    torch.testing.assert_close(trainer.data.latent_mean[rows], expected.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trainer.data.latent_std[rows], expected.std, rtol=1e-4, atol=1e-5)
+    assert len(trainer.data.condition) == kept  # the held-out pairs are not trained on
+    held_out = [folders.load_image(pairs.images[j], resolution) for j in range(kept, len(pairs))]
+    assert torch.equal(trainer.eval_data["image"], torch.stack(held_out))
