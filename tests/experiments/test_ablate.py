@@ -57,6 +57,9 @@ def test_gaussian_std_follows_the_gain(unet):
             ]
         )
         assert scaled.std().item() == pytest.approx(gain, rel=0.1)
+        # the condition encoder's last layer, the 14th zero convolution, is drawn the same way
+        hint = controlnet.hint_encoder.zero_conv
+        assert (hint.weight / default_init_std(hint)).std().item() == pytest.approx(gain, rel=0.1)
 
 
 def test_none_means_identity_and_lite_one_conv_per_block(unet):
@@ -68,6 +71,9 @@ def test_none_means_identity_and_lite_one_conv_per_block(unet):
     assert lite.skip_channels == full.skip_channels  # the same 12 + 1 slots
     layers = [m for m in lite.down_blocks.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(layers) == len(full.skip_channels) - 1  # one conv per layer / downsampler
+    middle = [m for m in lite.mid_block.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(middle) == 1  # the middle block too is one conv, channels kept
+    assert middle[0].in_channels == middle[0].out_channels == full.skip_channels[-1]
     assert not any(p.requires_grad for p in lite.time_embedding.parameters())
     trainable = sum(p.numel() for p in lite.parameters() if p.requires_grad)
     assert trainable < sum(p.numel() for p in full.parameters())
