@@ -201,7 +201,7 @@ def test_shipped_results_hold_the_cascade_and_every_seed():
 def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
     from cnet.__main__ import _parser, _train_settings
 
-    monkeypatch.chdir(SHIPPED.parents[2])  # the settings' base is relative to the clone
+    monkeypatch.chdir(SHIPPED.parents[1])  # the settings' base is relative to the clone
     for variant in ablate.VARIANTS:
         argv = ablate.train_command(variant, 2).split()[3:]
         _, config = _train_settings(_parser().parse_args(argv), "quick")
@@ -211,14 +211,14 @@ def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
 def test_readme_quotes_the_shipped_table():
     from cnet.course.ablation_report import ablation_table
 
-    readme = (SHIPPED.parents[2] / "README.md").read_text()
+    readme = (SHIPPED.parents[1] / "README.md").read_text()
     assert ablation_table(json.loads(SHIPPED.read_text())) in readme
 
 
 def test_bench_readme_quotes_the_shipped_step_times():
     from cnet.course.ablation_report import step_time_table
 
-    bench_readme = (SHIPPED.parents[2] / "bench" / "README.md").read_text()
+    bench_readme = (SHIPPED.parents[1] / "bench" / "README.md").read_text()
     assert step_time_table(json.loads(SHIPPED.read_text())) in bench_readme
 
 
