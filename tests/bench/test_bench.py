@@ -54,6 +54,7 @@ def test_interleaved_times_runs_each_in_turn():
     assert order == ["a", "b"] * 4 and all(len(t) == 3 for t in times.values())
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_every_suite(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     for name in SUITES:

@@ -77,6 +77,7 @@ def _fingerprint(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_figures_into_its_own_folder(base, tmp_path, capsys):
     before = _fingerprint(REPO_FIGURES)
     out = tmp_path / "run"
@@ -224,6 +225,7 @@ def test_control_writes_notebook_06s_figures_and_numbers(tmp_path, monkeypatch, 
     assert "samples: 1 is not allowed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_training_run_writes_only_its_own_lines_to_stderr(base, tmp_path):
     """``python -m cnet train`` as a user runs it (a fresh process): on stderr, nothing from
     third-party libraries (no loading bars, no import-time notes), only the run's own progress

@@ -127,6 +127,7 @@ def test_residuals_and_output_equal_diffusers(name, scale, guess_mode):
     assert residual_err <= TOL and output_err <= TOL
 
 
+@pytest.mark.slow
 @settings(
     max_examples=10,
     deadline=None,

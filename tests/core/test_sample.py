@@ -25,6 +25,7 @@ def parts():
     return pipe, controlnet, conditions, latents
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guess_mode", [False, True])
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_same_images_as_the_diffusers_controlnet_pipeline(parts, guess_mode, guidance_scale):

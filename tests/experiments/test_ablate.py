@@ -132,6 +132,7 @@ def test_first_three_updates_exactly(base, tmp_path):
     assert report["first_step"]["max_abs_step"] <= float(torch.tensor(config.lr))
 
 
+@pytest.mark.slow
 def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
     settings = dict(
         base=str(base),
@@ -163,6 +164,7 @@ def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
     assert log.copy_grad_norm[0] == 0.0 and log.copy_grad_norm[1] > 0
 
 
+@pytest.mark.slow
 def test_a_continued_variant_starts_from_the_run_it_continues(base, tmp_path, monkeypatch):
     settings = dict(
         base=str(base),

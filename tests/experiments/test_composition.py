@@ -28,6 +28,7 @@ def test_scenes_are_two_objects_apart_each_asked_for_by_its_own_condition():
     assert (data.colours != data.background[:, None]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (MODELS / "controlnet-segmentation").exists(),
     reason="the shipped segmentation ControlNet is not in this checkout",

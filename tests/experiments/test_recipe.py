@@ -171,6 +171,7 @@ def _controlnet_weights(path):
     return {k: v for k, v in load_file(path).items() if k.startswith("controlnet.")}
 
 
+@pytest.mark.slow
 def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(
     base, tmp_path, monkeypatch, capsys
 ):
@@ -214,6 +215,7 @@ def test_a_collapse_is_reported_once_and_the_best_weights_are_kept(
         load_controlnet(run, "first")
 
 
+@pytest.mark.slow
 def test_the_best_survives_a_resume_and_a_later_worse_evaluation(base, tmp_path, monkeypatch):
     _scripted_evaluations(monkeypatch, [0.30, 0.70, 0.90])
     train(_config(base, tmp_path / "run", steps=2))
@@ -228,6 +230,7 @@ def test_the_best_survives_a_resume_and_a_later_worse_evaluation(base, tmp_path,
     assert '"alert"' not in entries  # 0.85 is above half of the gain: no collapse
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_alerts_and_reports_a_collapse_once(base, tmp_path, monkeypatch):
     # collapsed at step 3, where the run stops; resumed, it is still collapsed, and says so
     # no second time: the alert at the checkpoint's step stays in the log and in the watch
@@ -380,6 +383,7 @@ def test_the_learning_rate_schedule_by_step():
     )
 
 
+@pytest.mark.slow
 def test_a_decaying_run_resumed_equals_the_uninterrupted_one(base, tmp_path):
     from cnet.train.loop import Trainer
 

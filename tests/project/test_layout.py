@@ -201,6 +201,7 @@ def settings_route(argv: list[str]) -> list[tuple[str, str, str]]:
     return route
 
 
+@pytest.mark.slow
 def test_the_training_settings_reach_the_step_downwards(base, tmp_path):
     """``python -m cnet train``'s settings, followed from the command line to the step of a
     one-step run: no call runs back up a floor, and the stops (a module entered, counted again

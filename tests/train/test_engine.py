@@ -141,6 +141,7 @@ def test_a_killed_two_process_run_resumes_exactly(base, tmp_path, two_process_ru
     assert (straight / "log.jsonl").read_text() == (cut / "log.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_trains_and_its_loss_tracks_fp32(base, tmp_path):
     runs = {
         p: train(
@@ -178,6 +179,7 @@ def _cpu_fp16(init_scale):
     return make
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaling_logs_true_gradients_skips_overflows_and_resumes(
     base, tmp_path, monkeypatch
 ):
@@ -209,6 +211,7 @@ def test_fp16_with_loss_scaling_logs_true_gradients_skips_overflows_and_resumes(
         assert json.loads(f.metadata()["grad_scaler"])["scale"] < 2.0**60
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_changes_memory_not_the_numbers(base, tmp_path):
     plain = tmp_path / "plain"
     train(TrainConfig(**_flags(str(base), str(plain))))

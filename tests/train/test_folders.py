@@ -99,6 +99,7 @@ def test_images_are_resized_and_centre_cropped(tmp_path):
     assert loaded.shape == (3, 32, 32) and loaded.min() == 1.0  # the crop is the centre
 
 
+@pytest.mark.slow
 def test_a_folder_run_resumes_exactly_validates_and_ships(bases, data, tmp_path):
     straight = train(_config(bases["sd1"], data["tutorial"], tmp_path / "straight"))
     assert set(straight["final_eval"]) == {"edge_f1", "edge_f1_images", "n"}
@@ -187,6 +188,7 @@ def test_metadata_columns_are_named_as_in_diffusers_script(bases, data, tmp_path
     assert [str(p) for p in pairs.conditions] == [r["hint"] for r in renamed]
 
 
+@pytest.mark.slow
 def test_an_sd2_style_base_trains_on_the_velocity(bases, data, tmp_path):
     pipe = load_base(bases["sd2"])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -240,6 +242,7 @@ def test_caching_resumes_at_the_first_missing_shard(bases, data, tmp_path, monke
     assert rows.shape == (3, 4, 8, 8)
 
 
+@pytest.mark.slow
 def test_sample_from_a_checkpoint(bases, data, tmp_path, capsys):
     train(_config(bases["sd1"], data["tutorial"], tmp_path / "run", steps=2, eval_every=0))
     out = tmp_path / "sample.png"

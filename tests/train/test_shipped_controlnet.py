@@ -94,6 +94,7 @@ def test_diffusers_and_cnet_give_the_same_residuals(base):
     torch.testing.assert_close(a.mid, mid, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trained_controlnet_follows_its_condition_better_than_the_base(base, tmp_path, capsys):
     """`python -m cnet evaluate`: the ControlNet, the base alone and the VAE's ceiling on the same
     evaluation conditions, recorded in the folder's run.json."""
@@ -142,6 +143,7 @@ def test_shipped_log_shows_the_jump_and_matches_its_summary():
     assert all(w == 0.0 for w in (v[0] for v in log.weight_norm.values()))
 
 
+@pytest.mark.slow
 def test_export_refuses_an_unfinished_run_and_round_trips_a_finished_one(tmp_path):
     path = tmp_path / "tiny-sd"
     tiny_sd_pipeline().save_pretrained(path)
@@ -203,6 +205,7 @@ def test_shipped_models_stay_small_and_the_fine_tune_is_its_bases_but_for_the_un
         assert (FINE_TUNE / part).read_bytes() == (BASE / part).read_bytes(), part
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["unchanged", "transferred"])
 def test_diffusers_pipeline_on_the_fine_tune_gives_cnets_images_and_numbers(base, rule):
     """Transfer through diffusers' own classes: StableDiffusionControlNetPipeline built from the
@@ -260,6 +263,7 @@ def test_diffusers_pipeline_on_the_fine_tune_gives_cnets_images_and_numbers(base
     assert torch.equal(measured[0]["iou"], measured[1]["iou"])
 
 
+@pytest.mark.slow
 def test_control_explorer_resamples_live_and_scale_zero_is_the_base(base):
     from cnet import ControlledUNet
     from cnet.course.widgets import ControlExplorer

@@ -78,6 +78,7 @@ def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
     assert sum(torch.count_nonzero(p.grad) for p in controlnet.theta_c_parameters()) > 0
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_short_cpu_run(base):
     torch.manual_seed(0)
     pipe = load_base(base)
@@ -109,6 +110,7 @@ def _weights(path):
     return load_file(path / "checkpoint.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     train(_config(base, tmp_path / "straight", eval_every=2))
     first = train(_config(base, tmp_path / "resumed", steps=2, eval_every=2))
@@ -155,6 +157,7 @@ def test_resume_equals_the_uninterrupted_run(base, tmp_path, monkeypatch):
     assert all(p.stat().st_size > 5000 for p in written)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_continues_exactly(base, tmp_path):
     def interrupt_at_step_1(entry):
         if entry.get("step") == 1 and "loss" in entry:

@@ -142,6 +142,7 @@ def _interrupted(monkeypatch, run, steps_done: int) -> None:
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", original)
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
     straight = pretrain(_tiny(), tmp_path / "a" / "model", tmp_path / "a" / "run")
     _interrupted(
@@ -223,6 +224,7 @@ def test_quick_profile_runs_end_to_end(tmp_path):
     assert generate(loaded, ["green square with white background"], steps=2).shape == (1, 3, 64, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
 def test_shipped_model_is_small_and_loads_offline():
     total = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
