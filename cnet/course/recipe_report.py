@@ -42,5 +42,6 @@ def recipe_table(result: dict) -> str:
             devices = sorted({r["device"] for r in recipe["runs"]})
             seeds = recipe["seeds"]
             where = f"seeds {seeds[0]}–{seeds[-1]}, {', '.join(devices)}"
-            lines.append(_row(name + (" (chosen)" if kind == "check" else ""), recipe, where))
+            chosen = kind == "check" and name == result["chosen"]["recipe"]
+            lines.append(_row(name + (" (chosen)" if chosen else ""), recipe, where))
     return "\n".join(lines)

@@ -306,7 +306,9 @@ def recipe_study(
 ) -> dict:
     """The study (``python -m cnet recipe``): train what is missing (unless not ``train``),
     summarize, choose (:func:`choose`) and, with ``check_seeds``, run the chosen recipe on
-    those seeds in ``check_root`` (e.g. on another number of threads) and report it beside."""
+    those seeds in ``check_root`` (e.g. on another number of threads) and report it beside,
+    chosen first, with the other recipes checked there before (an earlier choice: the same
+    seeds, so the two compare seed by seed)."""
     if train and check_seeds is None:
         run_recipes(recipes, seeds, root)
     result = summarize_recipes(recipes, seeds, root, command=command)
@@ -321,5 +323,6 @@ def recipe_study(
     if check_seeds is not None:
         if train:
             run_recipes([chosen], check_seeds, check_root)
-        result["check"] = summarize_recipes([chosen], check_seeds, check_root)
+        checked = [chosen] + [r for r in recipes if r != chosen]
+        result["check"] = summarize_recipes(checked, check_seeds, check_root)
     return result

@@ -1,7 +1,9 @@
 """The world's scenes written out as a folder of image/condition pairs, in the layouts users
 train from (:mod:`cnet.train.folders`): Fill50K's (the official tutorial's ``prompt.json`` with
-``source/`` conditions and ``target/`` images) or diffusers' image folder (``metadata.jsonl``
-with ``image``, ``conditioning_image`` and ``text`` columns).
+``source/`` conditions and ``target/`` images) or the image folder diffusers' script reads
+through Hugging Face ``datasets`` (``metadata.jsonl`` with ``file_name`` and
+``conditioning_image_file_name`` paths and a ``text`` column, which ``datasets`` loads as the
+``image``, ``conditioning_image`` and ``text`` columns the script's defaults name).
 
     python -m cnet.world export --layout tutorial --samples 1000 --out data/fill-tutorial
     python -m cnet.world export --layout imagefolder --task canny --out data/canny-folder
@@ -64,7 +66,7 @@ def export_folder(
             rows.append(
                 {"source": cond, "target": image, "prompt": prompt}
                 if layout == "tutorial"
-                else {"image": image, "conditioning_image": cond, "text": prompt}
+                else {"file_name": image, "conditioning_image_file_name": cond, "text": prompt}
             )
     listing = "prompt.json" if layout == "tutorial" else "metadata.jsonl"
     (out / listing).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -420,8 +420,8 @@ def test_the_quick_profile_is_the_studys_choice():
     for name in ("lr", "batch_size", "steps", "timesteps", "lr_decay_start", "grad_accum"):
         assert getattr(quick, name) == getattr(expected, name), name
     assert quick.steps == study["chosen"]["steps"]
-    # the check trained that same recipe
-    assert list(study["check"]["recipes"]) == [study["chosen"]["recipe"]]
+    # the check trained that same recipe (first; earlier choices checked there follow)
+    assert list(study["check"]["recipes"])[0] == study["chosen"]["recipe"]
 
 
 def test_the_readme_quotes_the_shipped_study():

@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image
 from safetensors.torch import load_file
 
 import cnet.train.folders as folders
@@ -141,9 +142,9 @@ def test_metadata_columns_are_named_as_in_diffusers_script(bases, data, tmp_path
     ]
     renamed = [
         {
-            "target": str(data["imagefolder"] / r["image"]),
+            "target": str(data["imagefolder"] / r["file_name"]),
             "caption": r["text"],
-            "hint": str(data["imagefolder"] / r["conditioning_image"]),
+            "hint": str(data["imagefolder"] / r["conditioning_image_file_name"]),
         }
         for r in rows
     ]
@@ -414,3 +415,24 @@ def test_a_folders_latents_encode_its_images_and_its_held_out_pairs_never_train(
     assert len(trainer.data.condition) == kept  # the held-out pairs are not trained on
     held_out = [folders.load_image(pairs.images[j], resolution) for j in range(kept, len(pairs))]
     assert torch.equal(trainer.eval_data["image"], torch.stack(held_out))
+
+
+def test_the_image_folder_is_what_datasets_loads_for_diffusers_script(data):
+    """``datasets.load_dataset`` reads the exported image folder into the columns diffusers'
+    ``train_controlnet.py`` names by default (image, conditioning_image, text), the images
+    those of cnet's own reading of the folder."""
+    import numpy as np
+    from datasets import load_dataset
+
+    folder = data["imagefolder"]
+    loaded = load_dataset(str(folder), split="train")
+    assert set(loaded.column_names) == {"image", "conditioning_image", "text"}
+    assert len(loaded) == PAIRS
+    pairs = folders.read_folder(folder)
+    row = loaded[3]
+    assert row["text"] == pairs.prompts[3]
+    for key, files in (("image", pairs.images), ("conditioning_image", pairs.conditions)):
+        with Image.open(files[3]) as theirs:
+            assert np.array_equal(
+                np.asarray(row[key].convert("RGB")), np.asarray(theirs.convert("RGB"))
+            )
