@@ -81,6 +81,7 @@ ABLATION_SETTINGS: dict = {
     "batch_size": 16,
     "steps": 600,
     "timesteps": "uniform",
+    "lr_decay_start": 0,  # a constant rate
     "eval_every": 25,
 }
 SEEDS = (0, 1, 2)
