@@ -17,10 +17,11 @@ def _row(name: str, recipe: dict, where: str) -> str:
         f"{longer['median']:.2f} ({longer['min']:.2f}–{longer['max']:.2f})" if longer else "—"
     )
     wall = recipe["wall_time_s"]
+    collapsed = f"{recipe['collapses_2x']}/{recipe['n_2x']}" if recipe["n_2x"] else "not continued"
     return (
         f"| {name} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
         f"| {final['median']:.2f} ({final['min']:.2f}–{final['max']:.2f}) "
-        f"| {recipe['collapses_2x']}/{recipe['n_2x']} | {final_2x} "
+        f"| {collapsed} | {final_2x} "
         f"| {wall['median']:.0f} |"
     )
 
