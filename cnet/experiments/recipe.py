@@ -157,19 +157,23 @@ def run_recipes(
 
 
 def choose(summary: dict) -> str:
-    """The recipe the profile takes: the most seeds with an onset, then the fewest collapses
-    at 2× (a recipe none of whose runs was continued counts as collapsing on all), then the
-    highest median final fidelity."""
-    recipes = summary["recipes"]
+    """The recipe the profile takes. Only a recipe continued to 2× on its seeds can be chosen
+    (whether it collapses must be known); among those, the largest share of seeds with an onset,
+    counted over every seed it ran on (the study's, and the check's where it was checked: the
+    check is where a rarer miss shows), then the fewest collapses at 2×, then the highest median
+    final fidelity in the study."""
+    recipes, checked = summary["recipes"], summary.get("check", {}).get("recipes", {})
+    eligible = [r for r in recipes if recipes[r]["n_2x"]] or list(recipes)
 
-    def collapse_rate(r: dict) -> float:
-        return r["collapses_2x"] / r["n_2x"] if r["n_2x"] else 1.0
+    def onset_share(r: str) -> float:
+        parts = [recipes[r]] + ([checked[r]] if r in checked else [])
+        return sum(p["onsets"] for p in parts) / sum(p["n"] for p in parts)
 
     return max(
-        recipes,
+        eligible,
         key=lambda r: (
-            recipes[r]["onsets"] / recipes[r]["n"],
-            -collapse_rate(recipes[r]),
+            onset_share(r),
+            -recipes[r]["collapses_2x"] / recipes[r]["n_2x"] if recipes[r]["n_2x"] else -1.0,
             recipes[r]["final_iou"]["median"],
         ),
     )
@@ -314,15 +318,20 @@ def recipe_study(
     result = summarize_recipes(recipes, seeds, root, command=command)
     if not result["recipes"]:
         raise SettingError(f"root: no finished recipe runs in {str(root)!r}; train them first")
-    chosen = choose(result)
-    result["chosen"] = {
-        "recipe": chosen,
-        "settings": RECIPES[chosen],
-        "steps": result["recipes"][chosen]["runs"][0]["steps"],
-    }
+    chosen = choose(result)  # from the study alone
     if check_seeds is not None:
         if train:
             run_recipes([chosen], check_seeds, check_root)
         checked = [chosen] + [r for r in recipes if r != chosen]
         result["check"] = summarize_recipes(checked, check_seeds, check_root)
+        chosen = choose(result)  # the check's seeds counted too
+        order = [chosen] + [r for r in result["check"]["recipes"] if r != chosen]
+        result["check"]["recipes"] = {
+            r: result["check"]["recipes"][r] for r in order if r in result["check"]["recipes"]
+        }
+    result["chosen"] = {
+        "recipe": chosen,
+        "settings": RECIPES[chosen],
+        "steps": result["recipes"][chosen]["runs"][0]["steps"],
+    }
     return result

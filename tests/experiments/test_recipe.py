@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from cnet.experiments.recipe import (
     BUDGET_SAMPLES,
     RECIPES,
+    choose,
     recipe_command,
     recipe_config,
     summarize_recipes,
@@ -428,3 +429,26 @@ def test_the_readme_quotes_the_shipped_study():
     from cnet.course.recipe_report import recipe_table
 
     assert recipe_table(json.loads(SHIPPED_STUDY.read_text())) in (ROOT / "README.md").read_text()
+
+
+def test_the_choice_needs_a_continuation_and_counts_the_checks_seeds():
+    def recipe(onsets, n, collapses, n_2x, median):
+        return {"onsets": onsets, "n": n, "collapses_2x": collapses, "n_2x": n_2x,
+                "final_iou": {"median": median}}  # fmt: skip
+
+    study = {
+        "recipes": {
+            "steady": recipe(5, 5, 0, 5, 0.79),
+            "decaying": recipe(5, 5, 0, 5, 0.82),
+            "unknown": recipe(5, 5, 0, 0, 0.90),  # never continued: its collapses are unknown
+            "rare": recipe(2, 5, 0, 5, 0.95),
+        }
+    }
+    assert choose(study) == "decaying"  # equal onsets and collapses: the higher median
+    # the check on more seeds: one more miss for the decaying recipe
+    study["check"] = {"recipes": {"steady": recipe(9, 10, 0, 9, 0.69),
+                                  "decaying": recipe(8, 10, 0, 0, 0.73)}}  # fmt: skip
+    assert choose(study) == "steady"  # 14 of 15 seeds against 13 of 15
+    study["recipes"]["steady"]["collapses_2x"] = 1
+    study["check"]["recipes"]["decaying"]["onsets"] = 9  # 14 of 15 too
+    assert choose(study) == "decaying"  # then the fewer collapses
