@@ -212,12 +212,12 @@ def run_control(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .train.evaluate import measure_run
+    from .train.evaluate import measure_folder
 
     _check_measurement(args)
     torch.set_num_threads(args.threads)
     argv = sys.argv[1:] if args.argv is None else args.argv
-    evaluation = measure_run(
+    evaluation = measure_folder(
         args.folder,
         args.weights,
         args.base,

@@ -50,7 +50,7 @@ __all__ = [
     "evaluate",
     "fidelity",
     "measure_controlnet",
-    "measure_run",
+    "measure_folder",
     "sample_set",
     "sampler_settings",
     "vae_round_trip",
@@ -185,7 +185,7 @@ def measure_controlnet(
     }
 
 
-def measure_run(
+def measure_folder(
     folder: str | Path,
     weights: str = "latest",
     base: str | None = None,
