@@ -409,7 +409,6 @@ SHIPPED_STUDY = ROOT / "figures" / "recipe_study.json"
 
 
 def test_the_quick_profile_is_the_studys_choice():
-    from cnet.experiments.recipe import choose
     from cnet.train.config import PROFILES
 
     study = json.loads(SHIPPED_STUDY.read_text())
