@@ -50,3 +50,35 @@ def test_nbval_fails_on_a_wrong_checked_output(tmp_path):
     )
     assert result.returncode != 0, result.stdout
     assert "1 failed" in result.stdout
+
+
+def test_every_cnet_name_a_notebook_imports_exists():
+    """A moved or renamed library name breaks a notebook only when nbval runs it (minutes);
+    this reads every notebook's and solution's imports of cnet and resolves them (seconds)."""
+    import ast
+    import importlib
+
+    notebooks = NOTEBOOKS + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+    missing, checked = [], 0
+    for path in notebooks:
+        cells = json.loads(path.read_text())["cells"]
+        for cell in (c for c in cells if c["cell_type"] == "code"):
+            source = "\n".join(
+                line
+                for line in "".join(cell["source"]).splitlines()
+                if not line.startswith(("%", "!"))
+            )
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cnet":
+                    module = importlib.import_module(node.module)
+                    for alias in node.names:
+                        checked += 1
+                        if not hasattr(module, alias.name):
+                            missing.append(f"{path.name}: from {node.module} import {alias.name}")
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name.split(".")[0] == "cnet":
+                            checked += 1
+                            importlib.import_module(alias.name)
+    assert checked > 50
+    assert not missing, "\n".join(missing)
