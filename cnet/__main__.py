@@ -343,8 +343,9 @@ def _add_sample_and_bench(sub) -> None:
         help="where the JSON and figures go (bench/results: the committed ones)",
     )
     bench.add_argument("--threads", type=int, default=None)
-    suites = ["step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost"]
-    bench.add_argument("--suites", nargs="+", default=suites, choices=suites)
+    from .bench import SUITES
+
+    bench.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
 
 
 def _add_ablate(sub) -> None:

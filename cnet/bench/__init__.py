@@ -11,7 +11,7 @@ module             what it holds
 =================  ===========================================================================
 workloads          SD1.5-topology U-Nets at a width, SD's VAE and text encoder, the two steps
 measure            interleaved timing, peak tensor memory, the machine
-suites             step_cost, loop_cost, scaling, loop_overheads, sampling_cost
+suites             step_cost, loop_cost, scaling, loop_overheads, sampling_cost, step_speedups
 report             the figures
 =================  ===========================================================================
 """
@@ -25,10 +25,14 @@ from pathlib import Path
 import torch
 
 from ..train import TrainConfig
+from ..train.config import PROFILES
 from .measure import machine
-from .suites import loop_cost, loop_overheads, sampling_cost, scaling, step_cost
+from .suites import loop_cost, loop_overheads, sampling_cost, scaling, step_cost, step_speedups
 
-__all__ = ["PLANS", "run_bench"]
+__all__ = ["PLANS", "SUITES", "run_bench"]
+
+#: Every suite, in the order a full bench runs them.
+SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost", "step_speedups")
 
 # What each suite runs, per plan. "quick" is CI's (well under a minute on 2 CPU cores: tiny
 # sizes, so its numbers check the machinery, not the claims); "full" made bench/results/.
@@ -44,6 +48,8 @@ PLANS: dict[str, dict] = {
         },
         "loop_overheads": {"batch_size": 4, "train_size": 16},
         "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 2},
+        # compiling alone takes minutes on a CPU, so CI's plan leaves it out
+        "step_speedups": {"batch_size": 4, "train_size": 16, "compile_step": False},
     },
     "full": {
         "repeats": 5,
@@ -63,6 +69,7 @@ PLANS: dict[str, dict] = {
         },
         "loop_overheads": {"batch_size": 32, "train_size": 1024},
         "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 64},
+        "step_speedups": {"batch_size": PROFILES["quick"]["batch_size"], "train_size": 256},
     },
 }
 
@@ -85,13 +92,7 @@ def run_bench(
     plan: str = "full",
     out: str | Path = "runs/bench",
     threads: int | None = None,
-    suites: tuple[str, ...] = (
-        "step_cost",
-        "loop_cost",
-        "scaling",
-        "loop_overheads",
-        "sampling_cost",
-    ),
+    suites: tuple[str, ...] = SUITES,
     command: str = "python -m cnet bench",
 ) -> dict[str, Path]:
     """Run the plan's suites, write each one's JSON (with ``command``, the machine and the
@@ -122,6 +123,11 @@ def run_bench(
         results["loop_overheads"] = loop_overheads(config, max(repeats, 5))
     if "sampling_cost" in suites:
         results["sampling_cost"] = sampling_cost(settings["sampling_cost"], max(repeats, 5), device)
+    if "step_speedups" in suites:
+        s = dict(settings["step_speedups"])
+        compile_step = s.pop("compile_step", True)
+        config = TrainConfig(**{**PROFILES["quick"], **s}, device=device.type)
+        results["step_speedups"] = step_speedups(config, max(repeats, 9), compile_step)
     for name, result in results.items():
         written[name] = _record(name, result, plan, out, command)
         figure = draw(name, result, plan)

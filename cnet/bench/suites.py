@@ -12,11 +12,16 @@
   ControlNet-lite) against the ControlNet's.
 * :func:`sampling_cost`: a sampling step with the condition encoded at every step (diffusers'
   pipeline) against encoded once before the loop (:func:`cnet.sample.sample`).
+* :func:`step_speedups`: what the quick profile's real training step gains from channels-last
+  memory, ``torch.compile`` (and what compiling costs) and a second thread.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import tempfile
+import time
 from dataclasses import replace
 
 import torch
@@ -35,7 +40,15 @@ from .workloads import (
     sd15_vae,
 )
 
-__all__ = ["loop_cost", "loop_overheads", "sampling_cost", "scaling", "step_cost", "variant_cost"]
+__all__ = [
+    "loop_cost",
+    "loop_overheads",
+    "sampling_cost",
+    "scaling",
+    "step_cost",
+    "step_speedups",
+    "variant_cost",
+]
 
 
 def _median_ms(times: list[float]) -> float:
@@ -282,3 +295,67 @@ def sampling_cost(workload: dict, repeats: int, device: torch.device) -> dict:
         "bit_for_bit": same,
         "time_ratio": ratio(times, "encoded_once", "encoded_each_step"),
     }
+
+
+def step_speedups(config: TrainConfig, repeats: int, compile_step: bool = True) -> dict:
+    """The real training step (:meth:`cnet.train.loop.Trainer.step`) at ``config`` (the quick
+    profile's batch and recipe), as the loop runs it, against the same step with: the base and
+    the ControlNet in channels-last memory (the ``channels_last`` setting); the controlled U-Net
+    under ``torch.compile`` (inductor; the first compiled call, which compiles into an empty
+    cache, is timed on its own); one thread where the run has more. Each way is its own trainer
+    from the same seed, all timed in turn.
+
+    ``break_even_steps``: how many steps the compiled step needs before its saving has paid
+    for the compilation (None where it saves nothing)."""
+    from ..train.loop import FIRST_STEPS_LOGGED, Trainer
+
+    threads = torch.get_num_threads()
+    result: dict = {"config": {k: getattr(config, k) for k in ("base", "batch_size", "lr")}}
+    with tempfile.TemporaryDirectory() as out:
+        config = replace(config, out=out, eval_every=0, resume=False)
+        ways = ["plain", "channels_last"] + (["compiled"] if compile_step else [])
+        trainers, calls = {}, {}
+        for i, way in enumerate(ways):
+            layout = {"channels_last": way == "channels_last"}
+            trainer = trainers[way] = Trainer(replace(config, **layout, out=f"{out}/{i}"))
+            trainer.load_data()
+            steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
+            calls[way] = lambda trainer=trainer, steps=steps: trainer.step(next(steps), log=False)
+        if compile_step:
+            # compiled into an empty cache, as on a fresh machine: inductor keeps what it
+            # compiled on disk, and a second process would pay a small part of it
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{out}/inductor"
+            compiled = trainers["compiled"]
+            compiled.model = torch.compile(compiled.model)
+            start = time.perf_counter()
+            calls["compiled"]()
+            result["compile_s"] = round(time.perf_counter() - start, 1)
+        if threads > 1:
+            calls["one_thread"] = lambda: _on_threads(1, calls["plain"])
+        times = interleaved_times(calls, repeats, 1, trainers["plain"].device)
+        for trainer in trainers.values():
+            trainer.close()
+        if compile_step:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            if cache is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    result.update(
+        threads=threads,
+        step_ms={k: _median_ms(t) for k, t in times.items()},
+        times_s=times,
+        time_ratio={k: ratio(times, k, "plain") for k in times},
+    )
+    if compile_step:
+        saved = statistics.median(times["plain"]) - statistics.median(times["compiled"])
+        result["break_even_steps"] = round(result["compile_s"] / saved) if saved > 0 else None
+    return result
+
+
+def _on_threads(threads: int, call):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(before)

@@ -88,6 +88,9 @@ class TrainConfig:
     device: str = "auto"
     mixed_precision: str = "auto"  # auto: bf16 or fp16 by GPU, fp32 on CPU (cnet.train.engine)
     gradient_checkpointing: bool = False  # recompute the copy's activations in backward
+    # base and ControlNet in channels-last memory: a faster step on the CPU (bench/README.md §7),
+    # other rounding, so off where a run must repeat the shipped ones bit for bit
+    channels_last: bool = False
     resume: bool = True
 
     def resolved_device(self) -> torch.device:

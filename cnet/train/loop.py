@@ -38,8 +38,8 @@ The recipe (:mod:`cnet.experiments.recipe`, ``figures/recipe_study.json``; the r
 trains SD1.5 at lr 1e-5, batch 4). The quick profile before the study (600 steps of batch 16 at
 2e-3, uniform timesteps) started on 1 seed of 3 and collapsed on 2 of 3 at 1200 steps. At the
 same 12,800 samples, batch 32 at 2e-3 with cubic timesteps started on 5 of 5 seeds on one thread
-(at 1e-3: 2 of 5) and on 9 of 10 on two (steps 150-350; seed 5 not within 400), none collapsed
-at 2x its steps, final IoU median 0.79 (one thread) and 0.69 (two; 0.84 at 2x): the quick
+(at 1e-3: 2 of 5) and on 9 of 10 on two (steps 150-350; seed 5 not within 400, nor 800), none
+collapsed at 2x its steps, final IoU median 0.79 (one thread) and 0.69 (two; 0.83 at 2x): the quick
 profile. A rate decaying over the last 100 steps ended higher on 4 of 5 seeds (median 0.82) but
 started on 8 of 10 on two threads, so the constant rate stays. Uniform timesteps at this budget
 were not run, so the share of cubic sampling vs batch is undecided. The full profile is
@@ -95,7 +95,8 @@ FIRST_STEPS_LOGGED = 10
 
 # Settings a run may change when it resumes (where it runs, how long it goes on, how often it
 # saves): none of them changes what the steps already taken compute.
-# Gradient checkpointing recomputes the same activations, so it may change too.
+# Gradient checkpointing recomputes the same activations, so it may change too; the memory
+# layout changes only the rounding of the steps still to come, as another device does.
 RESUMABLE_CHANGES = (
     "out",
     "resume",
@@ -103,6 +104,7 @@ RESUMABLE_CHANGES = (
     "steps",
     "checkpoint_every",
     "gradient_checkpointing",
+    "channels_last",
 )
 
 
@@ -145,6 +147,9 @@ class Trainer:
         self.controlnet = build_controlnet(self.pipe, config).to(self.device)
         if config.gradient_checkpointing:
             checkpoint_trainable_copy(self.controlnet)
+        if config.channels_last:  # in place, before the optimizer holds the parameters
+            for module in (self.pipe.unet, self.controlnet):
+                module.to(memory_format=torch.channels_last)
         self.controlled = ControlledUNet(self.pipe.unet, self.controlnet).train()  # for sampling
         optimizer = make_optimizer(self.controlnet, self.pipe.unet, config, self.device)
         self.trainable: dict[str, torch.nn.Module] = {"controlnet": self.controlnet}

@@ -12,7 +12,7 @@ from cnet.__main__ import _parser, main
 from cnet.bench.measure import LiveTensorBytes, interleaved_times, peak_memory
 
 ROOT = Path(__file__).resolve().parents[2]
-SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost")
+SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost", "step_speedups")
 
 
 def test_live_tensor_bytes_counts_what_is_alive_exactly():
@@ -85,7 +85,12 @@ def _check_record(record: dict, name: str, plan: str) -> None:
             "scaling": (),
             "loop_overheads": ("data_share", "logging_ratio"),
             "sampling_cost": ("time_ratio",),
+            "step_speedups": (),
         }[name]
+        if name == "step_speedups":
+            ratios = entry["time_ratio"]
+            assert ratios["plain"] == 1.0 and set(ratios) >= {"plain", "channels_last"}
+            assert all(math.isfinite(r) and r > 0 for r in ratios.values())
         for key in numbers:
             assert math.isfinite(entry[key]) and entry[key] > 0, key
         if name == "scaling":

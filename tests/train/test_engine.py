@@ -254,3 +254,28 @@ def test_each_process_takes_its_own_equal_slice():
     assert torch.equal(torch.cat([h["timesteps"] for h in halves]), batch["timesteps"])
     assert torch.equal(torch.cat([h["latents"] for h in halves]), batch["latents"])
     AcceleratorState._reset_state()
+
+
+def test_channels_last_changes_the_layout_and_the_rounding_only(base, tmp_path):
+    """A run in channels-last memory computes the same steps with another order of summation:
+    the same loss and gradient norms to float32 rounding, the same checkpoint format, and a
+    plain run resumes from it."""
+    logs = {}
+    for layout in (False, True):
+        config = TrainConfig(**_flags(str(base), str(tmp_path / str(layout)), channels_last=layout))
+        trainer = loop.Trainer(config)
+        trainer.load_data()
+        conv = trainer.controlnet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == layout
+        assert conv.is_contiguous() != layout
+        logs[layout] = [trainer.step(k, log=True)[1] for k in range(2)]
+        trainer.save(2)
+        trainer.close()
+    for plain, last in zip(logs[False], logs[True], strict=True):
+        assert last["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert last["loss"] != plain["loss"] or last["grad_norm"] != plain["grad_norm"]
+        for name, norm in plain["grad_norm"].items():
+            assert last["grad_norm"][name] == pytest.approx(norm, rel=1e-3, abs=1e-12), name
+    a, b = (load_file(tmp_path / run / "checkpoint.safetensors") for run in ("False", "True"))
+    assert a.keys() == b.keys()
+    train(TrainConfig(**_flags(str(base), str(tmp_path / "True"))))  # resumed without it
