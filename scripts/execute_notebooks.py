@@ -4,8 +4,9 @@
 
 Runs each notebook top to bottom with nbclient (from its own folder, as nbval does), then drops
 widget state from the metadata and widget views from the outputs (they only make sense in a
-live kernel) and keeps only the last frame of a progress bar, so that the committed file holds
-prose, code, text outputs and small plots. The outputs of cells marked ``# NBVAL_CHECK_OUTPUT``
+live kernel; an explorer keeps the picture it offers beside its view) and keeps only the last
+frame of a progress bar, so that the committed file holds prose, code, text outputs and small
+plots. The outputs of cells marked ``# NBVAL_CHECK_OUTPUT``
 are what nbval compares against in CI.
 """
 
@@ -39,8 +40,11 @@ def clean(nb: nbformat.NotebookNode) -> None:
                 out["text"] = last_frames(out["text"])
             if out.get("output_type") in ("display_data", "execute_result"):
                 if WIDGET_VIEW in out["data"]:
-                    # a widget's text fallback is its state when drawn: a progress bar at 0 %
-                    continue
+                    if "image/png" not in out["data"]:
+                        # a widget's text fallback is its state when drawn: a progress bar at 0 %
+                        continue
+                    # an explorer (cnet.course.widgets): its picture stays, the view goes
+                    del out["data"][WIDGET_VIEW]
             kept.append(out)
         cell.outputs = kept
 

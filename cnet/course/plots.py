@@ -13,27 +13,59 @@ def _zero_aware_log_axis(ax: plt.Axes, values: list[float]) -> None:
     ax.set_yscale("symlog", linthresh=min(positive) / 10 if positive else 1e-12)
 
 
+#: Past this a norm has run away (plain gradient descent with too large a step): the plot stops
+#: there and says so, instead of stretching its axis to 1e157.
+RUNAWAY = 1e6
+
+
 def plot_zero_conv_trajectory(traj, title: str = "") -> plt.Figure:
     """‖W‖ and ‖∂L/∂I‖ per step for a zero convolution trained from zero (Eq. 6–8)."""
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    steps = range(len(traj.weight_norm))
     series = [
         (traj.weight_norm, "‖W‖ (weight, Eq. 7)", "tab:blue"),
         (traj.input_grad_norm, "‖∂L/∂I‖ (to the input, Eq. 6 → 8)", "tab:red"),
         (traj.loss, "loss", "tab:gray"),
     ]
-    for ax, (values, label, colour) in zip(axes, series):
-        ax.plot(steps, values, "o-", color=colour, ms=3)
+    # the steps before any series runs away (or stops being a number)
+    kept = len(traj.weight_norm)
+    for values, _, _ in series:
+        bad = [i for i, v in enumerate(values) if not abs(v) < RUNAWAY]
+        kept = min([kept, *bad])
+    for ax, (values, label, colour) in zip(axes, series, strict=True):
+        ax.plot(range(kept), values[:kept], "o-", color=colour, ms=3)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_xlim(-0.5, max(len(values) - 0.5, 1))
         ax.grid(alpha=0.3)
-    _zero_aware_log_axis(axes[1], traj.input_grad_norm)
+        if kept < len(values):
+            ax.text(
+                0.97,
+                0.5,
+                f"runs away after step {kept - 1}:\nbeyond {RUNAWAY:.0e} at step {kept}",
+                transform=ax.transAxes,
+                ha="right",
+                va="center",
+                fontsize=8,
+                color="tab:red",
+            )
+    grads = traj.input_grad_norm[:kept]
+    if any(v > 0 for v in grads):
+        _zero_aware_log_axis(axes[1], grads)
+        axes[1].set_ylim(bottom=0)
+    else:  # input scale 0: the gradient to the input is exactly 0 at every step
+        axes[1].set_ylim(-1, 1)
+        axes[1].set_yticks([0])
+        axes[1].text(0.5, 0.6, "exactly 0 at every step", transform=axes[1].transAxes, ha="center")
+    axes[0].set_ylim(bottom=0)
     for ax, values in ((axes[0], traj.weight_norm), (axes[1], traj.input_grad_norm)):
-        ax.annotate(
+        # in a corner the curves leave empty: they start at 0 and rise to the right
+        ax.text(
+            0.97,
+            0.04,
             f"{values[0]:g} at step 0",
-            (0, values[0]),
-            xytext=(8, 8),
-            textcoords="offset points",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
             fontsize=8,
         )
     if title:
@@ -42,9 +74,13 @@ def plot_zero_conv_trajectory(traj, title: str = "") -> plt.Figure:
     return fig
 
 
-def plot_gradient_flow(flow, steps: tuple[int, ...] = (0, 1)) -> plt.Figure:
-    """Gradient norm of every trainable parameter of a ControlledBlock at the given steps
-    (0-based). Exact zeros are drawn as hollow markers on the axis floor."""
+def plot_gradient_flow(
+    flow, steps: tuple[int, ...] = (0, 1), all_steps: bool = False
+) -> plt.Figure:
+    """Gradient norm of every trainable parameter of a ControlledBlock at the given training
+    steps (0-based: 0 is step 1, the first update). Exact zeros are drawn as hollow markers on
+    the axis floor. ``all_steps``: the axis spans every step of ``flow``, so that one step's
+    bars compare with another's."""
     names, groups, per_step = [], [], {s: [] for s in steps}
     for group in ("z2", "theta_c", "z1"):
         for name, norms in getattr(flow, group).items():
@@ -53,7 +89,12 @@ def plot_gradient_flow(flow, steps: tuple[int, ...] = (0, 1)) -> plt.Figure:
             for s in steps:
                 per_step[s].append(norms[s])
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    positive = [v for vals in per_step.values() for v in vals if v > 0]
+    spanned = (
+        [v for g in ("z2", "theta_c", "z1") for norms in getattr(flow, g).values() for v in norms]
+        if all_steps
+        else [v for vals in per_step.values() for v in vals]
+    )
+    positive = [v for v in spanned if v > 0]
     floor = min(positive) / 10 if positive else 1e-12
     width = 0.8 / len(steps)
     for k, s in enumerate(steps):
@@ -70,10 +111,12 @@ def plot_gradient_flow(flow, steps: tuple[int, ...] = (0, 1)) -> plt.Figure:
             label=f"step {s + 1}: exactly 0" if zx else None,
         )
     ax.set_yscale("log")
-    ax.set_ylim(bottom=floor / 2)
+    ax.set_ylim(bottom=floor / 2, top=max(positive) * 3 if positive else 1.0)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("‖∂L/∂θ‖")
-    ax.set_title("Where the gradient flows: step 1 vs step 2", fontsize=10)
+    ax.set_title(
+        "Where the gradient flows: " + " vs ".join(f"step {s + 1}" for s in steps), fontsize=10
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -76,3 +76,62 @@ def test_residuals_added_are_diffusers_multicontrolnet_on_the_shipped_controlnet
     )
     assert type(pipe.controlnet).__name__ == "MultiControlNetModel"
     assert (ours - theirs).abs().max() <= 2e-5
+
+
+def _painted(data) -> torch.Tensor:
+    """Each scene drawn exactly as asked: its background, the circle and the other shape in
+    their prompted colours, in [-1, 1]."""
+    from cnet.world.palette import PALETTE_RGB
+
+    rgb = torch.from_numpy(PALETTE_RGB)
+    images = rgb[data.background][:, :, None, None].expand(-1, -1, *data.regions.shape[-2:])
+    images = images.clone()
+    for k in range(2):
+        colour = rgb[data.colours[:, k]][:, :, None, None]
+        images = torch.where(data.regions[:, k : k + 1], colour, images)
+    return images * 2 - 1
+
+
+def test_each_composition_row_feeds_its_controlnets_their_own_conditions(monkeypatch):
+    """The sweep's rows, with sampling replaced by a recorder: each row gives each ControlNet
+    its own condition map (the circle's outline to Fill, the shape's class map, or both
+    objects' map, to segmentation), and each object is measured on its own region and colour
+    (an exact scene scores IoU 1 on both, the scene with its objects' colours swapped 0)."""
+    import cnet.experiments.composition as composition
+    from cnet.train import load_base, load_controlnet
+
+    base = load_base(MODELS / "miniature-sd")
+    fill, segmentation = (load_controlnet(MODELS / "controlnet-fill") for _ in range(2))
+    data = composition_scenes(3, seed=1)
+    fed = {}
+
+    def record(pipe, controlled, prompts, conditions, steps, guidance):
+        nets = [] if controlled is None else list(controlled.controlnets)
+        maps = [] if conditions is None else conditions
+        fed[len(fed)] = (nets, [maps] if torch.is_tensor(maps) else list(maps))
+        assert prompts == data.prompts
+        return _painted(data)
+
+    monkeypatch.setattr(composition, "sample_set", record)
+    rows, images = composition.composition_sweep(base, fill, segmentation, data, steps=2)
+    expected = {
+        "base alone": ([], []),
+        "Fill alone": ([fill], [data.outline]),
+        "segmentation alone": ([segmentation], [data.segmentation]),
+        "both, residuals added": ([fill, segmentation], [data.outline, data.segmentation]),
+        "segmentation, both objects in one map": ([segmentation], [data.merged]),
+    }
+    assert [row["composition"] for row in rows] == list(expected)
+    for k, (nets, maps) in expected.items():
+        got_nets, got_maps = fed[list(expected).index(k)]
+        assert [id(n) for n in got_nets] == [id(n) for n in nets], k
+        assert len(got_maps) == len(maps) and all(map(torch.equal, got_maps, maps)), k
+    for row in rows:
+        assert row["circle_iou"] == row["shape_iou"] == 1.0 and row["colours_ok"] == 1.0
+    assert images.shape == (5, 3, 3, *data.regions.shape[-2:])
+
+    swapped = composition.CompositionData(**{**vars(data), "colours": data.colours.flip(1)})
+    monkeypatch.setattr(composition, "sample_set", lambda *args: _painted(swapped))
+    rows, _ = composition.composition_sweep(base, fill, segmentation, data, steps=2)
+    assert all(row["circle_iou"] == row["shape_iou"] == 0.0 for row in rows)
+    assert all(row["circle_layout_iou"] == 1.0 for row in rows)  # colour-blind: still in place
