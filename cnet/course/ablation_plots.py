@@ -5,6 +5,7 @@ and sample grids read from the runs' folders."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -83,14 +84,24 @@ def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
     """Each variant of ``study``: the mean fidelity curve over seeds, with the band from the
     lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    for variant, colour in zip(
-        result["studies"][study]["variants"], plt.cm.tab10.colors, strict=False
+    drawn: list[tuple[str, list, np.ndarray]] = []
+    for k, (variant, colour) in enumerate(
+        zip(result["studies"][study]["variants"], plt.cm.tab10.colors, strict=False)
     ):
         runs = result["variants"][variant]["runs"]
         steps = runs[0]["curves"]["eval_steps"]
         values = np.array([r["curves"][measure] for r in runs])
-        ax.plot(steps, values.mean(0), color=colour, label=f"{_label(variant)} ({len(runs)} seeds)")
+        label = f"{_label(variant)} ({len(runs)} seeds)"
+        # a longer run of the same seeds repeats a shorter one's curve: say so, and draw the
+        # later one dashed and thinner, so that neither hides the other
+        for name, earlier_steps, earlier in drawn:
+            n = min(len(earlier_steps), len(steps))
+            if steps[:n] == earlier_steps[:n] and np.array_equal(values[:, :n], earlier[:, :n]):
+                label += f"; the same runs as {name} to step {steps[n - 1]}"
+        style = {"lw": 2.5 if k == 0 else 1.4, "ls": "-" if k == 0 else ("--", ":", "-.")[k % 3]}
+        ax.plot(steps, values.mean(0), color=colour, label=label, **style)
         ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2)
+        drawn.append((_label(variant), steps, values))
     ax.set_xlabel("training step")
     ax.set_ylabel(
         {
@@ -101,9 +112,15 @@ def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
     )
     ax.set_title(f"{study.replace('_', ' ')}: mean over seeds, band = min to max", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: no curve hidden
     fig.tight_layout()
     return fig
+
+
+def _bar_label(label: str) -> str:
+    """``"Gaussian convs (std × 1)"`` → three short lines, the parenthesis kept whole."""
+    head, _, tail = label.partition(" (")
+    return textwrap.fill(head, 12) + (f"\n({tail}" if tail else "")
 
 
 def plot_step0_damage(
@@ -112,7 +129,7 @@ def plot_step0_damage(
     """Before any update: how far each connection's controlled U-Net predicts from the locked
     one, and what that does to the samples' colours (the prompt) and to their IoU."""
     variants = [v for v in variants if v in result["variants"]]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, title in zip(
         axes,
         ("step0_deviation", "step0_colours_ok", "step0_iou"),
@@ -132,9 +149,18 @@ def plot_step0_damage(
             capsize=3,
             color=plt.cm.tab10.colors[: len(variants)],
         )
-        ax.set_xticks(
-            range(len(variants)), [_label(v).replace(" (", "\n(") for v in variants], fontsize=7
-        )
+        # labels wrapped to the bar's width, so that neighbours do not run into each other
+        ax.set_xticks(range(len(variants)), [_bar_label(_label(v)) for v in variants], fontsize=7)
+        for x, mean in enumerate(means):
+            if mean == 0:  # a bar of height 0 cannot be seen: say it
+                ax.annotate(
+                    "0, exactly",
+                    (x, 0),
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                )
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

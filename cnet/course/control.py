@@ -30,13 +30,20 @@ def plot_sweep(
     title: str = "",
     ceiling: float | None = None,
     base: float | None = None,
+    categorical: bool = False,
 ):
-    """Fidelity (IoU) and prompt adherence (both colours drawn) against a knob."""
+    """Fidelity (IoU) and prompt adherence (both colours drawn) against a knob; points of a
+    ``categorical`` knob (e.g. windows of the sampling steps) are not joined by lines."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    ax.plot(x, [r["iou"] for r in rows], "o-", label="fidelity (IoU with the requested disc)")
-    ax.plot(x, [r["colours_ok"] for r in rows], "s--", label="both prompted colours drawn")
+    joined = ("", "") if categorical else ("-", "--")
+    ax.plot(
+        x, [r["iou"] for r in rows], "o" + joined[0], label="fidelity (IoU with the requested disc)"
+    )
+    ax.plot(
+        x, [r["colours_ok"] for r in rows], "s" + joined[1], label="both prompted colours drawn"
+    )
     if ceiling is not None:
         ax.axhline(ceiling, color="gray", lw=0.8, ls=":", label=f"VAE ceiling {ceiling:.2f}")
     if base is not None:
@@ -74,26 +81,28 @@ def plot_sample_strip(
 
 def plot_residual_heatmap(magnitudes: torch.Tensor, title: str = ""):
     """The 13 residuals' RMS (rows) at each sampling step (columns), one colour scale per row
-    relative to its own largest value, so that every residual's timing shows."""
+    relative to its own largest value, so that every residual's timing shows; each row's
+    largest RMS is written on the right, so that their sizes show too."""
     import matplotlib.pyplot as plt
 
-    relative = magnitudes / magnitudes.amax(dim=1, keepdim=True).clamp(min=1e-12)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    image = ax.imshow(relative.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    largest = magnitudes.amax(dim=1, keepdim=True).clamp(min=1e-12)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
+    image = ax.imshow((magnitudes / largest).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    rows = range(magnitudes.shape[0])
     ax.set(
         xlabel="sampling step (DDIM, first = noisiest)",
         ylabel="residual",
         xticks=range(0, magnitudes.shape[1], 2),
-        yticks=range(magnitudes.shape[0]),
-        yticklabels=[
-            f"{i}" if i < magnitudes.shape[0] - 1 else f"{i} (middle)"
-            for i in range(magnitudes.shape[0])
-        ],
+        yticks=rows,
+        yticklabels=[f"{i}" if i < len(rows) - 1 else f"{i} (middle)" for i in rows],
         title=title,
     )
-    ax.tick_params(labelsize=7)
-    fig.colorbar(image, ax=ax, label="RMS / its row's largest")
-    fig.tight_layout()
+    sizes = ax.twinx()
+    sizes.set(ylim=ax.get_ylim(), yticks=rows, ylabel="its largest RMS")
+    sizes.set_yticklabels([f"{float(v):.2g}" for v in largest[:, 0]])
+    for axis in (ax, sizes):
+        axis.tick_params(labelsize=7)
+    fig.colorbar(image, ax=[ax, sizes], label="RMS / its row's largest", pad=0.02)
     return fig
 
 
@@ -133,6 +142,7 @@ def timing_figures(
         "control window (fractions of the sampling steps)",
         base=base_iou,
         title=title,
+        categorical=True,
     )
     sweep.axes[0].set_xticks(range(len(WINDOWS)), labels, fontsize=7)
     return {

@@ -82,3 +82,11 @@ def test_every_cnet_name_a_notebook_imports_exists():
                             importlib.import_module(alias.name)
     assert checked > 50
     assert not missing, "\n".join(missing)
+
+
+def test_the_strength_numbers_notebook_06_quotes_are_its_json():
+    """06's prose quotes how little fidelity falls past scale 1: the numbers it wrote."""
+    control = json.loads((ROOT / "figures" / "06_control.json").read_text())
+    iou = {row["scale"]: row["iou"] for row in control["strength"]}
+    notebook = (ROOT / "notebooks" / "06_controlling_generation.ipynb").read_text()
+    assert f"({iou[1.0]:.3f} at $s = 1$, {iou[2.0]:.3f} at $s = 2$)" in notebook

@@ -31,3 +31,14 @@ def test_every_notebook_is_listed_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         assert f"notebooks/{nb.name}" in readme, nb.name
+
+
+def test_the_teaching_path_shows_figures_that_exist():
+    """The 90-minute path names figures to show: each is in figures/ (written by a notebook)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    path = readme.split("### Teaching it in 90 minutes", 1)[1].split("\n### ", 1)[0]
+    named = set(re.findall(r"`([0-9a-z_]+\.png)`", path))
+    assert len(named) >= 10
+    assert not [n for n in named if not (ROOT / "figures" / n).is_file()]
