@@ -146,6 +146,15 @@ def load_checkpoint(
                 _, pid, name = key.split(".", 2)
                 state["state"].setdefault(int(pid), {})[name] = value
         optimizer.load_state_dict(state)
+        # the moments come back in the layout they were saved in (contiguous); a parameter in
+        # another one (channels-last) gets them in its own, as fused AdamW on a GPU requires
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for name, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        if value.stride() != p.stride():
+                            optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype)
+                            optimizer.state[p][name].copy_(value)
     return step
 
 

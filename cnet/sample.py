@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .injection import ControlledUNet, inject_residuals
 from .residuals import ControlResiduals
 
-__all__ = ["sample"]
+__all__ = ["controlled_steps", "sample"]
 
 
 @torch.no_grad()
@@ -72,14 +72,16 @@ def sample(
     if controlled is not None:
         conds, mask = _control_inputs(controlled, conditions, n, cfg, guess_mode, device, dtype)
 
-    steps = len(scheduler.timesteps)
+    inside = controlled_steps(
+        len(scheduler.timesteps), control_guidance_start, control_guidance_end
+    )
     for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents] * 2) if cfg else latents
         x = scheduler.scale_model_input(x, t)
         if controlled is None:
             eps = pipe.unet(x, t, encoder_hidden_states=embeds).sample
         else:
-            outside = i / steps < control_guidance_start or (i + 1) / steps > control_guidance_end
+            outside = i not in inside
             residuals = controlled.residuals(
                 x,
                 t,
@@ -124,6 +126,12 @@ def _control_inputs(
         conds = [net.encode_condition(c) for net, c in zip(controlled.controlnets, conds)]
     mask = torch.arange(2 * n, device=device) >= n if guess_mode and cfg else None
     return conds, mask
+
+
+def controlled_steps(steps: int, start: float, end: float) -> list[int]:
+    """The sampling steps (0-based, of ``steps``) that a control window ``[start, end]`` acts
+    on, by diffusers' rule: step i when ``start <= i / steps`` and ``(i + 1) / steps <= end``."""
+    return [i for i in range(steps) if start <= i / steps and (i + 1) / steps <= end]
 
 
 def _check_window(start: float, end: float) -> None:

@@ -194,7 +194,7 @@ def tables(results: dict[str, dict]) -> dict[str, str]:
 
 def _step_speedups_table(r: dict) -> str:
     names = {
-        "plain": f"as the loop runs it ({r['threads']} threads)",
+        "plain": f"as the loop runs it ({r['threads']} thread{'s' if r['threads'] > 1 else ''})",
         "channels_last": "base and ControlNet in channels-last memory",
         "compiled": "the controlled U-Net under torch.compile",
         "one_thread": "one thread",

@@ -302,8 +302,9 @@ def step_speedups(config: TrainConfig, repeats: int, compile_step: bool = True) 
     profile's batch and recipe), as the loop runs it, against the same step with: the base and
     the ControlNet in channels-last memory (the ``channels_last`` setting); the controlled U-Net
     under ``torch.compile`` (inductor; the first compiled call, which compiles into an empty
-    cache, is timed on its own); one thread where the run has more. Each way is its own trainer
-    from the same seed, all timed in turn.
+    cache, is timed on its own); and, where the run has more threads, the plain trainer's step on
+    one thread. Each layout and compilation is its own trainer from the same seed; all are timed
+    in turn.
 
     ``break_even_steps``: how many steps the compiled step needs before its saving has paid
     for the compilation (None where it saves nothing)."""
@@ -321,22 +322,23 @@ def step_speedups(config: TrainConfig, repeats: int, compile_step: bool = True) 
             trainer.load_data()
             steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
             calls[way] = lambda trainer=trainer, steps=steps: trainer.step(next(steps), log=False)
-        if compile_step:
-            # compiled into an empty cache, as on a fresh machine: inductor keeps what it
-            # compiled on disk, and a second process would pay a small part of it
-            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{out}/inductor"
-            compiled = trainers["compiled"]
-            compiled.model = torch.compile(compiled.model)
-            start = time.perf_counter()
-            calls["compiled"]()
-            result["compile_s"] = round(time.perf_counter() - start, 1)
-        if threads > 1:
-            calls["one_thread"] = lambda: _on_threads(1, calls["plain"])
-        times = interleaved_times(calls, repeats, 1, trainers["plain"].device)
-        for trainer in trainers.values():
-            trainer.close()
-        if compile_step:
+        # compiled into an empty cache, as on a fresh machine: inductor keeps what it compiled
+        # on disk, and a second process would pay a small part of it
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{out}/inductor"
+        try:
+            if compile_step:
+                compiled = trainers["compiled"]
+                compiled.model = torch.compile(compiled.model)
+                start = time.perf_counter()
+                calls["compiled"]()
+                result["compile_s"] = round(time.perf_counter() - start, 1)
+            if threads > 1:  # the plain trainer's step, on one thread
+                calls["one_thread"] = lambda: _on_threads(1, calls["plain"])
+            times = interleaved_times(calls, repeats, 1, trainers["plain"].device)
+        finally:
+            for trainer in trainers.values():
+                trainer.close()
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
             if cache is not None:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache

@@ -85,20 +85,22 @@ def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
     lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
     drawn: list[tuple[str, list, np.ndarray]] = []
-    for k, (variant, colour) in enumerate(
-        zip(result["studies"][study]["variants"], plt.cm.tab10.colors, strict=False)
+    for variant, colour in zip(
+        result["studies"][study]["variants"], plt.cm.tab10.colors, strict=False
     ):
         runs = result["variants"][variant]["runs"]
         steps = runs[0]["curves"]["eval_steps"]
         values = np.array([r["curves"][measure] for r in runs])
         label = f"{_label(variant)} ({len(runs)} seeds)"
-        # a longer run of the same seeds repeats a shorter one's curve: say so, and draw the
-        # later one dashed and thinner, so that neither hides the other
+        # a longer run of the same seeds repeats a shorter one's curve: say so, and draw it
+        # dashed and thinner over the other, so that neither hides the other
+        repeats = False
         for name, earlier_steps, earlier in drawn:
             n = min(len(earlier_steps), len(steps))
             if steps[:n] == earlier_steps[:n] and np.array_equal(values[:, :n], earlier[:, :n]):
                 label += f"; the same runs as {name} to step {steps[n - 1]}"
-        style = {"lw": 2.5 if k == 0 else 1.4, "ls": "-" if k == 0 else ("--", ":", "-.")[k % 3]}
+                repeats = True
+        style = {"lw": 1.2, "ls": "--"} if repeats else {"lw": 1.8}
         ax.plot(steps, values.mean(0), color=colour, label=label, **style)
         ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2)
         drawn.append((_label(variant), steps, values))

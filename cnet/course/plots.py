@@ -77,10 +77,10 @@ def plot_zero_conv_trajectory(traj, title: str = "") -> plt.Figure:
 def plot_gradient_flow(
     flow, steps: tuple[int, ...] = (0, 1), all_steps: bool = False
 ) -> plt.Figure:
-    """Gradient norm of every trainable parameter of a ControlledBlock at the given training
-    steps (0-based: 0 is step 1, the first update). Exact zeros are drawn as hollow markers on
-    the axis floor. ``all_steps``: the axis spans every step of ``flow``, so that one step's
-    bars compare with another's."""
+    """Gradient norm of every trainable parameter of a ControlledBlock at the given updates
+    (0-based: 0 is update 1). Exact zeros are drawn as hollow markers on the axis floor.
+    ``all_steps``: the axis spans every update of ``flow``, so that one update's bars compare
+    with another's."""
     names, groups, per_step = [], [], {s: [] for s in steps}
     for group in ("z2", "theta_c", "z1"):
         for name, norms in getattr(flow, group).items():
@@ -100,7 +100,7 @@ def plot_gradient_flow(
     for k, s in enumerate(steps):
         xs = [i + (k - (len(steps) - 1) / 2) * width for i in range(len(names))]
         vals = per_step[s]
-        ax.bar(xs, [v if v > 0 else 0 for v in vals], width, label=f"step {s + 1}", color=f"C{k}")
+        ax.bar(xs, [v if v > 0 else 0 for v in vals], width, label=f"update {s + 1}", color=f"C{k}")
         zx = [x for x, v in zip(xs, vals) if v == 0]
         ax.plot(
             zx,
@@ -108,14 +108,14 @@ def plot_gradient_flow(
             "o",
             mfc="none",
             color=f"C{k}",
-            label=f"step {s + 1}: exactly 0" if zx else None,
+            label=f"update {s + 1}: exactly 0" if zx else None,
         )
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor / 2, top=max(positive) * 3 if positive else 1.0)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("‖∂L/∂θ‖")
     ax.set_title(
-        "Where the gradient flows: " + " vs ".join(f"step {s + 1}" for s in steps), fontsize=10
+        "Where the gradient flows: " + " vs ".join(f"update {s + 1}" for s in steps), fontsize=10
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -127,30 +127,32 @@ class ZeroConvExplorer(_Explorer):
 
 
 class GradientFlowExplorer(_Explorer):
-    """Step through the training steps of a :func:`cnet.course.lessons.gradient_flow` run: which
-    of the controlled block's parameters get gradient at step k (exact zeros drawn hollow)."""
+    """Step through the updates of a :func:`cnet.course.lessons.gradient_flow` run: which of the
+    controlled block's parameters get gradient at update k (exact zeros drawn hollow)."""
 
     GROUPS = (("z2", "Θ_z2 (out)"), ("theta_c", "Θ_c (copy)"), ("z1", "Θ_z1 (in)"))
 
     def __init__(self, flow):
         self.flow = flow
-        self.step_number = widgets.IntSlider(value=1, min=1, max=len(flow.loss), description="step")
+        self.update_number = widgets.IntSlider(
+            value=1, min=1, max=len(flow.loss), description="update"
+        )
         self.image = _picture()
         self.summary = widgets.HTML()
-        self.step_number.observe(lambda _change: self.update(), names="value")
-        self.widget = widgets.VBox([self.step_number, self.summary, self.image])
+        self.update_number.observe(lambda _change: self.update(), names="value")
+        self.widget = widgets.VBox([self.update_number, self.summary, self.image])
         self.update()
 
     def update(self) -> None:
-        k = self.step_number.value
+        k = self.update_number.value
         self.nonzero = {g: self.flow.nonzero(g, k - 1) for g, _ in self.GROUPS}
-        self.summary.value = f"step {k}: non-zero gradient in " + ", ".join(
+        self.summary.value = f"update {k}: non-zero gradient in " + ", ".join(
             f"{label} {self.nonzero[g]} of {len(getattr(self.flow, g))} tensors"
             for g, label in self.GROUPS
         )
-        # the same axis at every step, so that bars compare across steps
+        # the same axis at every update, so that bars compare across updates
         fig = plot_gradient_flow(self.flow, steps=(k - 1,), all_steps=True)
-        fig.axes[0].set_title(f"Where the gradient flows at step {k}", fontsize=10)
+        fig.axes[0].set_title(f"Where the gradient flows at update {k}", fontsize=10)
         self.ylim = fig.axes[0].get_ylim()
         self.image.value = _png(fig)
 
@@ -358,18 +360,24 @@ class ControlExplorer(_Explorer):
         self.update()
 
     def update(self) -> None:
-        from ..sample import sample
+        from ..sample import controlled_steps, sample
         from ..train.evaluate import fidelity
 
         i, (start, end) = self.condition.value, self.window.value
-        self.window_readout.value = f"steps {start:.2f}–{end:.2f} of the way"
+        steps = controlled_steps(self.steps, start, end)
+        self.window_readout.value = (
+            f"steps {steps[0] + 1}–{steps[-1] + 1} of {self.steps} controlled"
+            if steps
+            else f"no step of {self.steps} controlled"
+        )
         caption = (
             f"s = {self.scale.value:.2f}, window {start:.2f}–{end:.2f}, w = {self.guidance.value:g}"
         )
-        if not start < end:  # the slider's two ends met: control would act on no step
+        if not steps:  # control would act on no sampling step: say so rather than draw the base
             self.summary.value = (
-                f"<b>The window {start:.2f}–{end:.2f} is empty</b>: control would act on no "
-                "step. Move its ends apart to sample; the picture below (faded) is the last one."
+                f"<b>The window {start:.2f}–{end:.2f} holds no sampling step</b> (step i of "
+                f"{self.steps} is controlled when start ≤ i/{self.steps} and (i + 1)/{self.steps} "
+                "≤ end): widen it to sample; the picture below (faded) is the last one."
             )
             if self._last is not None:
                 self.image.value = self._draw(*self._last, stale=True)

@@ -117,3 +117,15 @@ def test_control_window_equals_diffusers_control_guidance_start_end(parts, windo
         assert (largest > 0) == (start <= i / 4 and (i + 1) / 4 <= end), (i, largest)
     with pytest.raises(ValueError, match="expected 0 <= start < end <= 1"):
         sample(pipe, None, PROMPTS, control_guidance_start=0.5, control_guidance_end=0.5)
+
+
+def test_a_control_window_holds_the_steps_diffusers_rule_gives():
+    """Step i of n is controlled when start <= i/n and (i + 1)/n <= end (diffusers' rule);
+    a window narrower than one step can hold none."""
+    from cnet.sample import controlled_steps
+
+    assert controlled_steps(10, 0.0, 1.0) == list(range(10))
+    assert controlled_steps(10, 0.0, 0.5) == [0, 1, 2, 3, 4]
+    assert controlled_steps(10, 0.75, 1.0) == [8, 9]
+    assert controlled_steps(10, 0.5, 0.55) == [] and controlled_steps(10, 0.15, 0.25) == []
+    assert controlled_steps(4, 0.3, 0.7) == []

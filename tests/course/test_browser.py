@@ -1,7 +1,7 @@
 """A learner's view: JupyterLab in a real browser (Debian's Chromium, headless, driven by
-playwright) runs a notebook holding one of the course's explorers, a slider is moved with the
-keyboard as a person would, and the drawn figure and its numbers change. The screenshots are
-kept under the test's temporary folder (printed on failure).
+playwright) runs each of the course's explorers, every control is moved once with the mouse or
+the keyboard as a person would, and the drawn picture must change after each move, with no
+label cut. The screenshots are kept under the test's temporary folder (named on failure).
 
 Needs /usr/bin/chromium (``apt-get install -y chromium``, as ``.ci/run`` does) and playwright
 from PyPI; skipped without them."""

@@ -96,10 +96,10 @@ def test_gradient_flow_explorer_steps_through_the_cascade():
     first_image = explorer.image.value
     assert explorer.nonzero["z2"] > 0 and explorer.nonzero["theta_c"] == explorer.nonzero["z1"] == 0
     axis = explorer.ylim
-    explorer.step_number.value = 2
+    explorer.update_number.value = 2
     assert explorer.nonzero["theta_c"] > 0 and explorer.nonzero["z1"] > 0
-    assert explorer.image.value != first_image and "step 2" in explorer.summary.value
-    assert explorer.ylim == axis  # one scale for every step, so bars compare
+    assert explorer.image.value != first_image and "update 2" in explorer.summary.value
+    assert explorer.ylim == axis  # one scale for every update, so bars compare
 
 
 def test_scales_explorer_draws_each_rule():
