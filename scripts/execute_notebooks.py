@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+from cnet.course.widgets import WIDGET_VIEW
 
 
 def last_frames(text: str) -> str:

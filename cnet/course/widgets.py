@@ -25,6 +25,9 @@ from matplotlib.lines import Line2D
 from .lessons import zero_conv_trajectory
 from .plots import plot_gradient_flow, plot_zero_conv_trajectory
 
+#: The mime type under which Jupyter front ends draw a live widget.
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
 
 def _png(fig: plt.Figure, dpi: int = 80) -> bytes:
     buf = io.BytesIO()
@@ -53,11 +56,14 @@ class _Explorer:
     with the figure as a PNG beside it for a front end that cannot draw the widget."""
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
         summary = html.unescape(re.sub(r"<[^>]+>", "", self.summary.value))
-        bundle["text/plain"] = f"{type(self).__name__}: {summary}"
-        bundle["image/png"] = base64.b64encode(self.image.value).decode("ascii")
-        return bundle
+        return {
+            # the widget view as ipywidgets 7 and 8 both display it (7.7, Colab's, has no
+            # _repr_mimebundle_ of its own to ask)
+            WIDGET_VIEW: {"version_major": 2, "version_minor": 0, "model_id": self.widget.model_id},
+            "image/png": base64.b64encode(self.image.value).decode("ascii"),
+            "text/plain": f"{type(self).__name__}: {summary}",
+        }
 
 
 class ZeroConvExplorer(_Explorer):

@@ -38,13 +38,12 @@ The recipe (:mod:`cnet.experiments.recipe`, ``figures/recipe_study.json``; the r
 trains SD1.5 at lr 1e-5, batch 4). The quick profile before the study (600 steps of batch 16 at
 2e-3, uniform timesteps) started on 1 seed of 3 and collapsed on 2 of 3 at 1200 steps. At the
 same 12,800 samples, batch 32 at 2e-3 with cubic timesteps started on 5 of 5 seeds on one thread
-(at 1e-3: 2 of 5) and on 9 of 10 on two (steps 150-350; seed 5 not within 400, nor 800, where
-a dip to IoU 0.08 at step 500 raised its alert), none
-collapsed at 2x its steps, final IoU median 0.79 (one thread) and 0.69 (two; 0.83 at 2x): the quick
-profile. A rate decaying over the last 100 steps ended higher on 4 of 5 seeds (median 0.82) but
-started on 8 of 10 on two threads, so the constant rate stays. Uniform timesteps at this budget
-were not run, so the share of cubic sampling vs batch is undecided. The full profile is
-unchanged and has not been run over seeds.
+(at 1e-3: 2 of 5) and on 9 of 10 on two (steps 150-350; seed 5 not within 400, nor 800, where a
+dip to IoU 0.08 at step 500 raised its alert), none collapsed at 2x its steps, final IoU median
+0.79 (one thread) and 0.69 (two; 0.83 at 2x): the quick profile. A rate decaying over the last
+100 steps ended higher on 4 of 5 seeds (median 0.82) but started on 8 of 10 on two threads, so
+the constant rate stays. Uniform timesteps at this budget were not run, so the share of cubic
+sampling vs batch is undecided. The full profile is unchanged and has not been run over seeds.
 """
 
 from __future__ import annotations

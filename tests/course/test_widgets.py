@@ -12,11 +12,23 @@ from cnet.course.figures import repo_root
 from cnet.course.lessons import ConvNormAct, gradient_flow
 from cnet.course.widgets import (
     SD15_RESIDUAL_HEIGHTS,
+    WIDGET_VIEW,
     GradientFlowExplorer,
     RunExplorer,
     ScalesExplorer,
     ZeroConvExplorer,
 )
+
+
+def test_an_explorer_displays_without_ipywidgets_8s_bundle(monkeypatch):
+    """Colab ships ipywidgets 7.7, whose widgets have no _repr_mimebundle_: an explorer still
+    offers its live view and its picture."""
+    import ipywidgets
+
+    explorer = ScalesExplorer()
+    monkeypatch.delattr(ipywidgets.Widget, "_repr_mimebundle_")
+    bundle = explorer._repr_mimebundle_()
+    assert bundle[WIDGET_VIEW]["model_id"] == explorer.widget.model_id and bundle["image/png"]
 
 
 def test_a_stored_explorer_shows_its_picture_not_the_widgets_text():
@@ -25,9 +37,14 @@ def test_a_stored_explorer_shows_its_picture_not_the_widgets_text():
     picture; the text names the explorer and what it shows."""
     import base64
 
+    import ipywidgets
+
     explorer = ZeroConvExplorer(lr=0.01, steps=5)
     bundle = explorer._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle
+    # the same view ipywidgets 8 offers for the widget itself
+    view = ipywidgets.VBox._repr_mimebundle_(explorer.widget)
+    assert bundle[WIDGET_VIEW] == view[WIDGET_VIEW]
+    assert bundle[WIDGET_VIEW]["model_id"] == explorer.widget.model_id
     assert base64.b64decode(bundle["image/png"]) == explorer.image.value
     assert bundle["image/png"] and bundle["text/plain"].startswith("ZeroConvExplorer: SGD")
     assert "VBox" not in bundle["text/plain"] and "<" not in bundle["text/plain"]
