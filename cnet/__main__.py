@@ -114,8 +114,8 @@ def run_ablate(args: argparse.Namespace) -> None:
         for variant in args.variants:
             for seed in args.seeds:
                 ablation_config(variant, seed, args.root)  # every name checked first
-        for seed in args.seeds:
-            for variant in args.variants:
+        for variant in args.variants:
+            for seed in args.seeds:
                 train_variant(variant, seed, args.root)
         return
     if not args.no_train:
@@ -124,6 +124,7 @@ def run_ablate(args: argparse.Namespace) -> None:
         return
     from .bench.suites import variant_cost
     from .course.ablation_plots import write_ablation_figures
+    from .experiments.ledger import claim_ledger
 
     settings = ablation_config("default", 0, args.root)
     step_time = variant_cost(
@@ -136,12 +137,14 @@ def run_ablate(args: argparse.Namespace) -> None:
     result = summarize(
         studies, args.seeds, args.root, step_time, first_updates(settings), command=command.strip()
     )
+    result["ledger"] = claim_ledger(result)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result) + "\n")
     print(f"wrote {out}")
-    for path in write_ablation_figures(result, out.parent if args.figures else None):
-        print(f"wrote {path}")
+    if args.figures:  # beside the results only when asked: never over the shipped figures
+        for path in write_ablation_figures(result, out.parent):
+            print(f"wrote {path}")
 
 
 def run_recipe(args: argparse.Namespace) -> None:
@@ -357,9 +360,9 @@ def _add_ablate(sub) -> None:
         "--studies",
         nargs="+",
         default=None,
-        help="default: all (seeds connections lite prompt_dropout data_size lr grad_accum)",
+        help="default: all (seeds connections lite prompt_dropout data_size grad_accum long)",
     )
-    ablate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ablate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ablate.add_argument("--root", default="runs/ablate", help="where the runs go")
     ablate.add_argument(
         "--results",

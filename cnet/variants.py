@@ -48,8 +48,10 @@ def default_init_std(conv: nn.Conv2d) -> float:
 
 
 @torch.no_grad()
-def _gaussian_(conv: nn.Conv2d, gain: float, generator: torch.Generator | None) -> None:
-    std = gain * default_init_std(conv)
+def _gaussian_(
+    conv: nn.Conv2d, gain: float, std: float | None, generator: torch.Generator | None
+) -> None:
+    std = std if std is not None else gain * default_init_std(conv)
     for p in (conv.weight, conv.bias):
         p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) * std)
 
@@ -59,6 +61,7 @@ def replace_connections(
     kind: Connections,
     gain: float = 1.0,
     generator: torch.Generator | None = None,
+    std: float | None = None,
 ) -> ControlNet:
     r"""Give ``controlnet`` other connections than zero convolutions (in place; returns it).
 
@@ -66,7 +69,9 @@ def replace_connections(
     * ``"gaussian"``: the 13 + 1 zero convolutions (12 + 1 residual ones, and the condition
       encoder's last layer) get weights and biases drawn from
       :math:`\mathcal N(0, \sigma^2)`, :math:`\sigma` = ``gain`` × :func:`default_init_std`
-      of that layer (``gain`` 1: as large as PyTorch's default initialisation);
+      of that layer (``gain`` 1: as large as PyTorch's default initialisation), or
+      :math:`\sigma` = ``std`` for every layer where ``std`` is given (e.g. the learning rate:
+      the size of AdamW's first step, which moves every zero-convolution weight by about lr);
     * ``"none"``: no connection layer on the 12 + 1 residuals (identity: the copy's features
       are the residuals); the condition encoder's last layer, which maps its channels to the
       copy's, stays a convolution, Gaussian-initialised with ``gain``.
@@ -77,11 +82,13 @@ def replace_connections(
         )
     if not (math.isfinite(gain) and gain > 0):
         raise ValueError(f"connection_gain: {gain!r} is not allowed; expected a number > 0")
+    if std is not None and not (math.isfinite(std) and std > 0):
+        raise ValueError(f"connection_std: {std!r} is not allowed; expected a number > 0")
     if kind == "zero":
         return controlnet
     residual_convs = [*controlnet.zero_convs, controlnet.mid_zero_conv]
     for conv in [*residual_convs, controlnet.hint_encoder.zero_conv]:
-        _gaussian_(conv, gain, generator)
+        _gaussian_(conv, gain, std, generator)
     if kind == "none":
         controlnet.zero_convs = nn.ModuleList(nn.Identity() for _ in controlnet.zero_convs)
         controlnet.mid_zero_conv = nn.Identity()

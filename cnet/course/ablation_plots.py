@@ -12,8 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from safetensors.torch import load_file
 
-from ..train.data import condition_images
-from .figures import save_figure
+from ..experiments.recipe import COLLAPSE_SHARE, collapsed
+from ..train.runs import read_config
+from .figures import conditions_the_base_misses, save_figure
 from .training_plots import plot_sample_grid
 
 __all__ = [
@@ -35,12 +36,14 @@ LABELS = {
     "no-empty-prompts": "0 % empty prompts",
     "data-1k": "1k samples",
     "data-20k": "20k samples",
-    "lr-1e-3": "lr 1e-3",
+    "gaussian-lr": "Gaussian convs (std = lr)",
     "accum-2": "2 micro-batches / update",
-    "default-1200": "ControlNet, 1200 steps",
-    "gaussian-1200": "Gaussian convs (std × 1), 1200 steps",
-    "lite-1200": "ControlNet-lite, 1200 steps",
+    "default-2x": "ControlNet, 2× steps",
+    "gaussian-2x": "Gaussian convs (std × 1), 2× steps",
+    "lite-2x": "ControlNet-lite, 2× steps",
 }
+#: The connection variants, in the order figures draw them.
+CONNECTION_VARIANTS = ("default", "gaussian-lr", "gaussian-0.1", "gaussian", "none")
 
 
 def _label(variant: str) -> str:
@@ -62,12 +65,10 @@ def plot_seed_convergence(result: dict, variant: str = "default") -> plt.Figure:
             axes[0].axvline(run["onset"], color=colour, ls=":", lw=1)
         axes[1].plot(c["norm_steps"], c["hint_weight_norm"], color=colour, label=label)
         axes[2].plot(c["norm_steps"], c["copy_grad_norm"], color=colour, lw=0.8, label=label)
-    mean = np.mean([r["curves"]["iou"] for r in runs], axis=0)
-    axes[0].plot(runs[0]["curves"]["eval_steps"], mean, "k-", lw=2, label="mean over seeds")
     axes[0].set_ylabel("IoU with the condition")
     axes[0].set_title(
         f"{_label(variant)}: {len(runs)} seeds, evaluated every "
-        f"{result['settings']['eval_every']} steps",
+        f"{runs[0]['curves']['eval_steps'][1]} steps",
         fontsize=10,
     )
     axes[1].set_ylabel("‖Θ_z1‖ (encoder's zero conv)")
@@ -81,30 +82,51 @@ def plot_seed_convergence(result: dict, variant: str = "default") -> plt.Figure:
 
 
 def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
-    """Each variant of ``study``: the mean fidelity curve over seeds, with the band from the
-    lowest to the highest seed."""
+    """Each variant of ``study``, each seed a thin line of the variant's colour: a dot where
+    the run's onset is, a cross at the end of a run that collapsed (final below
+    ``COLLAPSE_SHARE`` × its best). No mean: runs that jump and runs that do not would average
+    into a ramp that none of them took."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
     drawn: list[tuple[str, list, np.ndarray]] = []
-    for variant, colour in zip(
-        result["studies"][study]["variants"], plt.cm.tab10.colors, strict=False
-    ):
+    names = result["studies"][study]["variants"]
+    accumulation = {v: result["variants"][v]["settings"].get("grad_accum", 1) for v in names}
+    # variants that draw more samples per update are compared at the same samples drawn
+    per_update = (
+        {v: result["settings"]["batch_size"] * a for v, a in accumulation.items()}
+        if len(set(accumulation.values())) > 1
+        else None
+    )
+    for variant, colour in zip(names, plt.cm.tab10.colors, strict=False):
         runs = result["variants"][variant]["runs"]
         steps = runs[0]["curves"]["eval_steps"]
+        if per_update:
+            steps = [s * per_update[variant] for s in steps]
         values = np.array([r["curves"][measure] for r in runs])
-        label = f"{_label(variant)} ({len(runs)} seeds)"
+        onsets = sum(r["onset"] is not None for r in runs)
+        label = f"{_label(variant)}: onset on {onsets} of {len(runs)} seeds"
         # a longer run of the same seeds repeats a shorter one's curve: say so, and draw it
-        # dashed and thinner over the other, so that neither hides the other
+        # dashed over the other, so that neither hides the other
         repeats = False
         for name, earlier_steps, earlier in drawn:
             n = min(len(earlier_steps), len(steps))
             if steps[:n] == earlier_steps[:n] and np.array_equal(values[:, :n], earlier[:, :n]):
-                label += f"; the same runs as {name} to step {steps[n - 1]}"
+                label += f" (the same runs as {name} to step {steps[n - 1]})"
                 repeats = True
-        style = {"lw": 1.2, "ls": "--"} if repeats else {"lw": 1.8}
-        ax.plot(steps, values.mean(0), color=colour, label=label, **style)
-        ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2)
+        style = {"lw": 0.9, "ls": "--"} if repeats else {"lw": 1.1}
+        for i, run in enumerate(runs):
+            ax.plot(
+                steps, values[i], color=colour, alpha=0.85, label=label if i == 0 else None, **style
+            )
+            if run["onset"] is not None:
+                k = run["curves"]["eval_steps"].index(run["onset"])
+                ax.plot(steps[k], values[i][k], "o", ms=4, color=colour)
+            if measure == "iou" and collapsed(run["curves"]["iou"]):
+                ax.plot(steps[-1], values[i][-1], "x", ms=8, mew=2, color=colour)
         drawn.append((_label(variant), steps, values))
-    ax.set_xlabel("training step")
+    ax.plot(np.nan, np.nan, "ko", ms=4, label="onset")
+    if measure == "iou":
+        ax.plot(np.nan, np.nan, "kx", ms=8, mew=2, label=f"collapsed (< {COLLAPSE_SHARE} × best)")
+    ax.set_xlabel("training samples drawn" if per_update else "training step")
     ax.set_ylabel(
         {
             "iou": "IoU with the condition",
@@ -112,7 +134,7 @@ def plot_study(result: dict, study: str, measure: str = "iou") -> plt.Figure:
             "layout_iou": "layout IoU",
         }.get(measure, measure)
     )
-    ax.set_title(f"{study.replace('_', ' ')}: mean over seeds, band = min to max", fontsize=10)
+    ax.set_title(f"{study.replace('_', ' ')}: one line per seed", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: no curve hidden
     fig.tight_layout()
@@ -125,9 +147,7 @@ def _bar_label(label: str) -> str:
     return textwrap.fill(head, 12) + (f"\n({tail}" if tail else "")
 
 
-def plot_step0_damage(
-    result: dict, variants=("default", "gaussian", "gaussian-0.1", "none")
-) -> plt.Figure:
+def plot_step0_damage(result: dict, variants=CONNECTION_VARIANTS) -> plt.Figure:
     """Before any update: how far each connection's controlled U-Net predicts from the locked
     one, and what that does to the samples' colours (the prompt) and to their IoU."""
     variants = [v for v in variants if v in result["variants"]]
@@ -199,8 +219,9 @@ def plot_first_updates(first: dict) -> plt.Figure:
 
 def samples_around_onset(run: dict, rows: int = 6) -> plt.Figure | None:
     """A run's evaluation samples at step 0, the two evaluations before its onset, the onset,
-    the one after, and the end (None where the run's folder is not here or it has no
-    onset)."""
+    the one after, and the end, on the ``rows`` conditions the locked base followed worst,
+    each condition's region outlined over its samples (None where the run's folder is not
+    here or it has no onset)."""
     folder = Path(run["run"])
     if run["onset"] is None or not (folder / "samples.safetensors").exists():
         return None
@@ -208,26 +229,31 @@ def samples_around_onset(run: dict, rows: int = 6) -> plt.Figure | None:
     steps = run["curves"]["eval_steps"]
     i = steps.index(run["onset"])
     shown = sorted({steps[0], *steps[max(i - 2, 0) : i + 2], steps[-1]})
-    first = samples[f"step_{steps[0]}"]
-    conditions = condition_images("fill", len(first), run["seed"], first.shape[-1])
+    conditions, regions, ranked = conditions_the_base_misses(
+        read_config(folder), samples[f"step_{steps[0]}"]
+    )
+    picked = ranked[:rows]
     return plot_sample_grid(
-        {k: v[:rows] for k, v in samples.items()},
-        conditions[:rows],
+        {k: v[picked] for k, v in samples.items()},
+        conditions[picked],
         shown,
-        label=f"seed {run['seed']}: onset at step {run['onset']}",
+        label=f"seed {run['seed']}: onset at step {run['onset']}; the {rows} conditions the "
+        "base followed worst",
+        regions=regions[picked],
     )
 
 
 def step0_samples(
-    result: dict, variants=("default", "gaussian", "gaussian-0.1", "none"), columns: int = 8
+    result: dict, variants=CONNECTION_VARIANTS, columns: int = 8
 ) -> plt.Figure | None:
     """Seed 0's evaluation samples before any update, one row per connection variant (None
     where the runs' folders are not here)."""
     rows = []
     for variant in variants:
-        runs = result["variants"].get(variant, {}).get("runs", [])
-        path = Path(runs[0]["run"]) / "samples.safetensors" if runs else None
-        if path is None or not path.exists():
+        if variant not in result["variants"]:  # not run (yet): its row is left out
+            continue
+        path = Path(result["variants"][variant]["runs"][0]["run"]) / "samples.safetensors"
+        if not path.exists():
             return None
         rows.append((variant, load_file(path)["step_0"][:columns]))
     fig, axes = plt.subplots(
@@ -246,10 +272,11 @@ def step0_samples(
 
 def write_ablation_figures(result: dict, folder: str | Path | None = None) -> list[Path]:
     """Every figure of notebook 07 as ``07_*.png`` in ``folder`` (default: figures/)."""
-    longest = "default-1200" if "default-1200" in result["variants"] else "default"
+    longest = "default-2x" if "default-2x" in result["variants"] else "default"
     figures = {"07_seed_convergence": plot_seed_convergence(result, longest)}
-    for study in result["studies"]:
-        figures[f"07_{study}"] = plot_study(result, study)
+    for study in result["studies"]:  # the seeds study is the seed convergence figure's top
+        if study != "seeds" and len(result["studies"][study]["variants"]) > 1:
+            figures[f"07_{study}"] = plot_study(result, study)
     if "connections" in result["studies"]:
         figures["07_step0_damage"] = plot_step0_damage(result)
         grid = step0_samples(result)
@@ -264,7 +291,7 @@ def write_ablation_figures(result: dict, folder: str | Path | None = None) -> li
         figures["07_samples_around_onset"] = grid
     # the sample grids are many small images: a lower resolution keeps them light in a notebook
     paths = [
-        save_figure(fig, name, folder, dpi=60 if "samples" in name else 110)
+        save_figure(fig, name, folder, dpi=75 if "samples" in name else 110)
         for name, fig in figures.items()
     ]
     plt.close("all")

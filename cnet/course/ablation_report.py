@@ -1,10 +1,12 @@
 """The ablations' summary (:func:`cnet.experiments.ablate.summarize`) in words: the one table
-(README, notebook 07) and, per study, what each variant changes beyond the seed spread and what it
-does not."""
+(README, notebook 07) and, per study, each variant against its reference seed by seed, judged
+by the ledger's rule (:mod:`cnet.experiments.ledger`)."""
 
 from __future__ import annotations
 
-from ..experiments.ablate import differs
+from ..experiments.ablate import RUN_MEASURES
+from ..experiments.ledger import paired
+from ..experiments.recipe import collapsed
 from .ablation_plots import LABELS
 
 __all__ = ["ablation_table", "effects", "format_spread", "step_time_table"]
@@ -15,6 +17,7 @@ MEASURES = {
     "final_iou": "final IoU",
     "final_colours_ok": "final colour accuracy",
     "prompt_free_layout_iou": "prompt-free layout IoU",
+    "step0_iou": "step-0 IoU",
     "step0_deviation": "step-0 deviation",
     "step0_colours_ok": "step-0 colour accuracy",
     "copy_drift": "copy drift",
@@ -33,60 +36,75 @@ def format_spread(stats: dict, digits: int = 2, counts: bool = False) -> str:
 
 def ablation_table(result: dict) -> str:
     """Variant, trainable parameters, step time against the ControlNet's (measured side by
-    side, :func:`cnet.bench.suites.variant_cost`; — where not measured), onset (mean ± sd, and
-    how many seeds left the step-0 band), final IoU and prompt-free layout IoU (mean ± sd), and
-    how many seeds diverged (:func:`cnet.experiments.ablate.diverged_at`)."""
+    side, :func:`cnet.bench.suites.variant_cost`; — where not measured), the seeds with an
+    onset, the final IoU of each seed (seed 0 first), prompt-free layout IoU (mean ± sd), and
+    how many seeds collapsed (:func:`cnet.experiments.recipe.collapsed`) and diverged
+    (:func:`cnet.experiments.ablate.diverged_at`)."""
     ratios = result.get("step_time", {}).get("time_ratio", {})
     lines = [
-        "| variant | trainable parameters | step time | onset step (seeds with one) "
-        "| final IoU | prompt-free layout IoU | diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | trainable parameters | step time | onset | final IoU per seed "
+        "| prompt-free layout IoU | collapsed | diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, variant in result["variants"].items():
-        stats = variant["aggregate"]
+        stats, runs = variant["aggregate"], variant["runs"]
         ratio = f"{ratios[name]:.2f}×" if name in ratios else "—"
+        finals = " / ".join(f"{r['final']['iou']:.2f}" for r in runs)
+        fell = sum(collapsed(r["curves"]["iou"]) for r in runs)
         lines.append(
             f"| {LABELS.get(name, name)} | {variant['trainable_parameters'] / 1e6:.2f}M | {ratio} "
-            f"| {format_spread(stats['onset'], 0, counts=True)} "
-            f"| {format_spread(stats['final_iou'])} "
+            f"| {stats['onset']['n']} of {stats['onset']['of']} | {finals} "
             f"| {format_spread(stats['prompt_free_layout_iou'])} "
-            f"| {stats['diverged_at']['n']}/{stats['diverged_at']['of']} |"
+            f"| {fell} of {len(runs)} "
+            f"| {stats['diverged_at']['n']} of {stats['diverged_at']['of']} |"
         )
     return "\n".join(lines)
 
 
 def effects(result: dict, study: str, measures=tuple(MEASURES)) -> list[str]:
-    """One line per variant of ``study`` and measure, against the study's reference (the
-    default ControlNet at the same number of steps): higher or lower
-    where the seeds' ranges do not overlap (:func:`cnet.experiments.ablate.differs`), "within the
-    seed spread" where they do, and how many seeds have a value where not all do (a run with
-    no onset)."""
+    """One line per variant of ``study`` and measure, against the study's reference, seed by
+    seed (:func:`cnet.experiments.ledger.paired`): the means, the mean paired difference with
+    its 95 % bootstrap interval, on how many seeds the variant is higher and lower, and the
+    ledger's rule: "lower on every seed", "higher on every seed", or "undecided". For the
+    onset, which a run without one lacks, the seeds with one on each side and the steps."""
     reference = result["studies"][study]["reference"]
     if reference is None:
         return []
-    default = result["variants"][reference]["aggregate"]
     lines = []
     for variant in result["studies"][study]["variants"]:
         if variant == reference:
             continue
-        stats = result["variants"][variant]["aggregate"]
+        name = LABELS.get(variant, variant)
         for key in measures:
-            a, b = stats[key], default[key]
-            if not a.get("n") and not b.get("n"):
+            value = RUN_MEASURES[key]
+            if key == "onset":
+                mine, theirs = (
+                    [value(r) for r in result["variants"][v]["runs"]] for v in (variant, reference)
+                )
+                have = [sum(o is not None for o in x) for x in (mine, theirs)]
+                steps = ["/".join("–" if o is None else str(o) for o in x) for x in (mine, theirs)]
+                lines.append(
+                    f"{name}: onset on {have[0]} of {len(mine)} seeds ({steps[0]}) vs "
+                    f"{have[1]} of {len(theirs)} ({steps[1]})"
+                )
                 continue
-            complete = a["n"] == a["of"] and b["n"] == b["of"]
-            if differs(a, b):
-                verdict = "higher" if a["mean"] > b["mean"] else "lower"
-                verdict += ", beyond the seed spread"
-            elif complete:
-                verdict = "within the seed spread"
-            else:
-                verdict = "not every seed has one: no verdict"
-            digits = 0 if key in ("onset", "t50") else 2
+            c = paired(result, variant, reference, value)
+            n = len(c["differences"])
+            if not n:
+                continue
+            verdict = (
+                "lower on every seed"
+                if c["lower"] == n
+                else "higher on every seed"
+                if c["higher"] == n
+                else "undecided"
+            )
+            mean = [result["variants"][v]["aggregate"][key]["mean"] for v in (variant, reference)]
+            low, high = c["interval"]
             lines.append(
-                f"{LABELS.get(variant, variant)}: {MEASURES[key]} "
-                f"{format_spread(a, digits, not complete)} vs "
-                f"{format_spread(b, digits, not complete)}: {verdict}"
+                f"{name}: {MEASURES[key]} {mean[0]:.2f} vs {mean[1]:.2f}; paired "
+                f"{c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}], higher on "
+                f"{c['higher']} of {n} seeds, lower on {c['lower']}: {verdict}"
             )
     return lines
 

@@ -8,6 +8,7 @@ module         what it holds
 recipe         the recipe study: which settings make every seed follow its condition
                (notebook 05; the quick profile is its choice)
 ablate         the paper's ablations over seeds: their runs, measures and summary (07)
+ledger         the claim ledger: each claim the ablations test, its paired effect and verdict (07)
 first_updates  updates 1-2-3 of a real run, per parameter group, exactly (07)
 compare        runs that differ in one setting, side by side
 control        control on a trained ControlNet: strength, timing, the empty prompt, transfer (06)

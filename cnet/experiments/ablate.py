@@ -1,30 +1,31 @@
 r"""The paper's ablations and the convergence evidence, on the training loop itself (ICCV §4.2).
 
-    python -m cnet ablate                                  # every study, seeds 0 1 2
+    python -m cnet ablate                                  # every study, seeds 0-4
     python -m cnet ablate --studies connections --seeds 0  # one study, one seed
 
 Every ablation is a *setting* of the same loop (:func:`cnet.train.train`), run on the shipped
-base with the budget of the quick profile before the recipe study (600 steps of batch 16),
-evaluated every ``eval_every`` = 25 steps, for the same seeds; a seed sets everything random in
-a run (weights of the condition encoder, the draw of every batch, its training and evaluation
-sets), and variant and default share them seed by seed. A study compares variants against the
-default ControlNet:
+base with the quick profile as it is (400 updates of batch 32, lr 2e-3, cubic timesteps,
+evaluated every 50 steps), for the same five seeds; a seed sets everything random in a run
+(weights of the condition encoder, the draw of every batch, its training and evaluation sets),
+and variant and default share them seed by seed, so that they are compared seed by seed. A study
+compares variants against the default ControlNet:
 
 ==============  ==========================================================================
 study           variants (settings on top of the default)
 ==============  ==========================================================================
-seeds           the default, and the default trained on to 1200 steps: the convergence
-                curve with error bars (its first 600 steps are the default run's, bit for
-                bit: a run resumed equals the uninterrupted one)
+seeds           the default, and the default trained on to 2x the steps: the convergence
+                curve over seeds (its first steps are the default run's, bit for bit: a run
+                resumed equals the uninterrupted one)
 connections     Gaussian-initialised connections (std = 1 and 0.1 × PyTorch's default
-                initialisation's), the paper's; and none, cnet's own contrast
-                (:mod:`cnet.variants`)
+                initialisation's, the paper's; and std = lr, the size of AdamW's first step);
+                and none, cnet's own contrast (:mod:`cnet.variants`)
 lite            ControlNet-lite: one convolution per block of the trainable copy
 prompt_dropout  no empty prompts (the default replaces 50 % of them)
 data_size       1k and 20k training samples (the default: 4096)
-lr, grad_accum  notebook 05's knobs: lr 1e-3 (default 2e-3), 2 micro-batches per update
-long            the default, Gaussian connections and ControlNet-lite, each continued to 1200
-                steps (against the default at 1200)
+grad_accum      2 micro-batches per update, against the default trained on to 2x the steps:
+                the same samples, either as a larger batch or as more updates
+long            the default, Gaussian connections and ControlNet-lite, each continued to 2x
+                the steps (against the default at 2x): does a run collapse?
 ==============  ==========================================================================
 
 What each run is measured by (:func:`measure_run`): its fidelity curve and, from it, the onset
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +62,13 @@ from ..train.runs import load_checkpoint, read_log
 __all__ = [
     "ABLATION_SETTINGS",
     "DIVERGED_LOSS",
+    "RUN_MEASURES",
     "SEEDS",
     "STUDIES",
     "VARIANTS",
     "ablation_config",
     "diverged_at",
+    "finished",
     "measure_run",
     "run_studies",
     "summarize",
@@ -73,48 +76,46 @@ __all__ = [
     "train_variant",
 ]
 
-#: The quick profile notebook 07's shipped runs were made with (lr 2e-3, 600 steps of batch 16,
-#: uniform timesteps: the profile before the recipe study, cnet.experiments.recipe), and evaluations
-#: dense enough to time a jump of ~100 steps.
-ABLATION_SETTINGS: dict = {
-    "lr": 2e-3,
-    "batch_size": 16,
-    "steps": 600,
-    "timesteps": "uniform",
-    "lr_decay_start": 0,  # a constant rate
-    "eval_every": 25,
-}
-SEEDS = (0, 1, 2)
+#: The quick profile (the recipe study's choice, cnet.experiments.recipe), as it is: an ablation
+#: run is ``python -m cnet train --profile quick`` with the variant's settings. Its evaluations
+#: every 50 steps time a jump of ~100 steps; its default runs are the recipe check's.
+ABLATION_SETTINGS: dict = dict(PROFILES["quick"])
+#: Five seeds, the same for every variant: variants are compared seed by seed (paired).
+SEEDS = (0, 1, 2, 3, 4)
+_STEPS = ABLATION_SETTINGS["steps"]
 VARIANTS: dict[str, dict] = {
     "default": {},
     "gaussian": {"connections": "gaussian", "connection_gain": 1.0},
     "gaussian-0.1": {"connections": "gaussian", "connection_gain": 0.1},
+    # std = lr: the size of AdamW's first step, after which every zero-convolution weight is
+    # about +-lr; does starting at exactly zero still differ from starting that small?
+    "gaussian-lr": {"connections": "gaussian", "connection_std": ABLATION_SETTINGS["lr"]},
     "none": {"connections": "none"},
     "lite": {"trainable_copy": "lite"},
     "no-empty-prompts": {"empty_prompt_ratio": 0.0},
     "data-1k": {"train_size": 1024},
     "data-20k": {"train_size": 20480},
-    "lr-1e-3": {"lr": 1e-3},
+    # twice the samples per update, as many updates: the same samples as default-2x
     "accum-2": {"grad_accum": 2},
-    "default-1200": {"steps": 1200},
-    "gaussian-1200": {"connections": "gaussian", "connection_gain": 1.0, "steps": 1200},
-    "lite-1200": {"trainable_copy": "lite", "steps": 1200},
+    "default-2x": {"steps": 2 * _STEPS},
+    "gaussian-2x": {"connections": "gaussian", "connection_gain": 1.0, "steps": 2 * _STEPS},
+    "lite-2x": {"trainable_copy": "lite", "steps": 2 * _STEPS},
 }
 #: Variants that continue another's run: their folder starts as a copy of it (same settings but
 #: ``steps``, which a run may change when it resumes), so their first steps are its steps.
-CONTINUES = {"default-1200": "default", "gaussian-1200": "gaussian", "lite-1200": "lite"}
+CONTINUES = {"default-2x": "default", "gaussian-2x": "gaussian", "lite-2x": "lite"}
 STUDIES: dict[str, tuple[str, ...]] = {
-    "seeds": ("default", "default-1200"),
-    "connections": ("default", "gaussian", "gaussian-0.1", "none"),
+    "seeds": ("default", "default-2x"),
+    "connections": ("default", "gaussian", "gaussian-0.1", "gaussian-lr", "none"),
     "lite": ("default", "lite"),
     "prompt_dropout": ("default", "no-empty-prompts"),
     "data_size": ("data-1k", "default", "data-20k"),
-    "lr": ("default", "lr-1e-3"),
-    "grad_accum": ("default", "accum-2"),
-    "long": ("default-1200", "gaussian-1200", "lite-1200"),
+    "grad_accum": ("default-2x", "accum-2"),
+    "long": ("default-2x", "gaussian-2x", "lite-2x"),
 }
-#: What a study's variants are compared against (none for the seeds study: its two are one run).
-REFERENCE = {"seeds": None, "long": "default-1200"}
+#: What a study's variants are compared against (none for the seeds study: its two are one run;
+#: accumulation against the default trained on the same number of samples).
+REFERENCE = {"seeds": None, "long": "default-2x", "grad_accum": "default-2x"}
 
 
 def ablation_config(variant: str, seed: int, root: str | Path = "runs/ablate") -> TrainConfig:
@@ -155,7 +156,8 @@ def run_studies(
     settings gives the same one)."""
     _check_studies(studies, seeds)
     variants = list(dict.fromkeys(v for s in studies for v in STUDIES[s]))
-    runs = [(v, seed) for seed in seeds for v in variants]
+    # variant by variant over all seeds: a study cut short leaves whole variants to compare
+    runs = [(v, seed) for v in variants for seed in seeds]
     for variant, seed in runs:
         train_variant(variant, seed, root)
     return [Path(ablation_config(v, seed, root).out) for v, seed in runs]
@@ -321,36 +323,37 @@ def spread(values: Sequence[float | None]) -> dict:
     return out
 
 
-def differs(a: dict, b: dict) -> bool:
-    """Two spreads' seed ranges do not overlap, every seed having a value on both sides and at
-    least two of them: the one way cnet calls a difference between variants larger than the
-    seed-to-seed spread. It is a weak test: with 3 seeds against 3, two samples of the same
-    distribution fail to overlap with probability 2 · 3! 3! / 6! = 0.1, so among many
-    comparisons some such calls are chance."""
-    full = all(s.get("n", 0) >= 2 and s["n"] == s["of"] for s in (a, b))
-    return full and (a["max"] < b["min"] or b["max"] < a["min"])
+#: What the summary reports of each run, by name: one definition, used by the aggregate over
+#: seeds (:func:`aggregate`) and by the paired comparisons (:mod:`cnet.experiments.ledger`).
+RUN_MEASURES: dict[str, Callable[[dict], float | None]] = {
+    "onset": lambda r: r["onset"],
+    "t20": lambda r: r["report"]["start"],
+    "t50": lambda r: r["report"]["step"],
+    "t80": lambda r: r["report"]["end"],
+    "sharpest_share": lambda r: r["report"]["sharpest_share"],
+    "final_iou": lambda r: r["final"]["iou"],
+    "final_layout_iou": lambda r: r["final"]["layout_iou"],
+    "final_colours_ok": lambda r: r["final"]["colours_ok"],
+    "prompt_free_layout_iou": lambda r: r["prompt_free_layout_iou"],
+    "step0_iou": lambda r: r["curves"]["iou"][0],
+    "step0_colours_ok": lambda r: r["curves"]["colours_ok"][0],
+    "step0_deviation": lambda r: r["step0_deviation"],
+    "copy_drift": lambda r: r["copy_drift"],
+    "wall_time_s": lambda r: r["wall_time_s"],
+    "diverged_at": lambda r: r["diverged_at"],
+}
 
 
 def aggregate(runs: list[dict]) -> dict:
     """A variant's measures over its seeds (:func:`spread` of each)."""
-    pick = {
-        "onset": lambda r: r["onset"],
-        "t20": lambda r: r["report"]["start"],
-        "t50": lambda r: r["report"]["step"],
-        "t80": lambda r: r["report"]["end"],
-        "sharpest_share": lambda r: r["report"]["sharpest_share"],
-        "final_iou": lambda r: r["final"]["iou"],
-        "final_layout_iou": lambda r: r["final"]["layout_iou"],
-        "final_colours_ok": lambda r: r["final"]["colours_ok"],
-        "prompt_free_layout_iou": lambda r: r["prompt_free_layout_iou"],
-        "step0_iou": lambda r: r["curves"]["iou"][0],
-        "step0_colours_ok": lambda r: r["curves"]["colours_ok"][0],
-        "step0_deviation": lambda r: r["step0_deviation"],
-        "copy_drift": lambda r: r["copy_drift"],
-        "wall_time_s": lambda r: r["wall_time_s"],
-        "diverged_at": lambda r: r["diverged_at"],
-    }
-    return {name: spread([f(r) for r in runs]) for name, f in pick.items()}
+    return {name: spread([f(r) for r in runs]) for name, f in RUN_MEASURES.items()}
+
+
+def finished(variant: str, seed: int, root: str | Path = "runs/ablate") -> bool:
+    """Whether the run has reached its steps (its ``run.json`` says so)."""
+    config = ablation_config(variant, seed, root)
+    summary = Path(config.out) / "run.json"
+    return summary.exists() and json.loads(summary.read_text())["steps"] == config.steps
 
 
 def summarize(
@@ -362,11 +365,19 @@ def summarize(
     command: str = "",
 ) -> dict:
     """Measure every finished run of ``studies`` and gather them: per variant its settings,
-    trainable parameters, runs and aggregate; per study its variants, its reference (the
-    default, or :data:`REFERENCE`'s) and, for each variant against it, which measures differ
-    beyond the seed spread (:func:`differs`)."""
+    trainable parameters, runs and aggregate; per study its variants and its reference (the
+    default, or :data:`REFERENCE`'s), against which :mod:`cnet.experiments.ledger` compares
+    them seed by seed. A variant not yet finished on every seed is
+    left out and listed under ``not_run`` with the commands that make its runs, so that a
+    study cut short is reported as far as it went, never with fewer seeds on one side."""
     _check_studies(studies, seeds)
     variants = list(dict.fromkeys(v for s in studies for v in STUDIES[s]))
+    if not all(finished("default", s, root) for s in seeds):
+        raise SettingError(
+            f"root: {str(root)!r} has no finished default run for every seed {list(seeds)}; "
+            "expected them first (python -m cnet ablate --studies seeds)"
+        )
+    done = [v for v in variants if all(finished(v, s, root) for s in seeds)]
     pipe = load_base(ablation_config(variants[0], seeds[0], root).base)
     result: dict = {
         "command": command,
@@ -374,12 +385,15 @@ def summarize(
         "seeds": list(seeds),
         "variants": {},
         "studies": {},
+        "not_run": {
+            v: [train_command(v, s, root) for s in seeds] for v in variants if v not in done
+        },
     }
     reference = {
         s: measure_run(ablation_config("default", s, root).out, pipe)["curves"]["iou"][0]
         for s in seeds
     }  # the locked base's fidelity on each seed's evaluation set
-    for variant in variants:
+    for variant in done:
         runs = [
             measure_run(
                 ablation_config(variant, s, root).out,
@@ -397,15 +411,12 @@ def summarize(
         }
     for study in studies:
         names, reference = STUDIES[study], REFERENCE.get(study, "default")
-        base = result["variants"][reference]["aggregate"] if reference else {}
+        if reference and reference not in done:
+            continue
         result["studies"][study] = {
-            "variants": list(names),
+            "variants": [v for v in names if v in done],
+            "not_run": [v for v in names if v not in done],
             "reference": reference,
-            "differs_from_reference": {
-                v: {k: differs(result["variants"][v]["aggregate"][k], base[k]) for k in base}
-                for v in names
-                if reference and v != reference
-            },
         }
     if step_time is not None:
         result["step_time"] = step_time

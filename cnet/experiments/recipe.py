@@ -47,6 +47,7 @@ __all__ = [
     "RECIPES",
     "RECIPE_SEEDS",
     "choose",
+    "collapsed",
     "measure_recipe_run",
     "recipe_command",
     "recipe_config",
@@ -86,6 +87,13 @@ RECIPES: dict[str, dict] = {
 }
 #: A continued run has collapsed where its final fidelity is below this share of its best.
 COLLAPSE_SHARE = 0.9
+
+
+def collapsed(fidelity: Sequence[float]) -> bool:
+    """The run's last evaluation is below :data:`COLLAPSE_SHARE` × the best it reached."""
+    return fidelity[-1] < COLLAPSE_SHARE * max(fidelity)
+
+
 ONSET_MARGIN = 0.05
 
 
@@ -237,7 +245,7 @@ def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe")
             "onset_2x": onset_step(steps, iou, margin=ONSET_MARGIN),
             "final_iou_2x": iou[-1],
             "best_iou_2x": best_2x,
-            "collapsed_2x": iou[-1] < COLLAPSE_SHARE * best_2x,
+            "collapsed_2x": collapsed(iou),
             "alert_2x": _caught(log.loss, iou),
             "commands": result["commands"] + [recipe_command(recipe, seed, root, True)],
         }

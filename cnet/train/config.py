@@ -76,6 +76,7 @@ class TrainConfig:
     # the copy itself
     connections: str = "zero"  # zero, gaussian (std = connection_gain x default init's), none
     connection_gain: float = 1.0
+    connection_std: float = 0.0  # > 0: the Gaussian's std for every connection, not by gain
     trainable_copy: str = "full"  # full, or lite: one convolution per block
     train_size: int = 4096
     eval_size: int = 32
@@ -177,6 +178,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "hint_encoder": one_of("released", "paper"),
     "connections": one_of("zero", "gaussian", "none"),
     "connection_gain": positive_number(),
+    "connection_std": non_negative_number(),
     "trainable_copy": one_of("full", "lite"),
     "train_size": positive_int(),
     "eval_size": positive_int(),

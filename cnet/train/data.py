@@ -54,7 +54,10 @@ def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> Cont
         make_lite(controlnet)
     # the ablations' random weights come from the run's seed, as the condition encoder's do
     generator = torch.Generator().manual_seed(config.seed)
-    return replace_connections(controlnet, config.connections, config.connection_gain, generator)
+    std = config.connection_std or None  # 0: by gain
+    return replace_connections(
+        controlnet, config.connections, config.connection_gain, generator, std
+    )
 
 
 def task_dataset(

@@ -246,3 +246,27 @@ def test_a_training_run_writes_only_its_own_lines_to_stderr(base, tmp_path):
     strangers = [line for line in lines if not line.startswith("train:")]
     assert not strangers, "\n".join(strangers)
     assert lines and "done: 2 steps" in done.stdout
+
+
+def test_ablate_summary_writes_figures_only_where_asked(tmp_path, monkeypatch):
+    """`python -m cnet ablate --no_train` writes the summary with its claim ledger; figures
+    only with --figures, and then beside the summary, never into the shipped figures/."""
+    import cnet.bench.suites as suites
+    import cnet.course.ablation_plots as plots
+    import cnet.experiments.ablate as ablate
+    import cnet.experiments.first_updates as first
+
+    drawn = []
+    monkeypatch.setattr(suites, "variant_cost", lambda *a, **k: {"times_s": []})
+    monkeypatch.setattr(first, "first_updates", lambda config: {"updates": []})
+    monkeypatch.setattr(ablate, "summarize", lambda *a, **k: {"variants": {}, "studies": {}})
+    monkeypatch.setattr(
+        plots, "write_ablation_figures", lambda r, folder: drawn.append(folder) or []
+    )
+    results = tmp_path / "out" / "ablations.json"
+    assert main(["ablate", "--no_train", "--results", str(results)]) in (0, None)
+    written = json.loads(results.read_text())
+    assert [row["verdict"] for row in written["ledger"]] == ["not run"] * len(written["ledger"])
+    assert drawn == []
+    assert main(["ablate", "--no_train", "--results", str(results), "--figures"]) in (0, None)
+    assert drawn == [results.parent]

@@ -101,16 +101,18 @@ def test_fidelity_collapse_is_a_fall_back_toward_the_base_after_a_rise():
     assert not fidelity_collapsed([0.30, 0.39, 0.30])  # a rise of 0.09 is within the jitter
 
 
-def _shipped_runs(variant):
-    shipped = json.loads((ROOT / "figures" / "07_ablations.json").read_text())
-    return shipped["variants"][variant]["runs"]
+def _collapsed_runs(variant):
+    # the curves of the ablation runs made with the quick profile before the recipe study
+    # (where it came from: the file's "source")
+    kept = json.loads((Path(__file__).parent / "data" / "collapsed_runs.json").read_text())
+    return kept["runs"][variant]
 
 
-def test_the_shipped_collapses_are_caught_and_the_healthy_runs_are_not():
-    # figures/07_ablations.json: at 1200 steps of lr 2e-3, seeds 1 and 2 of the default
+def test_real_collapses_are_caught_and_the_healthy_runs_are_not():
+    # At 1200 steps of the old quick profile (batch 16, lr 2e-3), seeds 1 and 2 of the default
     # collapsed (loss from ~0.08 to ~1 at steps 908 and 676); seed 0 and every Gaussian run held.
-    # Its curves keep every fifth logged loss, so 25 entries span 125 steps here.
-    for run in _shipped_runs("default-1200") + _shipped_runs("gaussian-1200"):
+    # The curves keep every fifth logged loss, so 25 entries span 125 steps here.
+    for run in _collapsed_runs("default-1200") + _collapsed_runs("gaussian-1200"):
         curves = run["curves"]
         steps, loss = curves["norm_steps"], curves["loss"]
         flagged = [steps[i] for i in range(len(loss)) if loss_spiked(loss[: i + 1])]
