@@ -46,8 +46,8 @@ def _train_settings(args: argparse.Namespace, default_profile: str) -> tuple[str
 
 def run_train(args: argparse.Namespace) -> None:
     from .course.figures import write_run_figures
+    from .processes import process_state
     from .train import train
-    from .train.engine import process_state
 
     profile, config = _train_settings(args, "full" if torch.cuda.is_available() else "quick")
     if not process_state(config.device == "cpu").is_main_process:

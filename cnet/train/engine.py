@@ -29,16 +29,14 @@ processes.)
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
 
 import torch
 import torch.utils.checkpoint
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 
 from ..controlnet import ControlNet
+from ..processes import fresh_accelerator, launched, process_state
 from .config import PRECISIONS, SettingError, TrainConfig, resolve_device
 
 __all__ = [
@@ -46,25 +44,8 @@ __all__ = [
     "checkpoint_trainable_copy",
     "make_accelerator",
     "process_share",
-    "process_state",
     "resolve_precision",
 ]
-
-# How long a process waits for the others at a barrier: the main process alone caches a
-# folder's latents while the rest wait, which on a large data set takes far longer than the
-# process group's default (10 minutes on NCCL).
-BARRIER_TIMEOUT = datetime.timedelta(hours=12)
-
-
-def _launched() -> bool:
-    """Started by torchrun or ``accelerate launch`` with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def process_state(cpu: bool) -> PartialState:
-    """accelerate's view of this process (its rank, its device), the process group set up with
-    :data:`BARRIER_TIMEOUT`."""
-    return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT) if _launched() else PartialState(cpu=cpu)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -84,22 +65,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """The run's :class:`accelerate.Accelerator`: its device, precision, gradient accumulation
     and, under torchrun or ``accelerate launch``, its process group."""
-    cpu = config.device == "cpu"
-    distributed = _launched()
-    if not distributed:
-        # One process may train several runs one after another (a notebook, the tests), each
-        # with its own device and precision; accelerate keeps one state per process, so it
-        # starts afresh.
-        AcceleratorState._reset_state(reset_partial_state=True)
-    state = process_state(cpu)
-    device = state.device if distributed else resolve_device(config.device)
+    distributed = launched()
+    if distributed:
+        device = process_state(config.device == "cpu").device
+    else:
+        device = resolve_device(config.device)
     precision = resolve_precision(config.mixed_precision, device)
     if precision == "fp16" and device.type == "cpu":
         raise SettingError(
             "mixed_precision: 'fp16' is not allowed on the CPU; expected no or "
             "bf16 there (fp16 with loss scaling needs a GPU)"
         )
-    accelerator = Accelerator(
+    accelerator = fresh_accelerator(
         mixed_precision=precision,
         cpu=device.type == "cpu",
         gradient_accumulation_steps=config.grad_accum,
@@ -119,13 +96,12 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def process_share(batch: dict, accelerator: Accelerator) -> dict:
-    """This process's contiguous slice of a micro-batch every process drew alike, on its
+    """This process's contiguous slice of a micro-batch every process drew alike (accelerate's
+    ``split_between_processes``; the batch size is a multiple of the processes), on its
     device."""
-    count, index = accelerator.num_processes, accelerator.process_index
-    share = len(batch["timesteps"]) // count
-    return {
-        k: v[index * share : (index + 1) * share].to(accelerator.device) for k, v in batch.items()
-    }
+    # a copy: accelerate slices a dictionary's values in place
+    with accelerator.split_between_processes(dict(batch)) as share:
+        return {k: v.to(accelerator.device) for k, v in share.items()}
 
 
 def checkpoint_trainable_copy(controlnet: ControlNet) -> int:
@@ -140,6 +116,9 @@ def checkpoint_trainable_copy(controlnet: ControlNet) -> int:
         if hasattr(m, "gradient_checkpointing")
     ]
     for block in blocks:
+        # diffusers switches it on only through a ModelMixin's enable_gradient_checkpointing,
+        # which the copy (a ControlNet of cnet, not a ModelMixin) has not: the blocks' own
+        # attributes are set as that method sets them
         block._gradient_checkpointing_func = lambda module, *args, f=recompute: f(
             module.__call__, *args
         )

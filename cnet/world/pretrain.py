@@ -24,15 +24,26 @@ then a sharper decoder for the same latents):
 
 Settings are plain values (``Settings``), a profile fills them, and any one can be overridden on
 the command line (``--unet_steps=200``), through the same helpers as ControlNet training
-(:mod:`cnet.train.config`). Every random draw of step ``k`` comes from a generator seeded by
+(:mod:`cnet.settings`). Every random draw of step ``k`` comes from a generator seeded by
 ``(seed, stage, k)``, so a run resumed from a checkpoint continues exactly as if it had never
 stopped; checkpoints (weights, EMA, optimizer state) are written in the one checkpoint format of
-:mod:`cnet.train.runs` (safetensors, replaced atomically).
+:mod:`cnet.checkpoints` (safetensors, replaced atomically).
+
+Each stage runs on accelerate, the engine ControlNets train on (backward, gradient clipping,
+the prepared optimizer), in one CPU process, with torch's ``LambdaLR`` for the rate and
+diffusers' ``EMAModel`` for the average. The shipped bases (``models/miniature-sd*``) were
+trained by this loop before the average was diffusers': its first update then mixed 10% of the
+initial weights in where ``EMAModel``'s copies the weights, and it rounded each update
+differently. The same command now trains the same weights bit for bit and averages them to
+within float32 rounding of the shipped ones (a 30-step run of every stage: logs, weights and
+optimizer states equal, EMA weights within 1.2e-7).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -43,9 +54,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..block import lock
 from ..checkpoints import check_resumable, checkpoint_wall_time, load_checkpoint, save_checkpoint
+from ..processes import fresh_accelerator
 from ..settings import (
     SettingError,
     check_settings,
@@ -231,9 +245,10 @@ def _batch(datasets, size: int, gen: torch.Generator) -> dict:
     }
 
 
-def _lr(step: int, s: Settings, peak: float, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    warmup = min(s.warmup_steps, total)
+def _lr(peak: float, warmup_steps: int, total: int, step: int) -> float:
+    """The learning rate of ``step``: a linear warm-up to ``peak``, then a cosine decay to 10% of
+    it."""
+    warmup = min(warmup_steps, total)
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -243,22 +258,31 @@ def _lr(step: int, s: Settings, peak: float, total: int) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _resume(
-    checkpoint: Path,
-    modules: dict,
-    optimizer: torch.optim.Optimizer,
-    s: Settings,
-    stage: str,
-    steps: int,
-) -> tuple[int, float]:
-    """(step, training seconds so far) of a stage's checkpoint, restored into the modules and
-    the optimizer; (0, 0.0) where there is none yet."""
-    if not checkpoint.exists():
-        return 0, 0.0
-    settings = dataclasses.asdict(s)
-    may_change = [k for k in settings if k not in STAGE_SETTINGS[stage]]
-    check_resumable(checkpoint, settings, steps, may_change)
-    return load_checkpoint(checkpoint, modules, optimizer), checkpoint_wall_time(checkpoint)
+def _prepare(
+    modules: dict, params: list, peak: float, s: Settings, stage: str, steps: int, run_dir
+):
+    """One stage on accelerate (the engine ControlNets train on; the world's base trains in one
+    CPU process): its AdamW over ``params`` and the rate's schedule, resumed from the stage's
+    checkpoint where there is one. Returns (accelerator, optimizer, schedule, first step,
+    training seconds so far)."""
+    accelerator = fresh_accelerator(cpu=True)
+    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=peak))
+    checkpoint = run_dir / f"{stage}.safetensors"
+    start, elapsed = 0, 0.0
+    if checkpoint.exists():
+        settings = dataclasses.asdict(s)
+        may_change = [k for k in settings if k not in STAGE_SETTINGS[stage]]
+        check_resumable(checkpoint, settings, steps, may_change)
+        start = load_checkpoint(checkpoint, modules, optimizer)
+        elapsed = checkpoint_wall_time(checkpoint)
+    # torch's LambdaLR sets each step's rate to initial_lr × its function: with 1 there, the
+    # function gives the rate itself, rounded as the shipped bases were trained (peak × (k+1) /
+    # warmup and peak × ((k+1) / warmup) differ in the last bit)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 1.0
+    rate = functools.partial(_lr, peak, s.warmup_steps, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate, last_epoch=start - 1)
+    return accelerator, optimizer, accelerator.prepare(schedule), start, elapsed
 
 
 # ------------------------------------------------------------------------------ stages
@@ -278,9 +302,9 @@ def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: st
         if decoder_only
         else list(vae.parameters())
     )
-    checkpoint = run_dir / f"{stage}.safetensors"
-    optimizer = torch.optim.AdamW(params, lr=peak)
-    start, elapsed = _resume(checkpoint, {"vae": vae}, optimizer, s, stage, steps)
+    accelerator, optimizer, schedule, start, elapsed = _prepare(
+        {"vae": vae}, params, peak, s, stage, steps, run_dir
+    )
     began = time.time()
     vae.requires_grad_(False)
     for p in params:
@@ -294,15 +318,14 @@ def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: st
             latents = posterior.sample(generator=gen)
         mse = F.mse_loss(vae.decode(latents).sample, images)
         loss = mse if decoder_only else mse + s.kl_weight * posterior.kl().mean()
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, s, peak, steps)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         optimizer.step()
+        schedule.step()
         log({"stage": stage, "step": step, "mse": mse.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == steps:
             save_checkpoint(
-                checkpoint,
+                run_dir / f"{stage}.safetensors",
                 {"vae": vae},
                 optimizer,
                 step + 1,
@@ -326,19 +349,25 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
     """Stage 2 (``"unet"``): U-Net and text encoder from scratch. ``"style"``: the U-Net alone,
     from the pipeline's weights (a fine-tune; the text encoder stays as it is). Both keep an EMA
     of what they train, and the EMA is what ships."""
-    checkpoint = run_dir / f"{stage}.safetensors"
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     trained = {"unet": unet} if stage == "style" else {"unet": unet, "text_encoder": text_encoder}
-    emas = {name: _frozen_copy(m) for name, m in trained.items()}
+    # the EMA's weights as modules, locked: what a checkpoint stores and a resume restores
+    averaged = {name: lock(copy.deepcopy(m)) for name, m in trained.items()}
     params = [p for m in reversed(trained.values()) for p in m.parameters()]
     for m in (unet, text_encoder):
         m.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=s.unet_lr)
     ddpm, _ = build_schedulers()
-    modules = {**trained, **{f"ema_{name}": m for name, m in emas.items()}}
-    start, elapsed = _resume(checkpoint, modules, optimizer, s, stage, s.unet_steps)
+    modules = {**trained, **{f"ema_{name}": m for name, m in averaged.items()}}
+    accelerator, optimizer, schedule, start, elapsed = _prepare(
+        modules, params, s.unet_lr, s, stage, s.unet_steps, run_dir
+    )
+    # diffusers' EMAModel, its decay warmed up as (1 + k) / (10 + k) (early on, 0.999 would
+    # keep most of the random initialisation in the average), continued from the step reached
+    emas = {name: EMAModel(m.parameters(), decay=s.ema_decay) for name, m in averaged.items()}
+    for ema in emas.values():
+        ema.optimization_step = start
     began = time.time()
     for m in trained.values():
         m.train()
@@ -359,21 +388,19 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
         noisy = ddpm.add_noise(latents, noise, timesteps)
         embeddings = encode_prompts(prompts, pipe.tokenizer, text_encoder)
         loss = F.mse_loss(unet(noisy, timesteps, embeddings).sample, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, s, s.unet_lr, s.unet_steps)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        # EMA warm-up (as diffusers' EMAModel): early on, a decay of 0.999 would keep most of
-        # the random initialisation in the average.
-        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        schedule.step()
         for name, m in trained.items():
-            _ema_update(emas[name], m, decay)
+            emas[name].step(m.parameters())
         log({"stage": stage, "step": step, "loss": loss.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
+            for name, ema in emas.items():
+                ema.copy_to(averaged[name].parameters())
             save_checkpoint(
-                checkpoint,
+                run_dir / f"{stage}.safetensors",
                 modules,
                 optimizer,
                 step + 1,
@@ -382,25 +409,10 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
             )
     # The EMA weights are the ones that ship.
     for name, m in trained.items():
-        m.load_state_dict(emas[name].state_dict())
+        emas[name].copy_to(m.parameters())
         m.requires_grad_(False)
         m.eval()
     return elapsed + time.time() - began if start < s.unet_steps else elapsed
-
-
-def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    clone = copy.deepcopy(module).eval()
-    for p in clone.parameters():
-        p.requires_grad_(False)
-    return clone
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
 
 
 # ------------------------------------------------------------------------------ entry point

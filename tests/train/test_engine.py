@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -246,6 +246,7 @@ def test_precision_and_process_settings_are_checked_before_any_work(base, tmp_pa
 def test_each_process_takes_its_own_equal_slice():
     class Two:
         num_processes, device = 2, torch.device("cpu")
+        split_between_processes = PartialState.split_between_processes
 
         def __init__(self, index):
             self.process_index = index
