@@ -194,7 +194,7 @@ class ControlNet(nn.Module):
         self.mid_zero_conv = ZeroConv2d(mid_channels)
         if hint_encoder.out_channels != conv_in.out_channels:
             raise ValueError(
-                f"hint encoder: expected {conv_in.out_channels} output channels (conv_in's), "
+                f"condition encoder: expected {conv_in.out_channels} output channels (conv_in's), "
                 f"got {hint_encoder.out_channels}"
             )
         device = conv_in.weight.device

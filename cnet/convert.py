@@ -142,7 +142,7 @@ def diffusers_config(controlnet: ControlNet) -> dict[str, Any]:
     this ControlNet's condition encoder. ValueError where diffusers cannot express it."""
     if isinstance(controlnet.hint_encoder, PaperHintEncoder):
         raise ValueError(
-            "diffusers' ControlNetModel holds the released hint encoder only "
+            "diffusers' ControlNetModel holds the released condition encoder only "
             "(ControlNetConditioningEmbedding: 3x3 convs, SiLU); this ControlNet uses the "
             "paper's (4x4 convs, ReLU). Build it with hint_encoder='released' to export."
         )
@@ -307,7 +307,7 @@ def official_key_map(controlnet: ControlNet) -> dict[str, str]:
     """cnet state-dict key -> official key (without the ``control_model.`` prefix)."""
     if isinstance(controlnet.hint_encoder, PaperHintEncoder):
         raise ValueError(
-            "the official checkpoint layout holds the released hint encoder only "
+            "the official checkpoint layout holds the released condition encoder only "
             "(input_hint_block: 3x3 convs, SiLU); this ControlNet uses the paper's encoder"
         )
     prefixes = sorted(_module_prefixes(controlnet), key=lambda p: -len(p[0]))
@@ -423,7 +423,7 @@ def from_official(
     prefix: str = OFFICIAL_PREFIX,
 ) -> ControlNet:
     """A ControlNet for ``unet`` with an official checkpoint's weights (state dict or path).
-    The hint encoder's condition channels and stage channels come from the checkpoint."""
+    The condition encoder's condition channels and stage channels come from the checkpoint."""
     state = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     condition_channels, hint_channels = _hint_layout(_control_model_part(state, prefix))
     controlnet = ControlNet.from_unet(

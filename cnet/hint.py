@@ -26,6 +26,9 @@ The paper's text and the released code describe two different encoders; cnet off
 
 Both end in a zero-initialised convolution, so :math:`E(c_i) = 0` at initialisation whatever
 the condition is (Eq. 3).
+
+The prose says *condition encoder* throughout; the class names and the ``hint_encoder`` setting
+keep the released code's word for the condition (``hint``), as its checkpoints' keys do.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def export_run(
     config = read_config(run)
     if config.hint_encoder != "released":
         raise SettingError(
-            "only the released hint encoder has a diffusers ControlNetModel "
+            "only the released condition encoder has a diffusers ControlNetModel "
             f"form; this run used {config.hint_encoder!r}"
         )
     if config.connections == "none" or config.trainable_copy == "lite":

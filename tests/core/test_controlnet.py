@@ -335,7 +335,7 @@ def test_paper_hint_encoder_and_condition_size(unet):
     randomize_(net, seed=0)
     residuals = net(x, t, text, torch.rand(2, 3, 32, 32))
     assert residuals.mid.abs().max() > 0
-    with pytest.raises(ValueError, match="released hint encoder only"):
+    with pytest.raises(ValueError, match="released condition encoder only"):
         to_diffusers(net)
     with pytest.raises(ValueError, match="power-of-two multiple"):
         ControlNet.from_unet(unet, condition_size=60)

@@ -263,7 +263,7 @@ def test_bad_checkpoints_list_missing_unexpected_and_misshaped_keys(pair):
 def test_what_cannot_be_converted_is_refused(pair, tmp_path):
     unet, net, reference = pair
     paper = ControlNet.from_unet(unet, "paper")
-    with pytest.raises(ValueError, match="released hint encoder only"):
+    with pytest.raises(ValueError, match="released condition encoder only"):
         official_key_map(paper)
     with pytest.raises(ValueError, match="expected a .safetensors path"):
         save_official(net, tmp_path / "control.pth")

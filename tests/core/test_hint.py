@@ -27,7 +27,7 @@ def test_released_encoder_is_diffusers_module_and_sd_size():
     assert all(c.kernel_size == (3, 3) for c in convs)
     assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 2, 1, 2, 1]
     assert [c.out_channels for c in convs] == [16, 16, 32, 32, 96, 96, 256, 320]
-    assert _count(ours) == 1_086_480  # the "1.09M" hint encoder of SD1.5's ControlNet
+    assert _count(ours) == 1_086_480  # the "1.09M" condition encoder of SD1.5's ControlNet
     assert ours.downscale_factor == 8
 
 
