@@ -9,7 +9,7 @@ import datetime
 import os
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 
 __all__ = ["BARRIER_TIMEOUT", "fresh_accelerator", "launched", "process_state"]
 
@@ -34,9 +34,12 @@ def fresh_accelerator(**settings) -> Accelerator:
     """``Accelerator(**settings)`` for a run of this process. One process may train several
     runs one after another (a notebook, the tests, pretraining then fine-tuning), each with its
     own device and precision, while accelerate keeps one state per process and refuses a
-    second one that differs; so a single process starts from a fresh state. accelerate has no
-    public way to do that: ``AcceleratorState._reset_state`` is what its own tests call."""
+    second one that differs; so a single process starts from a fresh state: the process's, the
+    accelerator's and the gradient state's (a run stopped between micro-batches leaves the
+    next one's updates switched off otherwise). accelerate has no public way to do that: these
+    ``_reset_state`` calls are what its own tests use."""
     if not launched():
         AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     process_state(settings.get("cpu", False))
     return Accelerator(**settings)

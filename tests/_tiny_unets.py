@@ -78,8 +78,9 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn
 
 
 def paired_controlnets(unet: UNet2DConditionModel, seed: int = 1):
-    """diffusers' ControlNetModel.from_unet with non-zero zero convs and condition encoder, and a cnet
-    ControlNet.from_unet given the same weights module by module (not through cnet.convert)."""
+    """diffusers' ControlNetModel.from_unet with non-zero zero convs and condition encoder, and a
+    cnet ControlNet.from_unet given the same weights module by module (not through
+    cnet.convert)."""
     reference = ControlNetModel.from_unet(unet).eval()
     randomize_(reference.controlnet_cond_embedding, seed)
     randomize_(reference.controlnet_down_blocks, seed + 1)

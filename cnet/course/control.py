@@ -55,26 +55,43 @@ def plot_sweep(
 
 
 def plot_sample_strip(
-    images: torch.Tensor, labels: Sequence[str], conditions: torch.Tensor, title: str = ""
+    images: torch.Tensor,
+    labels: Sequence[str],
+    conditions: torch.Tensor,
+    title: str = "",
+    regions: torch.Tensor | None = None,
+    cell: float = 1.1,
 ):
-    """Rows: conditions; columns: the condition, then one image per setting."""
+    """Rows: conditions; columns: the condition, then one image per setting. Where ``regions``
+    (rows, H, W, bool) is given, the region each condition asks for is outlined over every
+    sample of its row, dashed, so that following and missing it read apart at a glance.
+    ``cell``: inches per picture (1.1 shows a 64 px sample at about twice its size)."""
     import matplotlib.pyplot as plt
+
+    from .training_plots import outline_region
 
     settings, n = images.shape[:2]
     fig, axes = plt.subplots(
-        n, settings + 1, figsize=(1.3 * (settings + 1), 1.35 * n + 0.4), squeeze=False
+        n,
+        settings + 1,
+        figsize=(cell * (settings + 1), (cell + 0.05) * n + 0.4),
+        squeeze=False,
     )
     for row in range(n):
         axes[row, 0].imshow(conditions[row].permute(1, 2, 0).numpy(), interpolation="nearest")
         for col in range(settings):
             picture = ((images[col, row] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
             axes[row, col + 1].imshow(picture, interpolation="nearest")
+            if regions is not None:
+                # unsmoothed: notebook 06 stores four such strips and stays under its size
+                outline_region(axes[row, col + 1], regions[row], antialiased=False)
     for col, label in enumerate(["condition", *labels]):
         axes[0, col].set_title(label, fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title or regions is not None:
+        dashed = "(dashed: the region the condition asks for)" if regions is not None else ""
+        fig.suptitle("\n".join(t for t in (title, dashed) if t), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -110,7 +127,12 @@ def plot_residual_heatmap(magnitudes: torch.Tensor, title: str = ""):
 
 
 def strength_figures(
-    rows: list[dict], images: torch.Tensor, base_iou: float, conditions: torch.Tensor, label: str
+    rows: list[dict],
+    images: torch.Tensor,
+    base_iou: float,
+    conditions: torch.Tensor,
+    label: str,
+    regions: torch.Tensor | None = None,
 ) -> dict:
     """``06_strength`` (fidelity against the scale) and ``06_strength_samples`` (six conditions
     at scales 0, 0.25, 0.5, 1 and 2) of a :func:`strength_sweep` over :data:`STRENGTHS`."""
@@ -125,12 +147,18 @@ def strength_figures(
             [f"s = {STRENGTHS[i]}" for i in shown],
             conditions[:6],
             title="Same conditions and seeds, scale by scale",
+            regions=None if regions is None else regions[:6],
         ),
     }
 
 
 def timing_figures(
-    rows: list[dict], images: torch.Tensor, base_iou: float, conditions: torch.Tensor, label: str
+    rows: list[dict],
+    images: torch.Tensor,
+    base_iou: float,
+    conditions: torch.Tensor,
+    label: str,
+    regions: torch.Tensor | None = None,
 ) -> dict:
     """``06_timing`` (fidelity against the window) and ``06_timing_samples`` of a
     :func:`window_sweep` over :data:`WINDOWS`."""
@@ -152,6 +180,7 @@ def timing_figures(
             labels,
             conditions[:6],
             title="Same conditions and seeds, window by window",
+            regions=None if regions is None else regions[:6],
         ),
     }
 
@@ -162,6 +191,7 @@ def prompt_free_figures(
     prompted_layout_iou: float,
     conditions: torch.Tensor,
     label: str,
+    regions: torch.Tensor | None = None,
 ) -> dict:
     """``06_prompt_free`` (layout IoU of each way of applying control to the empty prompt, at
     each guidance scale) and ``06_prompt_free_samples`` of a :func:`prompt_free_sweep`."""
@@ -210,6 +240,7 @@ def prompt_free_figures(
             labels,
             conditions[:4],
             title="The empty prompt: same conditions and seeds, mode by mode",
+            regions=None if regions is None else regions[:4],
         ),
     }
 
@@ -221,6 +252,7 @@ def transfer_figures(
     on_base_images: torch.Tensor,
     conditions: torch.Tensor,
     fine_tune: str,
+    regions: torch.Tensor | None = None,
 ) -> dict:
     """``06_transfer``: the ControlNet on its own base, then the :func:`transfer_sweep` on the
     fine-tune, six conditions, each column titled with its mean IoU."""
@@ -234,6 +266,7 @@ def transfer_figures(
             labels,
             conditions[:6],
             title=f"The same prompts on the base and on its fine-tune {fine_tune}",
+            regions=None if regions is None else regions[:6],
         )
     }
 
@@ -254,6 +287,7 @@ def composition_figures(rows: list[dict], images: torch.Tensor, data: Compositio
             labels,
             shown,
             title="Two objects, two ControlNets: each object's layout IoU with its region",
+            cell=1.3,  # room for two lines of numbers under each column's name
         )
     }
 
@@ -267,17 +301,25 @@ def control_figures(
     """Every figure of notebook 06 (name -> figure), from
     :func:`cnet.experiments.control.measure_control`'s numbers and images."""
     conditions, base_iou = images["conditions"], numbers["base_alone"]["iou"]
+    regions = images.get("regions")
     at_one = STRENGTHS.index(1.0)
     on_base = numbers["strength"][at_one]
     magnitudes = torch.tensor(numbers["residual_rms"])
     return {
-        **strength_figures(numbers["strength"], images["strength"], base_iou, conditions, label),
-        **timing_figures(numbers["window"], images["window"], base_iou, conditions, label),
+        **strength_figures(
+            numbers["strength"], images["strength"], base_iou, conditions, label, regions
+        ),
+        **timing_figures(numbers["window"], images["window"], base_iou, conditions, label, regions),
         "06_residuals_during_sampling": plot_residual_heatmap(
             magnitudes, title=f"The 13 residuals' RMS during sampling ({label})"
         ),
         **prompt_free_figures(
-            numbers["prompt_free"], images["prompt_free"], on_base["layout_iou"], conditions, label
+            numbers["prompt_free"],
+            images["prompt_free"],
+            on_base["layout_iou"],
+            conditions,
+            label,
+            regions,
         ),
         **composition_figures(numbers["composition"], images["composition"], images["scenes"]),
         **transfer_figures(
@@ -287,5 +329,6 @@ def control_figures(
             images["strength"][at_one],
             conditions,
             fine_tune_label,
+            regions,
         ),
     }

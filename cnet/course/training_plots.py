@@ -150,6 +150,21 @@ def plot_first_step_gradients(log, steps: int = 8, label: str = "") -> plt.Figur
     return fig
 
 
+def outline_region(ax, region, antialiased: bool = True) -> None:
+    """The edge of ``region`` (H, W, bool: what a condition asks for) drawn over a sample, white
+    dashes on a black line, readable on any colour (``antialiased=False``: a picture with fewer
+    colours, lighter to store)."""
+    for colour, width, style in (("black", 1.4, "solid"), ("white", 0.8, "dashed")):
+        ax.contour(
+            region.float().numpy(),
+            levels=[0.5],
+            colors=colour,
+            linewidths=width,
+            linestyles=style,
+            antialiased=antialiased,
+        )
+
+
 def plot_sample_grid(samples: dict, conditions, steps, label: str = "", regions=None) -> plt.Figure:
     """v1 Fig. 4 (the paper's sudden-convergence samples) in miniature: the same conditions
     (rows) sampled with the same seeds at several training steps (columns). ``samples`` maps
@@ -165,14 +180,7 @@ def plot_sample_grid(samples: dict, conditions, steps, label: str = "", regions=
         for c, step in enumerate(steps):
             axes[r, c + 1].imshow(samples[f"step_{step}"][r].permute(1, 2, 0).numpy())
             if regions is not None:
-                for colour, width, style in (("black", 1.4, "solid"), ("white", 0.8, "dashed")):
-                    axes[r, c + 1].contour(
-                        regions[r].float().numpy(),
-                        levels=[0.5],
-                        colors=colour,
-                        linewidths=width,
-                        linestyles=style,
-                    )
+                outline_region(axes[r, c + 1], regions[r])
             if r == 0:
                 axes[r, c + 1].set_title(f"step {step}", fontsize=8)
         if r == 0:

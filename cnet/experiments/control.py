@@ -262,6 +262,7 @@ def measure_control(
         "composition": composition_images,
         "transfer": transfer_images,
         "conditions": data.condition,
+        "regions": data.extras["region"],
         "scenes": scenes,
     }
     return numbers, images

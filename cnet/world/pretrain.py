@@ -33,10 +33,10 @@ Each stage runs on accelerate, the engine ControlNets train on (backward, gradie
 the prepared optimizer), in one CPU process, with torch's ``LambdaLR`` for the rate and
 diffusers' ``EMAModel`` for the average. The shipped bases (``models/miniature-sd*``) were
 trained by this loop before the average was diffusers': its first update then mixed 10% of the
-initial weights in where ``EMAModel``'s copies the weights, and it rounded each update
-differently. The same command now trains the same weights bit for bit and averages them to
-within float32 rounding of the shipped ones (a 30-step run of every stage: logs, weights and
-optimizer states equal, EMA weights within 1.2e-7).
+initial weights in where ``EMAModel`` copies the weights, and it rounded each update
+differently. The same command now trains the same weights bit for bit, and its average, what
+ships, differs by float32 rounding (a 30-step run of every stage: logs, weights and optimizer
+states equal, EMA weights within 1.2e-7; over a full run the rounding adds up further).
 """
 
 from __future__ import annotations
@@ -265,7 +265,10 @@ def _prepare(
     CPU process): its AdamW over ``params`` and the rate's schedule, resumed from the stage's
     checkpoint where there is one. Returns (accelerator, optimizer, schedule, first step,
     training seconds so far)."""
-    accelerator = fresh_accelerator(cpu=True)
+    # the schedule steps once per update (not once per process, accelerate's default)
+    accelerator = fresh_accelerator(
+        cpu=True, mixed_precision="no", step_scheduler_with_optimizer=False
+    )
     optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=peak))
     checkpoint = run_dir / f"{stage}.safetensors"
     start, elapsed = 0, 0.0
@@ -364,9 +367,11 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
         modules, params, s.unet_lr, s, stage, s.unet_steps, run_dir
     )
     # diffusers' EMAModel, its decay warmed up as (1 + k) / (10 + k) (early on, 0.999 would
-    # keep most of the random initialisation in the average), continued from the step reached
+    # keep most of the random initialisation in the average), continued from the step reached;
+    # it averages into the locked modules' own weights, so a checkpoint stores them as they are
     emas = {name: EMAModel(m.parameters(), decay=s.ema_decay) for name, m in averaged.items()}
-    for ema in emas.values():
+    for name, ema in emas.items():
+        ema.shadow_params = list(averaged[name].parameters())
         ema.optimization_step = start
     began = time.time()
     for m in trained.values():
@@ -397,8 +402,6 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
             emas[name].step(m.parameters())
         log({"stage": stage, "step": step, "loss": loss.item()})
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
-            for name, ema in emas.items():
-                ema.copy_to(averaged[name].parameters())
             save_checkpoint(
                 run_dir / f"{stage}.safetensors",
                 modules,

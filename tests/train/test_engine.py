@@ -292,3 +292,22 @@ def test_channels_last_changes_the_layout_and_the_rounding_only(base, tmp_path):
         trainer.close()
         train(TrainConfig(**_flags(str(base), str(tmp_path / run), channels_last=layout)))
         assert int(checkpoint_metadata(tmp_path / run / "checkpoint.safetensors")["step"]) == 4
+
+
+def test_a_fresh_accelerator_updates_after_a_run_stopped_between_micro_batches():
+    """A run interrupted inside ``accumulate`` leaves accelerate's gradient state saying "do not
+    sync"; the next run in the same process (a notebook after Ctrl-C, pretraining after a
+    ControlNet run) must still update its weights."""
+    from cnet.processes import fresh_accelerator
+
+    stopped = fresh_accelerator(cpu=True, gradient_accumulation_steps=2)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = stopped.prepare(torch.optim.SGD([weight], lr=0.5))
+    with stopped.accumulate(torch.nn.Linear(1, 1)):  # the first of two micro-batches
+        assert not stopped.sync_gradients
+    accelerator = fresh_accelerator(cpu=True)
+    optimizer = accelerator.prepare(torch.optim.SGD([weight], lr=0.5))
+    weight.sum().backward()
+    optimizer.step()
+    assert torch.equal(weight.detach(), torch.full((2,), 0.5))
+    AcceleratorState._reset_state()
