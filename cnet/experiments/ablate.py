@@ -240,7 +240,8 @@ def _curves(folder: Path, log) -> dict:
 
 MEASURES_VERSION = 3  # bump when measure_run measures something else: the caches are redone
 #: A run has diverged where its loss, averaged over 25 logged steps, passes this: a working
-#: miniature ControlNet's ε-loss is about 0.08, one that predicts nothing of the noise about 1
+#: miniature ControlNet's ε-loss is about 0.035 in the quick profile's runs (0.07-0.08 in the
+#: full profile's, uniform timesteps), one that predicts nothing of the noise about 1
 #: (the noise's variance).
 DIVERGED_LOSS = 0.5
 
