@@ -63,8 +63,9 @@ def plot_sample_strip(
     cell: float = 1.1,
 ):
     """Rows: conditions; columns: the condition, then one image per setting. Where ``regions``
-    (rows, H, W, bool) is given, the region each condition asks for is outlined over every
-    sample of its row, dashed, so that following and missing it read apart at a glance.
+    (one per condition, H, W, bool; extra ones are ignored) is given, the region each condition
+    asks for is outlined over every sample of its row, dashed, so that following and missing it
+    read apart at a glance.
     ``cell``: inches per picture (1.1 shows a 64 px sample at about twice its size)."""
     import matplotlib.pyplot as plt
 
@@ -147,7 +148,7 @@ def strength_figures(
             [f"s = {STRENGTHS[i]}" for i in shown],
             conditions[:6],
             title="Same conditions and seeds, scale by scale",
-            regions=None if regions is None else regions[:6],
+            regions=regions,
         ),
     }
 
@@ -180,7 +181,7 @@ def timing_figures(
             labels,
             conditions[:6],
             title="Same conditions and seeds, window by window",
-            regions=None if regions is None else regions[:6],
+            regions=regions,
         ),
     }
 
@@ -240,7 +241,7 @@ def prompt_free_figures(
             labels,
             conditions[:4],
             title="The empty prompt: same conditions and seeds, mode by mode",
-            regions=None if regions is None else regions[:4],
+            regions=regions,
         ),
     }
 
@@ -266,7 +267,7 @@ def transfer_figures(
             labels,
             conditions[:6],
             title=f"The same prompts on the base and on its fine-tune {fine_tune}",
-            regions=None if regions is None else regions[:6],
+            regions=regions,
         )
     }
 
