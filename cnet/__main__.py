@@ -110,6 +110,7 @@ def run_ablate(args: argparse.Namespace) -> None:
     from .experiments.first_updates import first_updates
 
     studies = args.studies or list(STUDIES)
+    step_time = _step_time_from(args.step_time_from) if args.step_time_from else None
     if args.variants:  # train just these (e.g. to split the runs over several processes)
         for variant in args.variants:
             for seed in args.seeds:
@@ -127,12 +128,13 @@ def run_ablate(args: argparse.Namespace) -> None:
     from .experiments.ledger import claim_ledger
 
     settings = ablation_config("default", 0, args.root)
-    step_time = variant_cost(
-        settings,
-        {v: VARIANTS[v] for v in ("default", "gaussian", "none", "lite", "accum-2")},
-        repeats=7,
-    )
-    step_time.pop("times_s")
+    if step_time is None:
+        step_time = variant_cost(
+            settings,
+            {v: VARIANTS[v] for v in ("default", "gaussian", "none", "lite", "accum-2")},
+            repeats=7,
+        )
+        step_time.pop("times_s")
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     result = summarize(
         studies, args.seeds, args.root, step_time, first_updates(settings), command=command.strip()
@@ -145,6 +147,19 @@ def run_ablate(args: argparse.Namespace) -> None:
     if args.figures:  # beside the results only when asked: never over the shipped figures
         for path in write_ablation_figures(result, out.parent):
             print(f"wrote {path}")
+
+
+def _step_time_from(path: str) -> dict:
+    """The step times an earlier ablation summary measured (its ``step_time``)."""
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())["step_time"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SettingError(
+            f"step_time_from: {path!r} is not allowed; expected an ablation summary JSON "
+            "with its step_time, e.g. figures/07_ablations.json"
+        ) from None
 
 
 def run_recipe(args: argparse.Namespace) -> None:
@@ -161,6 +176,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         check_seeds=args.check_seeds if args.check else None,
         check_root=args.check_root,
         command=command.strip(),
+        continued=not args.no_continuation,
     )
     if not args.no_summary:
         out = Path(args.results)
@@ -377,6 +393,11 @@ def _add_ablate(sub) -> None:
     )
     ablate.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     ablate.add_argument("--no_summary", action="store_true", help="train only")
+    ablate.add_argument(
+        "--step_time_from",
+        default=None,
+        help="take the step times from this earlier summary instead of timing the step again",
+    )
 
 
 def _add_weights_flag(command) -> None:
@@ -419,6 +440,11 @@ def _add_recipe(sub) -> None:
     )
     recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     recipe.add_argument("--no_summary", action="store_true", help="train only")
+    recipe.add_argument(
+        "--no_continuation",
+        action="store_true",
+        help="train the runs to the budget only, not on to twice their steps",
+    )
 
 
 def _add_measurements(sub) -> None:

@@ -4,13 +4,24 @@ many collapsed when continued to twice their steps, and the spread of their fina
 
 from __future__ import annotations
 
-__all__ = ["recipe_table"]
+__all__ = ["recipe_table", "seed_list"]
+
+
+def seed_list(seeds: list[int]) -> str:
+    """Seeds as a range where they run without a gap (``0–9``), else one by one (``3, 5, 6``)."""
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def _row(name: str, recipe: dict, where: str) -> str:
     runs = recipe["runs"]
     onsets = sorted(r["onset"] for r in runs if r["onset"] is not None)
-    onset = f"{onsets[0]}–{onsets[-1]}" if onsets else "—"
+    onset = (
+        (f"{onsets[0]}–{onsets[-1]}" if onsets[0] != onsets[-1] else str(onsets[0]))
+        if onsets
+        else "—"
+    )
     final = recipe["final_iou"]
     longer = recipe["final_iou_2x"]
     final_2x = (
@@ -42,7 +53,7 @@ def recipe_table(result: dict) -> str:
         for name, recipe in part["recipes"].items():
             devices = sorted({r["device"] for r in recipe["runs"]})
             seeds = recipe["seeds"]
-            where = f"seeds {seeds[0]}–{seeds[-1]}, {', '.join(devices)}"
+            where = f"seeds {seed_list(seeds)}, {', '.join(devices)}"
             chosen = kind == "check" and name == result["chosen"]["recipe"]
             lines.append(_row(name + (" (chosen)" if chosen else ""), recipe, where))
     return "\n".join(lines)

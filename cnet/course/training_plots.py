@@ -236,17 +236,19 @@ def plot_recipe_study(result: dict) -> plt.Figure:
         1, len(recipes), figsize=(3.3 * len(recipes), 3.2), sharey=True, squeeze=False
     )
     for ax, (name, recipe) in zip(axes[0], recipes.items(), strict=True):
-        for run, colour in zip(recipe["runs"], plt.cm.tab10.colors, strict=False):
+        for run in recipe["runs"]:  # a seed keeps its colour in every panel
+            colour = plt.cm.tab10.colors[run["seed"] % 10]
             ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1, label=f"seed {run['seed']}")
             if run["onset"] is not None:
                 i = run["eval_steps"].index(run["onset"])
                 ax.plot(run["onset"], run["iou"][i], "o", color=colour, ms=4)
         ax.axvline(recipe["runs"][0]["steps"], color="grey", ls=":", lw=1)
-        ax.set_title(
-            f"{name}\nonset {recipe['onsets']}/{recipe['n']}, collapsed at 2× "
-            f"{recipe['collapses_2x']}/{recipe['n_2x']}",
-            fontsize=8,
+        longer = (
+            f"collapsed at 2× {recipe['collapses_2x']}/{recipe['n_2x']}"
+            if recipe["n_2x"]
+            else "not continued"
         )
+        ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, {longer}", fontsize=8)
         ax.set_xlabel("training step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)

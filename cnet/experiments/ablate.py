@@ -4,11 +4,12 @@ r"""The paper's ablations and the convergence evidence, on the training loop its
     python -m cnet ablate --studies connections --seeds 0  # one study, one seed
 
 Every ablation is a *setting* of the same loop (:func:`cnet.train.train`), run on the shipped
-base with the quick profile as it is (400 updates of batch 32, lr 2e-3, cubic timesteps,
-evaluated every 50 steps), for the same five seeds; a seed sets everything random in a run
-(weights of the condition encoder, the draw of every batch, its training and evaluation sets),
-and variant and default share them seed by seed, so that they are compared seed by seed. A study
-compares variants against the default ControlNet:
+base with the quick profile as the recipe study first chose it (400 updates of batch 32, one
+constant rate of 2e-3, cubic timesteps, evaluated every 50 steps: :data:`ABLATION_SETTINGS`),
+for the same five seeds; a seed sets everything random in a run (weights of the condition
+encoder, the draw of every batch, its training and evaluation sets), and variant and default
+share them seed by seed, so that they are compared seed by seed. A study compares variants
+against the default ControlNet:
 
 ==============  ==========================================================================
 study           variants (settings on top of the default)
@@ -76,10 +77,20 @@ __all__ = [
     "train_variant",
 ]
 
-#: The quick profile (the recipe study's choice, cnet.experiments.recipe), as it is: an ablation
-#: run is ``python -m cnet train --profile quick`` with the variant's settings. Its evaluations
-#: every 50 steps time a jump of ~100 steps; its default runs are the recipe check's.
-ABLATION_SETTINGS: dict = dict(PROFILES["quick"])
+#: The quick profile as the recipe study first chose it (cnet.experiments.recipe: one constant
+#: rate for the whole ControlNet), on which every ablation run was made: an ablation run is
+#: ``python -m cnet train --profile quick`` with these settings where the profile differs, and
+#: the variant's. Its evaluations every 50 steps time a jump of ~100 steps; its default runs
+#: are the recipe check's runs of that recipe (``b32-lr2e-3-cubic``).
+ABLATION_SETTINGS: dict = {
+    "lr": 2e-3,
+    "copy_lr_scale": 1.0,
+    "lr_decay_start": 0,
+    "max_grad_norm": 0.0,
+    "batch_size": 32,
+    "steps": 400,
+    "timesteps": "cubic",
+}
 #: Five seeds, the same for every variant: variants are compared seed by seed (paired).
 SEEDS = (0, 1, 2, 3, 4)
 _STEPS = ABLATION_SETTINGS["steps"]
@@ -131,7 +142,8 @@ def ablation_config(variant: str, seed: int, root: str | Path = "runs/ablate") -
 
 def train_command(variant: str, seed: int, root: str | Path = "runs/ablate") -> str:
     """The ``python -m cnet train`` line that makes the same run as the ablation's."""
-    flags = {k: v for k, v in ABLATION_SETTINGS.items() if PROFILES["quick"].get(k) != v}
+    quick = TrainConfig(**PROFILES["quick"])
+    flags = {k: v for k, v in ABLATION_SETTINGS.items() if getattr(quick, k) != v}
     flags |= {**VARIANTS[variant], "seed": seed, "out": f"{root}/{variant}/seed{seed}"}
     return "python -m cnet train --profile quick " + " ".join(
         f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()

@@ -84,6 +84,38 @@ RECIPES: dict[str, dict] = {
         "lr_decay_start": 300,
         "lr_decay_steps": 100,
     },
+    # the pretrained copy (Θc) at a quarter of the rate of the parts that start from scratch (the
+    # condition encoder and the zero convolutions, at twice b32-lr2e-3-cubic's rate), decaying
+    # over the last quarter of the budget to a tenth of both rates
+    "b32-lr4e-3-copy1e-3-cubic-decay": {
+        "batch_size": 32,
+        "lr": 4e-3,
+        "copy_lr_scale": 0.25,
+        "timesteps": "cubic",
+        "lr_decay_start": 300,
+        "lr_decay_steps": 100,
+    },
+    # a gentler rate for the parts that start from scratch (4e-3 diverged on one seed of ten), the
+    # copy at half of it
+    "b32-lr3e-3-copy1.5e-3-cubic-decay": {
+        "batch_size": 32,
+        "lr": 3e-3,
+        "copy_lr_scale": 0.5,
+        "timesteps": "cubic",
+        "lr_decay_start": 300,
+        "lr_decay_steps": 100,
+    },
+    # b32-lr4e-3-copy1e-3-cubic-decay with the update's gradient clipped to a norm of 0.1, about
+    # three times its usual size: its one divergence began with gradient spikes (0.2 to 8)
+    "b32-lr4e-3-copy1e-3-cubic-decay-clip0.1": {
+        "batch_size": 32,
+        "lr": 4e-3,
+        "copy_lr_scale": 0.25,
+        "timesteps": "cubic",
+        "lr_decay_start": 300,
+        "lr_decay_steps": 100,
+        "max_grad_norm": 0.1,
+    },
 }
 #: A continued run has collapsed where its final fidelity is below this share of its best.
 COLLAPSE_SHARE = 0.9
@@ -100,7 +132,7 @@ ONSET_MARGIN = 0.05
 def recipe_config(
     recipe: str, seed: int, root: str | Path = "runs/recipe", continued: bool = False
 ) -> TrainConfig:
-    """One run's settings: the quick profile, the shared study settings, the recipe, the
+    """One run's settings: TrainConfig's defaults, the shared study settings, the recipe, the
     seed, and the budget's steps (twice them when ``continued``)."""
     if recipe not in RECIPES:
         raise SettingError(
@@ -150,40 +182,46 @@ def train_recipe(
 
 
 def run_recipes(
-    recipes: Sequence[str], seeds: Sequence[int] = RECIPE_SEEDS, root: str | Path = "runs/recipe"
+    recipes: Sequence[str],
+    seeds: Sequence[int] = RECIPE_SEEDS,
+    root: str | Path = "runs/recipe",
+    continued: bool = True,
 ) -> None:
-    """Every recipe's runs to the budget, seed by seed, then their continuations (so that
-    the onsets of every seed are in before the longer runs start)."""
+    """Every recipe's runs to the budget, seed by seed, then (unless not ``continued``) their
+    continuations (so that the onsets of every seed are in before the longer runs start)."""
     for recipe in recipes:
         recipe_config(recipe, 0, root)  # every name checked before any work
     if not seeds or any(s < 0 for s in seeds):
         raise SettingError(f"seeds: {list(seeds)!r} is not allowed; expected integers >= 0")
-    for continued in (False, True):
+    for longer in (False, True)[: 2 if continued else 1]:
         for seed in seeds:
             for recipe in recipes:
-                train_recipe(recipe, seed, root, continued)
+                train_recipe(recipe, seed, root, longer)
 
 
 def choose(summary: dict) -> str:
-    """The recipe the profile takes. Only a recipe continued to 2× on its seeds can be chosen
-    (whether it collapses must be known); among those, the largest share of seeds with an onset,
-    counted over every seed it ran on (the study's, and the check's where it was checked: the
-    check is where a rarer miss shows), then the fewest collapses at 2×, then the highest median
-    final fidelity in the study."""
-    recipes, checked = summary["recipes"], summary.get("check", {}).get("recipes", {})
-    eligible = [r for r in recipes if recipes[r]["n_2x"]] or list(recipes)
+    """The recipe the profile takes. Only a recipe continued to 2× (in the study or its check)
+    can be chosen: whether it collapses must be known. Among those: the largest share of seeds
+    with an onset, counted over every seed it ran on (the study's and the check's: the check is
+    where a rarer miss shows), then the smallest share of collapses over every seed continued,
+    then the highest median final fidelity on the check's seeds where it was checked (two
+    threads, as the profiles run), else on the study's."""
+    parts = [summary["recipes"], summary.get("check", {}).get("recipes", {})]
+    names = list(dict.fromkeys(name for part in parts for name in part))
 
-    def onset_share(r: str) -> float:
-        parts = [recipes[r]] + ([checked[r]] if r in checked else [])
-        return sum(p["onsets"] for p in parts) / sum(p["n"] for p in parts)
+    def total(r: str, key: str) -> int:
+        return sum(part[r][key] for part in parts if r in part)
 
+    def collapse_share(r: str) -> float:
+        return total(r, "collapses_2x") / total(r, "n_2x") if total(r, "n_2x") else 1.0
+
+    def median_final(r: str) -> float:
+        return (parts[1].get(r) or parts[0][r])["final_iou"]["median"]
+
+    eligible = [r for r in names if total(r, "n_2x")] or names
     return max(
         eligible,
-        key=lambda r: (
-            onset_share(r),
-            -recipes[r]["collapses_2x"] / recipes[r]["n_2x"] if recipes[r]["n_2x"] else -1.0,
-            recipes[r]["final_iou"]["median"],
-        ),
+        key=lambda r: (total(r, "onsets") / total(r, "n"), -collapse_share(r), median_final(r)),
     )
 
 
@@ -315,21 +353,23 @@ def recipe_study(
     check_seeds: Sequence[int] | None = None,
     check_root: str | Path = "runs/recipe/check",
     command: str = "",
+    continued: bool = True,
 ) -> dict:
-    """The study (``python -m cnet recipe``): train what is missing (unless not ``train``),
+    """The study (``python -m cnet recipe``): train what is missing (unless not ``train``;
+    without the continuations to 2× unless ``continued``),
     summarize, choose (:func:`choose`) and, with ``check_seeds``, run the chosen recipe on
     those seeds in ``check_root`` (e.g. on another number of threads) and report it beside,
     chosen first, with the other recipes checked there before (an earlier choice: the same
     seeds, so the two compare seed by seed)."""
     if train and check_seeds is None:
-        run_recipes(recipes, seeds, root)
+        run_recipes(recipes, seeds, root, continued)
     result = summarize_recipes(recipes, seeds, root, command=command)
     if not result["recipes"]:
         raise SettingError(f"root: no finished recipe runs in {str(root)!r}; train them first")
     chosen = choose(result)  # from the study alone
     if check_seeds is not None:
         if train:
-            run_recipes([chosen], check_seeds, check_root)
+            run_recipes([chosen], check_seeds, check_root, continued)
         checked = [chosen] + [r for r in recipes if r != chosen]
         result["check"] = summarize_recipes(checked, check_seeds, check_root)
         chosen = choose(result)  # the check's seeds counted too
@@ -340,6 +380,6 @@ def recipe_study(
     result["chosen"] = {
         "recipe": chosen,
         "settings": RECIPES[chosen],
-        "steps": result["recipes"][chosen]["runs"][0]["steps"],
+        "steps": recipe_config(chosen, 0, root).steps,
     }
     return result

@@ -66,6 +66,12 @@ class TrainConfig:
     lr_decay_start: int = 0
     lr_decay_steps: int = 100
     lr_min_share: float = 0.1
+    # the trainable copy's rate as a share of lr (the condition encoder and the zero
+    # convolutions train at lr): a pretrained copy slower than the parts that start from scratch
+    copy_lr_scale: float = 1.0
+    # clip the update's total gradient norm to this (0: never), as diffusers' script does at 1.0;
+    # the miniature's norm is about 0.03, so only a clip near it can catch a spike
+    max_grad_norm: float = 0.0
     weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
     empty_prompt_ratio: float = 0.5
     timesteps: str = "uniform"  # how training draws t: uniform, or cubic (cnet.train.data)
@@ -129,7 +135,16 @@ def _looks_like_hub_id(name: str) -> bool:
 # the sampler every fidelity number of that profile is measured with (cnet.world.metrics.SAMPLERS).
 PROFILES: dict[str, dict] = {
     # the recipe study's choice (figures/recipe_study.json; why: cnet.train.loop)
-    "quick": {"lr": 2e-3, "batch_size": 32, "steps": 400, "timesteps": "cubic"},
+    "quick": {
+        "lr": 4e-3,
+        "copy_lr_scale": 0.25,
+        "max_grad_norm": 0.1,
+        "batch_size": 32,
+        "steps": 400,
+        "timesteps": "cubic",
+        "lr_decay_start": 300,
+        "lr_decay_steps": 100,
+    },
     "full": dict(
         out="runs/controlnet-fill-full",
         steps=3000,
@@ -168,6 +183,8 @@ _TRAIN_RULES: dict[str, Rule] = {
     "batch_size": positive_int(),
     "grad_accum": positive_int(),
     "lr": positive_number(),
+    "copy_lr_scale": positive_number(),
+    "max_grad_norm": non_negative_number(),
     "lr_decay_start": non_negative_int(),
     "lr_decay_steps": positive_int(),
     "lr_min_share": fraction(),

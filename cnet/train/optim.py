@@ -45,10 +45,23 @@ def make_schedule(
 def make_optimizer(
     controlnet: ControlNet, unet, config: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW over the ControlNet's trainable weights, as the released ``cldm.py``
-    (``configure_optimizers``); with ``sd_locked`` false, also over the U-Net's decoder at
-    ``decoder_lr_scale`` × the rate (its encoder never trains)."""
-    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad], "lr": config.lr}]
+    r"""AdamW over the ControlNet's trainable weights, as the released ``cldm.py``
+    (``configure_optimizers``); the trainable copy (:math:`\Theta_c`, which starts from the
+    base's weights) at ``copy_lr_scale`` × the rate of the condition encoder and the zero
+    convolutions (which start from scratch); with ``sd_locked`` false, also over the U-Net's
+    decoder at ``decoder_lr_scale`` × the rate (its encoder never trains)."""
+    trainable = [p for p in controlnet.parameters() if p.requires_grad]
+    if config.copy_lr_scale == 1.0:
+        groups = [{"params": trainable, "lr": config.lr}]
+    else:  # the pretrained copy slower than the parts that start from scratch
+        copy = {id(p) for p in controlnet.theta_c_parameters()}
+        groups = [
+            {
+                "params": [p for p in trainable if id(p) in copy],
+                "lr": config.lr * config.copy_lr_scale,
+            },
+            {"params": [p for p in trainable if id(p) not in copy], "lr": config.lr},
+        ]
     if not config.sd_locked:
         decoder = [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
         params = [p for part in decoder if part is not None for p in part.parameters()]

@@ -270,3 +270,35 @@ def test_ablate_summary_writes_figures_only_where_asked(tmp_path, monkeypatch):
     assert drawn == []
     assert main(["ablate", "--no_train", "--results", str(results), "--figures"]) in (0, None)
     assert drawn == [results.parent]
+
+
+def test_ablate_summary_can_take_the_step_times_of_an_earlier_one(tmp_path, monkeypatch, capsys):
+    """Re-summarizing finished runs with --step_time_from keeps the earlier summary's measured
+    step times instead of timing the step again; a file without them is one line, before
+    any work."""
+    import cnet.bench.suites as suites
+    import cnet.experiments.ablate as ablate
+    import cnet.experiments.first_updates as first
+
+    def never(*a, **k):
+        raise AssertionError("timed again")
+
+    passed = []
+    monkeypatch.setattr(suites, "variant_cost", never)
+    monkeypatch.setattr(first, "first_updates", lambda config: {"updates": []})
+    monkeypatch.setattr(
+        ablate,
+        "summarize",
+        lambda studies, seeds, root, step_time, *a, **k: (
+            passed.append(step_time) or {"variants": {}, "studies": {}}
+        ),
+    )
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"step_time": {"step_ms": {"default": 337.21}}}))
+    results = tmp_path / "ablations.json"
+    args = ["ablate", "--no_train", "--results", str(results)]
+    assert main([*args, "--step_time_from", str(earlier)]) in (0, None)
+    assert passed == [{"step_ms": {"default": 337.21}}]
+    assert main([*args, "--step_time_from", str(results)]) == 2  # a summary's, but no step_time
+    err = capsys.readouterr().err
+    assert f"step_time_from: '{results}' is not allowed; expected an ablation summary" in err

@@ -313,13 +313,15 @@ def test_every_recipe_gets_the_same_budget_and_its_continuation_is_a_resume():
         differ = {k for k, v in asdict(config).items() if asdict(longer)[k] != v}
         assert differ == {"steps", "out"} and differ <= set(RESUMABLE_CHANGES)
     # the quick profile is this recipe, so its command names only the folder and the seed; the
-    # old profile's recipe names what differs from it
-    assert recipe_command("b32-lr2e-3-cubic", 5, "r") == (
-        "python -m cnet train --profile quick --out r/b32-lr2e-3-cubic/seed5 --seed 5"
+    # others name what differs from it
+    chosen = "b32-lr4e-3-copy1e-3-cubic-decay-clip0.1"
+    assert recipe_command(chosen, 5, "r") == (
+        f"python -m cnet train --profile quick --out r/{chosen}/seed5 --seed 5"
     )
     assert recipe_command("b16-lr2e-3", 5, "r") == (
         "python -m cnet train --profile quick --out r/b16-lr2e-3/seed5 --steps 800 "
-        "--batch_size 16 --timesteps uniform --seed 5"
+        "--batch_size 16 --lr 0.002 --lr_decay_start 0 --copy_lr_scale 1.0 --max_grad_norm 0.0 "
+        "--timesteps uniform --seed 5"
     )
     with pytest.raises(SettingError, match="recipe: 'fast' is not allowed"):
         recipe_config("fast", 0)
@@ -419,7 +421,7 @@ def test_the_quick_profile_is_the_studys_choice():
     assert study["chosen"]["settings"] == RECIPES[study["chosen"]["recipe"]]
     quick = TrainConfig(**PROFILES["quick"])
     expected = recipe_config(study["chosen"]["recipe"], 0)
-    for name in ("lr", "batch_size", "steps", "timesteps", "lr_decay_start", "grad_accum"):
+    for name in ["steps", "grad_accum", *study["chosen"]["settings"]]:
         assert getattr(quick, name) == getattr(expected, name), name
     assert quick.steps == study["chosen"]["steps"]
     # the check trained that same recipe (first; earlier choices checked there follow)
@@ -453,3 +455,9 @@ def test_the_choice_needs_a_continuation_and_counts_the_checks_seeds():
     study["recipes"]["steady"]["collapses_2x"] = 1
     study["check"]["recipes"]["decaying"]["onsets"] = 9  # 14 of 15 too
     assert choose(study) == "decaying"  # then the fewer collapses
+    # a recipe continued only on the check's seeds is eligible; its onsets count over both parts
+    study["recipes"]["late"] = recipe(3, 3, 0, 0, 0.80)
+    study["check"]["recipes"]["late"] = recipe(10, 10, 0, 10, 0.83)
+    assert choose(study) == "late"  # 13 of 13
+    study["check"]["recipes"]["late"]["onsets"] = 9
+    assert choose(study) == "decaying"  # 12 of 13 against 14 of 15

@@ -500,3 +500,74 @@ def test_a_set_sampled_in_batches_gives_each_batch_its_own_starting_noise(base):
     second = sample_set(pipe, None, prompts[2:], None, steps=2, seed=9, batch_size=2)
     assert torch.equal(whole[2:], second)
     assert not torch.equal(whole[:2], whole[2:])  # the same prompts, other noise
+
+
+def test_the_pretrained_copy_can_train_slower_than_the_parts_that_start_from_scratch(base):
+    from cnet.train import build_controlnet
+    from cnet.train.optim import make_optimizer
+
+    pipe = load_base(base)
+    cpu = torch.device("cpu")
+    one = make_optimizer(build_controlnet(pipe, TrainConfig()), pipe.unet, TrainConfig(), cpu)
+    assert len(one.param_groups) == 1  # the default: one group, as every earlier run trained
+
+    config = TrainConfig(lr=4e-3, copy_lr_scale=0.25)
+    torch.manual_seed(0)
+    controlnet = build_controlnet(pipe, config)
+    optimizer = make_optimizer(controlnet, pipe.unet, config, cpu)
+    copy, scratch = optimizer.param_groups
+    theta_c = controlnet.theta_c_parameters()
+    assert {id(p) for p in copy["params"]} == {id(p) for p in theta_c}
+    assert copy["lr"] == 4e-3 * 0.25 and scratch["lr"] == 4e-3
+    everything = {id(p) for p in controlnet.parameters()}
+    assert {id(p) for p in scratch["params"]} == everything - {id(p) for p in theta_c}
+    encoder = {id(p) for p in controlnet.hint_encoder.parameters()}
+    zero = {id(p) for z in controlnet.zero_convolutions.values() for p in z.parameters()}
+    assert encoder | zero == everything - {id(p) for p in theta_c}
+
+    # one update: the copy moves exactly as AdamW at the copy's rate moves it, the rest at lr
+    torch.manual_seed(1)
+    for p in controlnet.parameters():
+        p.grad = torch.randn_like(p)
+    before = {id(p): p.detach().clone() for p in controlnet.parameters()}
+    reference = {id(p): torch.nn.Parameter(before[id(p)].clone()) for p in controlnet.parameters()}
+    for p in controlnet.parameters():
+        reference[id(p)].grad = p.grad.clone()
+    for group, lr in ((copy, 1e-3), (scratch, 4e-3)):
+        params = [reference[id(p)] for p in group["params"]]
+        torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, foreach=True).step()
+    optimizer.step()
+    for p in controlnet.parameters():
+        assert torch.equal(p.detach(), reference[id(p)].detach())
+        assert not torch.equal(p.detach(), before[id(p)])
+
+
+def test_a_clip_scales_the_update_to_its_norm_only_above_it(base, tmp_path):
+    """max_grad_norm: 0 and a clip the gradient never reaches leave the update's gradient as it
+    is, bit for bit; a clip below its norm scales it to that norm, and the log says from what."""
+    from cnet.train import Trainer
+
+    seen = {}
+    for name, clip in (("none", 0.0), ("loose", 1e6), ("tight", 1e-4)):
+        trainer = Trainer(_config(base, tmp_path / name, max_grad_norm=clip, steps=1))
+        trainer.load_data()
+        params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+
+        def keep(step, controlnet, name=name, params=params):
+            seen[name] = [p.grad.clone() for p in params]
+
+        trainer.on_update = keep
+        _, seen[name + " log"] = trainer.step(0, log=True)
+        trainer.close()
+
+    def norm(grads):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    assert all(torch.equal(a, b) for a, b in zip(seen["none"], seen["loose"], strict=True))
+    assert "clipped_from" not in seen["none log"] and "clipped_from" not in seen["loose log"]
+    total = norm(seen["none"]).item()
+    assert total > 1e-3  # the clip acts
+    assert seen["tight log"]["clipped_from"] == pytest.approx(total, rel=1e-6)
+    assert norm(seen["tight"]).item() == pytest.approx(1e-4, rel=1e-3)
+    for a, b in zip(seen["none"], seen["tight"], strict=True):
+        torch.testing.assert_close(b, a * (1e-4 / (total + 1e-6)), rtol=1e-5, atol=1e-12)
