@@ -154,12 +154,15 @@ def _step_time_from(path: str) -> dict:
     from pathlib import Path
 
     try:
-        return json.loads(Path(path).read_text())["step_time"]
+        step_time = json.loads(Path(path).read_text())["step_time"]
+        if isinstance(step_time, dict) and "step_ms" in step_time:
+            return step_time
     except (OSError, ValueError, KeyError, TypeError):
-        raise SettingError(
-            f"step_time_from: {path!r} is not allowed; expected an ablation summary JSON "
-            "with its step_time, e.g. figures/07_ablations.json"
-        ) from None
+        pass
+    raise SettingError(
+        f"step_time_from: {path!r} is not allowed; expected an ablation summary JSON "
+        "with its step_time, e.g. figures/07_ablations.json"
+    )
 
 
 def run_recipe(args: argparse.Namespace) -> None:

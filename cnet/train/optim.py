@@ -48,13 +48,17 @@ def make_optimizer(
     r"""AdamW over the ControlNet's trainable weights, as the released ``cldm.py``
     (``configure_optimizers``); the trainable copy (:math:`\Theta_c`, which starts from the
     base's weights) at ``copy_lr_scale`` × the rate of the condition encoder and the zero
-    convolutions (which start from scratch); with ``sd_locked`` false, also over the U-Net's
+    convolutions (which start from scratch; ControlNet-lite's blocks do too, so of its copy
+    only ``conv_in`` is slower); with ``sd_locked`` false, also over the U-Net's
     decoder at ``decoder_lr_scale`` × the rate (its encoder never trains)."""
     trainable = [p for p in controlnet.parameters() if p.requires_grad]
     if config.copy_lr_scale == 1.0:
         groups = [{"params": trainable, "lr": config.lr}]
     else:  # the pretrained copy slower than the parts that start from scratch
-        copy = {id(p) for p in controlnet.theta_c_parameters()}
+        pretrained = controlnet.theta_c_parameters()
+        if config.trainable_copy == "lite":  # its blocks start from scratch (cnet.variants)
+            pretrained = list(controlnet.conv_in.parameters())
+        copy = {id(p) for p in pretrained}
         groups = [
             {
                 "params": [p for p in trainable if id(p) in copy],

@@ -541,6 +541,14 @@ def test_the_pretrained_copy_can_train_slower_than_the_parts_that_start_from_scr
         assert torch.equal(p.detach(), reference[id(p)].detach())
         assert not torch.equal(p.detach(), before[id(p)])
 
+    # ControlNet-lite's blocks start from scratch: of its copy only conv_in is the base's
+    lite = TrainConfig(lr=4e-3, copy_lr_scale=0.25, trainable_copy="lite")
+    controlnet = build_controlnet(pipe, lite)
+    slow, fast = make_optimizer(controlnet, pipe.unet, lite, cpu).param_groups
+    assert {id(p) for p in slow["params"]} == {id(p) for p in controlnet.conv_in.parameters()}
+    blocks = [*controlnet.down_blocks.parameters(), *controlnet.mid_block.parameters()]
+    assert blocks and {id(p) for p in blocks} <= {id(p) for p in fast["params"]}
+
 
 def test_a_clip_scales_the_update_to_its_norm_only_above_it(base, tmp_path):
     """max_grad_norm: 0 and a clip the gradient never reaches leave the update's gradient as it
