@@ -106,7 +106,6 @@ class _LiteConv(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__(nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, stride, padding=1))
-        self.out_channels = out_channels
 
 
 class LiteLevel(nn.Module):

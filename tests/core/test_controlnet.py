@@ -232,9 +232,44 @@ def test_cfg_resolution_weights_are_64_over_h_on_sd15_and_scale_the_residuals(un
 
 def test_control_scales_combine_and_check_length():
     assert control_scales(3, 0.5) == (0.5, 0.5, 0.5)
+    assert control_scales(3) == (1.0, 1.0, 1.0)  # no scale given: the residuals as they are
     assert control_scales(3, [1.0, 2.0, 3.0], guess_mode=True) == (0.825**2, 2 * 0.825, 3.0)
-    with pytest.raises(ValueError, match="one control scale or 13"):
+    with pytest.raises(ValueError, match=r"one control scale or 13 \(one per residual: 12 skip "):
         control_scales(13, [1.0] * 12)
+
+
+def test_guess_modes_diffusers_ramp_is_multiplied_in_float32_as_diffusers_does():
+    # ControlNetModel.forward multiplies its float32 logspace by the float scale in float32; in
+    # float64 some of the 13 products round to another float32
+    ramp = torch.logspace(-1, 0, 13)
+    float32 = tuple((ramp * 0.7).tolist())
+    assert control_scales(13, 0.7, guess_mode=True, guess_rule="diffusers") == float32
+    assert float32 != tuple(0.7 * g for g in ramp.tolist())
+
+
+def test_guess_mode_scales_length_ends_and_heights():
+    assert len(guess_mode_scales()) == 13  # SD's 12 skips + 1 middle block by default
+    assert guess_mode_scales(1) == (1.0,)  # one residual: the middle block alone, at 1
+    assert guess_mode_scales(2) == (0.825, 1.0)
+    # the weights divide the *first* residual's height, whatever the heights
+    assert cfg_resolution_weights([8, 4, 2]) == (1.0, 2.0, 4.0)
+    assert guess_mode_scales(3, "cfg_rw", heights=[8, 4, 2]) == (1.0, 2.0, 4.0)
+
+
+def test_bad_scales_and_heights_are_refused_in_one_line_naming_the_value():
+    with pytest.raises(ValueError, match=r"^expected n_residuals >= 1, got 0$"):
+        guess_mode_scales(0)
+    with pytest.raises(ValueError, match=r"guess_rule: .*'cfg_rw', got 'linear'$"):
+        guess_mode_scales(13, "linear")
+    with pytest.raises(ValueError, match=r"heights >= 1, got \[8, 0\]$"):
+        cfg_resolution_weights([8, 0])  # one height of zero is refused, not only all of them
+    with pytest.raises(ValueError, match=r"got \[\]$"):
+        cfg_resolution_weights([])
+    residuals = ControlResiduals.from_tensors([torch.ones(1, 1, 2, 2)] * 3)
+    with pytest.raises(ValueError, match=r"^expected 3 scales \(one per residual\), got 2$"):
+        residuals.scaled([1.0, 1.0])
+    with pytest.raises(ValueError, match=r"^cannot add 2 residuals to 3$"):
+        residuals + ControlResiduals.from_tensors([torch.ones(1, 1, 2, 2)] * 2)
 
 
 def test_per_residual_scales_and_only_mid_control(unet):

@@ -62,6 +62,39 @@ def test_gaussian_std_follows_the_gain(unet):
         assert (hint.weight / default_init_std(hint)).std().item() == pytest.approx(gain, rel=0.1)
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        torch.nn.Conv2d(64, 256, 3),
+        torch.nn.Conv2d(320, 320, 1),
+        torch.nn.Conv2d(64, 512, 3, groups=4),
+    ],
+    ids=["3x3", "1x1", "grouped"],
+)
+def test_default_init_std_is_pytorchs_own(conv):
+    """Kaiming-uniform with a = sqrt(5) draws U(-1/sqrt(n), 1/sqrt(n)), n the fan-in
+    (in channels / groups x kernel area): std 1/sqrt(3n). Against the weights PyTorch drew."""
+    torch.manual_seed(0)
+    conv.reset_parameters()
+    fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    assert default_init_std(conv) == 1 / (3 * fan_in) ** 0.5
+    assert conv.weight.std().item() == pytest.approx(default_init_std(conv), rel=0.02)
+    assert conv.weight.abs().max().item() <= 3**0.5 * default_init_std(conv)
+
+
+def test_lite_layers_are_silu_then_one_conv_in_the_copys_dtype(unet):
+    controlnet = ControlNet.from_unet(unet).double()
+    make_lite(controlnet)
+    # built in the ControlNet's dtype (and device), not PyTorch's default float32
+    assert {p.dtype for p in controlnet.parameters()} == {torch.float64}
+    layer = controlnet.down_blocks[0].resnets[0]
+    x = torch.randn(2, layer[1].in_channels, 8, 8, dtype=torch.float64)
+    assert torch.equal(layer(x), layer[1](torch.nn.functional.silu(x)))
+    # as in diffusers' down blocks, a level without a downsampler has None there
+    assert controlnet.down_blocks[-1].downsamplers is None
+    assert len(controlnet.down_blocks[0].downsamplers) == 1
+
+
 def test_gaussian_std_can_be_absolute(unet):
     # std = lr: the same std in every layer, whatever its fan-in, the condition encoder's too
     controlnet = _controlled(unet, kind="gaussian", gain=1.0, std=2e-3).controlnets[0]
@@ -90,6 +123,33 @@ def test_none_means_identity_and_lite_one_conv_per_block(unet):
     assert not any(p.requires_grad for p in lite.time_embedding.parameters())
     trainable = sum(p.numel() for p in lite.parameters() if p.requires_grad)
     assert trainable < sum(p.numel() for p in full.parameters())
+
+
+def test_gaussian_connections_default_gain_reproducible_draws_and_refusals(unet):
+    torch.manual_seed(0)
+    controlnet = replace_connections(ControlNet.from_unet(unet), "gaussian")  # gain 1
+    convs = [*controlnet.zero_convs, controlnet.mid_zero_conv]
+    scaled = torch.cat([z.weight.reshape(-1) / default_init_std(z) for z in convs])
+    assert scaled.std().item() == pytest.approx(1.0, rel=0.1)
+    # the draws come from the generator given, whatever torch's global state
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        net = replace_connections(
+            ControlNet.from_unet(unet), "gaussian", generator=torch.Generator().manual_seed(7)
+        )
+        draws.append(net.mid_zero_conv.weight.detach().clone())
+    assert torch.equal(*draws)
+    fresh = ControlNet.from_unet(unet)
+    expected = "is not allowed; expected"
+    for setting, message in [
+        (dict(kind="random"), f"^connections: 'random' {expected} one of zero, gaussian, none$"),
+        (dict(kind="gaussian", gain=0.0), f"^connection_gain: 0.0 {expected} a number > 0$"),
+        (dict(kind="gaussian", gain=float("inf")), "^connection_gain: inf is not allowed"),
+        (dict(kind="gaussian", std=0.0), f"^connection_std: 0.0 {expected} a number > 0$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            replace_connections(fresh, **setting)
 
 
 def test_bad_variant_settings_are_refused():

@@ -260,7 +260,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_only_with_its_defaul
         check_resumable(path, {**old, "timesteps": "cubic"}, 400, ("steps",), defaults)
 
 
-def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
+def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch, capsys):
     import cnet.train.loop as loop
     import cnet.train.watch as watch
 
@@ -295,6 +295,11 @@ def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch):
     assert [e["step"] for e in alerts] == [9]
     assert alerts[0]["kind"] == "loss"
     assert alerts[0]["alert"].startswith("loss spike at step 9: the last 2 logged losses average")
+    # the same line above the progress bar, whose postfix names the alert from then on
+    out, err = capsys.readouterr()
+    assert alerts[0]["alert"] in out.splitlines()
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("train: 100%") and "11/11" in final and final.endswith("alert=loss]")
 
 
 # ------------------------------------------------------------------------- the study
@@ -386,6 +391,23 @@ def test_the_learning_rate_schedule_by_step():
     assert [lr_factor(decay, s) for s in (0, 299, 300, 350, 400, 10_000)] == pytest.approx(
         [1, 1, 1, 0.55, 0.1, 0.1]
     )
+
+
+def test_the_schedule_placed_at_a_resumed_step_sets_that_steps_rate_in_every_group():
+    from cnet.train.optim import lr_factor, make_schedule
+
+    config = TrainConfig(lr=4e-3, lr_decay_start=2, lr_decay_steps=4, lr_min_share=0.25)
+    for start in (0, 3):
+        weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+        groups = [{"params": weights[:1], "lr": 1e-3}, {"params": weights[1:], "lr": 4e-3}]
+        optimizer = torch.optim.AdamW(groups)
+        schedule = make_schedule(optimizer, config, start)
+        for step in range(start, start + 4):  # the rate of update `step`, then the next
+            factor = lr_factor(config, step)
+            got = [g["lr"] for g in optimizer.param_groups]
+            assert got == pytest.approx([1e-3 * factor, 4e-3 * factor], rel=1e-12), step
+            optimizer.step()
+            schedule.step()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The ControlNet training loop on a small random base: the first-step gradient facts, a loss
 that goes down, exact resume, and the failure modes (NaN, Ctrl-C)."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -9,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cnet import ControlledUNet, ControlNet
 from cnet.checkpoints import checkpoint_wall_time
 from cnet.course.figures import write_run_figures
 from cnet.train import (
+    SettingError,
     TrainConfig,
     TrainingDiverged,
     cache_data,
@@ -29,6 +32,11 @@ from cnet.train import (
 from cnet.train.data import CachedData
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
+
+
+def load_file_metadata(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def _config(base, out, **kw):
@@ -209,6 +217,21 @@ def test_unlocked_decoder_trains_only_the_decoder(base, tmp_path):
     assert not any(k.startswith(("down_blocks", "mid_block", "conv_in")) for k in changed)
 
 
+def test_the_optimizers_groups_take_their_rates_and_the_weight_decay(base):
+    from cnet.train.optim import make_optimizer
+
+    pipe = load_base(base)
+    controlnet = ControlNet.from_unet(pipe.unet)
+    config = TrainConfig(lr=2e-3, sd_locked=False, decoder_lr_scale=0.5, weight_decay=0.05)
+    optimizer = make_optimizer(controlnet, pipe.unet, config, torch.device("cpu"))
+    groups = optimizer.param_groups
+    assert [g["lr"] for g in groups] == [2e-3, 1e-3]  # the ControlNet, then the decoder
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.05]
+    decoder = {id(p) for part in (pipe.unet.up_blocks, pipe.unet.conv_norm_out, pipe.unet.conv_out)
+               for p in part.parameters()}  # fmt: skip
+    assert {id(p) for p in groups[1]["params"]} == decoder
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown task 'sketch'"):
         task_dataset("sketch", 4, "train", RES, 0)
@@ -232,8 +255,25 @@ def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
     assert torch.equal(data.extras["background"], torch.from_numpy(scenes.background))
     assert data.extras["prompt"] == rendered["prompt"]
     assert [data.prompts[i] for i in data.prompt_index] == rendered["prompt"]
-    summary = train(_config(base, tmp_path / task, task=task, steps=2, eval_every=2))
+    config = _config(base, tmp_path / task, task=task, steps=2, eval_every=2)
+    summary = train(config)
     final = summary["final_eval"]
+    # run.json: what ran where, how long, its last evaluation and every setting
+    run = json.loads((tmp_path / task / "run.json").read_text())
+    assert run == summary
+    assert list(run) == [
+        "profile", "device", "processes", "mixed_precision", "device_name", "steps",
+        "resumed_from", "wall_time_s", "wall_time_this_invocation_s", "final_eval", "config",
+    ]  # fmt: skip
+    assert (run["profile"], run["device"], run["processes"], run["mixed_precision"]) == (
+        "custom", "cpu", 1, "no"
+    )  # fmt: skip
+    assert run["device_name"] == f"cpu, {torch.get_num_threads()} thread(s)"
+    assert (run["steps"], run["resumed_from"]) == (2, 0)
+    assert 0 < run["wall_time_this_invocation_s"] <= run["wall_time_s"] + 0.05
+    assert run["wall_time_s"] == pytest.approx(run["wall_time_this_invocation_s"], abs=0.11)
+    assert run["config"] == dataclasses.asdict(config)
+    assert json.loads((tmp_path / task / "config.json").read_text()) == run["config"]
     assert final["n"] == 4
     # the summary's evaluation is the one logged at the last step, and the samples it measured
     # were kept
@@ -433,6 +473,28 @@ def test_diffusion_loss_feeds_the_noised_scaled_latent_and_regresses_the_noise()
     assert diffusion_loss(_Spy(batch["noise"].clone()), batch, scheduler, scaling) == 0
 
 
+@pytest.mark.parametrize("kind", ["v_prediction", "sample", "flow"])
+def test_diffusion_loss_regresses_what_the_base_predicts(kind):
+    """SD2's 768 px models predict the velocity sqrt(abar) eps - sqrt(1 - abar) z0; a base
+    that predicts the clean latent regresses z0; any other prediction type is refused."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler.register_to_config(prediction_type=kind)
+    batch = draw_batch(_cached(latent_std=1.0), TrainConfig(batch_size=8), 0, 0, scheduler, "cpu")
+    prediction = torch.randn(batch["noise"].shape, generator=torch.Generator().manual_seed(1))
+    scaling = 0.18215
+    if kind == "flow":
+        with pytest.raises(SettingError, match="base: prediction_type 'flow' is not allowed"):
+            diffusion_loss(_Spy(prediction), batch, scheduler, scaling)
+        return
+    z0 = batch["latents"] * scaling
+    abar = scheduler.alphas_cumprod[batch["timesteps"]][:, None, None, None]
+    velocity = abar.sqrt() * batch["noise"] - (1 - abar).sqrt() * z0
+    target = velocity if kind == "v_prediction" else z0
+    loss = diffusion_loss(_Spy(prediction), batch, scheduler, scaling)
+    torch.testing.assert_close(loss, F.mse_loss(prediction, target), rtol=1e-6, atol=0)
+    assert diffusion_loss(_Spy(target.clone()), batch, scheduler, scaling) < 1e-12
+
+
 # ------------------------------------------------------------------------- what a step averages
 
 
@@ -461,11 +523,19 @@ def test_accumulated_micro_batches_are_different_and_their_gradients_averaged(ba
     seen = {}
 
     def keep(step, controlnet):
-        seen["grads"] = [p.grad.clone() for p in params]
+        seen["step"], seen["grads"] = step, [p.grad.clone() for p in params]
 
     trainer.on_update = keep
-    trainer.step(0)
+    with torch.no_grad():  # before the update
+        losses = [
+            diffusion_loss(trainer.controlled, b, trainer.noise_scheduler, scaling).item()
+            for b in (first, second)
+        ]
+    loss, entry = trainer.step(0)
     trainer.close()
+    assert seen["step"] == 0 and entry["step"] == 0
+    # the logged loss is the micro-batches' mean too
+    assert loss == entry["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
     checked = 0
     for got, a, b in zip(seen["grads"], *each, strict=True):
         if a is None:
@@ -476,6 +546,23 @@ def test_accumulated_micro_batches_are_different_and_their_gradients_averaged(ba
     assert checked >= 2  # the zero convolutions' gradients at step 0 are not zero
 
 
+def test_the_first_steps_and_every_log_every_th_are_logged(base, tmp_path):
+    """A step returns its log entry (step, loss, norms) where it is logged: each of the first
+    FIRST_STEPS_LOGGED, then every log_every-th; None elsewhere."""
+    from cnet.train import Trainer
+    from cnet.train.loop import FIRST_STEPS_LOGGED
+
+    assert FIRST_STEPS_LOGGED == 10
+    trainer = Trainer(_config(base, tmp_path / "run", batch_size=2, log_every=4))
+    trainer.load_data()
+    entries = {step: trainer.step(step)[1] for step in (9, 10, 12, 13)}
+    trainer.close()
+    assert [s for s, e in entries.items() if e is not None] == [9, 12]
+    assert entries[10] is None and entries[13] is None
+    assert entries[9]["step"] == 9 and entries[12]["step"] == 12
+    assert {"loss", "weight_norm", "grad_norm", "copy_grad_norm"} <= set(entries[12])
+
+
 def test_a_run_is_evaluated_on_the_evaluation_split(base, tmp_path):
     from cnet.train import Trainer
 
@@ -483,11 +570,113 @@ def test_a_run_is_evaluated_on_the_evaluation_split(base, tmp_path):
     trainer = Trainer(config)
     trainer.load_data()
     trainer.close()
+    trainer.close()  # closing twice is harmless
     evaluation = cache_data(trainer.pipe, "fill", 4, "eval", config.seed)
     training = cache_data(trainer.pipe, "fill", 4, "train", config.seed)
     assert torch.equal(trainer.eval_data.condition, evaluation.condition)
     assert not torch.equal(trainer.eval_data.condition, training.condition)
     assert torch.equal(trainer.data.condition[:4], training.condition)
+
+
+def test_an_evaluation_samples_the_controlled_unet_and_keeps_its_images(base, tmp_path):
+    """Trainer.evaluate: the evaluation set sampled through the ControlNet being trained, with
+    the run's sampler; its images kept exactly (8-bit) in samples.safetensors, its metrics logged
+    and handed to the watch (which keeps the best weights)."""
+    from cnet.train import Trainer
+    from cnet.train.evaluate import evaluate
+
+    config = _config(base, tmp_path / "run", eval_size=2, eval_steps=2, guidance_scale=1.5)
+    trainer = Trainer(config)
+    trainer.load_data()
+    trainer.step(0)
+    trainer.step(1)  # the zero convolutions have moved: the ControlNet changes the samples
+    metrics = trainer.evaluate(2)
+    trainer.close()
+    trainer.controlled.eval()
+    expected, images = evaluate(trainer.pipe, trainer.controlled, trainer.eval_data, 2, 1.5)
+    assert metrics == expected
+    base_alone = evaluate(trainer.pipe, None, trainer.eval_data, 2, 1.5)[1]
+    assert not torch.equal(images, base_alone)
+    other_guidance = evaluate(trainer.pipe, trainer.controlled, trainer.eval_data, 2, 3.0)[1]
+    assert not torch.equal(images, other_guidance)
+    kept = load_file(tmp_path / "run" / "samples.safetensors")
+    assert list(kept) == ["step_2"]
+    assert torch.equal(kept["step_2"], ((images + 1) * 127.5).round().to(torch.uint8))
+    assert (tmp_path / "run" / "validation" / "step_000002.png").exists()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1] == {"step": 2, "eval": metrics}
+    assert trainer.watch.fidelity == [metrics["iou"]]
+    best = json.loads(load_file_metadata(tmp_path / "run" / "best.safetensors")["metrics"])
+    assert int(load_file_metadata(tmp_path / "run" / "best.safetensors")["step"]) == 2
+    assert best == {"iou": metrics["iou"]}
+
+
+def test_evaluations_follow_eval_every_and_a_run_resumed_at_its_end_reports_its_last(
+    base, tmp_path, capsys
+):
+    """Evaluated at step 0 and every eval_every-th; a run stopped after its last checkpoint
+    but before run.json, run again, trains nothing and reports the last logged evaluation."""
+    out = tmp_path / "runs" / "fill" / "run"  # folders made as needed
+    config = _config(base, out, steps=2, eval_every=1, eval_size=2, log_every=1)
+    entries = []
+    summary = train(config, on_log=entries.append)
+    log_path = out / "log.jsonl"
+    for name, content in [("config.json", dataclasses.asdict(config)), ("run.json", summary)]:
+        assert (out / name).read_text() == json.dumps(content, indent=2)
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert entries == log  # on_log sees every entry as written
+    assert [e["step"] for e in log if "eval" in e] == [0, 1, 2]
+    assert [e["step"] for e in log if "loss" in e] == [0, 1]
+    assert summary["final_eval"] == log[-1]["eval"]
+    # the progress bar's last state: steps, the last loss and the last evaluation, no alert
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    iou = f"{summary['final_eval']['iou']:.3f}"
+    assert bar.startswith("train: 100%") and " 2/2 " in bar
+    assert bar.endswith(f"loss={log[-2]['loss']:.4f}, iou={iou}]")
+    (out / "run.json").unlink()
+    again_entries = []
+    again = train(config, on_log=again_entries.append)
+    assert again_entries == [] and log_path.read_text().splitlines() == [json.dumps(e) for e in log]
+    assert again["resumed_from"] == 2 and again["final_eval"] == summary["final_eval"]
+    assert " 2/2 " in capsys.readouterr().err  # the bar starts where the run resumed
+    # continued to 3 steps: the samples of steps 0-2 kept as they were, step 3's added
+    before = load_file(out / "samples.safetensors")
+    longer = dataclasses.replace(config, steps=3)
+    third = train(longer)
+    after = load_file(out / "samples.safetensors")
+    assert sorted(after) == ["step_0", "step_1", "step_2", "step_3"]
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [e["step"] for e in log if "eval" in e] == [0, 1, 2, 3]
+    assert [e["step"] for e in log if "loss" in e] == [0, 1, 2]
+    # a finished run asked again: nothing done, its record returned
+    capsys.readouterr()
+    assert train(longer) == third
+    assert capsys.readouterr().out == f"{out} already finished 3 steps; nothing to do\n"
+    # a checkpoint from before a setting existed was trained with its default: changing it
+    # on resume is refused as for any other setting
+    checkpoint = out / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(metadata["config"])
+    del saved["copy_lr_scale"]
+    save_file(tensors, str(checkpoint), metadata={**metadata, "config": json.dumps(saved)})
+    with pytest.raises(SettingError, match="copy_lr_scale: 1.0 there, 0.5 now"):
+        train(dataclasses.replace(config, steps=4, copy_lr_scale=0.5))
+    # the checkpoint names the ControlNet's weights as export and sample read them
+    assert "controlnet.conv_in.weight" in tensors
+    # no evaluation at all where eval_every is 0
+    quiet = _config(base, tmp_path / "quiet", steps=1, eval_size=2)
+    assert train(quiet)["final_eval"] == {}
+    assert not any('"eval"' in line for line in (tmp_path / "quiet" / "log.jsonl").open())
+    # resumed at step 1: the training time behind the checkpoint counts in the total
+    behind = checkpoint_wall_time(tmp_path / "quiet" / "checkpoint.safetensors")
+    resumed = train(dataclasses.replace(quiet, steps=2))
+    assert resumed["resumed_from"] == 1 and behind > 0
+    assert resumed["wall_time_s"] == pytest.approx(
+        behind + resumed["wall_time_this_invocation_s"], abs=0.11
+    )
 
 
 def test_a_set_sampled_in_batches_gives_each_batch_its_own_starting_noise(base):

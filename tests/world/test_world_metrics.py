@@ -28,6 +28,8 @@ def test_iou_of_two_shifted_squares_is_one_third():
     assert iou(_box(0, 0, 4, 4), _box(4, 4, 4, 4)).item() == 0.0
     empty = torch.zeros(1, 8, 8, dtype=torch.bool)
     assert iou(empty, empty).item() == 1.0
+    dot = _box(3, 3, 1, 1)  # a union of one pixel
+    assert iou(dot, dot).item() == 1.0 and iou(dot, empty).item() == 0.0
 
 
 def test_mean_iou_per_class_and_mean():
@@ -131,3 +133,167 @@ def test_layout_iou_ignores_which_colour_fills_the_region():
     flat = torch.ones_like(plain["image"])
     area = region.flatten(1).float().mean(1)
     torch.testing.assert_close(layout_iou(flat, region), area, rtol=0, atol=1e-7)
+
+
+def test_edge_f1_is_per_image_with_a_one_pixel_default_tolerance():
+    line = _box(2, 1, 1, 6)
+    assert edge_f1(_box(3, 1, 1, 6), line).item() == 1.0  # one pixel off: within the default
+    assert edge_f1(_box(4, 1, 1, 6), line).item() == 0.0  # two pixels off: not
+    # one predicted pixel on the line: precision 1/1, recall 1/6, F1 = 2/7
+    dot = _box(2, 1, 1, 1)
+    assert edge_f1(dot, line, tolerance=0).item() == pytest.approx(2 / 7)
+    # and the other way round: one target pixel, found
+    assert edge_f1(line, dot, tolerance=0).item() == pytest.approx(2 / 7)
+    # precision 1/2 and recall 1/4: F1 = 2 * 1/8 / (3/4) = 1/3
+    quarter = _box(2, 1, 1, 2)
+    predicted = quarter | _box(6, 1, 1, 2)
+    assert edge_f1(predicted, _box(2, 0, 1, 8), tolerance=0).item() == pytest.approx(1 / 3)
+    # a batch: each image scored on its own pixels, not the batch's sums
+    batch = edge_f1(torch.cat([dot, line]), torch.cat([line, line]), tolerance=0)
+    assert batch.tolist() == pytest.approx([2 / 7, 1.0])
+
+
+def test_depth_order_counts_only_overlapping_pairs_and_a_tie_is_no_vote():
+    """Hand-made masks and colours: slot 0 (back) and slot 1 do not overlap; slot 2 (front)
+    overlaps slot 0 on 4 pixels."""
+    masks = torch.zeros(1, 3, 8, 8, dtype=torch.bool)
+    masks[0, 0, 0:4, 0:4] = True
+    masks[0, 1, 6:8, 6:8] = True
+    masks[0, 2, 2:4, 2:6] = True  # over slot 0 at rows 2-3, columns 2-3
+    colours = [["red", "green", "blue"]]
+    palette = {n: torch.tensor(PALETTE_RGB[COLOUR_NAMES.index(n)]) * 2 - 1 for n in colours[0]}
+    image = torch.zeros(1, 3, 8, 8)
+    image[0, :, 2:4, 2:4] = palette["blue"][:, None, None]  # the front one on top
+    result = depth_order_accuracy(image, masks, colours)
+    assert result == {"accuracy": 1.0, "pairs": 1}  # the first pair had no overlap: skipped
+    image[0, :, 2:4, 2] = palette["red"][:, None]  # half the overlap red, half blue: a tie
+    assert depth_order_accuracy(image, masks, colours) == {"accuracy": 0.0, "pairs": 1}
+    apart = masks.clone()
+    apart[0, 2] = False
+    assert depth_order_accuracy(image, apart, colours) == {"accuracy": None, "pairs": 0}
+
+
+def test_fit_shape_is_the_best_of_its_placements_around_the_centroid():
+    """The docstring's definition, computed here by placing every template: centroid of the
+    pixel centres, equal-area radius, nudged by -1/0/+1 px and scaled by 0.85 to 1.15."""
+    import numpy as np
+
+    from cnet.world.data import SHAPES, every_shape_mask
+
+    masks = []
+    for shape, r, cut in [("circle", 6.0, 3), ("square", 5.0, 2), ("triangle", 7.0, 4),
+                          ("diamond", 6.5, 3), ("circle", 4.5, 0)]:  # fmt: skip
+        mask = render_shapes([("red", shape, 15.3, 16.2, r)], "blue")["layers"][0] > 0
+        mask[: 16 - cut // 2, : 16 + cut] = False  # a corner cut off: the centroid moves
+        masks.append(mask[:32, :32])
+    masks = torch.stack([torch.zeros(32, 32, dtype=torch.bool), *masks])  # an empty one first
+    result = fit_shape(masks)
+    assert result["shape"][0] is None and result["iou"][0].max() == 0
+    nudges = [(dx, dy, k) for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+              for k in (0.85, 0.925, 1.0, 1.075, 1.15)]  # fmt: skip
+    best_placements = set()
+    for b in range(1, len(masks)):
+        ys, xs = np.nonzero(masks[b].numpy())
+        cx, cy, area = xs.mean() + 0.5, ys.mean() + 0.5, len(xs)
+        r = np.sqrt(area / np.pi)
+        placed = every_shape_mask(
+            np.array([cx + n[0] for n in nudges]),
+            np.array([cy + n[1] for n in nudges]),
+            np.array([r * n[2] for n in nudges]),
+            32,
+        )  # (shapes, placements, H, W)
+        ious = iou(
+            torch.from_numpy(placed).flatten(0, 1),
+            masks[b].expand(placed[0].shape[0] * len(SHAPES), -1, -1),
+        )
+        ious = ious.view(len(SHAPES), len(nudges))
+        assert result["iou"][b].tolist() == pytest.approx(ious.amax(1).tolist(), abs=1e-6)
+        best_placements |= {nudges[int(i)] for i in ious.argmax(1)}
+    # the nudges and scales are used: the best placements are not all the centred, unscaled one
+    assert len(best_placements) > 3
+
+
+def test_layout_iou_and_mean_iou_edges():
+    from cnet.world.metrics import layout_iou, sampler_settings
+
+    images, region = torch.zeros(2, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError):  # one region per image
+        layout_iou(images, region)
+    # no class occurs in either map: nothing to average, a perfect (vacuous) score
+    labels = torch.full((2, 4), 5)
+    assert mean_iou(labels, labels, num_classes=3) == {"miou": 1.0, "per_class": [None] * 3}
+    settings = sampler_settings("quick")
+    assert settings == {"steps": 10, "guidance": 3.0}
+    settings["steps"] = 1  # a copy: the profile's sampler stays as it is
+    assert sampler_settings("quick")["steps"] == 10
+
+
+def test_values_beyond_the_range_count_as_their_clamped_value():
+    """A decoder can overshoot [-1, 1]; a pixel is classified as its clamped value (what an
+    8-bit save of the image keeps), below the range and above it."""
+    pixels = torch.tensor([[-2.0, -2.0, 0.25], [-1.0, 1.75, -0.25]]).T[None, :, :, None]
+    clamped = classify_colours(pixels.clamp(-1, 1))[0, :, 0]
+    assert torch.equal(classify_colours(pixels)[0, :, 0], clamped)
+    # unclamped, both would be other colours: the clamp decides here
+    rgb = (pixels + 1) / 2
+    palette = torch.from_numpy(PALETTE_RGB).float()
+    unclamped = ((rgb[:, None] - palette[None, :, :, None, None]) ** 2).sum(2).argmin(1)
+    assert (unclamped[0, :, 0] != clamped).all()
+
+
+def _paint(indices: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) palette indices -> (B, 3, H, W) images in [-1, 1] of exactly those colours."""
+    return (torch.from_numpy(PALETTE_RGB).float()[indices] * 2 - 1).permute(0, 3, 1, 2)
+
+
+def test_the_background_is_the_majority_of_the_border_ring():
+    """Random 6x6 images of three colours: the background judged right is, in every image,
+    the most frequent colour of the pixels in the outermost row or column (first on ties)."""
+    g = torch.Generator().manual_seed(0)
+    indices = torch.tensor([0, 4, 8])[torch.randint(0, 3, (300, 6, 6), generator=g)]
+    ring = torch.zeros(6, 6, dtype=torch.bool)
+    ring[[0, -1]] = True
+    ring[:, [0, -1]] = True
+    majority = [
+        int(torch.bincount(image[ring], minlength=len(COLOUR_NAMES)).argmax()) for image in indices
+    ]
+    result = colours_drawn(_paint(indices), [["red"]] * 300, [COLOUR_NAMES[m] for m in majority])
+    assert result["background_ok"].all()
+
+
+def test_the_foreground_needs_its_share_and_the_majority_of_the_rest():
+    """A 20x20 blue image with a few pixels of other colours, red asked for: red must cover at
+    least min_fraction (1 %, 4 pixels) and be more than half of what is not background."""
+    red, green, blue = (COLOUR_NAMES.index(c) for c in ("red", "green", "blue"))
+
+    def judged(n_red: int, n_green: int) -> bool:
+        image = torch.full((1, 20, 20), blue)
+        image.view(-1)[:n_red] = red
+        image.view(-1)[100 : 100 + n_green] = green
+        result = colours_drawn(_paint(image), [["red"]], ["blue"])
+        assert result["background_ok"].item()
+        return bool(result["foreground_ok"].item())
+
+    assert judged(4, 0) and not judged(3, 0)  # the share: exactly 4 pixels pass, 3 do not
+    assert judged(5, 4) and not judged(4, 4)  # more than half of the rest, not half
+    assert not judged(4, 5) and not judged(4, 7)  # a minority of the rest fails
+    with pytest.raises(ValueError):  # one background per image
+        colours_drawn(_paint(torch.full((2, 4, 4), blue)), [["red"]] * 2, ["blue"])
+
+
+def test_colours_are_named_in_the_styles_palette():
+    """The same discs painted in the cycled style: judged in that style's palette, every
+    colour and the region are right; in the plain palette they are not."""
+    from cnet.world.metrics import fidelity
+
+    scenes = FillDataset(size=4, split="eval").scenes(range(4))
+    cycled = FillDataset(size=4, split="eval", style="cycled").batch(range(4))
+    region = cycled["layers"] > 0
+    foreground, background = (
+        torch.from_numpy(a.copy()) for a in (scenes.colour[:, 0], scenes.background)
+    )
+    right = fidelity(cycled["image"], foreground, background, region, style="cycled")
+    assert torch.equal(right["iou"], torch.ones(4)) and right["colours_ok"].all()
+    assert torch.equal(right["layout_iou"], torch.ones(4))
+    plain = fidelity(cycled["image"], foreground, background, region)
+    assert not plain["colours_ok"].any()
