@@ -601,6 +601,7 @@ def test_an_evaluation_samples_the_controlled_unet_and_keeps_its_images(base, tm
     assert not torch.equal(images, other_guidance)
     kept = load_file(tmp_path / "run" / "samples.safetensors")
     assert list(kept) == ["step_2"]
+    assert kept["step_2"].dtype == torch.uint8
     assert torch.equal(kept["step_2"], ((images + 1) * 127.5).round().to(torch.uint8))
     assert (tmp_path / "run" / "validation" / "step_000002.png").exists()
     assert not list((tmp_path / "run").glob("*.tmp"))
@@ -670,13 +671,22 @@ def test_evaluations_follow_eval_every_and_a_run_resumed_at_its_end_reports_its_
     quiet = _config(base, tmp_path / "quiet", steps=1, eval_size=2)
     assert train(quiet)["final_eval"] == {}
     assert not any('"eval"' in line for line in (tmp_path / "quiet" / "log.jsonl").open())
-    # resumed at step 1: the training time behind the checkpoint counts in the total
-    behind = checkpoint_wall_time(tmp_path / "quiet" / "checkpoint.safetensors")
+    # resumed at step 1, after a crash that left a log entry past the checkpoint: the entry is
+    # dropped, and the training time behind the checkpoint (recorded as 12.5 s here) counts in
+    # the total
+    checkpoint = tmp_path / "quiet" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(checkpoint), metadata={**metadata, "wall_time_s": "12.5"})
+    with (tmp_path / "quiet" / "log.jsonl").open("a") as log_file:
+        log_file.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
     resumed = train(dataclasses.replace(quiet, steps=2))
-    assert resumed["resumed_from"] == 1 and behind > 0
+    assert resumed["resumed_from"] == 1
     assert resumed["wall_time_s"] == pytest.approx(
-        behind + resumed["wall_time_this_invocation_s"], abs=0.11
+        12.5 + resumed["wall_time_this_invocation_s"], abs=0.11
     )
+    steps = [json.loads(line)["step"] for line in (tmp_path / "quiet" / "log.jsonl").open()]
+    assert steps == [0, 1]
 
 
 def test_a_set_sampled_in_batches_gives_each_batch_its_own_starting_noise(base):
