@@ -163,6 +163,8 @@ def test_scales_per_residual_and_several_controlnets_sample_as_their_sum(parts):
     other = torch.rand(conditions.shape, generator=torch.Generator().manual_seed(3))
     assert torch.equal(run(two, [conditions, other], [0.5, 0.5]), once)
     swapped = run(two, [other, conditions], [0.5, 0.5])
+    with pytest.raises(ValueError, match="one per ControlNet"):  # a condition too many
+        run(controlnet, [conditions, other], 0.5)
     assert not torch.equal(swapped, once)  # each ControlNet is given its own condition
 
 

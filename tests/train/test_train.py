@@ -270,7 +270,7 @@ def test_a_shapes_condition_trains_and_is_evaluated(base, tmp_path, task):
     )  # fmt: skip
     assert run["device_name"] == f"cpu, {torch.get_num_threads()} thread(s)"
     assert (run["steps"], run["resumed_from"]) == (2, 0)
-    assert 0 < run["wall_time_this_invocation_s"] <= run["wall_time_s"] + 0.05
+    assert run["wall_time_this_invocation_s"] > 0
     assert run["wall_time_s"] == pytest.approx(run["wall_time_this_invocation_s"], abs=0.11)
     assert run["config"] == dataclasses.asdict(config)
     assert json.loads((tmp_path / task / "config.json").read_text()) == run["config"]
@@ -561,6 +561,7 @@ def test_the_first_steps_and_every_log_every_th_are_logged(base, tmp_path):
     assert entries[10] is None and entries[13] is None
     assert entries[9]["step"] == 9 and entries[12]["step"] == 12
     assert {"loss", "weight_norm", "grad_norm", "copy_grad_norm"} <= set(entries[12])
+    assert "update_skipped" not in entries[12]  # fp32: no loss scaler, no update skipped
 
 
 def test_a_run_is_evaluated_on_the_evaluation_split(base, tmp_path):

@@ -214,8 +214,8 @@ def test_fit_shape_is_the_best_of_its_placements_around_the_centroid():
         ious = ious.view(len(SHAPES), len(nudges))
         assert result["iou"][b].tolist() == pytest.approx(ious.amax(1).tolist(), abs=1e-6)
         best_placements |= {nudges[int(i)] for i in ious.argmax(1)}
-    # the nudges and scales are used: the best placements include a nudge left and both
-    # smaller scales
+    # the masks make the nudges and scales matter: the best placements include a nudge left
+    # and both smaller scales, so fit_shape's fits above match only if it tries them
     assert {(-1, 0, 0.85), (-1, 0, 0.925)} <= best_placements
 
 
