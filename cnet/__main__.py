@@ -168,7 +168,7 @@ def _step_time_from(path: str) -> dict:
 def run_recipe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .experiments.recipe import RECIPES, recipe_study
+    from .experiments.recipe import RECIPES, read_study, recipe_study
 
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
     result = recipe_study(
@@ -180,6 +180,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         check_root=args.check_root,
         command=command.strip(),
         continued=not args.no_continuation,
+        earlier=None if args.earlier is None else read_study(args.earlier),
     )
     if not args.no_summary:
         out = Path(args.results)
@@ -440,6 +441,12 @@ def _add_recipe(sub) -> None:
         "--figures",
         action="store_true",
         help="draw recipe_study.png (and recipe_check.png) beside --results",
+    )
+    recipe.add_argument(
+        "--earlier",
+        default=None,
+        help="a summary JSON whose recipes are kept where their runs are not in "
+        "--root / --check_root (e.g. figures/recipe_study.json)",
     )
     recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     recipe.add_argument("--no_summary", action="store_true", help="train only")

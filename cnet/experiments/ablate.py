@@ -55,9 +55,10 @@ from diffusers import DDPMScheduler
 from ..injection import ControlledUNet
 from ..train.config import PROFILES, SettingError, TrainConfig
 from ..train.convergence import detect_sudden_convergence, onset_step
-from ..train.data import build_controlnet, cache_data, load_base
+from ..train.data import cache_data
 from ..train.evaluate import evaluate
 from ..train.loop import train
+from ..train.models import build_controlnet, load_base
 from ..train.runs import load_checkpoint, read_log
 
 __all__ = [

@@ -7,7 +7,8 @@ r"""The recipe study: which training settings make *every* seed follow its condi
 A recipe is a setting of the ordinary training loop (:func:`cnet.train.train`): learning rate
 and its schedule, batch size and timestep sampling on top of TrainConfig's defaults.
 Every recipe gets the same budget of training samples (:data:`BUDGET_SAMPLES`: steps × batch
-size), so a recipe with a larger batch takes fewer steps; each is run for the same seeds, a seed
+size), so a recipe with a larger batch takes fewer steps, unless it names its own ``steps`` (a
+longer budget, which its wall time then shows); each is run for the same seeds, a seed
 setting everything random in a run (the condition encoder's weights, every batch, its training
 and evaluation sets), and then **continued to twice its steps** (the same run resumed: the
 learning rate is a function of the step alone, :func:`cnet.train.optim.lr_factor`, so it is bit
@@ -48,7 +49,9 @@ __all__ = [
     "RECIPE_SEEDS",
     "choose",
     "collapsed",
+    "keep_earlier",
     "measure_recipe_run",
+    "read_study",
     "recipe_command",
     "recipe_config",
     "recipe_study",
@@ -116,6 +119,20 @@ RECIPES: dict[str, dict] = {
         "lr_decay_steps": 100,
         "max_grad_norm": 0.1,
     },
+    # the clipped recipe with a longer budget (520 updates: its median final fidelity was still
+    # rising at 400), the rate held until the last hundred, and channels-last memory, which makes
+    # the step 0.88x as long (bench/README, section 7): about a minute more on 2 cores
+    "b32-520-lr4e-3-copy1e-3-cubic-decay-clip0.1-cl": {
+        "batch_size": 32,
+        "steps": 520,
+        "lr": 4e-3,
+        "copy_lr_scale": 0.25,
+        "timesteps": "cubic",
+        "lr_decay_start": 420,
+        "lr_decay_steps": 100,
+        "max_grad_norm": 0.1,
+        "channels_last": True,
+    },
 }
 #: A continued run has collapsed where its final fidelity is below this share of its best.
 COLLAPSE_SHARE = 0.9
@@ -139,7 +156,8 @@ def recipe_config(
             f"recipe: {recipe!r} is not allowed; expected one of " + ", ".join(RECIPES)
         )
     settings = {**RECIPE_SETTINGS, **RECIPES[recipe]}
-    steps = BUDGET_SAMPLES // settings["batch_size"] * (2 if continued else 1)
+    budget = settings.pop("steps", BUDGET_SAMPLES // settings["batch_size"])
+    steps = budget * (2 if continued else 1)
     name = f"{recipe}-2x" if continued else recipe
     return TrainConfig(**settings, steps=steps, seed=seed, out=f"{root}/{name}/seed{seed}").check()
 
@@ -345,6 +363,45 @@ def summarize_recipes(
     return result
 
 
+def read_study(path: str | Path) -> dict:
+    """A recipe study's summary JSON (e.g. ``figures/recipe_study.json``); one line naming the
+    setting if ``path`` is not one."""
+    try:
+        study = json.loads(Path(path).read_text())
+        if all(key in study for key in ("recipes", "not_run", "command")):
+            return study
+    except (OSError, ValueError, TypeError):
+        pass
+    raise SettingError(
+        f"earlier: {str(path)!r} is not allowed; expected a recipe study's summary JSON, "
+        "e.g. figures/recipe_study.json"
+    )
+
+
+def keep_earlier(summary: dict, earlier: dict | None) -> dict:
+    """``summary`` with the recipes an ``earlier`` summary measured whose runs are not in this
+    one's folders (a study goes on on another machine, or after its run folders are gone): each
+    kept whole, with its runs' commands, after the recipes measured now. A kept recipe must
+    still have the settings it was measured with. The earlier summary's command goes on the
+    list ``earlier_commands``."""
+    if not earlier:
+        return summary
+    kept = {r: v for r, v in earlier["recipes"].items() if r not in summary["recipes"]}
+    for recipe, entry in kept.items():
+        if RECIPES.get(recipe) != entry["settings"]:
+            raise SettingError(
+                f"earlier: recipe {recipe!r} was measured with {entry['settings']}; expected "
+                f"its settings today, {RECIPES.get(recipe)}"
+            )
+    summary["recipes"] = {**kept, **summary["recipes"]}
+    summary["not_run"] = [r for r in summary["not_run"] if r not in kept]
+    summary["not_run"] += [r for r in earlier["not_run"] if r not in summary["recipes"]]
+    summary["not_run"] = list(dict.fromkeys(summary["not_run"]))
+    commands = earlier.get("earlier_commands", []) + [earlier["command"]]
+    summary["earlier_commands"] = [c for c in commands if c]
+    return summary
+
+
 def recipe_study(
     recipes: Sequence[str],
     seeds: Sequence[int] = RECIPE_SEEDS,
@@ -354,16 +411,20 @@ def recipe_study(
     check_root: str | Path = "runs/recipe/check",
     command: str = "",
     continued: bool = True,
+    earlier: dict | None = None,
 ) -> dict:
     """The study (``python -m cnet recipe``): train what is missing (unless not ``train``;
     without the continuations to 2× unless ``continued``),
     summarize, choose (:func:`choose`) and, with ``check_seeds``, run the chosen recipe on
     those seeds in ``check_root`` (e.g. on another number of threads) and report it beside,
     chosen first, with the other recipes checked there before (an earlier choice: the same
-    seeds, so the two compare seed by seed)."""
+    seeds, so the two compare seed by seed). With an ``earlier`` summary, the recipes it
+    measured whose runs are not here are kept from it (:func:`keep_earlier`), in the study and
+    in its check, and the choice is made over both."""
     if train and check_seeds is None:
         run_recipes(recipes, seeds, root, continued)
     result = summarize_recipes(recipes, seeds, root, command=command)
+    result = keep_earlier(result, earlier)
     if not result["recipes"]:
         raise SettingError(f"root: no finished recipe runs in {str(root)!r}; train them first")
     chosen = choose(result)  # from the study alone
@@ -372,6 +433,7 @@ def recipe_study(
             run_recipes([chosen], check_seeds, check_root, continued)
         checked = [chosen] + [r for r in recipes if r != chosen]
         result["check"] = summarize_recipes(checked, check_seeds, check_root)
+        result["check"] = keep_earlier(result["check"], (earlier or {}).get("check"))
         chosen = choose(result)  # the check's seeds counted too
         order = [chosen] + [r for r in result["check"]["recipes"] if r != chosen]
         result["check"]["recipes"] = {

@@ -4,7 +4,8 @@
 module         what it holds
 =============  ============================================================================
 config         :class:`TrainConfig` and its profiles (settings checked: :mod:`cnet.settings`)
-data           the locked base, the task's data cached once, each step's batch
+models         the locked base a run controls and the ControlNet it trains
+data           the task's data cached once, each step's batch
 engine         accelerate: device, mixed precision, processes, gradient checkpointing
 folders        pairs from a folder (the tutorial's prompt.json, diffusers' metadata.jsonl)
 norms          what a logged step records: the zero convs' and the copy's norms
@@ -20,17 +21,11 @@ convergence    where a fidelity curve jumps, how suddenly, and when a run collap
 
 from .config import PROFILES, TASKS, SettingError, TrainConfig
 from .convergence import ConvergenceReport, detect_sudden_convergence
-from .data import (
-    CachedData,
-    build_controlnet,
-    cache_data,
-    draw_batch,
-    load_base,
-    task_dataset,
-)
+from .data import CachedData, cache_data, draw_batch, task_dataset
 from .evaluate import evaluate, fidelity, sampler_settings
 from .loop import Trainer, TrainingDiverged, train
 from .loss import diffusion_loss
+from .models import build_controlnet, load_base
 from .norms import zero_conv_norms
 from .runs import TrainingLog, export_run, load_checkpoint, load_controlnet, read_log
 

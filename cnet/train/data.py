@@ -1,4 +1,5 @@
-"""The locked base and the training data, with the frozen work done once.
+"""The training data, with the frozen work done once (the base it is encoded with:
+:mod:`cnet.train.models`).
 
 The VAE's latent distribution (mean, std) of every training image and the text embedding of
 every distinct prompt are computed before the first step (:func:`cache_data`); each step then
@@ -9,55 +10,21 @@ draws its batch from that cache with a generator seeded by ``(seed, step, micro-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from ..block import lock
-from ..controlnet import ControlNet
-from ..variants import make_lite, replace_connections
 from ..world.data import FillDataset, ShapesDataset
-from ..world.model import load_pipeline
 from .config import TASKS, SettingError, TrainConfig
 
 __all__ = [
     "CachedData",
-    "build_controlnet",
     "cache_data",
     "condition_images",
     "draw_batch",
-    "load_base",
     "step_generator",
     "task_dataset",
 ]
-
-
-def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
-    """Load a diffusers ``StableDiffusionPipeline`` (:func:`cnet.world.model.load_pipeline`: a
-    folder, offline, or a hub id) and lock VAE, text encoder and U-Net (:func:`cnet.lock`)."""
-    pipe = load_pipeline(path, device)
-    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
-        lock(part)
-    return pipe
-
-
-def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> ControlNet:
-    """The ControlNet a run trains: a trainable copy of the base's U-Net (ICCV §3.2) whose condition
-    encoder downsamples the base's image resolution to its latent resolution; or one of the
-    paper's ablations of it (``connections``, ``trainable_copy``: :mod:`cnet.variants`)."""
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    controlnet = ControlNet.from_unet(
-        pipe.unet, hint_encoder=config.hint_encoder, condition_size=resolution
-    )
-    if config.trainable_copy == "lite":
-        make_lite(controlnet)
-    # the ablations' random weights come from the run's seed, as the condition encoder's do
-    generator = torch.Generator().manual_seed(config.seed)
-    std = config.connection_std or None  # 0: by gain
-    return replace_connections(
-        controlnet, config.connections, config.connection_gain, generator, std
-    )
 
 
 def task_dataset(

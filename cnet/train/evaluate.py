@@ -42,7 +42,8 @@ from ..sample import sample
 from ..world.data import canny_edges
 from ..world.metrics import FULL_SAMPLER, edge_f1, fidelity, sampler_settings, vae_round_trip
 from .config import TrainConfig
-from .data import CachedData, cache_data, load_base, task_dataset
+from .data import CachedData, cache_data, task_dataset
+from .models import load_base
 
 __all__ = [
     "FULL_SAMPLER",

@@ -74,11 +74,12 @@ from tqdm.auto import tqdm
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from .config import TrainConfig
-from .data import CachedData, build_controlnet, cache_data, draw_batch, load_base
+from .data import CachedData, cache_data, draw_batch
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
 from .evaluate import evaluate, validate, validation_grid
 from .folders import folder_data
 from .loss import diffusion_loss
+from .models import build_controlnet, load_base
 from .norms import logged_norms
 from .optim import make_optimizer, make_schedule
 from .runs import (

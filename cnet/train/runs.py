@@ -29,7 +29,7 @@ from ..checkpoints import (
 from ..controlnet import ControlNet
 from ..convert import from_diffusers, to_diffusers
 from .config import SettingError, TrainConfig
-from .data import build_controlnet, load_base
+from .models import build_controlnet, load_base
 
 __all__ = [
     "RUN_FILES",

@@ -305,11 +305,12 @@ def test_a_loss_spike_is_reported(base, tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------------------- the study
 
 
-def test_every_recipe_gets_the_same_budget_and_its_continuation_is_a_resume():
+def test_every_recipe_gets_the_study_budget_or_its_own_and_its_continuation_is_a_resume():
     for recipe in RECIPES:
         config = recipe_config(recipe, 3, "r")
         longer = recipe_config(recipe, 3, "r", continued=True)
-        assert config.steps * config.batch_size == BUDGET_SAMPLES
+        budget = RECIPES[recipe].get("steps", BUDGET_SAMPLES // config.batch_size)
+        assert config.steps == budget and budget * config.batch_size >= BUDGET_SAMPLES
         assert longer.steps == 2 * config.steps and config.seed == longer.seed == 3
         from dataclasses import asdict
 
@@ -377,6 +378,63 @@ def test_the_summary_counts_onsets_and_collapses_per_seed(tmp_path):
     assert summary["final_iou"]["median"] == 0.80  # of 0.85, 0.29, 0.80
     assert summary["final_iou_2x"]["median"] == pytest.approx((0.88 + 0.10) / 2)
     assert result["not_run"] == []
+
+
+def _finished_runs(root, recipe, curves, continued_seeds=()):
+    """Run folders of ``recipe`` as the loop leaves them: a log evaluated every 50 steps and at
+    the last, a continuation's also where it was resumed (``curves[seed]``: fidelity as a
+    function of the step), and run.json."""
+    for seed, fidelity in curves.items():
+        for continued in (False, True)[: 2 if seed in continued_seeds else 1]:
+            config = recipe_config(recipe, seed, root, continued)
+            out = Path(config.out)
+            out.mkdir(parents=True)
+            first = recipe_config(recipe, seed, root).steps  # a continuation resumes there
+            steps = sorted({*range(0, config.steps, 50), first, config.steps})
+            (out / "log.jsonl").write_text(
+                "".join(
+                    json.dumps({"step": k, "eval": {"iou": fidelity(k)}}) + "\n" for k in steps
+                )  # fmt: skip
+            )
+            record = {"steps": config.steps, "device_name": "cpu", "wall_time_s": 1.0}
+            (out / "run.json").write_text(json.dumps(record))
+
+
+def test_a_study_goes_on_from_an_earlier_summary_whose_runs_are_gone(tmp_path):
+    from cnet.experiments.recipe import keep_earlier, read_study, recipe_study
+
+    old, new = "b32-lr2e-3-cubic", "b32-520-lr4e-3-copy1e-3-cubic-decay-clip0.1-cl"
+    assert recipe_config(new, 0).steps == 520
+    assert recipe_config(new, 0, continued=True).steps == 1040
+    flat, rising = (lambda k: 0.3), (lambda k: 0.3 if k < 100 else 0.6 + k / 10_000)
+    _finished_runs(tmp_path / "a", old, {0: flat, 1: rising}, continued_seeds=(0, 1))
+    earlier = recipe_study([old], [0, 1], tmp_path / "a", train=False, command="first")
+    assert earlier["recipes"][old]["onsets"] == 1 and earlier["chosen"]["recipe"] == old
+    # the earlier runs are gone; the new recipe ran elsewhere
+    _finished_runs(tmp_path / "b", new, {0: rising, 1: rising}, continued_seeds=(0, 1))
+    result = recipe_study(
+        [old, new], [0, 1], tmp_path / "b", train=False, command="second", earlier=earlier
+    )
+    assert list(result["recipes"]) == [old, new]  # kept first, whole
+    assert result["recipes"][old] == earlier["recipes"][old]
+    run = result["recipes"][new]["runs"][0]
+    assert run["steps"] == 520 and run["final_iou"] == rising(520) and run["onset"] == 100
+    assert run["final_iou_2x"] == rising(1040) and not run["collapsed_2x"]
+    assert result["not_run"] == [] and result["earlier_commands"] == ["first"]
+    assert result["command"] == "second"
+    assert result["chosen"] == {"recipe": new, "settings": RECIPES[new], "steps": 520}
+    # a summary kept twice keeps both commands; a recipe whose settings changed is refused
+    twice = keep_earlier({"recipes": {}, "not_run": []}, result)
+    assert twice["earlier_commands"] == ["first", "second"]
+    changed = json.loads(json.dumps(earlier))
+    changed["recipes"][old]["settings"]["lr"] = 1e-3
+    with pytest.raises(SettingError, match=f"earlier: recipe '{old}' was measured with"):
+        keep_earlier({"recipes": {}, "not_run": []}, changed)
+    (tmp_path / "study.json").write_text(json.dumps(result))
+    assert read_study(tmp_path / "study.json") == result
+    for bad in (tmp_path / "missing.json", tmp_path / "b" / new / "seed0" / "run.json"):
+        with pytest.raises(SettingError, match="earlier: .* is not allowed; expected a recipe"):
+            read_study(bad)
 
 
 # ------------------------------------------------------------------------- the schedule
