@@ -101,16 +101,14 @@ def run_ablate(args: argparse.Namespace) -> None:
 
     from .experiments.ablate import (
         STUDIES,
-        VARIANTS,
         ablation_config,
+        read_step_time,
         run_studies,
-        summarize,
         train_variant,
     )
-    from .experiments.first_updates import first_updates
 
     studies = args.studies or list(STUDIES)
-    step_time = _step_time_from(args.step_time_from) if args.step_time_from else None
+    step_time = read_step_time(args.step_time_from) if args.step_time_from else None
     if args.variants:  # train just these (e.g. to split the runs over several processes)
         for variant in args.variants:
             for seed in args.seeds:
@@ -123,23 +121,11 @@ def run_ablate(args: argparse.Namespace) -> None:
         run_studies(studies, args.seeds, args.root)
     if args.no_summary:
         return
-    from .bench.suites import variant_cost
     from .course.ablation_plots import write_ablation_figures
-    from .experiments.ledger import claim_ledger
+    from .course.ablation_report import summarize_ablations
 
-    settings = ablation_config("default", 0, args.root)
-    if step_time is None:
-        step_time = variant_cost(
-            settings,
-            {v: VARIANTS[v] for v in ("default", "gaussian", "none", "lite", "accum-2")},
-            repeats=7,
-        )
-        step_time.pop("times_s")
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    result = summarize(
-        studies, args.seeds, args.root, step_time, first_updates(settings), command=command.strip()
-    )
-    result["ledger"] = claim_ledger(result)
+    result = summarize_ablations(studies, args.seeds, args.root, step_time, command.strip())
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result) + "\n")
@@ -147,22 +133,6 @@ def run_ablate(args: argparse.Namespace) -> None:
     if args.figures:  # beside the results only when asked: never over the shipped figures
         for path in write_ablation_figures(result, out.parent):
             print(f"wrote {path}")
-
-
-def _step_time_from(path: str) -> dict:
-    """The step times an earlier ablation summary measured (its ``step_time``)."""
-    from pathlib import Path
-
-    try:
-        step_time = json.loads(Path(path).read_text())["step_time"]
-        if isinstance(step_time, dict) and "step_ms" in step_time:
-            return step_time
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    raise SettingError(
-        f"step_time_from: {path!r} is not allowed; expected an ablation summary JSON "
-        "with its step_time, e.g. figures/07_ablations.json"
-    )
 
 
 def run_recipe(args: argparse.Namespace) -> None:
@@ -277,44 +247,25 @@ def run_course(args: argparse.Namespace) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from .injection import ControlledUNet
-    from .train import load_base, load_controlnet
-    from .train.evaluate import edge_reconstruction_f1, sample_set, validation_grid
-    from .train.folders import load_image
-    from .train.runs import base_of
+    from .train.evaluate import sample_files
 
     if args.steps < 1 or args.guidance < 0:
         raise SettingError(
             f"steps, guidance: {args.steps!r}, {args.guidance!r} are not allowed; "
             "expected an integer >= 1 and a number >= 0"
         )
-    folder = Path(args.controlnet)
-    controlnet = load_controlnet(folder, args.weights)  # one line for a wrong folder
-    base = args.base or base_of(folder)
-    pipe = load_base(base, "cuda" if torch.cuda.is_available() else "cpu")
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    conditions = torch.stack([load_image(Path(c), resolution) for c in args.condition])
-    prompts = args.prompt * len(conditions) if len(args.prompt) == 1 else args.prompt
-    if len(prompts) != len(conditions):
-        raise SettingError(
-            f"prompt: {len(args.prompt)} prompts for {len(conditions)} "
-            "conditions; expected one prompt, or one per condition"
-        )
-    controlled = ControlledUNet(pipe.unet, controlnet.to(pipe.unet.device)).eval()
-    images = sample_set(
-        pipe,
-        controlled,
-        prompts,
-        conditions,
-        args.steps,
-        args.guidance,
+    base, f1 = sample_files(
+        args.controlnet,
+        args.condition,
+        args.prompt,
+        args.out,
+        weights=args.weights,
+        base=args.base,
+        steps=args.steps,
+        guidance=args.guidance,
         seed=args.seed,
-        scales=args.scale,
+        scale=args.scale,
     )
-    validation_grid(conditions, images).save(args.out)
-    f1 = edge_reconstruction_f1(images, conditions)
     print(f"wrote {args.out} (each condition above its sample; base {base})")
     print(
         "edge F1 of each sample's Canny edges against its condition (for edge-like "

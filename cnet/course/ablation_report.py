@@ -4,12 +4,25 @@ by the ledger's rule (:mod:`cnet.experiments.ledger`)."""
 
 from __future__ import annotations
 
-from ..experiments.ablate import RUN_MEASURES
-from ..experiments.ledger import paired
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..experiments.ablate import RUN_MEASURES, VARIANTS, ablation_config, summarize
+from ..experiments.first_updates import first_updates
+from ..experiments.ledger import claim_ledger, paired
 from ..experiments.recipe import collapsed
 from .ablation_plots import LABELS
 
-__all__ = ["ablation_table", "effects", "format_spread", "step_time_table"]
+__all__ = [
+    "ablation_table",
+    "effects",
+    "format_spread",
+    "step_time_table",
+    "summarize_ablations",
+]
+
+#: The variants whose step is timed side by side for the summary (bench's ``variant_cost``).
+TIMED_VARIANTS = ("default", "gaussian", "none", "lite", "accum-2")
 
 MEASURES = {
     "onset": "onset step",
@@ -124,3 +137,26 @@ def step_time_table(result: dict) -> str:
             f"| {step['step_ms'][name]:.0f} ms | {ratio:.2f}× |"
         )
     return "\n".join(lines)
+
+
+def summarize_ablations(
+    studies: Sequence[str],
+    seeds: Sequence[int],
+    root: str | Path = "runs/ablate",
+    step_time: dict | None = None,
+    command: str = "",
+) -> dict:
+    """The summary notebook 07 reads (``python -m cnet ablate``): every study's finished runs
+    (:func:`cnet.experiments.ablate.summarize`), the first updates, the ledger's verdicts
+    (:func:`cnet.experiments.ledger.claim_ledger`) and the variants' step times, timed side by
+    side now (bench's ``variant_cost``, 7 repeats) unless ``step_time`` gives an earlier
+    summary's. Here, above both the experiments and bench, because it joins them."""
+    from ..bench.suites import variant_cost
+
+    settings = ablation_config("default", 0, root)
+    if step_time is None:
+        step_time = variant_cost(settings, {v: VARIANTS[v] for v in TIMED_VARIANTS}, repeats=7)
+        step_time.pop("times_s")
+    result = summarize(studies, seeds, root, step_time, first_updates(settings), command=command)
+    result["ledger"] = claim_ledger(result)
+    return result

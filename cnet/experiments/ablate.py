@@ -72,6 +72,7 @@ __all__ = [
     "diverged_at",
     "finished",
     "measure_run",
+    "read_step_time",
     "run_studies",
     "summarize",
     "train_command",
@@ -148,6 +149,21 @@ def train_command(variant: str, seed: int, root: str | Path = "runs/ablate") -> 
     flags |= {**VARIANTS[variant], "seed": seed, "out": f"{root}/{variant}/seed{seed}"}
     return "python -m cnet train --profile quick " + " ".join(
         f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()
+    )
+
+
+def read_step_time(path: str | Path) -> dict:
+    """The step times an earlier ablation summary measured (its ``step_time``); one line naming
+    the setting if ``path`` holds none."""
+    try:
+        step_time = json.loads(Path(path).read_text())["step_time"]
+        if isinstance(step_time, dict) and "step_ms" in step_time:
+            return step_time
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise SettingError(
+        f"step_time_from: {str(path)!r} is not allowed; expected an ablation summary JSON "
+        "with its step_time, e.g. figures/07_ablations.json"
     )
 
 

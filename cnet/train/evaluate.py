@@ -41,7 +41,7 @@ from ..injection import ControlledUNet
 from ..sample import sample
 from ..world.data import canny_edges
 from ..world.metrics import FULL_SAMPLER, edge_f1, fidelity, sampler_settings, vae_round_trip
-from .config import TrainConfig
+from .config import SettingError, TrainConfig
 from .data import CachedData, cache_data, task_dataset
 from .models import load_base
 
@@ -52,6 +52,7 @@ __all__ = [
     "fidelity",
     "measure_controlnet",
     "measure_folder",
+    "sample_files",
     "sample_set",
     "sampler_settings",
     "vae_round_trip",
@@ -273,3 +274,41 @@ def validation_grid(conditions: torch.Tensor, images: torch.Tensor, columns: int
             ((images[i].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         )
     return Image.fromarray(grid)
+
+
+def sample_files(
+    controlnet: str | Path,
+    condition_files: list[str],
+    prompts: list[str],
+    out: str | Path,
+    weights: str = "latest",
+    base: str | None = None,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+    seed: int = 0,
+    scale: float = 1.0,
+) -> tuple[str, torch.Tensor]:
+    """``python -m cnet sample``: the ControlNet in ``controlnet`` (a run's ``weights`` or a
+    shipped folder) on the base it names (or ``base``), one sample per condition image file,
+    with one prompt for all or one each; the grid (:func:`validation_grid`) written to ``out``.
+    Returns the base and each sample's :func:`edge_reconstruction_f1`."""
+    from .folders import load_image
+    from .runs import base_of, load_controlnet
+
+    if len(prompts) not in (1, len(condition_files)):
+        raise SettingError(
+            f"prompt: {len(prompts)} prompts for {len(condition_files)} "
+            "conditions; expected one prompt, or one per condition"
+        )
+    model = load_controlnet(Path(controlnet), weights)  # one line for a wrong folder
+    base = base or base_of(Path(controlnet))
+    pipe = load_base(base, "cuda" if torch.cuda.is_available() else "cpu")
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    conditions = torch.stack([load_image(Path(c), resolution) for c in condition_files])
+    controlled = ControlledUNet(pipe.unet, model.to(pipe.unet.device)).eval()
+    prompts = prompts * len(conditions) if len(prompts) == 1 else prompts
+    images = sample_set(
+        pipe, controlled, prompts, conditions, steps, guidance, seed=seed, scales=scale
+    )
+    validation_grid(conditions, images).save(out)
+    return base, edge_reconstruction_f1(images, conditions)

@@ -1,4 +1,4 @@
-"""Command line of the miniature world.
+"""Command line of the miniature world: ``python -m cnet.world <command>``; ``-h`` lists flags.
 
     python -m cnet.world pretrain --profile quick|full --out FOLDER [--run_dir DIR] [--field VALUE]
     python -m cnet.world finetune --profile quick|full --out FOLDER [--base FOLDER] [--style S]
@@ -7,8 +7,10 @@
                                 [--task fill|canny|...] [--resolution R]
 
 ``pretrain`` and ``finetune`` take every field of ``cnet.world.pretrain.Settings`` as
-``--field VALUE``, applied on top of the profile (nanoGPT-style: plain values, overridable). A
-bad value is refused with one line naming the setting, before any work starts.
+``--field VALUE``, applied on top of the profile (nanoGPT-style: plain values, overridable).
+This module parses and dispatches; the work is in the modules it names. A bad value is refused
+with one line naming the setting, before any work starts, as ``python -m cnet`` refuses it
+(``error: ...`` on stderr, exit status 2).
 """
 
 from __future__ import annotations
@@ -18,84 +20,57 @@ import sys
 from pathlib import Path
 
 from ..settings import SettingError, add_flags, settings_from_flags
+from .data import TASKS
+from .export import LAYOUTS
+from .finetune import FINETUNE_PROFILES
+from .metrics import SAMPLERS
+from .pretrain import PROFILES, Settings
 
 
-def _parse(command: str, profiles: dict, argv: list[str], extra=None):
-    """``--profile``, ``--out``, ``--run_dir`` and every ``Settings`` field as a flag; returns the
-    parsed arguments, the checked settings (profile, then flags) and the run folder."""
-    from .pretrain import Settings
-
-    parser = argparse.ArgumentParser(prog=f"python -m cnet.world {command}")
-    parser.add_argument("--profile", choices=sorted(profiles), default="quick")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
-    parser.add_argument(
-        "--run_dir",
-        type=Path,
-        default=None,
-        help="checkpoints and log (default: runs/<out's name>); resumes from it",
-    )
-    if extra is not None:
-        extra(parser)
-    add_flags(parser, Settings)
-    args = parser.parse_args(argv)
+def _settings(args: argparse.Namespace, profiles: dict) -> tuple[Settings, Path]:
+    """The checked settings (profile, then flags) and the run folder."""
     settings = settings_from_flags(Settings, args, profiles[args.profile]).check()
-    return args, settings, args.run_dir or Path("runs") / args.out.name
+    return settings, args.run_dir or Path("runs") / args.out.name
 
 
-def _pretrain(argv: list[str]) -> None:
-    from .pretrain import PROFILES, pretrain
+def _pretrain(args: argparse.Namespace, argv: list[str]) -> None:
+    from .pretrain import pretrain
 
-    args, settings, run_dir = _parse("pretrain", PROFILES, argv)
-    pretrain(
-        settings,
-        args.out,
-        run_dir,
-        profile=args.profile,
-        command=["python", "-m", "cnet.world", "pretrain", *argv],
-    )
+    settings, run_dir = _settings(args, PROFILES)
+    pretrain(settings, args.out, run_dir, profile=args.profile, command=_command(argv))
 
 
-def _finetune(argv: list[str]) -> None:
-    from .finetune import FINETUNE_PROFILES, finetune
+def _finetune(args: argparse.Namespace, argv: list[str]) -> None:
+    from .finetune import finetune
 
-    def base_flag(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--base",
-            type=Path,
-            default=Path("models/miniature-sd"),
-            help="the pipeline folder to fine-tune",
-        )
-
-    args, settings, run_dir = _parse("finetune", FINETUNE_PROFILES, argv, base_flag)
+    settings, run_dir = _settings(args, FINETUNE_PROFILES)
     if not (args.base / "model_index.json").exists():
         raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
-    finetune(
-        args.base,
-        settings,
-        args.out,
-        run_dir,
-        command=["python", "-m", "cnet.world", "finetune", *argv],
-    )
+    finetune(args.base, settings, args.out, run_dir, command=_command(argv))
 
 
-def _evaluate(argv: list[str]) -> None:
-    from .evaluate import main
+def _evaluate(args: argparse.Namespace, argv: list[str]) -> None:
+    import json
 
-    main(argv)
+    import torch
+
+    from .evaluate import evaluate_base
+
+    if not 2 <= args.samples <= 1000:
+        raise SettingError(
+            f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
+        )
+    if args.threads < 1:
+        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    torch.set_num_threads(args.threads)
+    command = " ".join(_command(argv))
+    result = evaluate_base(args.model, args.samples, args.profile, args.seed, command)
+    print(json.dumps(result, indent=2))
 
 
-def _export(argv: list[str]) -> None:
-    from .data import TASKS
-    from .export import LAYOUTS, export_folder
+def _export(args: argparse.Namespace, argv: list[str]) -> None:
+    from .export import export_folder
 
-    parser = argparse.ArgumentParser(prog="python -m cnet.world export")
-    parser.add_argument("--layout", choices=LAYOUTS, default="tutorial")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--task", choices=TASKS, default="fill")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
     if args.samples < 1:
         raise SettingError(f"samples: {args.samples!r} is not allowed; expected an integer >= 1")
     try:
@@ -107,21 +82,71 @@ def _export(argv: list[str]) -> None:
     print(f"wrote {args.samples} pairs to {out} ({args.layout} layout)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _command(argv: list[str]) -> list[str]:
+    """The command as typed, recorded with what it makes."""
+    return ["python", "-m", "cnet.world", *argv]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cnet.world")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, profiles, help_text in (
+        ("pretrain", PROFILES, "pretrain the miniature Stable Diffusion (VAE, U-Net, decoder)"),
+        ("finetune", FINETUNE_PROFILES, "fine-tune a base's U-Net to another style"),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--profile", choices=sorted(profiles), default="quick")
+        command.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
+        command.add_argument(
+            "--run_dir",
+            type=Path,
+            default=None,
+            help="checkpoints and log (default: runs/<out's name>); resumes from it",
+        )
+        if name == "finetune":
+            command.add_argument(
+                "--base",
+                type=Path,
+                default=Path("models/miniature-sd"),
+                help="the pipeline folder to fine-tune",
+            )
+        add_flags(command, Settings)
+    evaluate = sub.add_parser(
+        "evaluate", help="the base alone on the evaluation split's prompts, exactly measured"
+    )
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--samples", type=int, default=200)
+    evaluate.add_argument(
+        "--profile",
+        choices=sorted(SAMPLERS),
+        default="full",
+        help="whose evaluation sampler to sample with (steps, guidance)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--threads", type=int, default=1)
+    export = sub.add_parser("export", help="the world's pairs as a dataset folder")
+    export.add_argument("--layout", choices=LAYOUTS, default="tutorial")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--samples", type=int, default=1000)
+    export.add_argument("--task", choices=TASKS, default="fill")
+    export.add_argument("--resolution", type=int, default=64)
+    export.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "export": _export}
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {
-        "pretrain": _pretrain,
-        "finetune": _finetune,
-        "evaluate": _evaluate,
-        "export": _export,
-    }
-    if not argv or argv[0] not in commands:
-        sys.exit(f"usage: python -m cnet.world {{{','.join(commands)}}} ... (see --help)")
+    args = _parser().parse_args(argv)
     try:
-        commands[argv[0]](argv[1:])
+        COMMANDS[args.command](args, argv)
     except (SettingError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

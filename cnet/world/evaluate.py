@@ -25,9 +25,7 @@ The numbers go to ``<model>/pretraining.json`` under ``"evaluation"`` with the c
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -36,11 +34,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from ..settings import SettingError
 from .data import COLOUR_NAMES, SHAPES, FillDataset, ShapesDataset, check_resolution, colour_index
 from .metrics import (
     FULL_SAMPLER,
-    SAMPLERS,
     classify_colours,
     colours_drawn,
     fidelity,
@@ -50,7 +46,14 @@ from .metrics import (
 )
 from .model import check_prompt, load_pipeline
 
-__all__ = ["generate", "largest_region", "evaluate_fill", "evaluate_shapes", "chance_iou"]
+__all__ = [
+    "chance_iou",
+    "evaluate_base",
+    "evaluate_fill",
+    "evaluate_shapes",
+    "generate",
+    "largest_region",
+]
 
 RECOGNISABLE_IOU = 0.75
 
@@ -230,43 +233,28 @@ def evaluate_shapes(
     return report
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m cnet.world evaluate")
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument(
-        "--profile",
-        choices=sorted(SAMPLERS),
-        default="full",
-        help="whose evaluation sampler to sample with (steps, guidance)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    if not 2 <= args.samples <= 1000:
-        raise SettingError(
-            f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
-        )
-    if args.threads < 1:
-        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
-    if not (args.model / "model_index.json").exists():
-        raise FileNotFoundError(f"model: {args.model} is not a diffusers pipeline folder")
-    torch.set_num_threads(args.threads)
-    sampler = sampler_settings(args.profile)
-    pipe = load_pipeline(args.model)
-    fill, _ = evaluate_fill(pipe, args.samples, seed=args.seed, **sampler)
-    shapes = evaluate_shapes(pipe, args.samples, seed=args.seed, **sampler)
-    argv = sys.argv[1:] if argv is None else argv
+def evaluate_base(
+    model: str | Path, samples: int, profile: str = "full", seed: int = 0, command: str = ""
+) -> dict:
+    """``python -m cnet.world evaluate``: the base in ``model`` (a pipeline folder) on Fill and
+    Shapes prompts of the evaluation split, with ``profile``'s evaluation sampler; recorded in
+    ``<model>/pretraining.json`` under ``"evaluation"`` with ``command``, and returned."""
+    model = Path(model)
+    if not (model / "model_index.json").exists():
+        raise FileNotFoundError(f"model: {model} is not a diffusers pipeline folder")
+    sampler = sampler_settings(profile)
+    pipe = load_pipeline(model)
+    fill, _ = evaluate_fill(pipe, samples, seed=seed, **sampler)
+    shapes = evaluate_shapes(pipe, samples, seed=seed, **sampler)
     result = {
-        "command": " ".join(["python", "-m", "cnet.world", "evaluate", *argv]),
+        "command": command,
         "sampler": f"DDIM, {sampler['steps']} steps, guidance {sampler['guidance']}, "
-        f"seed {args.seed} (profile {args.profile})",
+        f"seed {seed} (profile {profile})",
         "fill": fill,
         "shapes": shapes,
     }
-    record_path = args.model / "pretraining.json"
+    record_path = model / "pretraining.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record["evaluation"] = result
     record_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
     return result

@@ -65,12 +65,22 @@ def test_settings_check_every_field_in_python_too():
         TrainConfig(hint_encoder="gaussian").check()
 
 
-def test_world_pretrain_refuses_a_bad_setting(tmp_path):
+def _one_error_line(capsys, message):
+    """What both command lines print for a refused value: one line, ``error: ...``."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_world_pretrain_refuses_a_bad_setting(tmp_path, capsys):
     from cnet.world.__main__ import main as world_main
 
-    with pytest.raises(SystemExit, match="vae_steps: 0 is not allowed; expected an integer >= 1"):
-        world_main(["pretrain", "--out", str(tmp_path / "m"), "--vae_steps", "0"])
+    assert world_main(["pretrain", "--out", str(tmp_path / "m"), "--vae_steps", "0"]) == 2
+    _one_error_line(capsys, "vae_steps: 0 is not allowed; expected an integer >= 1")
     assert not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as usage:  # no command: argparse's usage, as python -m cnet
+        world_main([])
+    assert usage.value.code == 2
 
 
 def _fingerprint(folder):
@@ -117,7 +127,7 @@ def test_a_run_writes_its_figures_into_its_own_folder(base, tmp_path, capsys):
     assert _fingerprint(REPO_FIGURES) == before
 
 
-def test_a_pretraining_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path):
+def test_a_pretraining_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path, capsys):
     from safetensors.torch import save_file
 
     from cnet.world.__main__ import main as world_main
@@ -129,20 +139,9 @@ def test_a_pretraining_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_p
         str(run_dir / "vae.safetensors"),
         metadata={"meta": '{"step": 2, "elapsed_s": 1.0}'},
     )
-    with pytest.raises(SystemExit, match="from an earlier cnet whose format is no longer read"):
-        world_main(
-            [
-                "pretrain",
-                "--out",
-                str(tmp_path / "m"),
-                "--run_dir",
-                str(run_dir),
-                "--vae_steps",
-                "4",
-                "--unet_steps",
-                "2",
-            ]
-        )
+    argv = ["pretrain", "--out", str(tmp_path / "m"), "--run_dir", str(run_dir)]
+    assert world_main([*argv, "--vae_steps", "4", "--unet_steps", "2"]) == 2
+    _one_error_line(capsys, "from an earlier cnet whose format is no longer read")
     assert not (tmp_path / "m").exists()
 
 
@@ -151,10 +150,18 @@ def test_other_commands_refuse_bad_values_in_one_line(tmp_path, capsys):
 
     assert main(["lessons", "--steps", "0"]) == 2
     assert "steps: 0 is not allowed; expected an integer >= 2" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="resolution: 30 is not allowed"):
-        world_main(["pretrain", "--out", str(tmp_path / "m"), "--resolution", "30"])
-    with pytest.raises(SystemExit, match="threads: 0 is not allowed"):
-        world_main(["evaluate", "--model", str(tmp_path), "--threads", "0"])
+    assert world_main(["pretrain", "--out", str(tmp_path / "m"), "--resolution", "30"]) == 2
+    _one_error_line(capsys, "resolution: 30 is not allowed")
+    assert world_main(["evaluate", "--model", str(tmp_path), "--threads", "0"]) == 2
+    _one_error_line(capsys, "threads: 0 is not allowed")
+    assert world_main(["evaluate", "--model", str(tmp_path), "--samples", "1"]) == 2
+    _one_error_line(capsys, "samples: 1 is not allowed; expected an integer from 2 to 1000")
+    assert world_main(["evaluate", "--model", str(tmp_path)]) == 2
+    _one_error_line(capsys, f"model: {tmp_path} is not a diffusers pipeline folder")
+    assert world_main(["finetune", "--out", str(tmp_path / "f"), "--base", str(tmp_path)]) == 2
+    _one_error_line(capsys, f"--base: no diffusers pipeline folder at {tmp_path}")
+    assert world_main(["export", "--out", str(tmp_path / "e"), "--samples", "0"]) == 2
+    _one_error_line(capsys, "samples: 0 is not allowed; expected an integer >= 1")
 
 
 def test_evaluate_refuses_bad_values_in_one_line(tmp_path, capsys):
@@ -277,17 +284,16 @@ def test_ablate_summary_can_take_the_step_times_of_an_earlier_one(tmp_path, monk
     step times instead of timing the step again; a file without them is one line, before
     any work."""
     import cnet.bench.suites as suites
-    import cnet.experiments.ablate as ablate
-    import cnet.experiments.first_updates as first
+    import cnet.course.ablation_report as report
 
     def never(*a, **k):
         raise AssertionError("timed again")
 
     passed = []
     monkeypatch.setattr(suites, "variant_cost", never)
-    monkeypatch.setattr(first, "first_updates", lambda config: {"updates": []})
+    monkeypatch.setattr(report, "first_updates", lambda config: {"updates": []})
     monkeypatch.setattr(
-        ablate,
+        report,
         "summarize",
         lambda studies, seeds, root, step_time, *a, **k: (
             passed.append(step_time) or {"variants": {}, "studies": {}}
@@ -302,3 +308,12 @@ def test_ablate_summary_can_take_the_step_times_of_an_earlier_one(tmp_path, monk
     assert main([*args, "--step_time_from", str(results)]) == 2  # a summary's, but no step_time
     err = capsys.readouterr().err
     assert f"step_time_from: '{results}' is not allowed; expected an ablation summary" in err
+
+
+def test_sample_refuses_a_prompt_count_before_loading_anything(tmp_path, capsys):
+    # the folder does not exist: the prompt count is checked first, so that is what is named
+    argv = ["sample", "--controlnet", str(tmp_path / "none"), "--condition", "a.png", "b.png"]
+    assert main([*argv, "--prompt", "x", "y", "z"]) == 2
+    _one_error_line(capsys, "prompt: 3 prompts for 2 conditions; expected one prompt, or one per")
+    assert main([*argv, "--prompt", "x", "y"]) == 2  # a count that fits: on to the folder
+    assert "none" in capsys.readouterr().err
