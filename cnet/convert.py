@@ -42,7 +42,7 @@ __all__ = [
     "to_diffusers",
     "load_official_state_dict",
     "official_key_map",
-    "read_checkpoint",
+    "read_official_weights",
     "save_official",
     "to_official_state_dict",
 ]
@@ -371,9 +371,11 @@ def load_official_state_dict(
     return controlnet
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors: ``.safetensors`` with safetensors, anything else (.pth,
-    .ckpt) with ``torch.load(weights_only=True)``; a nested ``state_dict`` entry is unwrapped."""
+def read_official_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a released weights file's tensors (the files lllyasviel/ControlNet ships; a run's own
+    training state is :mod:`cnet.checkpoints`): ``.safetensors`` with safetensors, anything else
+    (.pth, .ckpt) with ``torch.load(weights_only=True)``; a nested ``state_dict`` entry is
+    unwrapped."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
@@ -424,7 +426,7 @@ def from_official(
 ) -> ControlNet:
     """A ControlNet for ``unet`` with an official checkpoint's weights (state dict or path).
     The condition encoder's condition channels and stage channels come from the checkpoint."""
-    state = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    state = read_official_weights(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     condition_channels, hint_channels = _hint_layout(_control_model_part(state, prefix))
     controlnet = ControlNet.from_unet(
         unet,

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "check_settings",
     "flag_type",
     "fraction",
+    "is_hub_id",
     "non_negative_int",
     "non_negative_number",
     "one_of",
@@ -119,3 +121,16 @@ def settings_from_flags(
         }
     )
     return settings_class(**values)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub id (``org/name``: two parts, neither empty, not a path from
+    here, its first part no folder here), the one other way than a local folder to name a base;
+    diffusers downloads it where a hub is reachable."""
+    parts = str(name).split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not str(name).startswith((".", "/"))
+        and not Path(parts[0]).exists()
+    )

@@ -16,6 +16,7 @@ from ..settings import (
     add_flags,
     check_settings,
     fraction,
+    is_hub_id,
     non_negative_int,
     non_negative_number,
     one_of,
@@ -107,7 +108,7 @@ class TrainConfig:
         """Refuse any value that cannot work (:class:`SettingError`); returns the config."""
         check_settings(self, _TRAIN_RULES)
         base = Path(self.base)
-        if not (base / "model_index.json").exists() and not _looks_like_hub_id(self.base):
+        if not (base / "model_index.json").exists() and not is_hub_id(self.base):
             raise SettingError(
                 f"base: {self.base!r} is not a diffusers pipeline folder (no model_index.json "
                 "there); expected e.g. models/miniature-sd, or a hub id such as "
@@ -119,16 +120,6 @@ class TrainConfig:
                 "prompt.json or metadata.jsonl (cnet.train.folders)"
             )
         return self
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not name.startswith((".", "/"))
-        and not Path(parts[0]).exists()
-    )
 
 
 # A profile is the settings it changes from the defaults. Its eval_steps and guidance_scale are

@@ -40,6 +40,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..settings import is_hub_id
 from .data import COLOUR_NAMES, DEFAULT_RESOLUTION, SHAPES, check_resolution
 
 __all__ = [
@@ -273,7 +274,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Stabl
     downloaded where a hub is reachable, its safety checker left out: sampling here never runs
     it, and it would only take memory). Loaded quietly, its sampling bar off, on ``device``."""
     local = (Path(path) / "model_index.json").exists()
-    if not local and (Path(path).exists() or len(str(path).split("/")) != 2):
+    if not local and not is_hub_id(str(path)):
         raise FileNotFoundError(
             f"expected a diffusers pipeline folder with model_index.json at {path}; build the "
             "miniature base with `python -m cnet.world pretrain`"

@@ -317,3 +317,19 @@ def test_sample_refuses_a_prompt_count_before_loading_anything(tmp_path, capsys)
     _one_error_line(capsys, "prompt: 3 prompts for 2 conditions; expected one prompt, or one per")
     assert main([*argv, "--prompt", "x", "y"]) == 2  # a count that fits: on to the folder
     assert "none" in capsys.readouterr().err
+
+
+def test_a_base_is_a_pipeline_folder_or_a_hub_id_by_one_rule(tmp_path, monkeypatch):
+    from cnet.settings import is_hub_id
+    from cnet.world.model import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    for name in ("models/missing", "./org/name", "/org/name", "a/b/c", "org/", "name"):
+        assert not is_hub_id(name), name
+    TrainConfig(base="org/name").check()  # the settings accept what the loader would download
+    with pytest.raises(SettingError, match="base: 'models/missing' is not a diffusers pipeline"):
+        TrainConfig(base="models/missing").check()
+    with pytest.raises(FileNotFoundError, match="expected a diffusers pipeline folder"):
+        load_pipeline("models/missing")  # a folder that is not there, not a download

@@ -29,7 +29,7 @@ from cnet import (
     from_diffusers,
     from_official,
     load_official_state_dict,
-    read_checkpoint,
+    read_official_weights,
     save_official,
     to_diffusers,
     to_official_state_dict,
@@ -279,11 +279,11 @@ def test_what_cannot_be_converted_is_refused(pair, tmp_path):
         to_diffusers(ControlNet.from_unet(odd))
 
 
-def test_read_checkpoint_uses_weights_only(tmp_path, monkeypatch):
+def test_read_official_weights_uses_weights_only(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.ones(1), "code": print}, path)  # pickled callables are refused
     with pytest.raises(Exception, match="[Ww]eights only|weights_only"):
-        read_checkpoint(path)
+        read_official_weights(path)
     # and it asks for weights_only itself rather than relying on torch's default (which was
     # False before torch 2.6): every torch.load call must pass weights_only=True explicitly
     calls = []
@@ -296,7 +296,7 @@ def test_read_checkpoint_uses_weights_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", recording_load)
     good = tmp_path / "good.pth"
     torch.save({"state_dict": {"w": torch.arange(3.0), "b": torch.ones(2)}}, good)
-    state = read_checkpoint(good)
+    state = read_official_weights(good)
     assert calls and all(kw.get("weights_only") is True for kw in calls), calls
     assert set(state) == {"w", "b"} and torch.equal(state["w"], torch.arange(3.0))
 
