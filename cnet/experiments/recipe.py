@@ -381,17 +381,26 @@ def read_study(path: str | Path) -> dict:
 def keep_earlier(summary: dict, earlier: dict | None) -> dict:
     """``summary`` with the recipes an ``earlier`` summary measured whose runs are not in this
     one's folders (a study goes on on another machine, or after its run folders are gone): each
-    kept whole, with its runs' commands, after the recipes measured now. A kept recipe must
-    still have the settings it was measured with. The earlier summary's command goes on the
-    list ``earlier_commands``."""
+    kept whole after the recipes measured now, its runs' commands rewritten to the lines that
+    make them under today's quick profile (:func:`recipe_command`). A kept recipe must still have
+    the settings it was measured with. The earlier summary's command goes on the list
+    ``earlier_commands``."""
     if not earlier:
         return summary
+    earlier = json.loads(json.dumps(earlier))  # the caller's copy left as it was
     kept = {r: v for r, v in earlier["recipes"].items() if r not in summary["recipes"]}
     for recipe, entry in kept.items():
         if RECIPES.get(recipe) != entry["settings"]:
             raise SettingError(
                 f"earlier: recipe {recipe!r} was measured with {entry['settings']}; expected "
                 f"its settings today, {RECIPES.get(recipe)}"
+            )
+    for recipe, entry in kept.items():  # the lines that make each run under today's profile
+        for run in entry["runs"]:
+            out = run["commands"][0].split(" --out ")[1].split()[0]
+            root = Path(out).parent.parent  # <root>/<recipe>/seed<k>
+            run["commands"] = [recipe_command(recipe, run["seed"], root)] + (
+                [recipe_command(recipe, run["seed"], root, True)] if run["continued"] else []
             )
     summary["recipes"] = {**kept, **summary["recipes"]}
     summary["not_run"] = [r for r in summary["not_run"] if r not in kept]

@@ -400,7 +400,7 @@ def _finished_runs(root, recipe, curves, continued_seeds=()):
             (out / "run.json").write_text(json.dumps(record))
 
 
-def test_a_study_goes_on_from_an_earlier_summary_whose_runs_are_gone(tmp_path):
+def test_a_study_goes_on_from_an_earlier_summary_whose_runs_are_gone(tmp_path, monkeypatch):
     from cnet.experiments.recipe import keep_earlier, read_study, recipe_study
 
     old, new = "b32-lr2e-3-cubic", "b32-520-lr4e-3-copy1e-3-cubic-decay-clip0.1-cl"
@@ -423,6 +423,17 @@ def test_a_study_goes_on_from_an_earlier_summary_whose_runs_are_gone(tmp_path):
     assert result["not_run"] == [] and result["earlier_commands"] == ["first"]
     assert result["command"] == "second"
     assert result["chosen"] == {"recipe": new, "settings": RECIPES[new], "steps": 520}
+    # under another quick profile, a kept run's commands are the lines that make it then
+    import cnet.experiments.recipe as recipe_module
+
+    quick = {**recipe_module.PROFILES["quick"], "timesteps": "uniform"}
+    monkeypatch.setitem(recipe_module.PROFILES, "quick", quick)
+    again = keep_earlier({"recipes": {}, "not_run": []}, earlier)["recipes"][old]["runs"][1]
+    root = tmp_path / "a"
+    assert again["commands"] == [recipe_command(old, 1, root), recipe_command(old, 1, root, True)]
+    assert "--timesteps cubic" in again["commands"][0]  # the recipe's, now off the profile
+    assert "--timesteps" not in earlier["recipes"][old]["runs"][1]["commands"][0]  # left as it was
+    monkeypatch.undo()
     # a summary kept twice keeps both commands; a recipe whose settings changed is refused
     twice = keep_earlier({"recipes": {}, "not_run": []}, result)
     assert twice["earlier_commands"] == ["first", "second"]
