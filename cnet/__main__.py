@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from .course.figures import figures_dir, save_figure
+    from .course.figures import save_figure, save_numbers
     from .course.training_plots import plot_knob_comparison
     from .experiments.compare import compare_runs, train_comparison
 
@@ -91,9 +91,7 @@ def run_compare(args: argparse.Namespace) -> None:
         )
     name = f"05_compare_{args.knob}"
     path = save_figure(plot_knob_comparison(comparison, args.knob, label=args.label), name)
-    data = figures_dir() / f"{name}.json"
-    data.write_text(json.dumps(comparison, indent=1) + "\n")
-    print(f"wrote {path} and {data}")
+    print(f"wrote {path} and {save_numbers(comparison, name)}")
 
 
 def run_ablate(args: argparse.Namespace) -> None:

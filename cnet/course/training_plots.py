@@ -254,8 +254,9 @@ def plot_recipe_study(result: dict) -> plt.Figure:
     axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="lower right")
     fig.suptitle(
-        f"{result['budget_samples']} training samples per run (dotted line), then "
-        "continued to twice that; dots: onsets; step 0: the locked base's fidelity",
+        f"each run's budget (dotted line: {result['budget_samples']} training samples, or the "
+        "steps a recipe names), then continued to twice that; dots: onsets; step 0: the "
+        "locked base's fidelity",
         fontsize=8,
     )
     fig.tight_layout()
