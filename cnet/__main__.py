@@ -214,6 +214,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         args.base,
         args.samples,
         args.profile,
+        seed=args.seed,
         command=" ".join(["python", "-m", "cnet", *argv]),
     )
     print(json.dumps(evaluation, indent=2))
@@ -439,6 +440,13 @@ def _add_measurements(sub) -> None:
         command.add_argument("--threads", type=int, default=1)
         if name == "evaluate":
             _add_weights_flag(command)
+            command.add_argument(
+                "--seed",
+                type=int,
+                default=0,
+                help="whose evaluation conditions: a training run of this seed evaluates on "
+                "the first --samples of them",
+            )
         if name == "control":
             command.add_argument(
                 "--segmentation",

@@ -30,23 +30,24 @@ def _row(name: str, recipe: dict, where: str) -> str:
     wall = recipe["wall_time_s"]
     collapsed = f"{recipe['collapses_2x']}/{recipe['n_2x']}" if recipe["n_2x"] else "not continued"
     return (
-        f"| {name} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
-        f"| {final['median']:.2f} ({final['min']:.2f}–{final['max']:.2f}) "
+        f"| {name} | {runs[0]['steps']} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
+        f"| {final['median']:.4f} ({final['min']:.2f}–{final['max']:.2f}) "
         f"| {collapsed} | {final_2x} "
         f"| {wall['median']:.0f} |"
     )
 
 
 def recipe_table(result: dict) -> str:
-    """One row per recipe of the study (and the check of the chosen one): seeds with an onset
-    (k/n) and the range of their onset steps, the final IoU at the budget (median, min–max),
+    """One row per recipe of the study (and the check of the chosen one): its budget in updates,
+    seeds with an onset (k/n) and the range of their onset steps, the final IoU at the budget
+    (median to four places, so that a median just short of a round target reads so; min–max),
     collapses when continued to 2× (k of the seeds continued), the final IoU at 2×, and the
     median training time of a run to the budget (s; on the machine and threads its runs
     record)."""
     lines = [
-        "| recipe | runs | onset | onset steps | final IoU, median (range) "
+        "| recipe | steps | runs | onset | onset steps | final IoU, median (range) "
         "| collapsed at 2× | final IoU at 2× | training time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     parts = [(result, "study")] + ([(result["check"], "check")] if "check" in result else [])
     for part, kind in parts:

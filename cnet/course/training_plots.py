@@ -232,10 +232,14 @@ def plot_recipe_study(result: dict) -> plt.Figure:
     every seed's fidelity over its run and the continuation to twice its steps (the dotted
     line: the budget), onsets marked, and the recipe's tally in the title."""
     recipes = result["recipes"]
+    columns = min(4, len(recipes))  # at most four panels a row: readable on a slide
+    rows = -(-len(recipes) // columns)
     fig, axes = plt.subplots(
-        1, len(recipes), figsize=(3.3 * len(recipes), 3.2), sharey=True, squeeze=False
+        rows, columns, figsize=(3.3 * columns, 3.2 * rows), sharey=True, squeeze=False
     )
-    for ax, (name, recipe) in zip(axes[0], recipes.items(), strict=True):
+    for ax in axes.flat[len(recipes) :]:
+        ax.set_visible(False)
+    for ax, (name, recipe) in zip(axes.flat, recipes.items()):
         for run in recipe["runs"]:  # a seed keeps its colour in every panel
             colour = plt.cm.tab10.colors[run["seed"] % 10]
             ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1, label=f"seed {run['seed']}")
@@ -251,7 +255,8 @@ def plot_recipe_study(result: dict) -> plt.Figure:
         ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, {longer}", fontsize=8)
         ax.set_xlabel("training step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="lower right")
     fig.suptitle(
         f"each run's budget (dotted line: {result['budget_samples']} training samples, or the "

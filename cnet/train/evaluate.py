@@ -194,10 +194,12 @@ def measure_folder(
     samples: int = 200,
     profile: str = "full",
     command: str = "",
+    seed: int = 0,
 ) -> dict:
     """``python -m cnet evaluate``: the ControlNet in ``folder`` (a run's ``weights``, latest or
     best, or a shipped folder), measured by :func:`measure_controlnet` on ``base`` (default: the
-    base it was trained on) with ``profile``'s sampler, and recorded in the folder's
+    base it was trained on) with ``profile``'s sampler, on the evaluation conditions of ``seed``
+    (a training run of that seed evaluates on the first of them), and recorded in the folder's
     ``run.json`` under ``"evaluation"`` (with ``command``). Returns that record."""
     from ..world.finetune import style_of
     from .runs import load_controlnet
@@ -215,6 +217,7 @@ def measure_folder(
         config.get("task", "fill"),
         samples,
         **sampler_settings(profile),
+        seed=seed,
         style=style_of(base),
     )
     record["evaluation"] = {

@@ -52,9 +52,11 @@ seed 3 diverged at step ~150 after its gradient norm (about 0.03) spiked to 0.2-
 the update clipped at a norm of 0.1 (it acted on 0-11 of 400 updates per seed) started on 10 of
 10 seeds on two threads (steps 50-200) and 3 of 3 on one, ended above the one-rate runs on every
 seed, median 0.83 (0.77-0.85), and none collapsed at 2x its steps (median 0.85 there): the quick
-profile. No recipe reaches a median of 0.85 over ten seeds within 400 steps. Uniform timesteps
-at this budget were not run, so the share of cubic sampling vs batch is undecided. The full
-profile is unchanged and has not been run over seeds.
+profile. No recipe reaches a median of 0.85 over ten seeds within 400 steps, nor within 520 or
+640 in channels-last memory (medians 0.8496 and 0.8433, 10 of 10 onsets each; not continued),
+though the shipped full-profile ControlNet scores 0.86-0.92 on the same evaluations. Uniform
+timesteps at this budget were not run, so the share of cubic sampling vs batch is undecided.
+The full profile is unchanged and has not been run over seeds.
 """
 
 from __future__ import annotations

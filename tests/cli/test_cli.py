@@ -9,7 +9,7 @@ import torch
 
 from cnet.__main__ import main
 from cnet.course.figures import repo_root
-from cnet.train import SettingError, TrainConfig
+from cnet.train import PROFILES, SettingError, TrainConfig
 
 REPO_FIGURES = repo_root() / "figures"
 
@@ -333,3 +333,30 @@ def test_a_base_is_a_pipeline_folder_or_a_hub_id_by_one_rule(tmp_path, monkeypat
         TrainConfig(base="models/missing").check()
     with pytest.raises(FileNotFoundError, match="expected a diffusers pipeline folder"):
         load_pipeline("models/missing")  # a folder that is not there, not a download
+
+
+def test_evaluate_measures_the_evaluation_conditions_of_the_seed_asked_for(tmp_path, monkeypatch):
+    # the conditions a training run of seed s evaluates on are the eval split drawn with s
+    import importlib
+    import shutil
+
+    evaluate = importlib.import_module("cnet.train.evaluate")  # the module, not the function
+
+    shipped = repo_root() / "models" / "controlnet-fill"
+    if not shipped.exists():
+        pytest.skip("the shipped ControlNet is not in this checkout")
+    folder = tmp_path / "controlnet-fill"
+    shutil.copytree(shipped, folder)
+    asked = []
+
+    def measured(pipe, controlnet, task, samples, steps, guidance, seed=0, style="plain"):
+        asked.append((task, samples, steps, guidance, seed))
+        return {"task": task}
+
+    monkeypatch.setattr(evaluate, "measure_controlnet", measured)
+    argv = ["evaluate", str(folder), "--samples", "32", "--profile", "quick", "--seed", "7"]
+    assert main(argv) == 0
+    quick = TrainConfig(**PROFILES["quick"])
+    assert asked == [("fill", 32, quick.eval_steps, quick.guidance_scale, 7)]
+    record = json.loads((folder / "run.json").read_text())["evaluation"]
+    assert record["command"] == "python -m cnet " + " ".join(argv)
