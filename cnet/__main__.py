@@ -203,7 +203,7 @@ def run_control(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .train.evaluate import measure_folder
+    from .train.evaluation import measure_folder
 
     _check_measurement(args)
     torch.set_num_threads(args.threads)
@@ -246,7 +246,7 @@ def run_course(args: argparse.Namespace) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from .train.evaluate import sample_files
+    from .train.evaluation import sample_files
 
     if args.steps < 1 or args.guidance < 0:
         raise SettingError(

@@ -139,7 +139,7 @@ def conditions_the_base_misses(config, first_samples):
     import torch
 
     from ..train.data import condition_images, task_dataset
-    from ..train.evaluate import fidelity
+    from ..train.evaluation import fidelity
 
     resolution = first_samples.shape[-1]
     n = len(first_samples)

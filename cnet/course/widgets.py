@@ -367,7 +367,7 @@ class ControlExplorer(_Explorer):
 
     def update(self) -> None:
         from ..sample import controlled_steps, sample
-        from ..train.evaluate import fidelity
+        from ..train.evaluation import fidelity
 
         i, (start, end) = self.condition.value, self.window.value
         steps = controlled_steps(self.steps, start, end)

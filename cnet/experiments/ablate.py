@@ -56,7 +56,7 @@ from ..injection import ControlledUNet
 from ..train.config import PROFILES, SettingError, TrainConfig
 from ..train.convergence import detect_sudden_convergence, onset_step
 from ..train.data import cache_data
-from ..train.evaluate import evaluate
+from ..train.evaluation import evaluate
 from ..train.loop import train
 from ..train.models import build_controlnet, load_base
 from ..train.runs import load_checkpoint, read_log

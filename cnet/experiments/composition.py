@@ -22,7 +22,7 @@ from diffusers import StableDiffusionPipeline
 
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
-from ..train.evaluate import FULL_SAMPLER, fidelity, sample_set
+from ..train.evaluation import FULL_SAMPLER, fidelity, sample_set
 from ..world.data import COLOUR_NAMES, DEFAULT_RESOLUTION, render_shapes
 from ..world.metrics import colours_drawn
 

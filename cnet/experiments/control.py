@@ -35,7 +35,7 @@ from ..sample import sample
 from ..settings import SettingError
 from ..train import cache_data, load_base, load_controlnet
 from ..train.data import CachedData
-from ..train.evaluate import FULL_SAMPLER, evaluate, sampler_settings
+from ..train.evaluation import FULL_SAMPLER, evaluate, sampler_settings
 from ..world.finetune import style_of
 from .composition import CompositionData, composition_scenes, composition_sweep
 

@@ -14,7 +14,7 @@ loss           the training objective: the base's diffusion loss, with control
 loop           the run: :class:`Trainer` (one step, an evaluation, a checkpoint) and :func:`train`
 watch          a run's best weights and its collapse alerts
 runs           resume, reading a run's log, shipping a run (checkpoints: :mod:`cnet.checkpoints`)
-evaluate       sampling an evaluation set and measuring it (fidelity: :mod:`cnet.world.metrics`)
+evaluation     sampling an evaluation set and measuring it (fidelity: :mod:`cnet.world.metrics`)
 convergence    where a fidelity curve jumps, how suddenly, and when a run collapses
 =============  ============================================================================
 """
@@ -22,7 +22,7 @@ convergence    where a fidelity curve jumps, how suddenly, and when a run collap
 from .config import PROFILES, TASKS, SettingError, TrainConfig
 from .convergence import ConvergenceReport, detect_sudden_convergence
 from .data import CachedData, cache_data, draw_batch, task_dataset
-from .evaluate import evaluate, fidelity, sampler_settings
+from .evaluation import evaluate, fidelity, sampler_settings
 from .loop import Trainer, TrainingDiverged, train
 from .loss import diffusion_loss
 from .models import build_controlnet, load_base

@@ -34,7 +34,7 @@ What happens, and why:
 * **Logged.** Every ``log_every`` steps (and each of the first ten): the loss, each zero
   convolution's weight norm and gradient norm, the trainable copy's gradient norm. Every
   ``eval_every`` steps: condition fidelity on a fixed evaluation set
-  (:func:`cnet.train.evaluate.evaluate`). One JSON object per line in ``log.jsonl``.
+  (:func:`cnet.train.evaluation.evaluate`). One JSON object per line in ``log.jsonl``.
 
 * **Watched** (:mod:`cnet.train.watch`): the best evaluation's weights are kept in
   ``best.safetensors``; fidelity fallen back toward the base's after it rose, or a loss spike, is
@@ -78,7 +78,7 @@ from ..injection import ControlledUNet
 from .config import TrainConfig
 from .data import CachedData, cache_data, draw_batch
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
-from .evaluate import evaluate, validate, validation_grid
+from .evaluation import evaluate, validate, validation_grid
 from .folders import folder_data
 from .loss import diffusion_loss
 from .models import build_controlnet, load_base

@@ -2,7 +2,7 @@
 (:mod:`cnet.world.data`), exact fidelity metrics (:mod:`cnet.world.metrics`), a Stable
 Diffusion built small from diffusers' classes (:mod:`cnet.world.model`), its pretraining
 (:mod:`cnet.world.pretrain`) and the measurement of what the pretrained base does
-(:mod:`cnet.world.evaluate`).
+(:mod:`cnet.world.evaluation`).
 
     python -m cnet.world pretrain --profile quick --out runs/quick-sd
     python -m cnet.world evaluate --model models/miniature-sd

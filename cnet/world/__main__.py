@@ -54,7 +54,7 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> None:
 
     import torch
 
-    from .evaluate import evaluate_base
+    from .evaluation import evaluate_base
 
     if not 2 <= args.samples <= 1000:
         raise SettingError(

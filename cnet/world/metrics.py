@@ -211,7 +211,7 @@ def fit_shape(masks: torch.Tensor, shapes: Sequence[str] = SHAPES) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# Condition fidelity (the one definition; cnet.train.evaluate's module docstring explains it)
+# Condition fidelity (the one definition; cnet.train.evaluation's module docstring explains it)
 # ------------------------------------------------------------------------------------------
 
 #: How fidelity is sampled, by profile: DDIM with ``steps`` steps and classifier-free guidance

@@ -337,10 +337,9 @@ def test_a_base_is_a_pipeline_folder_or_a_hub_id_by_one_rule(tmp_path, monkeypat
 
 def test_evaluate_measures_the_evaluation_conditions_of_the_seed_asked_for(tmp_path, monkeypatch):
     # the conditions a training run of seed s evaluates on are the eval split drawn with s
-    import importlib
     import shutil
 
-    evaluate = importlib.import_module("cnet.train.evaluate")  # the module, not the function
+    import cnet.train.evaluation as evaluation
 
     shipped = repo_root() / "models" / "controlnet-fill"
     if not shipped.exists():
@@ -353,7 +352,7 @@ def test_evaluate_measures_the_evaluation_conditions_of_the_seed_asked_for(tmp_p
         asked.append((task, samples, steps, guidance, seed))
         return {"task": task}
 
-    monkeypatch.setattr(evaluate, "measure_controlnet", measured)
+    monkeypatch.setattr(evaluation, "measure_controlnet", measured)
     argv = ["evaluate", str(folder), "--samples", "32", "--profile", "quick", "--seed", "7"]
     assert main(argv) == 0
     quick = TrainConfig(**PROFILES["quick"])

@@ -215,7 +215,7 @@ def test_diffusers_pipeline_on_the_fine_tune_gives_cnets_images_and_numbers(base
 
     from cnet import ControlledUNet, to_diffusers
     from cnet.sample import sample
-    from cnet.train.evaluate import fidelity
+    from cnet.train.evaluation import fidelity
 
     fine_tune = load_base(FINE_TUNE)
     controlnet = load_controlnet(SHIPPED)

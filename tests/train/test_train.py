@@ -584,7 +584,7 @@ def test_an_evaluation_samples_the_controlled_unet_and_keeps_its_images(base, tm
     the run's sampler; its images kept exactly (8-bit) in samples.safetensors, its metrics logged
     and handed to the watch (which keeps the best weights)."""
     from cnet.train import Trainer
-    from cnet.train.evaluate import evaluate
+    from cnet.train.evaluation import evaluate
 
     config = _config(base, tmp_path / "run", eval_size=2, eval_steps=2, guidance_scale=1.5)
     trainer = Trainer(config)
@@ -691,7 +691,7 @@ def test_evaluations_follow_eval_every_and_a_run_resumed_at_its_end_reports_its_
 
 
 def test_a_set_sampled_in_batches_gives_each_batch_its_own_starting_noise(base):
-    from cnet.train.evaluate import sample_set
+    from cnet.train.evaluation import sample_set
 
     pipe = load_base(base)
     prompts = ["red circle with blue background"] * 4

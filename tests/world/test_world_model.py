@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from cnet.world.data import FillDataset
-from cnet.world.evaluate import generate
+from cnet.world.evaluation import generate
 from cnet.world.model import (
     MAX_PROMPT_TOKENS,
     VOCABULARY,
@@ -239,7 +239,7 @@ def test_shipped_model_is_small_and_loads_offline():
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped model is not in this checkout")
 def test_shapes_report_splits_accuracy_by_shape_and_its_references_are_exact():
-    from cnet.world.evaluate import evaluate_shapes
+    from cnet.world.evaluation import evaluate_shapes
 
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
