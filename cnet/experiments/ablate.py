@@ -92,7 +92,6 @@ ABLATION_SETTINGS: dict = {
     "batch_size": 32,
     "steps": 400,
     "timesteps": "cubic",
-    "channels_last": False,
 }
 #: Five seeds, the same for every variant: variants are compared seed by seed (paired).
 SEEDS = (0, 1, 2, 3, 4)
