@@ -182,6 +182,8 @@ def _check_measurement(args: argparse.Namespace) -> None:
         )
     if args.threads < 1:
         raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    if getattr(args, "seed", 0) < 0:
+        raise SettingError(f"seed: {args.seed!r} is not allowed; expected an integer >= 0")
 
 
 def run_control(args: argparse.Namespace) -> None:

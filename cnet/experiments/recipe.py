@@ -47,6 +47,7 @@ __all__ = [
     "COLLAPSE_SHARE",
     "RECIPES",
     "RECIPE_SEEDS",
+    "check_earlier",
     "choose",
     "collapsed",
     "keep_earlier",
@@ -391,6 +392,28 @@ def read_study(path: str | Path) -> dict:
     )
 
 
+def check_earlier(earlier: dict) -> None:
+    """Refuse (one line) an earlier summary measured under other rules than today's: its shared
+    settings, budget, onset margin or collapse share, or any recipe's settings."""
+    today = {
+        "settings": RECIPE_SETTINGS,
+        "budget_samples": BUDGET_SAMPLES,
+        "onset_margin": ONSET_MARGIN,
+        "collapse_share": COLLAPSE_SHARE,
+    }
+    for key, value in today.items():
+        if key in earlier and earlier[key] != value:
+            raise SettingError(
+                f"earlier: its {key} is {earlier[key]!r}; expected today's, {value!r}"
+            )
+    for recipe, entry in earlier["recipes"].items():
+        if RECIPES.get(recipe) != entry["settings"]:
+            raise SettingError(
+                f"earlier: recipe {recipe!r} was measured with {entry['settings']}; expected "
+                f"its settings today, {RECIPES.get(recipe)}"
+            )
+
+
 def keep_earlier(summary: dict, earlier: dict | None) -> dict:
     """``summary`` with the recipes an ``earlier`` summary measured whose runs are not in this
     one's folders (a study goes on on another machine, or after its run folders are gone): each
@@ -400,14 +423,9 @@ def keep_earlier(summary: dict, earlier: dict | None) -> dict:
     ``earlier_commands``."""
     if not earlier:
         return summary
+    check_earlier(earlier)
     earlier = json.loads(json.dumps(earlier))  # the caller's copy left as it was
     kept = {r: v for r, v in earlier["recipes"].items() if r not in summary["recipes"]}
-    for recipe, entry in kept.items():
-        if RECIPES.get(recipe) != entry["settings"]:
-            raise SettingError(
-                f"earlier: recipe {recipe!r} was measured with {entry['settings']}; expected "
-                f"its settings today, {RECIPES.get(recipe)}"
-            )
     for recipe, entry in kept.items():  # the lines that make each run under today's profile
         for run in entry["runs"]:
             out = run["commands"][0].split(" --out ")[1].split()[0]
@@ -443,6 +461,9 @@ def recipe_study(
     seeds, so the two compare seed by seed). With an ``earlier`` summary, the recipes it
     measured whose runs are not here are kept from it (:func:`keep_earlier`), in the study and
     in its check, and the choice is made over both."""
+    for part in (earlier, (earlier or {}).get("check")):
+        if part:
+            check_earlier(part)  # before any training
     if train and check_seeds is None:
         run_recipes(recipes, seeds, root, continued)
     result = summarize_recipes(recipes, seeds, root, command=command)

@@ -224,6 +224,7 @@ def measure_folder(
         "command": command,
         "base_model": str(base),
         "weights": weights,
+        "seed": seed,  # whose evaluation conditions
         **result,
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")

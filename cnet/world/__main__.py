@@ -62,6 +62,8 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> None:
         )
     if args.threads < 1:
         raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    if args.seed < 0:
+        raise SettingError(f"seed: {args.seed!r} is not allowed; expected an integer >= 0")
     torch.set_num_threads(args.threads)
     command = " ".join(_command(argv))
     result = evaluate_base(args.model, args.samples, args.profile, args.seed, command)

@@ -260,13 +260,12 @@ def test_ablate_summary_writes_figures_only_where_asked(tmp_path, monkeypatch):
     only with --figures, and then beside the summary, never into the shipped figures/."""
     import cnet.bench.suites as suites
     import cnet.course.ablation_plots as plots
-    import cnet.experiments.ablate as ablate
-    import cnet.experiments.first_updates as first
+    import cnet.course.ablation_report as report
 
     drawn = []
     monkeypatch.setattr(suites, "variant_cost", lambda *a, **k: {"times_s": []})
-    monkeypatch.setattr(first, "first_updates", lambda config: {"updates": []})
-    monkeypatch.setattr(ablate, "summarize", lambda *a, **k: {"variants": {}, "studies": {}})
+    monkeypatch.setattr(report, "first_updates", lambda config: {"updates": []})
+    monkeypatch.setattr(report, "summarize", lambda *a, **k: {"variants": {}, "studies": {}})
     monkeypatch.setattr(
         plots, "write_ablation_figures", lambda r, folder: drawn.append(folder) or []
     )
@@ -316,7 +315,7 @@ def test_sample_refuses_a_prompt_count_before_loading_anything(tmp_path, capsys)
     assert main([*argv, "--prompt", "x", "y", "z"]) == 2
     _one_error_line(capsys, "prompt: 3 prompts for 2 conditions; expected one prompt, or one per")
     assert main([*argv, "--prompt", "x", "y"]) == 2  # a count that fits: on to the folder
-    assert "none" in capsys.readouterr().err
+    _one_error_line(capsys, f"no ControlNetModel in {tmp_path / 'none'}")
 
 
 def test_a_base_is_a_pipeline_folder_or_a_hub_id_by_one_rule(tmp_path, monkeypatch):
@@ -358,4 +357,14 @@ def test_evaluate_measures_the_evaluation_conditions_of_the_seed_asked_for(tmp_p
     quick = TrainConfig(**PROFILES["quick"])
     assert asked == [("fill", 32, quick.eval_steps, quick.guidance_scale, 7)]
     record = json.loads((folder / "run.json").read_text())["evaluation"]
-    assert record["command"] == "python -m cnet " + " ".join(argv)
+    assert record["command"] == "python -m cnet " + " ".join(argv) and record["seed"] == 7
+
+
+def test_evaluate_refuses_a_negative_seed_before_loading_anything(tmp_path, capsys):
+    from cnet.world.__main__ import main as world_main
+
+    # the folder does not exist: the seed is checked first, so that is what is named
+    assert main(["evaluate", str(tmp_path / "none"), "--seed", "-1"]) == 2
+    _one_error_line(capsys, "seed: -1 is not allowed; expected an integer >= 0")
+    assert world_main(["evaluate", "--model", str(tmp_path / "none"), "--seed", "-1"]) == 2
+    _one_error_line(capsys, "seed: -1 is not allowed; expected an integer >= 0")

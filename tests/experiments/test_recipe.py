@@ -441,6 +441,12 @@ def test_a_study_goes_on_from_an_earlier_summary_whose_runs_are_gone(tmp_path, m
     changed["recipes"][old]["settings"]["lr"] = 1e-3
     with pytest.raises(SettingError, match=f"earlier: recipe '{old}' was measured with"):
         keep_earlier({"recipes": {}, "not_run": []}, changed)
+    # refused before any training, as is a summary measured under another onset margin
+    ruled = json.loads(json.dumps(earlier)) | {"onset_margin": 0.1}
+    for bad in (changed, ruled):
+        with pytest.raises(SettingError, match="earlier: "):
+            recipe_study([new], [0], tmp_path / "c", earlier=bad)  # train=True: it would train
+    assert not (tmp_path / "c").exists()
     (tmp_path / "study.json").write_text(json.dumps(result))
     assert read_study(tmp_path / "study.json") == result
     for bad in (tmp_path / "missing.json", tmp_path / "b" / new / "seed0" / "run.json"):
