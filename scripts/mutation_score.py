@@ -39,9 +39,6 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "tests" / "mutation" / "score.json"
 RUN = [sys.executable, "-m", "mutmut", "run", "--max-children", "2"]
-#: mutmut's exit codes (mutmut.stats.status_by_exit_code) gathered as this record counts them.
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
-          36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout"}  # fmt: skip
 
 
 def configured_modules() -> list[str]:
@@ -63,6 +60,8 @@ def _diff(name: str, path: Path) -> str:
 
 def record() -> dict:
     """Read every configured module's results from ``mutants/`` and write the record."""
+    from mutmut.__main__ import status_by_exit_code  # the mutation extra; needed here only
+
     old = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     reasons = {(s["mutant"], s["diff"]): s["reason"] for s in old.get("survivors", [])}
     modules, survivors = {}, []
@@ -71,7 +70,7 @@ def record() -> dict:
         meta = json.loads((ROOT / "mutants" / f"{module}.meta").read_text())
         counts: dict[str, int] = {}
         for name, code in sorted(meta["exit_code_by_key"].items()):
-            status = STATUS.get(code, "not checked" if code is None else "suspicious")
+            status = status_by_exit_code.get(code, "suspicious")  # mutmut's own names
             counts[status] = counts.get(status, 0) + 1
             if status != "killed":
                 diff = _diff(name, Path(module))

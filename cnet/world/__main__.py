@@ -18,17 +18,33 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..settings import SettingError, add_flags, settings_from_flags
 from .data import TASKS
 from .export import LAYOUTS
-from .finetune import FINETUNE_PROFILES
 from .metrics import SAMPLERS
-from .pretrain import PROFILES, Settings
+
+if TYPE_CHECKING:
+    from .pretrain import Settings
+
+
+def _training_profiles(name: str) -> dict:
+    """The profiles of ``pretrain`` or ``finetune``: imported only when that command runs, since
+    pretraining's modules load diffusers, transformers and accelerate."""
+    if name == "pretrain":
+        from .pretrain import PROFILES
+
+        return PROFILES
+    from .finetune import FINETUNE_PROFILES
+
+    return FINETUNE_PROFILES
 
 
 def _settings(args: argparse.Namespace, profiles: dict) -> tuple[Settings, Path]:
     """The checked settings (profile, then flags) and the run folder."""
+    from .pretrain import Settings
+
     settings = settings_from_flags(Settings, args, profiles[args.profile]).check()
     return settings, args.run_dir or Path("runs") / args.out.name
 
@@ -36,14 +52,14 @@ def _settings(args: argparse.Namespace, profiles: dict) -> tuple[Settings, Path]
 def _pretrain(args: argparse.Namespace, argv: list[str]) -> None:
     from .pretrain import pretrain
 
-    settings, run_dir = _settings(args, PROFILES)
+    settings, run_dir = _settings(args, _training_profiles("pretrain"))
     pretrain(settings, args.out, run_dir, profile=args.profile, command=_command(argv))
 
 
 def _finetune(args: argparse.Namespace, argv: list[str]) -> None:
     from .finetune import finetune
 
-    settings, run_dir = _settings(args, FINETUNE_PROFILES)
+    settings, run_dir = _settings(args, _training_profiles("finetune"))
     if not (args.base / "model_index.json").exists():
         raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
     finetune(args.base, settings, args.out, run_dir, command=_command(argv))
@@ -89,15 +105,20 @@ def _command(argv: list[str]) -> list[str]:
     return ["python", "-m", "cnet.world", *argv]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``chosen``: the command on the line (argv[0]), whose flags it needs."""
     parser = argparse.ArgumentParser(prog="python -m cnet.world")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, profiles, help_text in (
-        ("pretrain", PROFILES, "pretrain the miniature Stable Diffusion (VAE, U-Net, decoder)"),
-        ("finetune", FINETUNE_PROFILES, "fine-tune a base's U-Net to another style"),
+    for name, help_text in (
+        ("pretrain", "pretrain the miniature Stable Diffusion (VAE, U-Net, decoder)"),
+        ("finetune", "fine-tune a base's U-Net to another style"),
     ):
         command = sub.add_parser(name, help=help_text)
-        command.add_argument("--profile", choices=sorted(profiles), default="quick")
+        if name != chosen:  # only the command being run reads its flags
+            continue
+        from .pretrain import Settings
+
+        command.add_argument("--profile", choices=sorted(_training_profiles(name)), default="quick")
         command.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
         command.add_argument(
             "--run_dir",
@@ -141,7 +162,7 @@ COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     try:
         COMMANDS[args.command](args, argv)
     except (SettingError, FileNotFoundError) as error:
