@@ -18,6 +18,7 @@ __all__ = [
     "SettingError",
     "add_flags",
     "check_settings",
+    "decay_rate",
     "flag_type",
     "fraction",
     "is_hub_id",
@@ -63,6 +64,14 @@ def non_negative_number() -> Rule:
 
 def fraction() -> Rule:
     return (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a number from 0 to 1")
+
+
+def decay_rate() -> Rule:
+    """An EMA's decay: 1 would never move the average."""
+    return (
+        lambda v: isinstance(v, (int, float)) and 0.0 <= v < 1.0,
+        "a number from 0 up to, not including, 1",
+    )
 
 
 def one_of(*choices: str) -> Rule:

@@ -59,7 +59,7 @@ from ..train.data import cache_data
 from ..train.evaluation import evaluate
 from ..train.loop import train
 from ..train.models import build_controlnet, load_base
-from ..train.runs import load_checkpoint, read_log
+from ..train.runs import load_checkpoint, read_log, result_prefix
 
 __all__ = [
     "ABLATION_SETTINGS",
@@ -239,7 +239,7 @@ def _copy_drift(pipe, config: TrainConfig, checkpoint: Path) -> float | None:
         return None
     initial = build_controlnet(pipe, config)
     trained = build_controlnet(pipe, config)
-    load_checkpoint(checkpoint, {"controlnet": trained}, None)
+    load_checkpoint(checkpoint, {result_prefix(config): trained}, None)
     before = torch.cat([p.detach().reshape(-1) for p in initial.theta_c_parameters()])
     after = torch.cat([p.detach().reshape(-1) for p in trained.theta_c_parameters()])
     return float((after - before).norm() / before.norm())
@@ -303,7 +303,7 @@ def measure_run(folder: str | Path, pipe=None, reference: float | None = None) -
     report = detect_sudden_convergence(curves["eval_steps"], curves["iou"])
     eval_data = cache_data(pipe, config.task, config.eval_size, "eval", config.seed)
     trained = build_controlnet(pipe, config)
-    load_checkpoint(folder / "checkpoint.safetensors", {"controlnet": trained}, None)
+    load_checkpoint(folder / "checkpoint.safetensors", {result_prefix(config): trained}, None)
     prompt_free, _ = evaluate(
         pipe,
         ControlledUNet(pipe.unet, trained.eval()),

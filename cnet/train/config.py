@@ -15,6 +15,7 @@ from ..settings import (
     SettingError,
     add_flags,
     check_settings,
+    decay_rate,
     fraction,
     is_hub_id,
     non_negative_int,
@@ -74,6 +75,9 @@ class TrainConfig:
     # the miniature's norm is about 0.03, so only a clip near it can catch a spike
     max_grad_norm: float = 0.0
     weight_decay: float = 1e-2  # AdamW's default, as the released code leaves it
+    # > 0: an average of the ControlNet's weights (diffusers' EMAModel, cnet.averaging) is what
+    # the evaluations sample, best.safetensors keeps, and export, sample and evaluate load
+    ema_decay: float = 0.0
     empty_prompt_ratio: float = 0.5
     timesteps: str = "uniform"  # how training draws t: uniform, or cubic (cnet.train.data)
     sd_locked: bool = True
@@ -113,6 +117,11 @@ class TrainConfig:
                 f"base: {self.base!r} is not a diffusers pipeline folder (no model_index.json "
                 "there); expected e.g. models/miniature-sd, or a hub id such as "
                 "stable-diffusion-v1-5/stable-diffusion-v1-5 where a hub is reachable"
+            )
+        if self.ema_decay and not self.sd_locked:
+            raise SettingError(
+                f"ema_decay: {self.ema_decay!r} is not allowed with sd_locked false; the "
+                "average is of the ControlNet's weights alone, so expected 0 there"
             )
         if self.data and not Path(self.data).is_dir():
             raise SettingError(
@@ -180,6 +189,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "lr_decay_steps": positive_int(),
     "lr_min_share": fraction(),
     "weight_decay": non_negative_number(),
+    "ema_decay": decay_rate(),
     "empty_prompt_ratio": fraction(),
     "timesteps": one_of(*TIMESTEP_SAMPLING),
     "decoder_lr_scale": non_negative_number(),

@@ -39,6 +39,13 @@ What happens, and why:
 * **Watched** (:mod:`cnet.train.watch`): the best evaluation's weights are kept in
   ``best.safetensors``; fidelity fallen back toward the base's after it rose, or a loss spike, is
   reported in one line above the progress bar and in the log.
+* **Averaged** (``ema_decay``; 0, none, by default): an exponential moving average of the
+  ControlNet's weights (diffusers' ``EMAModel``, :mod:`cnet.averaging`) is updated after every
+  update; it is what the evaluations sample and ``best.safetensors`` keeps, the checkpoint
+  stores it beside the trained weights (``ema_controlnet.*``), and ``export``, ``sample`` and
+  ``evaluate`` load it as the run's result (:func:`cnet.train.runs.result_prefix`). Neither
+  the released trainer nor diffusers' ``train_controlnet.py`` keeps one for a ControlNet; the
+  base's pretraining ships its own (:mod:`cnet.world.pretrain`).
 
 The recipe (:mod:`cnet.experiments.recipe`, ``figures/recipe_study.json``; the released tutorial
 trains SD1.5 at lr 1e-5, batch 4). The quick profile before the study (600 steps of batch 16 at
@@ -73,6 +80,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..averaging import averaged_copy
 from ..controlnet import ControlNet
 from ..injection import ControlledUNet
 from .config import TrainConfig
@@ -169,8 +177,22 @@ class Trainer:
         self.trainable: dict[str, torch.nn.Module] = {"controlnet": self.controlnet}
         if not config.sd_locked:
             self.trainable["unet"] = self.pipe.unet
+        #: what a checkpoint stores: the modules being trained and, with ema_decay, the average
+        #: of the ControlNet's weights (cnet.averaging), which is what the evaluations sample
+        self.stored, self.evaluated_modules = dict(self.trainable), dict(self.trainable)
+        self.averaged, self.ema = None, None
+        if config.ema_decay:
+            self.averaged, self.ema = averaged_copy(self.controlnet, config.ema_decay)
+            self.stored["ema_controlnet"] = self.evaluated_modules["controlnet"] = self.averaged
         #: the step this invocation starts from
-        self.start = load_checkpoint(self.checkpoint, self.trainable, optimizer) if resuming else 0
+        self.start = load_checkpoint(self.checkpoint, self.stored, optimizer) if resuming else 0
+        if self.ema is not None:
+            self.ema.optimization_step = self.start
+        self.sampled = (  # the model an evaluation samples
+            self.controlled
+            if self.averaged is None
+            else ControlledUNet(self.pipe.unet, self.averaged)
+        )
         #: the learning rate by update (:func:`cnet.train.optim.lr_factor`)
         self.schedule = make_schedule(optimizer, config, self.start)
         # the controlled U-Net as accelerate prepared it (DDP-wrapped in several processes),
@@ -228,7 +250,7 @@ class Trainer:
             scaler = self.accelerator.scaler
             save_checkpoint(
                 self.checkpoint,
-                self.trainable,
+                self.stored,
                 self.optimizer,
                 step,
                 dataclasses.asdict(self.config),
@@ -328,6 +350,8 @@ class Trainer:
         scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
         self.schedule.step()  # also after an fp16 update skipped for overflow (cnet.train.optim)
+        if self.ema is not None:
+            self.ema.step(self.controlnet.parameters())
         # fp16: the gradients overflowed, the update was skipped and the scale lowered (read
         # from the scale, since fused AdamW skips inside its kernel and accelerate does not see
         # it)
@@ -341,11 +365,11 @@ class Trainer:
         under their conditions in ``validation/step_<k>.png``."""
         metrics = {}
         if self.main:
-            self.controlled.eval()
+            self.sampled.eval()
             measure = validate if self.config.data else evaluate
             metrics, images = measure(
                 self.pipe,
-                self.controlled,
+                self.sampled,
                 self.eval_data,
                 self.config.eval_steps,
                 self.config.guidance_scale,
@@ -366,7 +390,7 @@ class Trainer:
             save_file(self.samples, tmp)
             tmp.replace(path)
             self.log({"step": step, "eval": metrics})
-            self.watch.evaluated(step, metrics, self.trainable)
+            self.watch.evaluated(step, metrics, self.evaluated_modules)
         self.accelerator.wait_for_everyone()
         return metrics
 

@@ -46,6 +46,7 @@ __all__ = [
     "load_controlnet",
     "read_config",
     "read_log",
+    "result_prefix",
     "save_checkpoint",
     "save_weights",
     "store_half",
@@ -137,6 +138,13 @@ def read_config(run: str | Path) -> TrainConfig:
 RUN_FILES = ("log.jsonl", "config.json", "run.json")
 
 
+def result_prefix(config: TrainConfig) -> str:
+    """Which ControlNet in a run's checkpoint is the run's result: the one it trained, or with
+    ``ema_decay`` the average of its weights, which its evaluations sampled. (A run's
+    ``best.safetensors`` holds the evaluated weights as ``controlnet`` either way.)"""
+    return "ema_controlnet" if config.ema_decay else "controlnet"
+
+
 def export_run(
     run: str | Path,
     out: str | Path,
@@ -168,7 +176,7 @@ def export_run(
             f"trainable_copy {config.trainable_copy!r}), kept as its run folder"
         )
     controlnet = build_controlnet(load_base(config.base), config)
-    step = load_checkpoint(checkpoint, {"controlnet": controlnet}, None)
+    step = load_checkpoint(checkpoint, {result_prefix(config): controlnet}, None)
     if step != config.steps:
         raise SettingError(
             f"the run in {run} stopped at step {step} of {config.steps}; "
@@ -228,7 +236,8 @@ def load_controlnet(folder: str | Path, weights: str = "latest") -> ControlNet:
             )
         path = weights_file(folder, weights)
         controlnet = build_controlnet(load_base(config.base), config)
-        load_checkpoint(path, {"controlnet": controlnet}, None)
+        prefix = result_prefix(config) if weights == "latest" else "controlnet"
+        load_checkpoint(path, {prefix: controlnet}, None)
         return controlnet.eval()
     if weights != "latest":
         raise SettingError(

@@ -41,7 +41,6 @@ states equal, EMA weights within 1.2e-7; over a full run the rounding adds up fu
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -54,15 +53,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ..block import lock
+from ..averaging import averaged_copy
 from ..checkpoints import check_resumable, checkpoint_wall_time, load_checkpoint, save_checkpoint
 from ..processes import fresh_accelerator
 from ..settings import (
     SettingError,
     check_settings,
+    decay_rate,
     fraction,
     non_negative_int,
     non_negative_number,
@@ -190,10 +189,7 @@ class Settings:
                 "decoder_lr": positive_number(),
                 "warmup_steps": non_negative_int(),
                 "empty_prompt_ratio": fraction(),
-                "ema_decay": (
-                    (lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
-                    "a number from 0 up to, not including, 1",
-                ),
+                "ema_decay": decay_rate(),
                 "checkpoint_every": positive_int(),
                 "dataset_size": positive_int(),
                 "threads": positive_int(),
@@ -354,24 +350,22 @@ def _train_unet(pipe, datasets, s: Settings, run_dir: Path, log, stage: str = "u
     of what they train, and the EMA is what ships."""
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     trained = {"unet": unet} if stage == "style" else {"unet": unet, "text_encoder": text_encoder}
-    # the EMA's weights as modules, locked: what a checkpoint stores and a resume restores
-    averaged = {name: lock(copy.deepcopy(m)) for name, m in trained.items()}
     params = [p for m in reversed(trained.values()) for p in m.parameters()]
     for m in (unet, text_encoder):
         m.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     ddpm, _ = build_schedulers()
+    # the EMA's weights as locked modules (cnet.averaging): what a checkpoint stores and a
+    # resume restores; the average continues from the step the resume reached
+    pairs = {name: averaged_copy(m, s.ema_decay) for name, m in trained.items()}
+    averaged = {name: m for name, (m, _) in pairs.items()}
+    emas = {name: ema for name, (_, ema) in pairs.items()}
     modules = {**trained, **{f"ema_{name}": m for name, m in averaged.items()}}
     accelerator, optimizer, schedule, start, elapsed = _prepare(
         modules, params, s.unet_lr, s, stage, s.unet_steps, run_dir
     )
-    # diffusers' EMAModel, its decay warmed up as (1 + k) / (10 + k) (early on, 0.999 would
-    # keep most of the random initialisation in the average), continued from the step reached;
-    # it averages into the locked modules' own weights, so a checkpoint stores them as they are
-    emas = {name: EMAModel(m.parameters(), decay=s.ema_decay) for name, m in averaged.items()}
-    for name, ema in emas.items():
-        ema.shadow_params = list(averaged[name].parameters())
+    for ema in emas.values():
         ema.optimization_step = start
     began = time.time()
     for m in trained.values():

@@ -19,17 +19,20 @@ from cnet.course.figures import write_run_figures
 from cnet.train import (
     SettingError,
     TrainConfig,
+    Trainer,
     TrainingDiverged,
     cache_data,
     diffusion_loss,
     draw_batch,
     fidelity,
     load_base,
+    load_controlnet,
     task_dataset,
     train,
     zero_conv_norms,
 )
 from cnet.train.data import CachedData
+from cnet.train.evaluation import evaluate
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
 
@@ -779,3 +782,105 @@ def test_a_clip_scales_the_update_to_its_norm_only_above_it(base, tmp_path):
     assert norm(seen["tight"]).item() == pytest.approx(1e-4, rel=1e-3)
     for a, b in zip(seen["none"], seen["tight"], strict=True):
         torch.testing.assert_close(b, a * (1e-4 / (total + 1e-6)), rtol=1e-5, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- ema_decay: the average
+# A run that averages its ControlNet's weights evaluates, keeps and ships the average, which
+# follows diffusers' EMAModel update rule, and resumes exactly.
+
+AVERAGED = {"ema_decay": 0.5, "lr": 1e-2, "eval_size": 2}
+
+
+def _flat(module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_the_average_follows_the_update_rule_and_is_what_an_evaluation_samples(base, tmp_path):
+    r"""After update k the average is :math:`d_k \bar\theta + (1 - d_k)\theta` with
+    :math:`d_k = \min(0.5, (1 + j) / (10 + j))`, j = k - 1: the first update copies the weights
+    (j = 0), the second keeps 2/11 of the average, the fourth 4/13 and never more than 0.5.
+    The evaluation samples the average, the best weights are the average's, and the
+    ControlNet being trained is left as the optimizer made it."""
+    trainer = Trainer(_config(base, tmp_path / "run", **AVERAGED))
+    trainer.load_data()
+    expected = _flat(trainer.controlnet)
+    for k in range(3):
+        trainer.step(k)
+        j = k  # the EMA's count after update k + 1, less one
+        d = 0.0 if j == 0 else min(0.5, (1 + j) / (10 + j))
+        # EMAModel's own order of operations, so the comparison can be exact
+        expected = expected - (1 - d) * (expected - _flat(trainer.controlnet))
+        assert torch.equal(_flat(trainer.averaged), expected)
+    assert not torch.equal(_flat(trainer.averaged), _flat(trainer.controlnet))
+    assert not any(p.requires_grad for p in trainer.averaged.parameters())
+
+    metrics = trainer.evaluate(3)
+    trainer.save(3)
+    trainer.close()
+    on_average, _ = evaluate(
+        trainer.pipe, ControlledUNet(trainer.pipe.unet, trainer.averaged).eval(),
+        trainer.eval_data, 2, trainer.config.guidance_scale,
+    )  # fmt: skip
+    assert metrics == on_average
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    saved = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    for name, p in trainer.averaged.state_dict().items():
+        assert torch.equal(best[f"controlnet.{name}"], p), name
+        assert torch.equal(saved[f"ema_controlnet.{name}"], p), name
+    for name, p in trainer.controlnet.state_dict().items():
+        assert torch.equal(saved[f"controlnet.{name}"], p), name
+
+
+@pytest.mark.slow
+def test_an_averaged_run_resumes_exactly_and_ships_its_average(base, tmp_path):
+    """Stopped at step 2 and resumed, the checkpoint (weights, average, optimizer) equals the
+    uninterrupted run's; the run's result, loaded from the folder, is the average."""
+    train(_config(base, tmp_path / "straight", eval_every=2, **AVERAGED))
+    train(_config(base, tmp_path / "resumed", eval_every=2, **{**AVERAGED, "steps": 2}))
+    train(_config(base, tmp_path / "resumed", eval_every=2, **AVERAGED))
+    a = load_file(tmp_path / "straight" / "checkpoint.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("ema_controlnet.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    shipped = load_controlnet(tmp_path / "resumed").state_dict()
+    for name, p in shipped.items():
+        assert torch.equal(p, a[f"ema_controlnet.{name}"]), name
+    with safe_open(str(tmp_path / "resumed" / "best.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+        metrics = json.loads(f.metadata()["metrics"])
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").open()]
+    assert metrics["iou"] == max(e["eval"]["iou"] for e in log if "eval" in e)
+    assert step in {e["step"] for e in log if "eval" in e}
+
+
+def test_a_run_without_an_average_stores_none(base, tmp_path):
+    trainer = Trainer(_config(base, tmp_path / "run", steps=1))
+    trainer.load_data()
+    trainer.step(0)
+    trainer.save(1)
+    trainer.close()
+    assert trainer.averaged is None and trainer.sampled is trainer.controlled
+    keys = load_file(tmp_path / "run" / "checkpoint.safetensors").keys()
+    assert not any(k.startswith("ema_") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"ema_decay": 1.0},
+            "ema_decay: 1.0 is not allowed; expected a number from 0 up to, not including, 1",
+        ),
+        (
+            {"ema_decay": 0.9, "sd_locked": False},
+            "ema_decay: 0.9 is not allowed with sd_locked false; the average is of the "
+            "ControlNet's weights alone, so expected 0 there",
+        ),
+    ],
+)
+def test_a_bad_average_is_refused_in_one_line(base, tmp_path, settings, message):
+    with pytest.raises(SettingError) as refused:
+        _config(base, tmp_path / "run", **settings).check()
+    assert str(refused.value) == message
+    assert not (tmp_path / "run").exists()
