@@ -8,7 +8,8 @@ The package is built in layers, each importing only those below it:
 
 * the math core: :mod:`cnet.zero_conv` (Eq. 5–8), :mod:`cnet.block` (Eq. 1–4),
   :mod:`cnet.hint` (Eq. 9), :mod:`cnet.controlnet` (ICCV §3.2), :mod:`cnet.injection`,
-  :mod:`cnet.convert` (official and diffusers layouts), :mod:`cnet.sample`;
+  :mod:`cnet.convert` (official and diffusers layouts), :mod:`cnet.adapter` (T2I-Adapter, the
+  method that followed), :mod:`cnet.sample`;
 * :mod:`cnet.train` (training on a locked base) and :mod:`cnet.world` (the miniature Stable
   Diffusion world);
 * :mod:`cnet.course`: what the notebooks call (lessons, plots, widgets, figures).
@@ -30,6 +31,8 @@ from .zero_conv import ZeroConv2d, sgd_step, zero_conv, zero_conv_grads
 # The rest of the core sits on diffusers, whose import takes seconds: it is loaded on first use,
 # so that the notebooks on the zero convolution and the block (torch only) start at once.
 _ON_FIRST_USE = {
+    "AdaptedUNet": "adapter",
+    "t2i_adapter_for": "adapter",
     "ControlNet": "controlnet",
     "unet_skip_channels": "controlnet",
     "from_diffusers": "convert",
@@ -47,6 +50,7 @@ _ON_FIRST_USE = {
 }
 
 if _TYPE_CHECKING:  # what the names above are, for type checkers and the layout test
+    from .adapter import AdaptedUNet, t2i_adapter_for
     from .controlnet import ControlNet, unet_skip_channels
     from .convert import (
         from_diffusers,
@@ -76,6 +80,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptedUNet",
     "ControlNet",
     "ControlResiduals",
     "ControlledBlock",
@@ -94,6 +99,7 @@ __all__ = [
     "save_official",
     "to_diffusers",
     "to_official_state_dict",
+    "t2i_adapter_for",
     "unet_skip_channels",
     "ZeroConv2d",
     "lock",

@@ -9,6 +9,12 @@ difference: each condition is encoded once (:meth:`cnet.ControlNet.encode_condit
 residuals, bit for bit), not at every step, which halves a step's work on the miniature's CPU.
 ``tests/core/test_sample.py`` checks it against the diffusers pipeline's output.
 
+A T2I-Adapter (:class:`~cnet.AdaptedUNet`) is sampled as diffusers'
+``StableDiffusionAdapterPipeline`` samples it: its features computed once, times ``scales`` (one
+number: the pipeline's ``adapter_conditioning_scale``), given to both halves of a guided batch,
+and added inside the U-Net's down blocks at every step. Guess mode and the control window are
+ControlNet's and are refused for it.
+
 Guess mode with classifier-free guidance follows the released code and diffusers: the
 unconditional half of the batch gets no control at all.
 
@@ -26,6 +32,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from .adapter import AdaptedUNet
 from .injection import ControlledUNet, inject_residuals
 from .residuals import ControlResiduals
 
@@ -35,7 +42,7 @@ __all__ = ["controlled_steps", "sample"]
 @torch.no_grad()
 def sample(
     pipe: StableDiffusionPipeline,
-    controlled: ControlledUNet | None,
+    controlled: ControlledUNet | AdaptedUNet | None,
     prompts: Sequence[str],
     conditions: torch.Tensor | Sequence[torch.Tensor] | None = None,
     num_inference_steps: int = 20,
@@ -69,7 +76,12 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = _initial_latents(pipe, n, scheduler, generator, latents)
 
-    if controlled is not None:
+    adapted = isinstance(controlled, AdaptedUNet)
+    if adapted:
+        _check_adapter_call(scales, guess_mode, control_guidance_start, control_guidance_end)
+        features = controlled.features(conditions.to(device, dtype), scales)
+        features = [torch.cat([f, f]) if cfg else f for f in features]
+    elif controlled is not None:
         conds, mask = _control_inputs(controlled, conditions, n, cfg, guess_mode, device, dtype)
 
     inside = controlled_steps(
@@ -80,6 +92,13 @@ def sample(
         x = scheduler.scale_model_input(x, t)
         if controlled is None:
             eps = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        elif adapted:  # the U-Net takes the maps off the list it is given: a list each step
+            eps = pipe.unet(
+                x,
+                t,
+                encoder_hidden_states=embeds,
+                down_intrablock_additional_residuals=list(features),
+            ).sample
         else:
             outside = i not in inside
             residuals = controlled.residuals(
@@ -139,6 +158,19 @@ def _check_window(start: float, end: float) -> None:
         raise ValueError(
             f"control_guidance_start, control_guidance_end: {start!r}, {end!r} are "
             "not allowed; expected 0 <= start < end <= 1"
+        )
+
+
+def _check_adapter_call(scales, guess_mode: bool, start: float, end: float) -> None:
+    if not isinstance(scales, (int, float)):
+        raise ValueError(
+            f"scales: {scales!r} is not allowed for a T2I-Adapter; expected one number (its "
+            "condition weight)"
+        )
+    if guess_mode or (start, end) != (0.0, 1.0):
+        raise ValueError(
+            "guess_mode, control_guidance_start, control_guidance_end: not allowed for a "
+            "T2I-Adapter; expected False, 0 and 1 (diffusers' adapter pipeline has neither)"
         )
 
 

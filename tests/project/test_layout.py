@@ -16,6 +16,7 @@ CORE = {
     "cnet.residuals",
     "cnet.controlnet",
     "cnet.injection",
+    "cnet.adapter",
     "cnet.convert",
     "cnet.sample",
     "cnet.variants",
