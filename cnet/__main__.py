@@ -54,8 +54,9 @@ def run_train(args: argparse.Namespace) -> None:
         train(config, profile=profile)  # one of several processes: the main one reports
         return
     what = f"the pairs in {config.data}" if config.data else config.task
+    kind = "a ControlNet" if config.method == "controlnet" else f"a {config.method}"
     print(
-        f"training a ControlNet ({what}) on {config.base}, profile {profile}, "
+        f"training {kind} ({what}) on {config.base}, profile {profile}, "
         f"{config.steps} steps, device {resolve_device(config.device)}"
     )
     summary = train(config, profile=profile)
@@ -71,6 +72,9 @@ def run_train(args: argparse.Namespace) -> None:
             f"validation grids (conditions above samples) in {config.out}/validation; "
             f"edge F1 per evaluation in {config.out}/log.jsonl"
         )
+        return
+    if config.method != "controlnet":
+        print(f"fidelity per evaluation in {config.out}/log.jsonl (no zero convolutions to draw)")
         return
     label = f"profile {profile}, {summary['device_name']}, {config.steps} steps"
     prefix = f"05_{profile}_" if args.figures else ""

@@ -79,8 +79,7 @@ def sample(
     adapted = isinstance(controlled, AdaptedUNet)
     if adapted:
         _check_adapter_call(scales, guess_mode, control_guidance_start, control_guidance_end)
-        features = controlled.features(conditions.to(device, dtype), scales)
-        features = [torch.cat([f, f]) if cfg else f for f in features]
+        features = _adapter_features(controlled, conditions.to(device, dtype), scales, cfg)
     elif controlled is not None:
         conds, mask = _control_inputs(controlled, conditions, n, cfg, guess_mode, device, dtype)
 
@@ -159,6 +158,12 @@ def _check_window(start: float, end: float) -> None:
             f"control_guidance_start, control_guidance_end: {start!r}, {end!r} are "
             "not allowed; expected 0 <= start < end <= 1"
         )
+
+
+def _adapter_features(adapted: AdaptedUNet, conditions, scale: float, cfg: bool):
+    """The adapter's features, computed once for every step, for both halves of a guided batch
+    (diffusers' adapter pipeline gives the unconditional half the condition too)."""
+    return [torch.cat([f, f]) if cfg else f for f in adapted.features(conditions, scale)]
 
 
 def _check_adapter_call(scales, guess_mode: bool, start: float, end: float) -> None:

@@ -242,7 +242,7 @@ def variant_cost(config: TrainConfig, variants: dict[str, dict], repeats: int) -
             steps = iter(range(FIRST_STEPS_LOGGED, 10**9))
             calls[name] = lambda trainer=trainer, steps=steps: trainer.step(next(steps))
             parameters[name] = sum(
-                p.numel() for p in trainer.controlnet.parameters() if p.requires_grad
+                p.numel() for p in trainer.trained.parameters() if p.requires_grad
             )
         times = interleaved_times(calls, repeats, 1, next(iter(trainers.values())).device)
         for trainer in trainers.values():

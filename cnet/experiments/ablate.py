@@ -88,10 +88,12 @@ ABLATION_SETTINGS: dict = {
     "lr": 2e-3,
     "copy_lr_scale": 1.0,
     "lr_decay_start": 0,
+    "lr_decay_steps": 100,  # (no decay: named so that a command's run equals the ablation's)
     "max_grad_norm": 0.0,
     "batch_size": 32,
     "steps": 400,
     "timesteps": "cubic",
+    "channels_last": False,
 }
 #: Five seeds, the same for every variant: variants are compared seed by seed (paired).
 SEEDS = (0, 1, 2, 3, 4)

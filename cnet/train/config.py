@@ -29,6 +29,7 @@ from ..world.data import TASKS
 from ..world.metrics import SAMPLERS
 
 __all__ = [
+    "METHODS",
     "PRECISIONS",
     "PROFILES",
     "TASKS",
@@ -45,6 +46,18 @@ __all__ = [
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # how a training step draws its timesteps (cnet.train.data.draw_timesteps)
 TIMESTEP_SAMPLING = ("uniform", "cubic")
+# what a run trains on the locked base: a ControlNet (ICCV), or a T2I-Adapter (cnet.adapter)
+METHODS = ("controlnet", "t2i-adapter")
+# a ControlNet's own settings, at the values that leave them out: a T2I-Adapter has no
+# trainable copy, no condition encoder of ControlNet's and no connections to ablate
+CONTROLNET_ONLY = {
+    "copy_lr_scale": 1.0,
+    "hint_encoder": "released",
+    "connections": "zero",
+    "trainable_copy": "full",
+    "gradient_checkpointing": False,
+    "sd_locked": True,
+}
 
 
 @dataclass
@@ -59,6 +72,7 @@ class TrainConfig:
     conditioning_image_column: str = "conditioning_image"
     caption_column: str = "text"
     out: str = "runs/controlnet-fill-quick"
+    method: str = "controlnet"  # or t2i-adapter (METHODS)
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
@@ -101,7 +115,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 or fp16 by GPU, fp32 on CPU (cnet.train.engine)
     gradient_checkpointing: bool = False  # recompute the copy's activations in backward
     # base and ControlNet in channels-last memory: a faster step on the CPU (bench/README.md §7),
-    # other rounding, so off where a run must repeat the shipped ones bit for bit
+    # other rounding; the quick profile's choice, off by default so that the full profile's
+    # shipped run repeats bit for bit
     channels_last: bool = False
     resume: bool = True
 
@@ -118,6 +133,13 @@ class TrainConfig:
                 "there); expected e.g. models/miniature-sd, or a hub id such as "
                 "stable-diffusion-v1-5/stable-diffusion-v1-5 where a hub is reachable"
             )
+        if self.method != "controlnet":
+            for name, value in CONTROLNET_ONLY.items():
+                if getattr(self, name) != value:
+                    raise SettingError(
+                        f"{name}: {getattr(self, name)!r} is not allowed with method "
+                        f"{self.method} (a ControlNet's setting); expected {value!r}"
+                    )
         if self.ema_decay and not self.sd_locked:
             raise SettingError(
                 f"ema_decay: {self.ema_decay!r} is not allowed with sd_locked false; the "
@@ -140,10 +162,11 @@ PROFILES: dict[str, dict] = {
         "copy_lr_scale": 0.25,
         "max_grad_norm": 0.1,
         "batch_size": 32,
-        "steps": 400,
+        "steps": 800,
         "timesteps": "cubic",
-        "lr_decay_start": 300,
-        "lr_decay_steps": 100,
+        "lr_decay_start": 500,
+        "lr_decay_steps": 300,
+        "channels_last": True,
     },
     "full": dict(
         out="runs/controlnet-fill-full",
@@ -179,6 +202,7 @@ def device_rule() -> Rule:
 
 _TRAIN_RULES: dict[str, Rule] = {
     "task": one_of(*TASKS),
+    "method": one_of(*METHODS),
     "steps": positive_int(),
     "batch_size": positive_int(),
     "grad_accum": positive_int(),

@@ -58,10 +58,14 @@ over the last 100 steps, 9 of 10 started (steps 100-250) and ended above the one
 seed 3 diverged at step ~150 after its gradient norm (about 0.03) spiked to 0.2-8. The same with
 the update clipped at a norm of 0.1 (it acted on 0-11 of 400 updates per seed) started on 10 of
 10 seeds on two threads (steps 50-200) and 3 of 3 on one, ended above the one-rate runs on every
-seed, median 0.83 (0.77-0.85), and none collapsed at 2x its steps (median 0.85 there): the quick
-profile. No recipe reaches a median of 0.85 over ten seeds within 400 steps, nor within 520 or
-640 in channels-last memory (medians 0.8496 and 0.8433, 10 of 10 onsets each; not continued),
-though the shipped full-profile ControlNet scores 0.86-0.92 on the same evaluations. Uniform
+seed, median 0.83 (0.77-0.85), and none collapsed at 2x its steps (median 0.85 there). Longer
+budgets in channels-last memory (a faster CPU step) ended near 0.85 too: 520 updates 0.8496, 640
+0.8433, 520 decaying over its last 200 updates 0.8490 (within 0.01 of the 100-update decay on
+10 of 10 seeds). 800 updates decaying over the last 300 started on 10 of 10 seeds on two threads
+(steps 50-300) and 3 of 3 (seeds 0-2, steps 50-150) on one, ended above the 520-update recipe on 10 of 10 seeds (+0.006 to
++0.044), median 0.867 (0.85-0.90), in about 3.5 minutes on two cores, and none collapsed at 2x
+its steps (median 0.889 there, 0.86-0.92): the quick profile. The detector calls none of those
+ten jumps sudden (they come within 50-300 updates, too soon against the run's length). Uniform
 timesteps at this budget were not run, so the share of cubic sampling vs batch is undecided.
 The full profile is unchanged and has not been run over seeds.
 """
@@ -82,15 +86,14 @@ from tqdm.auto import tqdm
 
 from ..averaging import averaged_copy
 from ..controlnet import ControlNet
-from ..injection import ControlledUNet
 from .config import TrainConfig
 from .data import CachedData, cache_data, draw_batch
 from .engine import checkpoint_trainable_copy, make_accelerator, process_share
 from .evaluation import evaluate, validate, validation_grid
 from .folders import folder_data
 from .loss import diffusion_loss
-from .models import build_controlnet, load_base
-from .norms import logged_norms
+from .models import build_trained, controlled_by, load_base, trained_name
+from .norms import adapter_norms, logged_norms
 from .optim import make_optimizer, make_schedule
 from .runs import (
     check_resumable,
@@ -135,13 +138,15 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    """One training run of a ControlNet on a locked base, built from its settings: the base
-    loaded, the ControlNet and its optimizer built, the checkpoint in ``config.out`` restored
-    when resuming, model and optimizer handed to accelerate. Then :meth:`load_data`, and either
-    :meth:`run` (every step to ``config.steps``, as :func:`train` does) or :meth:`step`,
-    :meth:`evaluate` and :meth:`save` one at a time (as ``bench/`` times a step).
+    """One training run of a ControlNet (or, with ``method`` t2i-adapter, a T2I-Adapter: then
+    read "adapter" for "ControlNet" below) on a locked base, built from its settings: the base
+    loaded, the ControlNet (:attr:`trained`) and its optimizer built, the checkpoint in
+    ``config.out`` restored when resuming, model and optimizer handed to accelerate. Then
+    :meth:`load_data`, and either :meth:`run` (every step to ``config.steps``, as :func:`train`
+    does) or :meth:`step`, :meth:`evaluate` and :meth:`save` one at a time (as ``bench/`` times
+    a step).
 
-    ``on_log`` sees every log entry as it is written; ``on_update(step, controlnet)`` sees the
+    ``on_log`` sees every log entry as it is written; ``on_update(step, trained)`` sees the
     ControlNet with the step's gradients, just before the optimizer updates it."""
 
     def __init__(
@@ -166,15 +171,17 @@ class Trainer:
             )
         torch.manual_seed(config.seed)
         self.pipe = load_base(config.base, self.device)
-        self.controlnet = build_controlnet(self.pipe, config).to(self.device)
+        #: what the run trains: the ControlNet, or the T2I-Adapter
+        self.trained = build_trained(self.pipe, config).to(self.device)
         if config.gradient_checkpointing:
-            checkpoint_trainable_copy(self.controlnet)
+            checkpoint_trainable_copy(self.trained)
         if config.channels_last:  # in place, before the optimizer holds the parameters
-            for module in (self.pipe.unet, self.controlnet):
+            for module in (self.pipe.unet, self.trained):
                 module.to(memory_format=torch.channels_last)
-        self.controlled = ControlledUNet(self.pipe.unet, self.controlnet).train()  # for sampling
-        optimizer = make_optimizer(self.controlnet, self.pipe.unet, config, self.device)
-        self.trainable: dict[str, torch.nn.Module] = {"controlnet": self.controlnet}
+        self.controlled = controlled_by(self.pipe.unet, self.trained).train()
+        optimizer = make_optimizer(self.trained, self.pipe.unet, config, self.device)
+        name = trained_name(config)
+        self.trainable: dict[str, torch.nn.Module] = {name: self.trained}
         if not config.sd_locked:
             self.trainable["unet"] = self.pipe.unet
         #: what a checkpoint stores: the modules being trained and, with ema_decay, the average
@@ -182,8 +189,8 @@ class Trainer:
         self.stored, self.evaluated_modules = dict(self.trainable), dict(self.trainable)
         self.averaged, self.ema = None, None
         if config.ema_decay:
-            self.averaged, self.ema = averaged_copy(self.controlnet, config.ema_decay)
-            self.stored["ema_controlnet"] = self.evaluated_modules["controlnet"] = self.averaged
+            self.averaged, self.ema = averaged_copy(self.trained, config.ema_decay)
+            self.stored[f"ema_{name}"] = self.evaluated_modules[name] = self.averaged
         #: the step this invocation starts from
         self.start = load_checkpoint(self.checkpoint, self.stored, optimizer) if resuming else 0
         if self.ema is not None:
@@ -191,7 +198,7 @@ class Trainer:
         self.sampled = (  # the model an evaluation samples
             self.controlled
             if self.averaged is None
-            else ControlledUNet(self.pipe.unet, self.averaged)
+            else controlled_by(self.pipe.unet, self.averaged)
         )
         #: the learning rate by update (:func:`cnet.train.optim.lr_factor`)
         self.schedule = make_schedule(optimizer, config, self.start)
@@ -338,20 +345,21 @@ class Trainer:
             # second unscale is an error)
             accelerator.unscale_gradients()
         if log:
-            entry = {"step": step, "loss": loss_value, **logged_norms(self.controlnet)}
+            norms = logged_norms if isinstance(self.trained, ControlNet) else adapter_norms
+            entry = {"step": step, "loss": loss_value, **norms(self.trained)}
         if config.max_grad_norm:
             trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
             total = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm).item()
             if entry is not None and total > config.max_grad_norm:
                 entry["clipped_from"] = total
         if self.on_update is not None:
-            self.on_update(step, self.controlnet)
+            self.on_update(step, self.trained)
         scaler = accelerator.scaler
         scale = scaler.get_scale() if scaler is not None else None
         self.optimizer.step()
         self.schedule.step()  # also after an fp16 update skipped for overflow (cnet.train.optim)
         if self.ema is not None:
-            self.ema.step(self.controlnet.parameters())
+            self.ema.step(self.trained.parameters())
         # fp16: the gradients overflowed, the update was skipped and the scale lowered (read
         # from the scale, since fused AdamW skips inside its kernel and accelerate does not see
         # it)

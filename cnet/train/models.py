@@ -1,19 +1,30 @@
-"""The two models of a run: the locked base it controls and the ControlNet it trains."""
+"""The two models of a run: the locked base it controls and what it trains on it: a ControlNet,
+or with ``method`` t2i-adapter a T2I-Adapter (:mod:`cnet.adapter`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, T2IAdapter, UNet2DConditionModel
+from torch import nn
 
+from ..adapter import AdaptedUNet, t2i_adapter_for
 from ..block import lock
 from ..controlnet import ControlNet
+from ..injection import ControlledUNet
 from ..variants import make_lite, replace_connections
 from ..world.model import load_pipeline
 from .config import TrainConfig
 
-__all__ = ["build_controlnet", "load_base"]
+__all__ = [
+    "build_adapter",
+    "build_controlnet",
+    "build_trained",
+    "controlled_by",
+    "load_base",
+    "trained_name",
+]
 
 
 def load_base(path: str | Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
@@ -41,3 +52,30 @@ def build_controlnet(pipe: StableDiffusionPipeline, config: TrainConfig) -> Cont
     return replace_connections(
         controlnet, config.connections, config.connection_gain, generator, std
     )
+
+
+def build_adapter(pipe: StableDiffusionPipeline, config: TrainConfig) -> T2IAdapter:
+    """The T2I-Adapter a run with ``method`` t2i-adapter trains: diffusers' full adapter sized
+    for the base's U-Net and image resolution (:func:`cnet.t2i_adapter_for`), its random weights
+    drawn from torch's generator (which the Trainer seeds with the run's seed)."""
+    return t2i_adapter_for(pipe.unet, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def build_trained(pipe: StableDiffusionPipeline, config: TrainConfig) -> nn.Module:
+    """What a run trains, by its ``method``: a ControlNet or a T2I-Adapter."""
+    if config.method == "t2i-adapter":
+        return build_adapter(pipe, config)
+    return build_controlnet(pipe, config)
+
+
+def trained_name(config: TrainConfig) -> str:
+    """The name a run's checkpoint gives what it trains: ``controlnet`` or ``adapter``."""
+    return "adapter" if config.method == "t2i-adapter" else "controlnet"
+
+
+def controlled_by(unet: UNet2DConditionModel, trained: nn.Module) -> nn.Module:
+    """The locked U-Net with what a run trains on it: a :class:`~cnet.ControlledUNet` for a
+    ControlNet, an :class:`~cnet.AdaptedUNet` for a T2I-Adapter (the same call)."""
+    if isinstance(trained, T2IAdapter):
+        return AdaptedUNet(unet, trained)
+    return ControlledUNet(unet, trained)

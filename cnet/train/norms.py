@@ -11,7 +11,7 @@ import torch
 
 from ..controlnet import ControlNet
 
-__all__ = ["hint_inner_parameters", "logged_norms", "zero_conv_norms"]
+__all__ = ["adapter_norms", "hint_inner_parameters", "logged_norms", "zero_conv_norms"]
 
 
 def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
@@ -70,3 +70,11 @@ def logged_norms(controlnet: ControlNet) -> dict:
         else:
             entry[kind][name] = norm
     return entry
+
+
+def adapter_norms(adapter: torch.nn.Module) -> dict:
+    """What a logged step of a T2I-Adapter run records: the adapter's gradient norm
+    (``adapter_grad_norm``). It has no zero convolutions and no trainable copy, so their
+    entries are empty (``copy_grad_norm`` None)."""
+    (norm,) = _norms({"adapter": [p.grad for p in adapter.parameters()]}).values()
+    return {"weight_norm": {}, "grad_norm": {}, "copy_grad_norm": None, "adapter_grad_norm": norm}

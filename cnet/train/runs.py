@@ -29,7 +29,7 @@ from ..checkpoints import (
 from ..controlnet import ControlNet
 from ..convert import from_diffusers, to_diffusers
 from .config import SettingError, TrainConfig
-from .models import build_controlnet, load_base
+from .models import build_controlnet, build_trained, load_base, trained_name
 
 __all__ = [
     "RUN_FILES",
@@ -139,10 +139,11 @@ RUN_FILES = ("log.jsonl", "config.json", "run.json")
 
 
 def result_prefix(config: TrainConfig) -> str:
-    """Which ControlNet in a run's checkpoint is the run's result: the one it trained, or with
-    ``ema_decay`` the average of its weights, which its evaluations sampled. (A run's
-    ``best.safetensors`` holds the evaluated weights as ``controlnet`` either way.)"""
-    return "ema_controlnet" if config.ema_decay else "controlnet"
+    """Which module in a run's checkpoint is the run's result: the ControlNet (or adapter) it
+    trained, or with ``ema_decay`` the average of its weights, which its evaluations sampled.
+    (A run's ``best.safetensors`` holds the evaluated weights under the plain name either
+    way: :func:`cnet.train.models.trained_name`.)"""
+    return ("ema_" if config.ema_decay else "") + trained_name(config)
 
 
 def export_run(
@@ -153,7 +154,8 @@ def export_run(
     weights: str = "latest",
 ) -> Path:
     """Ship a finished run: its ControlNet as a diffusers ``ControlNetModel`` folder
-    (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``; with
+    (``out/controlnet``, safetensors, loadable with ``ControlNetModel.from_pretrained``; a
+    T2I-Adapter run's adapter as a ``T2IAdapter`` folder, ``out/adapter``; with
     ``half``, stored in half precision by :func:`store_half`) beside the run's log, config and
     summary, and the evaluation samples of its first ``samples_kept`` conditions at every
     evaluation. ``out`` is then itself a run folder: :func:`read_log` reads it as it reads
@@ -175,8 +177,8 @@ def export_run(
             f"this run is an ablation (connections {config.connections!r}, "
             f"trainable_copy {config.trainable_copy!r}), kept as its run folder"
         )
-    controlnet = build_controlnet(load_base(config.base), config)
-    step = load_checkpoint(checkpoint, {result_prefix(config): controlnet}, None)
+    trained = build_trained(load_base(config.base), config)
+    step = load_checkpoint(checkpoint, {result_prefix(config): trained}, None)
     if step != config.steps:
         raise SettingError(
             f"the run in {run} stopped at step {step} of {config.steps}; "
@@ -192,7 +194,7 @@ def export_run(
             )
         shipped_weights = {
             "weights": weights,
-            "step": load_checkpoint(best, {"controlnet": controlnet}, None),
+            "step": load_checkpoint(best, {trained_name(config): trained}, None),
             **json.loads(checkpoint_metadata(best)["metrics"]),
         }
     if out.exists() and any(out.iterdir()) and not (out / "run.json").exists():
@@ -201,10 +203,10 @@ def export_run(
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shipped = to_diffusers(controlnet)
-    shipped.save_pretrained(staging / "controlnet", safe_serialization=True)
+    shipped = to_diffusers(trained) if isinstance(trained, ControlNet) else trained
+    shipped.save_pretrained(staging / trained_name(config), safe_serialization=True)
     if half:
-        store_half(shipped, staging / "controlnet")
+        store_half(shipped, staging / trained_name(config))
     for name in RUN_FILES:
         (staging / name).write_bytes((run / name).read_bytes())
     record = json.loads((staging / "run.json").read_text())
@@ -229,6 +231,11 @@ def load_controlnet(folder: str | Path, weights: str = "latest") -> ControlNet:
     folder = Path(folder)
     if (folder / "checkpoint.safetensors").is_file() and not (folder / "controlnet").is_dir():
         config = read_config(folder)
+        if config.method != "controlnet":
+            raise SettingError(
+                f"{folder} trained a {config.method}, not a ControlNet; "
+                "python -m cnet export ships it as its diffusers class's folder"
+            )
         if not config.sd_locked:
             raise SettingError(
                 f"{folder} trained the U-Net's decoder too (sd_locked false); its "

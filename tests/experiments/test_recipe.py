@@ -320,14 +320,14 @@ def test_every_recipe_gets_the_study_budget_or_its_own_and_its_continuation_is_a
         assert differ == {"steps", "out"} and differ <= set(RESUMABLE_CHANGES)
     # the quick profile is this recipe, so its command names only the folder and the seed; the
     # others name what differs from it
-    chosen = "b32-lr4e-3-copy1e-3-cubic-decay-clip0.1"
+    chosen = "b32-800-lr4e-3-copy1e-3-cubic-decay300-clip0.1-cl"
     assert recipe_command(chosen, 5, "r") == (
         f"python -m cnet train --profile quick --out r/{chosen}/seed5 --seed 5"
     )
-    assert recipe_command("b16-lr2e-3", 5, "r") == (
-        "python -m cnet train --profile quick --out r/b16-lr2e-3/seed5 --steps 800 "
-        "--batch_size 16 --lr 0.002 --lr_decay_start 0 --copy_lr_scale 1.0 --max_grad_norm 0.0 "
-        "--timesteps uniform --seed 5"
+    assert recipe_command("b16-lr2e-3", 5, "r") == (  # 800 steps of 16: the profile's steps
+        "python -m cnet train --profile quick --out r/b16-lr2e-3/seed5 --batch_size 16 "
+        "--lr 0.002 --lr_decay_start 0 --lr_decay_steps 100 --copy_lr_scale 1.0 "
+        "--max_grad_norm 0.0 --timesteps uniform --seed 5 --channels_last false"
     )
     with pytest.raises(SettingError, match="recipe: 'fast' is not allowed"):
         recipe_config("fast", 0)

@@ -111,10 +111,11 @@ def test_only_the_command_line_uses_the_course_layer():
     assert not users, f"the course layer sits on top, but {users} import it"
 
 
+SHARED = {"cnet.settings", "cnet.checkpoints", "cnet.averaging", "cnet.processes"}
 # The floors, from the ground up: a module imports only from its own floor and those below.
 FLOORS = (
     ("the math core", lambda m: m in CORE),
-    ("shared helpers", lambda m: m in {"cnet.settings", "cnet.checkpoints", "cnet.processes", "cnet.averaging"}),
+    ("shared helpers", lambda m: m in SHARED),
     ("the world", lambda m: m.startswith("cnet.world")),
     ("the trainer", lambda m: m.startswith("cnet.train")),
     ("the experiments", lambda m: m.startswith("cnet.experiments")),

@@ -268,7 +268,7 @@ def test_channels_last_changes_the_layout_and_the_rounding_only(base, tmp_path):
         config = TrainConfig(**_flags(str(base), str(tmp_path / str(layout)), channels_last=layout))
         trainer = loop.Trainer(config)
         trainer.load_data()
-        conv = trainer.controlnet.conv_in.weight
+        conv = trainer.trained.conv_in.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) == layout
         assert conv.is_contiguous() != layout
         logs[layout] = [trainer.step(k, log=True)[1] for k in range(2)]

@@ -33,6 +33,7 @@ from cnet.train import (
 )
 from cnet.train.data import CachedData
 from cnet.train.evaluation import evaluate
+from cnet.train.models import build_trained
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
 
@@ -514,7 +515,7 @@ def test_accumulated_micro_batches_are_different_and_their_gradients_averaged(ba
     )
     assert not torch.equal(first["latents"], second["latents"])
     assert not torch.equal(first["noise"], second["noise"])
-    params = [p for p in trainer.controlnet.parameters() if p.requires_grad]
+    params = [p for p in trainer.trained.parameters() if p.requires_grad]
     scaling = trainer.pipe.vae.config.scaling_factor
     each = [
         torch.autograd.grad(
@@ -803,15 +804,15 @@ def test_the_average_follows_the_update_rule_and_is_what_an_evaluation_samples(b
     ControlNet being trained is left as the optimizer made it."""
     trainer = Trainer(_config(base, tmp_path / "run", **AVERAGED))
     trainer.load_data()
-    expected = _flat(trainer.controlnet)
+    expected = _flat(trainer.trained)
     for k in range(3):
         trainer.step(k)
         j = k  # the EMA's count after update k + 1, less one
         d = 0.0 if j == 0 else min(0.5, (1 + j) / (10 + j))
         # EMAModel's own order of operations, so the comparison can be exact
-        expected = expected - (1 - d) * (expected - _flat(trainer.controlnet))
+        expected = expected - (1 - d) * (expected - _flat(trainer.trained))
         assert torch.equal(_flat(trainer.averaged), expected)
-    assert not torch.equal(_flat(trainer.averaged), _flat(trainer.controlnet))
+    assert not torch.equal(_flat(trainer.averaged), _flat(trainer.trained))
     assert not any(p.requires_grad for p in trainer.averaged.parameters())
 
     metrics = trainer.evaluate(3)
@@ -827,7 +828,7 @@ def test_the_average_follows_the_update_rule_and_is_what_an_evaluation_samples(b
     for name, p in trainer.averaged.state_dict().items():
         assert torch.equal(best[f"controlnet.{name}"], p), name
         assert torch.equal(saved[f"ema_controlnet.{name}"], p), name
-    for name, p in trainer.controlnet.state_dict().items():
+    for name, p in trainer.trained.state_dict().items():
         assert torch.equal(saved[f"controlnet.{name}"], p), name
 
 
@@ -884,3 +885,63 @@ def test_a_bad_average_is_refused_in_one_line(base, tmp_path, settings, message)
         _config(base, tmp_path / "run", **settings).check()
     assert str(refused.value) == message
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------- method: t2i-adapter
+
+
+def test_a_t2i_adapter_trains_in_the_same_loop_and_ships_as_its_diffusers_class(base, tmp_path):
+    """method t2i-adapter: the loop trains diffusers' T2IAdapter on the locked base (every weight
+    of it moves, none of the base's), logs its gradient norm, evaluates through the adapted
+    U-Net, checkpoints it as ``adapter.*``, and export ships a folder T2IAdapter loads."""
+    from diffusers import T2IAdapter
+
+    from cnet import AdaptedUNet
+    from cnet.train import export_run
+
+    config = _config(base, tmp_path / "run", method="t2i-adapter", steps=2, eval_every=2)
+    trainer = Trainer(config)
+    assert isinstance(trainer.trained, T2IAdapter)
+    before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
+    base_before = _flat(trainer.pipe.unet)
+    trainer.close()
+    summary = train(config)
+    saved = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    weights = {k[len("adapter.") :]: v for k, v in saved.items() if k.startswith("adapter.")}
+    assert weights.keys() == before.keys()
+    moved = [k for k in weights if k.endswith("weight") and not torch.equal(weights[k], before[k])]
+    assert len(moved) == sum(k.endswith("weight") for k in weights)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
+    steps = [e for e in log if "loss" in e]
+    assert all(e["adapter_grad_norm"] > 0 and e["copy_grad_norm"] is None for e in steps)
+
+    pipe = load_base(base)
+    assert torch.equal(_flat(pipe.unet), base_before)
+    adapter = build_trained(pipe, config)
+    adapter.load_state_dict(weights)
+    data = cache_data(pipe, "fill", config.eval_size, "eval", config.seed)
+    adapted = AdaptedUNet(pipe.unet, adapter).eval()
+    expected, _ = evaluate(pipe, adapted, data, 2, config.guidance_scale)
+    assert summary["final_eval"] == expected
+
+    shipped = export_run(tmp_path / "run", tmp_path / "shipped")
+    loaded = T2IAdapter.from_pretrained(shipped / "adapter")
+    for name, p in loaded.state_dict().items():
+        assert torch.equal(p, weights[name]), name
+    with pytest.raises(SettingError, match="trained a t2i-adapter, not a ControlNet"):
+        load_controlnet(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("copy_lr_scale", 0.25), ("trainable_copy", "lite"), ("gradient_checkpointing", True)],
+)
+def test_a_controlnets_own_setting_is_refused_for_an_adapter(base, tmp_path, setting, value):
+    config = _config(base, tmp_path / "run", method="t2i-adapter", **{setting: value})
+    with pytest.raises(SettingError) as refused:
+        config.check()
+    default = TrainConfig.__dataclass_fields__[setting].default
+    assert str(refused.value) == (
+        f"{setting}: {value!r} is not allowed with method t2i-adapter (a ControlNet's "
+        f"setting); expected {default!r}"
+    )
