@@ -62,11 +62,12 @@ seed, median 0.83 (0.77-0.85), and none collapsed at 2x its steps (median 0.85 t
 budgets in channels-last memory (a faster CPU step) ended near 0.85 too: 520 updates 0.8496, 640
 0.8433, 520 decaying over its last 200 updates 0.8490 (within 0.01 of the 100-update decay on
 10 of 10 seeds). 800 updates decaying over the last 300 started on 10 of 10 seeds on two threads
-(steps 50-300) and 3 of 3 (seeds 0-2, steps 50-150) on one, ended above the 520-update recipe on 10 of 10 seeds (+0.006 to
-+0.044), median 0.867 (0.85-0.90), in about 3.5 minutes on two cores, and none collapsed at 2x
-its steps (median 0.889 there, 0.86-0.92): the quick profile. The detector calls none of those
-ten jumps sudden (they come within 50-300 updates, too soon against the run's length). Uniform
-timesteps at this budget were not run, so the share of cubic sampling vs batch is undecided.
+(steps 50-300) and on 3 of 3 on one (seeds 0-2, steps 50-150), ended above the 520-update
+recipe on 10 of 10 seeds (+0.006 to +0.044), median 0.867 (0.85-0.90), in about 3.5 minutes on
+two cores, and none collapsed at 2x its steps (median 0.889 there, 0.86-0.92): the quick
+profile. The detector calls none of those ten jumps sudden (they come within 50-300 updates, too
+soon against the run's length). Uniform timesteps at this budget were not run, so the share of
+cubic sampling vs batch is undecided.
 The full profile is unchanged and has not been run over seeds.
 """
 
