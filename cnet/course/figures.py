@@ -176,4 +176,8 @@ def write_recipe_figures(result: dict, folder: str | Path) -> list[Path]:
     from .training_plots import plot_recipe_study
 
     parts = (("recipe_study", result), ("recipe_check", result.get("check")))
-    return [save_figure(plot_recipe_study(part), name, folder) for name, part in parts if part]
+    # one panel per recipe, ten seeds each: at 80 dpi, so that notebook 05, which shows the
+    # check, stays within the size a stored notebook may have
+    return [
+        save_figure(plot_recipe_study(part), name, folder, dpi=80) for name, part in parts if part
+    ]

@@ -181,7 +181,7 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
         self.controlled = controlled_by(self.pipe.unet, self.trained).train()
         optimizer = make_optimizer(self.trained, self.pipe.unet, config, self.device)
-        name = trained_name(config)
+        name = trained_name(config.method)
         self.trainable: dict[str, torch.nn.Module] = {name: self.trained}
         if not config.sd_locked:
             self.trainable["unet"] = self.pipe.unet

@@ -68,9 +68,10 @@ def build_trained(pipe: StableDiffusionPipeline, config: TrainConfig) -> nn.Modu
     return build_controlnet(pipe, config)
 
 
-def trained_name(config: TrainConfig) -> str:
-    """The name a run's checkpoint gives what it trains: ``controlnet`` or ``adapter``."""
-    return "adapter" if config.method == "t2i-adapter" else "controlnet"
+def trained_name(method: str) -> str:
+    """The name a run's checkpoint gives what a run of ``method`` trains: ``controlnet``, or
+    ``adapter`` for a T2I-Adapter."""
+    return "adapter" if method == "t2i-adapter" else "controlnet"
 
 
 def controlled_by(unet: UNet2DConditionModel, trained: nn.Module) -> nn.Module:

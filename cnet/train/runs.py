@@ -143,7 +143,7 @@ def result_prefix(config: TrainConfig) -> str:
     trained, or with ``ema_decay`` the average of its weights, which its evaluations sampled.
     (A run's ``best.safetensors`` holds the evaluated weights under the plain name either
     way: :func:`cnet.train.models.trained_name`.)"""
-    return ("ema_" if config.ema_decay else "") + trained_name(config)
+    return ("ema_" if config.ema_decay else "") + trained_name(config.method)
 
 
 def export_run(
@@ -194,7 +194,7 @@ def export_run(
             )
         shipped_weights = {
             "weights": weights,
-            "step": load_checkpoint(best, {trained_name(config): trained}, None),
+            "step": load_checkpoint(best, {trained_name(config.method): trained}, None),
             **json.loads(checkpoint_metadata(best)["metrics"]),
         }
     if out.exists() and any(out.iterdir()) and not (out / "run.json").exists():
@@ -204,9 +204,9 @@ def export_run(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shipped = to_diffusers(trained) if isinstance(trained, ControlNet) else trained
-    shipped.save_pretrained(staging / trained_name(config), safe_serialization=True)
+    shipped.save_pretrained(staging / trained_name(config.method), safe_serialization=True)
     if half:
-        store_half(shipped, staging / trained_name(config))
+        store_half(shipped, staging / trained_name(config.method))
     for name in RUN_FILES:
         (staging / name).write_bytes((run / name).read_bytes())
     record = json.loads((staging / "run.json").read_text())
