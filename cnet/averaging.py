@@ -18,16 +18,16 @@ from .block import lock
 __all__ = ["averaged_copy"]
 
 
-def averaged_copy(module: nn.Module, decay: float, step: int = 0) -> tuple[nn.Module, EMAModel]:
+def averaged_copy(module: nn.Module, decay: float) -> tuple[nn.Module, EMAModel]:
     r"""A locked copy of ``module`` and the ``EMAModel`` that averages ``module``'s weights into
     it, in place, at each ``ema.step(module.parameters())``:
     :math:`\bar\theta \leftarrow d_k \bar\theta + (1 - d_k)\,\theta` with
     :math:`d_k = \min(\text{decay}, (1 + k) / (10 + k))` (diffusers' warm-up: early on, a decay
     near 1 would keep most of the initial weights in the average; the first update copies).
-    ``step``: the updates already averaged (a resumed run's), so the warm-up continues where it
-    was. The copy keeps the module's memory format (channels-last stays channels-last)."""
+    A resumed run sets ``ema.optimization_step`` to the updates already averaged, once its
+    checkpoint has restored the copy, so the warm-up continues where it was. The copy keeps the
+    module's memory format (channels-last stays channels-last)."""
     averaged = lock(copy.deepcopy(module))
     ema = EMAModel(averaged.parameters(), decay=decay)
     ema.shadow_params = list(averaged.parameters())  # averaged into the copy's own weights
-    ema.optimization_step = step
     return averaged, ema
