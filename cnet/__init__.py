@@ -8,8 +8,9 @@ The package is built in layers, each importing only those below it:
 
 * the math core: :mod:`cnet.zero_conv` (Eq. 5–8), :mod:`cnet.block` (Eq. 1–4),
   :mod:`cnet.hint` (Eq. 9), :mod:`cnet.controlnet` (ICCV §3.2), :mod:`cnet.injection`,
-  :mod:`cnet.convert` (official and diffusers layouts), :mod:`cnet.adapter` (T2I-Adapter, the
-  method that followed), :mod:`cnet.sample`;
+  :mod:`cnet.convert` (official and diffusers layouts), the methods that followed:
+  :mod:`cnet.adapter` (T2I-Adapter), :mod:`cnet.controlnet_xs` (ControlNet-XS) and
+  :mod:`cnet.concat` (channel concatenation), and :mod:`cnet.sample`;
 * :mod:`cnet.train` (training on a locked base) and :mod:`cnet.world` (the miniature Stable
   Diffusion world);
 * :mod:`cnet.course`: what the notebooks call (lessons, plots, widgets, figures).
@@ -33,6 +34,10 @@ from .zero_conv import ZeroConv2d, sgd_step, zero_conv, zero_conv_grads
 _ON_FIRST_USE = {
     "AdaptedUNet": "adapter",
     "t2i_adapter_for": "adapter",
+    "ConcatenatedUNet": "concat",
+    "concat_unet_for": "concat",
+    "ControlNetXSUNet": "controlnet_xs",
+    "controlnet_xs_for": "controlnet_xs",
     "ControlNet": "controlnet",
     "unet_skip_channels": "controlnet",
     "from_diffusers": "convert",
@@ -51,7 +56,9 @@ _ON_FIRST_USE = {
 
 if _TYPE_CHECKING:  # what the names above are, for type checkers and the layout test
     from .adapter import AdaptedUNet, t2i_adapter_for
+    from .concat import ConcatenatedUNet, concat_unet_for
     from .controlnet import ControlNet, unet_skip_channels
+    from .controlnet_xs import ControlNetXSUNet, controlnet_xs_for
     from .convert import (
         from_diffusers,
         from_official,
@@ -81,13 +88,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedUNet",
+    "ConcatenatedUNet",
     "ControlNet",
+    "ControlNetXSUNet",
     "ControlResiduals",
     "ControlledBlock",
     "ControlledUNet",
     "PaperHintEncoder",
     "ReleasedHintEncoder",
     "cfg_resolution_weights",
+    "concat_unet_for",
+    "controlnet_xs_for",
     "control_scales",
     "from_diffusers",
     "from_official",

@@ -33,6 +33,7 @@ from .train.config import (  # noqa: E402
     SettingError,
     TrainConfig,
     add_flags,
+    for_method,
     resolve_device,
     settings_from_flags,
 )
@@ -41,7 +42,8 @@ from .train.loop import TrainingDiverged  # noqa: E402
 
 def _train_settings(args: argparse.Namespace, default_profile: str) -> tuple[str, TrainConfig]:
     profile = args.profile or default_profile
-    return profile, settings_from_flags(TrainConfig, args, PROFILES[profile]).check()
+    values = for_method(PROFILES[profile], getattr(args, "method", None) or "controlnet")
+    return profile, settings_from_flags(TrainConfig, args, values).check()
 
 
 def run_train(args: argparse.Namespace) -> None:

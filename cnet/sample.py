@@ -13,7 +13,13 @@ A T2I-Adapter (:class:`~cnet.AdaptedUNet`) is sampled as diffusers'
 ``StableDiffusionAdapterPipeline`` samples it: its features computed once, times ``scales`` (one
 number: the pipeline's ``adapter_conditioning_scale``), given to both halves of a guided batch,
 and added inside the U-Net's down blocks at every step. Guess mode and the control window are
-ControlNet's and are refused for it.
+ControlNet's and are refused for it. A ControlNet-XS (:class:`~cnet.ControlNetXSUNet`) is
+sampled as diffusers' (deprecated) ``StableDiffusionControlNetXSPipeline`` samples it: its fused
+U-Net at every step, the condition in both halves, ``scales`` its one conditioning scale, and
+the control window by the same rule (``apply_control`` off outside it); a channel-concatenation
+U-Net (:class:`~cnet.ConcatenatedUNet`) as ``StableDiffusionInstructPix2PixPipeline`` samples it
+with an image guidance of 1: the condition's latent, encoded once, beside the noisy latent in
+both halves. Neither has guess mode; the concatenation has no weight and no window.
 
 Guess mode with classifier-free guidance follows the released code and diffusers: the
 unconditional half of the batch gets no control at all.
@@ -33,6 +39,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import AdaptedUNet
+from .concat import ConcatenatedUNet
+from .controlnet_xs import ControlNetXSUNet
 from .injection import ControlledUNet, inject_residuals
 from .residuals import ControlResiduals
 
@@ -42,7 +50,7 @@ __all__ = ["controlled_steps", "sample"]
 @torch.no_grad()
 def sample(
     pipe: StableDiffusionPipeline,
-    controlled: ControlledUNet | AdaptedUNet | None,
+    controlled: ControlledUNet | AdaptedUNet | ControlNetXSUNet | ConcatenatedUNet | None,
     prompts: Sequence[str],
     conditions: torch.Tensor | Sequence[torch.Tensor] | None = None,
     num_inference_steps: int = 20,
@@ -76,28 +84,25 @@ def sample(
     scheduler.set_timesteps(num_inference_steps, device=device)
     latents = _initial_latents(pipe, n, scheduler, generator, latents)
 
-    adapted = isinstance(controlled, AdaptedUNet)
-    if adapted:
-        _check_adapter_call(scales, guess_mode, control_guidance_start, control_guidance_end)
-        features = _adapter_features(controlled, conditions.to(device, dtype), scales, cfg)
-    elif controlled is not None:
-        conds, mask = _control_inputs(controlled, conditions, n, cfg, guess_mode, device, dtype)
-
     inside = controlled_steps(
         len(scheduler.timesteps), control_guidance_start, control_guidance_end
     )
+    successor = isinstance(controlled, (AdaptedUNet, ControlNetXSUNet, ConcatenatedUNet))
+    if successor:
+        window = (control_guidance_start, control_guidance_end)
+        predict = _successor_prediction(
+            pipe, controlled, conditions, scales, guess_mode, window, cfg, inside
+        )
+    elif controlled is not None:
+        conds, mask = _control_inputs(controlled, conditions, n, cfg, guess_mode, device, dtype)
+
     for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents] * 2) if cfg else latents
         x = scheduler.scale_model_input(x, t)
         if controlled is None:
             eps = pipe.unet(x, t, encoder_hidden_states=embeds).sample
-        elif adapted:  # the U-Net takes the maps off the list it is given: a list each step
-            eps = pipe.unet(
-                x,
-                t,
-                encoder_hidden_states=embeds,
-                down_intrablock_additional_residuals=list(features),
-            ).sample
+        elif successor:
+            eps = predict(i, x, t, embeds)
         else:
             outside = i not in inside
             residuals = controlled.residuals(
@@ -160,22 +165,59 @@ def _check_window(start: float, end: float) -> None:
         )
 
 
+def _successor_prediction(pipe, controlled, conditions, scales, guess_mode, window, cfg, inside):
+    """The noise prediction at step ``i`` of a method that followed ControlNet, as its diffusers
+    pipeline makes it (module docstring); what does not change from step to step (an adapter's
+    features, a condition's latent) computed once."""
+    _check_single_weight_call(controlled, scales, guess_mode, window)
+    given = conditions.to(pipe.unet.device, pipe.unet.dtype)
+    if isinstance(controlled, AdaptedUNet):
+        features = _adapter_features(controlled, given, scales, cfg)
+        # the U-Net takes the maps off the list it is given: a list each step
+        return lambda i, x, t, embeds: (
+            pipe.unet(
+                x,
+                t,
+                encoder_hidden_states=embeds,
+                down_intrablock_additional_residuals=list(features),
+            ).sample
+        )
+    if isinstance(controlled, ConcatenatedUNet):
+        given = controlled.condition_latents(given)
+    given = torch.cat([given, given]) if cfg else given  # the condition in both halves
+    if isinstance(controlled, ConcatenatedUNet):
+        return lambda i, x, t, embeds: controlled.predict(x, t, embeds, given)
+    return lambda i, x, t, embeds: controlled(
+        x, t, embeds, given, scales, apply_control=i in inside
+    )
+
+
 def _adapter_features(adapted: AdaptedUNet, conditions, scale: float, cfg: bool):
     """The adapter's features, computed once for every step, for both halves of a guided batch
     (diffusers' adapter pipeline gives the unconditional half the condition too)."""
     return [torch.cat([f, f]) if cfg else f for f in adapted.features(conditions, scale)]
 
 
-def _check_adapter_call(scales, guess_mode: bool, start: float, end: float) -> None:
-    if not isinstance(scales, (int, float)):
-        raise ValueError(
-            f"scales: {scales!r} is not allowed for a T2I-Adapter; expected one number (its "
-            "condition weight)"
+_NAMES = {AdaptedUNet: "a T2I-Adapter", ControlNetXSUNet: "a ControlNet-XS"}
+
+
+def _check_single_weight_call(controlled, scales, guess_mode: bool, window) -> None:
+    """The methods after ControlNet take one condition weight (the concatenation none), no
+    guess mode, and (but ControlNet-XS) no control window, as their diffusers pipelines."""
+    kind = _NAMES.get(type(controlled), "a channel-concatenation U-Net")
+    weights = (1.0,) if isinstance(controlled, ConcatenatedUNet) else None
+    if not isinstance(scales, (int, float)) or (weights and scales not in weights):
+        expected = "1 (it has no condition weight)" if weights else "one number (its weight)"
+        raise ValueError(f"scales: {scales!r} is not allowed for {kind}; expected {expected}")
+    windowed = isinstance(controlled, ControlNetXSUNet)
+    if guess_mode or (not windowed and tuple(window) != (0.0, 1.0)):
+        names = "guess_mode" + (
+            "" if windowed else ", control_guidance_start, control_guidance_end"
         )
-    if guess_mode or (start, end) != (0.0, 1.0):
+        expected = "False" + ("" if windowed else ", 0 and 1")
         raise ValueError(
-            "guess_mode, control_guidance_start, control_guidance_end: not allowed for a "
-            "T2I-Adapter; expected False, 0 and 1 (diffusers' adapter pipeline has neither)"
+            f"{names}: not allowed for {kind}; expected {expected} (its diffusers pipeline has "
+            "no such setting)"
         )
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "TASKS",
     "TIMESTEP_SAMPLING",
     "SettingError",
+    "for_method",
+    "not_taken",
     "TrainConfig",
     "add_flags",
     "check_settings",
@@ -46,10 +48,12 @@ __all__ = [
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 # how a training step draws its timesteps (cnet.train.data.draw_timesteps)
 TIMESTEP_SAMPLING = ("uniform", "cubic")
-# what a run trains on the locked base: a ControlNet (ICCV), or a T2I-Adapter (cnet.adapter)
-METHODS = ("controlnet", "t2i-adapter")
-# a ControlNet's own settings, at the values that leave them out: a T2I-Adapter has no
-# trainable copy, no condition encoder of ControlNet's and no connections to ablate
+# what a run trains on the locked base: a ControlNet (ICCV), a T2I-Adapter (cnet.adapter), a
+# ControlNet-XS (cnet.controlnet_xs), or the whole U-Net with the condition's latent
+# concatenated to its input (concat: cnet.concat)
+METHODS = ("controlnet", "t2i-adapter", "controlnet-xs", "concat")
+# a ControlNet's own settings, at the values that leave them out: the other methods have no
+# trainable copy, no condition encoder of ControlNet's and no connections to ablate...
 CONTROLNET_ONLY = {
     "copy_lr_scale": 1.0,
     "hint_encoder": "released",
@@ -58,6 +62,23 @@ CONTROLNET_ONLY = {
     "gradient_checkpointing": False,
     "sd_locked": True,
 }
+# ...but the concatenating U-Net starts from the base's weights as ControlNet's copy does, and
+# trains them at copy_lr_scale x lr (cnet.train.optim.pretrained_parameters)
+ALSO_TAKEN = {"concat": ("copy_lr_scale",)}
+
+
+def not_taken(method: str) -> dict:
+    """The settings a run of ``method`` does not take, at the values that leave them out."""
+    if method == "controlnet":
+        return {}
+    return {k: v for k, v in CONTROLNET_ONLY.items() if k not in ALSO_TAKEN.get(method, ())}
+
+
+def for_method(profile: dict, method: str) -> dict:
+    """A profile's values for a run of ``method``: those of settings the method does not take
+    (:func:`not_taken`) left out, so that ``--profile quick --method t2i-adapter`` trains the
+    profile's recipe, while the same setting given on the command line is refused."""
+    return {k: v for k, v in profile.items() if k not in not_taken(method)}
 
 
 @dataclass
@@ -72,7 +93,7 @@ class TrainConfig:
     conditioning_image_column: str = "conditioning_image"
     caption_column: str = "text"
     out: str = "runs/controlnet-fill-quick"
-    method: str = "controlnet"  # or t2i-adapter (METHODS)
+    method: str = "controlnet"  # or t2i-adapter, controlnet-xs, concat (METHODS)
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
@@ -133,13 +154,12 @@ class TrainConfig:
                 "there); expected e.g. models/miniature-sd, or a hub id such as "
                 "stable-diffusion-v1-5/stable-diffusion-v1-5 where a hub is reachable"
             )
-        if self.method != "controlnet":
-            for name, value in CONTROLNET_ONLY.items():
-                if getattr(self, name) != value:
-                    raise SettingError(
-                        f"{name}: {getattr(self, name)!r} is not allowed with method "
-                        f"{self.method} (a ControlNet's setting); expected {value!r}"
-                    )
+        for name, value in not_taken(self.method).items():
+            if getattr(self, name) != value:
+                raise SettingError(
+                    f"{name}: {getattr(self, name)!r} is not allowed with method "
+                    f"{self.method} (a ControlNet's setting); expected {value!r}"
+                )
         if self.ema_decay and not self.sd_locked:
             raise SettingError(
                 f"ema_decay: {self.ema_decay!r} is not allowed with sd_locked false; the "

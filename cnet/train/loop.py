@@ -94,7 +94,7 @@ from .evaluation import evaluate, validate, validation_grid
 from .folders import folder_data
 from .loss import diffusion_loss
 from .models import build_trained, controlled_by, load_base, trained_name
-from .norms import adapter_norms, logged_norms
+from .norms import logged_norms, trained_norms
 from .optim import make_optimizer, make_schedule
 from .runs import (
     check_resumable,
@@ -172,14 +172,16 @@ class Trainer:
             )
         torch.manual_seed(config.seed)
         self.pipe = load_base(config.base, self.device)
-        #: what the run trains: the ControlNet, or the T2I-Adapter
+        #: what the run trains (by method: cnet.train.models.build_trained)
         self.trained = build_trained(self.pipe, config).to(self.device)
         if config.gradient_checkpointing:
             checkpoint_trainable_copy(self.trained)
+        self.controlled = controlled_by(self.pipe, self.trained).train()
         if config.channels_last:  # in place, before the optimizer holds the parameters
-            for module in (self.pipe.unet, self.trained):
+            # (a ControlNet-XS's fused U-Net holds its own copy of the base's weights)
+            fused = getattr(self.controlled, "fused", self.trained)
+            for module in (self.pipe.unet, self.trained, fused):
                 module.to(memory_format=torch.channels_last)
-        self.controlled = controlled_by(self.pipe.unet, self.trained).train()
         optimizer = make_optimizer(self.trained, self.pipe.unet, config, self.device)
         name = trained_name(config.method)
         self.trainable: dict[str, torch.nn.Module] = {name: self.trained}
@@ -197,9 +199,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.optimization_step = self.start
         self.sampled = (  # the model an evaluation samples
-            self.controlled
-            if self.averaged is None
-            else controlled_by(self.pipe.unet, self.averaged)
+            self.controlled if self.averaged is None else controlled_by(self.pipe, self.averaged)
         )
         #: the learning rate by update (:func:`cnet.train.optim.lr_factor`)
         self.schedule = make_schedule(optimizer, config, self.start)
@@ -346,7 +346,7 @@ class Trainer:
             # second unscale is an error)
             accelerator.unscale_gradients()
         if log:
-            norms = logged_norms if isinstance(self.trained, ControlNet) else adapter_norms
+            norms = logged_norms if isinstance(self.trained, ControlNet) else trained_norms
             entry = {"step": step, "loss": loss_value, **norms(self.trained)}
         if config.max_grad_norm:
             trainable = [p for group in self.optimizer.param_groups for p in group["params"]]

@@ -1,17 +1,26 @@
-"""The two models of a run: the locked base it controls and what it trains on it: a ControlNet,
-or with ``method`` t2i-adapter a T2I-Adapter (:mod:`cnet.adapter`)."""
+"""The two models of a run: the locked base it controls and what it trains on it, by ``method``:
+a ControlNet; a T2I-Adapter (:mod:`cnet.adapter`); a ControlNet-XS (:mod:`cnet.controlnet_xs`);
+or, with ``concat``, a copy of the whole U-Net that takes the condition's latent as extra input
+channels (:mod:`cnet.concat`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, T2IAdapter, UNet2DConditionModel
+from diffusers import (
+    ControlNetXSAdapter,
+    StableDiffusionPipeline,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
 from torch import nn
 
 from ..adapter import AdaptedUNet, t2i_adapter_for
 from ..block import lock
+from ..concat import ConcatenatedUNet, concat_unet_for
 from ..controlnet import ControlNet
+from ..controlnet_xs import ControlNetXSUNet, controlnet_xs_for
 from ..injection import ControlledUNet
 from ..variants import make_lite, replace_connections
 from ..world.model import load_pipeline
@@ -62,21 +71,44 @@ def build_adapter(pipe: StableDiffusionPipeline, config: TrainConfig) -> T2IAdap
 
 
 def build_trained(pipe: StableDiffusionPipeline, config: TrainConfig) -> nn.Module:
-    """What a run trains, by its ``method``: a ControlNet or a T2I-Adapter."""
+    """What a run trains, by its ``method`` (random weights from torch's generator, which the
+    Trainer seeds with the run's seed): a ControlNet; diffusers' ``T2IAdapter`` or
+    ``ControlNetXSAdapter`` sized for the base's U-Net; or the concatenating U-Net, a copy of
+    the base's (diffusers' ``UNet2DConditionModel``)."""
     if config.method == "t2i-adapter":
         return build_adapter(pipe, config)
+    if config.method == "controlnet-xs":
+        return controlnet_xs_for(pipe.unet)
+    if config.method == "concat":
+        return concat_unet_for(pipe.unet)
     return build_controlnet(pipe, config)
 
 
+#: The name a run's checkpoint (and its export's folder) gives what a run of each method trains.
+TRAINED_NAMES = {
+    "controlnet": "controlnet",
+    "t2i-adapter": "adapter",
+    "controlnet-xs": "controlnet_xs",
+    "concat": "concat_unet",
+}
+
+
 def trained_name(method: str) -> str:
-    """The name a run's checkpoint gives what a run of ``method`` trains: ``controlnet``, or
-    ``adapter`` for a T2I-Adapter."""
-    return "adapter" if method == "t2i-adapter" else "controlnet"
+    """The name a run's checkpoint gives what a run of ``method`` trains
+    (:data:`TRAINED_NAMES`)."""
+    return TRAINED_NAMES[method]
 
 
-def controlled_by(unet: UNet2DConditionModel, trained: nn.Module) -> nn.Module:
-    """The locked U-Net with what a run trains on it: a :class:`~cnet.ControlledUNet` for a
-    ControlNet, an :class:`~cnet.AdaptedUNet` for a T2I-Adapter (the same call)."""
+def controlled_by(pipe: StableDiffusionPipeline, trained: nn.Module) -> nn.Module:
+    """The base's locked U-Net with what a run trains on it, all called alike
+    (``(z_t, t, text, condition, scales)``): a :class:`~cnet.ControlledUNet` for a ControlNet,
+    an :class:`~cnet.AdaptedUNet` for a T2I-Adapter, a :class:`~cnet.ControlNetXSUNet` for a
+    ControlNet-XS, and for the concatenating U-Net a :class:`~cnet.ConcatenatedUNet` (which
+    replaces the locked U-Net and encodes the condition with the base's VAE)."""
     if isinstance(trained, T2IAdapter):
-        return AdaptedUNet(unet, trained)
-    return ControlledUNet(unet, trained)
+        return AdaptedUNet(pipe.unet, trained)
+    if isinstance(trained, ControlNetXSAdapter):
+        return ControlNetXSUNet(pipe.unet, trained)
+    if isinstance(trained, UNet2DConditionModel):
+        return ConcatenatedUNet(trained, pipe.vae)
+    return ControlledUNet(pipe.unet, trained)

@@ -11,7 +11,7 @@ import torch
 
 from ..controlnet import ControlNet
 
-__all__ = ["adapter_norms", "hint_inner_parameters", "logged_norms", "zero_conv_norms"]
+__all__ = ["hint_inner_parameters", "logged_norms", "trained_norms", "zero_conv_norms"]
 
 
 def _norms(groups: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
@@ -72,9 +72,10 @@ def logged_norms(controlnet: ControlNet) -> dict:
     return entry
 
 
-def adapter_norms(adapter: torch.nn.Module) -> dict:
-    """What a logged step of a T2I-Adapter run records: the adapter's gradient norm
-    (``adapter_grad_norm``). It has no zero convolutions and no trainable copy, so their
-    entries are empty (``copy_grad_norm`` None)."""
-    (norm,) = _norms({"adapter": [p.grad for p in adapter.parameters()]}).values()
-    return {"weight_norm": {}, "grad_norm": {}, "copy_grad_norm": None, "adapter_grad_norm": norm}
+def trained_norms(trained: torch.nn.Module) -> dict:
+    """What a logged step of a run of another method than ControlNet records (T2I-Adapter,
+    ControlNet-XS, channel concatenation): the gradient norm of everything it trains
+    (``trained_grad_norm``). Such a run has no trainable copy of ControlNet's and no condition
+    encoder of its, so their entries are empty (``copy_grad_norm`` None)."""
+    (norm,) = _norms({"trained": [p.grad for p in trained.parameters()]}).values()
+    return {"weight_norm": {}, "grad_norm": {}, "copy_grad_norm": None, "trained_grad_norm": norm}

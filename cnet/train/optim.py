@@ -8,10 +8,9 @@ import warnings
 
 import torch
 
-from ..controlnet import ControlNet
 from .config import TrainConfig
 
-__all__ = ["lr_factor", "make_optimizer", "make_schedule"]
+__all__ = ["lr_factor", "make_optimizer", "make_schedule", "pretrained_parameters"]
 
 # fp16: an update skipped for overflow is still an update the schedule counts (the rate is a
 # function of the step); torch would warn at every such step that the optimizer did not step
@@ -43,22 +42,18 @@ def make_schedule(
 
 
 def make_optimizer(
-    controlnet: ControlNet, unet, config: TrainConfig, device: torch.device
+    trained: torch.nn.Module, unet, config: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    r"""AdamW over the ControlNet's trainable weights, as the released ``cldm.py``
-    (``configure_optimizers``); the trainable copy (:math:`\Theta_c`, which starts from the
-    base's weights) at ``copy_lr_scale`` × the rate of the condition encoder and the zero
-    convolutions (which start from scratch; ControlNet-lite's blocks do too, so of its copy
-    only ``conv_in`` is slower); with ``sd_locked`` false, also over the U-Net's
-    decoder at ``decoder_lr_scale`` × the rate (its encoder never trains)."""
-    trainable = [p for p in controlnet.parameters() if p.requires_grad]
+    r"""AdamW over what the run trains, as the released ``cldm.py`` (``configure_optimizers``)
+    trains a ControlNet; the weights that start from the base's (:func:`pretrained_parameters`)
+    at ``copy_lr_scale`` × the rate of those that start from scratch (the condition encoder and
+    the zero convolutions); with ``sd_locked`` false, also over the U-Net's decoder at
+    ``decoder_lr_scale`` × the rate (its encoder never trains)."""
+    trainable = [p for p in trained.parameters() if p.requires_grad]
     if config.copy_lr_scale == 1.0:
         groups = [{"params": trainable, "lr": config.lr}]
-    else:  # the pretrained copy slower than the parts that start from scratch
-        pretrained = controlnet.theta_c_parameters()
-        if config.trainable_copy == "lite":  # its blocks start from scratch (cnet.variants)
-            pretrained = list(controlnet.conv_in.parameters())
-        copy = {id(p) for p in pretrained}
+    else:  # the pretrained weights slower than the parts that start from scratch
+        copy = {id(p) for p in pretrained_parameters(trained, config)}
         groups = [
             {
                 "params": [p for p in trainable if id(p) in copy],
@@ -74,3 +69,16 @@ def make_optimizer(
         groups.append({"params": params, "lr": config.lr * config.decoder_lr_scale})
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, **fast)
+
+
+def pretrained_parameters(trained: torch.nn.Module, config: TrainConfig) -> list:
+    r"""The weights of what a run trains that start from the base's: a ControlNet's trainable
+    copy :math:`\Theta_c` (ControlNet-lite's blocks start from scratch (:mod:`cnet.variants`),
+    so of its copy only ``conv_in``); a concatenating U-Net's every weight but ``conv_in``'s,
+    which holds the new, zero input channels. The methods that start from scratch (T2I-Adapter,
+    ControlNet-XS) take no ``copy_lr_scale`` (:mod:`cnet.train.config`)."""
+    if config.method == "concat":
+        return [p for name, p in trained.named_parameters() if name != "conv_in.weight"]
+    if config.trainable_copy == "lite":
+        return list(trained.conv_in.parameters())
+    return list(trained.theta_c_parameters())

@@ -17,6 +17,8 @@ CORE = {
     "cnet.controlnet",
     "cnet.injection",
     "cnet.adapter",
+    "cnet.controlnet_xs",
+    "cnet.concat",
     "cnet.convert",
     "cnet.sample",
     "cnet.variants",

@@ -33,7 +33,7 @@ from cnet.train import (
 )
 from cnet.train.data import CachedData
 from cnet.train.evaluation import evaluate
-from cnet.train.models import build_trained
+from cnet.train.models import build_trained, controlled_by
 from cnet.world.data import DEFAULT_RESOLUTION as RES
 from cnet.world.data import FillDataset, ShapesDataset
 
@@ -887,61 +887,95 @@ def test_a_bad_average_is_refused_in_one_line(base, tmp_path, settings, message)
     assert not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------- method: t2i-adapter
+# ------------------------------------------------------------------- the other methods
+
+METHOD_CLASSES = {  # what each method trains, the name its checkpoint gives it, what runs it
+    "t2i-adapter": ("T2IAdapter", "adapter", "AdaptedUNet"),
+    "controlnet-xs": ("ControlNetXSAdapter", "controlnet_xs", "ControlNetXSUNet"),
+    "concat": ("UNet2DConditionModel", "concat_unet", "ConcatenatedUNet"),
+}
 
 
-def test_a_t2i_adapter_trains_in_the_same_loop_and_ships_as_its_diffusers_class(base, tmp_path):
-    """method t2i-adapter: the loop trains diffusers' T2IAdapter on the locked base (every weight
-    of it moves, none of the base's), logs its gradient norm, evaluates through the adapted
-    U-Net, checkpoints it as ``adapter.*``, and export ships a folder T2IAdapter loads."""
-    from diffusers import T2IAdapter
+@pytest.mark.parametrize("method", list(METHOD_CLASSES))
+def test_another_method_trains_in_the_same_loop_and_ships_as_its_diffusers_class(
+    base, tmp_path, method
+):
+    """The loop trains each method's diffusers class on the locked base (every weight of it
+    moves, none of the base's), logs its gradient norm, evaluates through the controlled U-Net,
+    checkpoints it under its name, and export ships a folder its diffusers class loads."""
+    import diffusers
 
-    from cnet import AdaptedUNet
+    import cnet
     from cnet.train import export_run
 
-    config = _config(base, tmp_path / "run", method="t2i-adapter", steps=2, eval_every=2)
+    class_name, name, runner = METHOD_CLASSES[method]
+    trained_class = getattr(diffusers, class_name)
+    config = _config(base, tmp_path / "run", method=method, steps=2, eval_every=2)
     trainer = Trainer(config)
-    assert isinstance(trainer.trained, T2IAdapter)
+    assert type(trainer.trained) is trained_class
+    assert type(trainer.controlled) is getattr(cnet, runner)
     before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
     base_before = _flat(trainer.pipe.unet)
     trainer.close()
     summary = train(config)
     saved = load_file(tmp_path / "run" / "checkpoint.safetensors")
-    weights = {k[len("adapter.") :]: v for k, v in saved.items() if k.startswith("adapter.")}
+    weights = {k[len(name) + 1 :]: v for k, v in saved.items() if k.startswith(name + ".")}
     assert weights.keys() == before.keys()
     moved = [k for k in weights if k.endswith("weight") and not torch.equal(weights[k], before[k])]
     assert len(moved) == sum(k.endswith("weight") for k in weights)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
     steps = [e for e in log if "loss" in e]
-    assert all(e["adapter_grad_norm"] > 0 and e["copy_grad_norm"] is None for e in steps)
+    assert all(e["trained_grad_norm"] > 0 and e["copy_grad_norm"] is None for e in steps)
 
     pipe = load_base(base)
     assert torch.equal(_flat(pipe.unet), base_before)
-    adapter = build_trained(pipe, config)
-    adapter.load_state_dict(weights)
+    trained = build_trained(pipe, config)
+    trained.load_state_dict(weights)
     data = cache_data(pipe, "fill", config.eval_size, "eval", config.seed)
-    adapted = AdaptedUNet(pipe.unet, adapter).eval()
-    expected, _ = evaluate(pipe, adapted, data, 2, config.guidance_scale)
+    controlled = controlled_by(pipe, trained).eval()
+    expected, _ = evaluate(pipe, controlled, data, 2, config.guidance_scale)
     assert summary["final_eval"] == expected
 
     shipped = export_run(tmp_path / "run", tmp_path / "shipped")
-    loaded = T2IAdapter.from_pretrained(shipped / "adapter")
-    for name, p in loaded.state_dict().items():
-        assert torch.equal(p, weights[name]), name
-    with pytest.raises(SettingError, match="trained a t2i-adapter, not a ControlNet"):
+    loaded = trained_class.from_pretrained(shipped / name)
+    for key, p in loaded.state_dict().items():
+        assert torch.equal(p, weights[key]), key
+    with pytest.raises(SettingError, match=f"trained a {method}, not a ControlNet"):
         load_controlnet(tmp_path / "run")
 
 
+def test_the_concatenating_unet_trains_its_new_channels_at_lr_and_the_rest_slower(base, tmp_path):
+    """copy_lr_scale acts on a concatenating U-Net as on a ControlNet's copy: the weights that
+    start from the base's at copy_lr_scale x lr, conv_in (which holds the new channels) at lr."""
+    config = _config(base, tmp_path / "run", method="concat", copy_lr_scale=0.25, lr=1e-3)
+    trainer = Trainer(config)
+    slow, fast = trainer.optimizer.param_groups
+    assert (slow["lr"], fast["lr"]) == (0.25e-3, 1e-3)
+    assert [id(p) for p in fast["params"]] == [id(trainer.trained.conv_in.weight)]
+    assert len(slow["params"]) == len(list(trainer.trained.parameters())) - 1
+    trainer.close()
+
+
 @pytest.mark.parametrize(
-    "setting, value",
-    [("copy_lr_scale", 0.25), ("trainable_copy", "lite"), ("gradient_checkpointing", True)],
+    "method, setting, value",
+    [
+        ("t2i-adapter", "copy_lr_scale", 0.25),
+        ("t2i-adapter", "trainable_copy", "lite"),
+        ("t2i-adapter", "gradient_checkpointing", True),
+        ("controlnet-xs", "copy_lr_scale", 0.25),
+        ("controlnet-xs", "hint_encoder", "paper"),
+        ("concat", "sd_locked", False),
+        ("concat", "connections", "gaussian"),
+    ],
 )
-def test_a_controlnets_own_setting_is_refused_for_an_adapter(base, tmp_path, setting, value):
-    config = _config(base, tmp_path / "run", method="t2i-adapter", **{setting: value})
+def test_a_controlnets_own_setting_is_refused_for_another_method(
+    base, tmp_path, method, setting, value
+):
+    config = _config(base, tmp_path / "run", method=method, **{setting: value})
     with pytest.raises(SettingError) as refused:
         config.check()
     default = TrainConfig.__dataclass_fields__[setting].default
     assert str(refused.value) == (
-        f"{setting}: {value!r} is not allowed with method t2i-adapter (a ControlNet's "
+        f"{setting}: {value!r} is not allowed with method {method} (a ControlNet's "
         f"setting); expected {default!r}"
     )
