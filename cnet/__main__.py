@@ -6,6 +6,7 @@
     python -m cnet compare     runs that differ in one setting, fidelity curves side by side
     python -m cnet recipe      the recipe study: settings over seeds, each continued to 2× steps
     python -m cnet ablate      the paper's ablations over seeds (notebook 07's figures)
+    python -m cnet compare-methods  ControlNet and the methods after it, side by side (08)
     python -m cnet export      ship a finished run as a diffusers ControlNetModel folder
     python -m cnet sample      generate from a run's checkpoint or a shipped ControlNet
     python -m cnet evaluate    a ControlNet, the base alone and the VAE's ceiling, measured
@@ -56,7 +57,9 @@ def run_train(args: argparse.Namespace) -> None:
         train(config, profile=profile)  # one of several processes: the main one reports
         return
     what = f"the pairs in {config.data}" if config.data else config.task
-    kind = "a ControlNet" if config.method == "controlnet" else f"a {config.method}"
+    kind = {"t2i-adapter": "a T2I-Adapter", "controlnet-xs": "a ControlNet-XS"}.get(
+        config.method, "a ControlNet" if config.method == "controlnet" else "a whole U-Net"
+    )
     print(
         f"training {kind} ({what}) on {config.base}, profile {profile}, "
         f"{config.steps} steps, device {resolve_device(config.device)}"
@@ -76,7 +79,7 @@ def run_train(args: argparse.Namespace) -> None:
         )
         return
     if config.method != "controlnet":
-        print(f"fidelity per evaluation in {config.out}/log.jsonl (no zero convolutions to draw)")
+        print(f"fidelity per evaluation in {config.out}/log.jsonl (figures: ControlNet runs only)")
         return
     label = f"profile {profile}, {summary['device_name']}, {config.steps} steps"
     prefix = f"05_{profile}_" if args.figures else ""
@@ -136,6 +139,23 @@ def run_ablate(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
     if args.figures:  # beside the results only when asked: never over the shipped figures
         for path in write_ablation_figures(result, out.parent):
+            print(f"wrote {path}")
+
+
+def run_compare_methods(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .course.methods import write_method_figures
+    from .experiments.methods import compare_methods
+
+    command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    result = compare_methods(args.methods, args.seeds, args.root, not args.no_train, command)
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    if args.figures:  # beside the results only when asked: never over the shipped figures
+        for path in write_method_figures(result, out.parent, args.root):
             print(f"wrote {path}")
 
 
@@ -362,6 +382,20 @@ def _add_ablate(sub) -> None:
     )
 
 
+def _add_compare_methods(sub) -> None:
+    from .experiments.methods import METHODS_COMPARED, SEEDS
+
+    add = sub.add_parser(
+        "compare-methods", help="ControlNet and its successors side by side (notebook 08)"
+    ).add_argument
+    add("--methods", nargs="+", default=list(METHODS_COMPARED), choices=list(METHODS_COMPARED))
+    add("--seeds", nargs="+", type=int, default=list(SEEDS))
+    add("--root", default="runs/methods", help="where the runs go")
+    add("--results", default="runs/methods/methods.json", help="figures/08_methods.json: shipped")
+    add("--figures", action="store_true", help="write the figures beside --results as 08_*.png")
+    add("--no_train", action="store_true", help="summarize finished runs only")
+
+
 def _add_weights_flag(command) -> None:
     command.add_argument(
         "--weights",
@@ -503,6 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--label", default="", help="added to the figure's title")
     _add_ablate(sub)
     _add_recipe(sub)
+    _add_compare_methods(sub)
     course = sub.add_parser(
         "course",
         help="stamp the repository's URL into the notebooks' "
@@ -531,6 +566,7 @@ COMMANDS = {
     "train": run_train,
     "compare": run_compare,
     "ablate": run_ablate,
+    "compare-methods": run_compare_methods,
     "recipe": run_recipe,
     "course": run_course,
     "export": run_export,

@@ -23,6 +23,8 @@ base's output from the first step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 from torch import nn
@@ -56,37 +58,55 @@ def t2i_adapter_for(
 
 
 class AdaptedUNet(nn.Module):
-    """The locked U-Net with a T2I-Adapter: ``unet`` is locked in place (:func:`cnet.lock`); the
-    adapter's features, times the condition weight ``scale`` (diffusers'
-    ``adapter_conditioning_scale``), are added inside the U-Net's down blocks."""
+    """The locked U-Net with a T2I-Adapter, or several: ``unet`` is locked in place
+    (:func:`cnet.lock`); the adapters' features, each times its condition weight ``scale``
+    (diffusers' ``adapter_conditioning_scale``), are added inside the U-Net's down blocks.
+    Several adapters compose as diffusers' ``MultiAdapter`` composes them: their weighted
+    features summed, level by level (the composable adapters of T2I-Adapter's paper)."""
 
-    def __init__(self, unet: UNet2DConditionModel, adapter: T2IAdapter):
+    def __init__(self, unet: UNet2DConditionModel, adapter: T2IAdapter | Sequence[T2IAdapter]):
         super().__init__()
+        adapters = [adapter] if isinstance(adapter, T2IAdapter) else list(adapter)
         n = len(unet.config.block_out_channels)
-        if len(adapter.adapter.body) != n:
-            raise ValueError(
-                f"the adapter gives {len(adapter.adapter.body)} feature maps; this U-Net has "
-                f"{n} down blocks"
-            )
+        for each in adapters:
+            if len(each.adapter.body) != n:
+                raise ValueError(
+                    f"the adapter gives {len(each.adapter.body)} feature maps; this U-Net has "
+                    f"{n} down blocks"
+                )
         self.unet = lock(unet)
-        self.adapter = adapter
+        self.adapters = nn.ModuleList(adapters)
 
-    def features(self, condition: torch.Tensor, scale: float = 1.0) -> list[torch.Tensor]:
-        r""":math:`\omega F_{AD}(c)`: one feature map per down block, from the condition in
-        [0, 1] (N, 3, H, W). They depend on neither the timestep nor the prompt, so a sampler
-        computes them once."""
-        return [f * scale for f in self.adapter(condition)]
+    def features(
+        self, condition: torch.Tensor | Sequence[torch.Tensor], scale: float | Sequence[float] = 1.0
+    ) -> list[torch.Tensor]:
+        r""":math:`\sum_k \omega_k F_{AD,k}(c_k)`: one feature map per down block, from the
+        conditions in [0, 1] (N, 3, H, W), one per adapter (with one adapter, a tensor and a
+        number). They depend on neither the timestep nor the prompt, so a sampler computes them
+        once."""
+        conditions = [condition] if isinstance(condition, torch.Tensor) else list(condition)
+        scales = [scale] * len(self.adapters) if isinstance(scale, (int, float)) else list(scale)
+        if not len(conditions) == len(scales) == len(self.adapters):
+            raise ValueError(
+                f"conditions, scales: {len(conditions)} and {len(scales)} given; expected one "
+                f"of each per adapter ({len(self.adapters)})"
+            )
+        summed = None
+        for adapter, c, w in zip(self.adapters, conditions, scales, strict=True):
+            maps = [f * w for f in adapter(c)]
+            summed = maps if summed is None else [a + b for a, b in zip(summed, maps, strict=True)]
+        return summed
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        conditions: torch.Tensor,
-        scales: float = 1.0,
+        conditions: torch.Tensor | Sequence[torch.Tensor],
+        scales: float | Sequence[float] = 1.0,
     ) -> torch.Tensor:
         """The adapted U-Net's noise prediction (the same arguments as
-        :class:`~cnet.ControlledUNet`'s call, one condition, one weight)."""
+        :class:`~cnet.ControlledUNet`'s call: a condition and a weight per adapter)."""
         return self.unet(
             sample,
             timestep,

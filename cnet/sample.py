@@ -170,8 +170,8 @@ def _successor_prediction(pipe, controlled, conditions, scales, guess_mode, wind
     pipeline makes it (module docstring); what does not change from step to step (an adapter's
     features, a condition's latent) computed once."""
     _check_single_weight_call(controlled, scales, guess_mode, window)
-    given = conditions.to(pipe.unet.device, pipe.unet.dtype)
-    if isinstance(controlled, AdaptedUNet):
+    if isinstance(controlled, AdaptedUNet):  # a condition per adapter
+        given = [c.to(pipe.unet.device, pipe.unet.dtype) for c in _as_list(conditions)]
         features = _adapter_features(controlled, given, scales, cfg)
         # the U-Net takes the maps off the list it is given: a list each step
         return lambda i, x, t, embeds: (
@@ -182,6 +182,7 @@ def _successor_prediction(pipe, controlled, conditions, scales, guess_mode, wind
                 down_intrablock_additional_residuals=list(features),
             ).sample
         )
+    given = conditions.to(pipe.unet.device, pipe.unet.dtype)
     if isinstance(controlled, ConcatenatedUNet):
         given = controlled.condition_latents(given)
     given = torch.cat([given, given]) if cfg else given  # the condition in both halves
@@ -190,6 +191,10 @@ def _successor_prediction(pipe, controlled, conditions, scales, guess_mode, wind
     return lambda i, x, t, embeds: controlled(
         x, t, embeds, given, scales, apply_control=i in inside
     )
+
+
+def _as_list(conditions) -> list:
+    return [conditions] if isinstance(conditions, torch.Tensor) else list(conditions)
 
 
 def _adapter_features(adapted: AdaptedUNet, conditions, scale: float, cfg: bool):
@@ -206,8 +211,15 @@ def _check_single_weight_call(controlled, scales, guess_mode: bool, window) -> N
     guess mode, and (but ControlNet-XS) no control window, as their diffusers pipelines."""
     kind = _NAMES.get(type(controlled), "a channel-concatenation U-Net")
     weights = (1.0,) if isinstance(controlled, ConcatenatedUNet) else None
-    if not isinstance(scales, (int, float)) or (weights and scales not in weights):
+    several = isinstance(controlled, AdaptedUNet) and len(controlled.adapters) > 1
+    number = isinstance(scales, (int, float))
+    if several and not number:  # one weight per adapter (diffusers' MultiAdapter's weights)
+        number = len(scales) == len(controlled.adapters) and all(
+            isinstance(s, (int, float)) for s in scales
+        )
+    if not number or (weights and scales not in weights):
         expected = "1 (it has no condition weight)" if weights else "one number (its weight)"
+        expected += f", or one per adapter ({len(controlled.adapters)})" if several else ""
         raise ValueError(f"scales: {scales!r} is not allowed for {kind}; expected {expected}")
     windowed = isinstance(controlled, ControlNetXSUNet)
     if guess_mode or (not windowed and tuple(window) != (0.0, 1.0)):

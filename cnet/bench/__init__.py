@@ -11,7 +11,8 @@ module             what it holds
 =================  ===========================================================================
 workloads          SD1.5-topology U-Nets at a width, SD's VAE and text encoder, the two steps
 measure            interleaved timing, peak tensor memory, the machine
-suites             step_cost, loop_cost, scaling, loop_overheads, sampling_cost, step_speedups
+suites             step_cost, loop_cost, scaling, loop_overheads, sampling_cost, step_speedups,
+                   method_cost
 report             the figures
 =================  ===========================================================================
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,12 +29,28 @@ import torch
 from ..train import TrainConfig
 from ..train.config import PROFILES
 from .measure import machine
-from .suites import loop_cost, loop_overheads, sampling_cost, scaling, step_cost, step_speedups
+from .suites import (
+    loop_cost,
+    loop_overheads,
+    method_cost,
+    sampling_cost,
+    scaling,
+    step_cost,
+    step_speedups,
+)
 
 __all__ = ["PLANS", "SUITES", "run_bench"]
 
 #: Every suite, in the order a full bench runs them.
-SUITES = ("step_cost", "loop_cost", "scaling", "loop_overheads", "sampling_cost", "step_speedups")
+SUITES = (
+    "step_cost",
+    "loop_cost",
+    "scaling",
+    "loop_overheads",
+    "sampling_cost",
+    "step_speedups",
+    "method_cost",
+)
 
 # What each suite runs, per plan. "quick" is CI's (well under a minute on 2 CPU cores: tiny
 # sizes, so its numbers check the machinery, not the claims); "full" made bench/results/.
@@ -50,6 +68,7 @@ PLANS: dict[str, dict] = {
         "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 2},
         # compiling alone takes minutes on a CPU, so CI's plan leaves it out
         "step_speedups": {"batch_size": 4, "train_size": 16, "compile_step": False},
+        "method_cost": {"batch_size": 4, "train_size": 16, "sampled": 2},
     },
     "full": {
         "repeats": 5,
@@ -70,6 +89,8 @@ PLANS: dict[str, dict] = {
         "loop_overheads": {"batch_size": 32, "train_size": 1024},
         "sampling_cost": {"controlnet": "models/controlnet-fill", "batch": 64},
         "step_speedups": {"batch_size": PROFILES["quick"]["batch_size"], "train_size": 256},
+        # the methods compared in notebook 08, as their runs train (the quick profile)
+        "method_cost": {"train_size": 256, "sampled": 8},
     },
 }
 
@@ -128,6 +149,16 @@ def run_bench(
         compile_step = s.pop("compile_step", True)
         config = TrainConfig(**{**PROFILES["quick"], **s}, device=device.type)
         results["step_speedups"] = step_speedups(config, max(repeats, 9), compile_step)
+    if "method_cost" in suites:
+        from ..experiments.methods import METHODS_COMPARED, method_config
+
+        s = dict(settings["method_cost"])
+        sampled = s.pop("sampled")
+        methods = {
+            name: replace(method_config(name, 0), **s, device=device.type)
+            for name in METHODS_COMPARED
+        }
+        results["method_cost"] = method_cost(methods, max(repeats, 5), sampled)
     for name, result in results.items():
         written[name] = _record(name, result, plan, out, command)
         figure = draw(name, result, plan)

@@ -189,7 +189,33 @@ def tables(results: dict[str, dict]) -> dict[str, str]:
     )
     if "step_speedups" in results:
         out["step_speedups"] = _step_speedups_table(results["step_speedups"]["results"])
+    if "method_cost" in results:
+        out["method_cost"] = _method_cost_table(results["method_cost"]["results"])
     return out
+
+
+def _method_cost_table(r: dict) -> str:
+    names = {  # (cnet.course sits above bench: the labels are spelled here too)
+        "controlnet": "ControlNet",
+        "controlnet-lite": "ControlNet-lite",
+        "t2i-adapter": "T2I-Adapter",
+        "controlnet-xs": "ControlNet-XS",
+        "concat": "concatenation (whole U-Net)",
+    }
+    rows = [
+        f"| method | trains | training step (batch {r['config']['batch_size']}) | step memory "
+        f"| sampling {r['sampled']} images, 10 guided steps |",
+        "|---|---|---|---|---|",
+    ]
+    for name in r["methods"]:
+        rows.append(
+            f"| {names.get(name, name)} | {r['trainable_parameters'][name] / 1e6:.2f}M "
+            f"| {r['step_ms'][name]:.0f} ms (**{_x(r['step_time_ratio'][name])}**) "
+            f"| {_mib(r['peak_memory_bytes'][name])} (**{_x(r['memory_ratio'][name])}**) "
+            f"| {r['sampling_ms'][name]:.0f} ms (**{_x(r['sampling_ratio'][name])}** the base's) |"
+        )
+    rows.append(f"| the base alone | | | | {r['sampling_ms']['base']:.0f} ms (**1.00×**) |")
+    return "\n".join(rows)
 
 
 def _step_speedups_table(r: dict) -> str:

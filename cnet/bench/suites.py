@@ -14,6 +14,8 @@
   pipeline) against encoded once before the loop (:func:`cnet.sample.sample`).
 * :func:`step_speedups`: what the quick profile's real training step gains from channels-last
   memory, ``torch.compile`` (and what compiling costs) and a second thread.
+* :func:`method_cost`: the real training step of ControlNet and of the methods that followed it
+  (:mod:`cnet.experiments.methods`), its peak memory, and sampling with each against the base.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .workloads import (
 __all__ = [
     "loop_cost",
     "loop_overheads",
+    "method_cost",
     "sampling_cost",
     "scaling",
     "step_cost",
@@ -361,3 +364,66 @@ def _on_threads(threads: int, call):
         return call()
     finally:
         torch.set_num_threads(before)
+
+
+def method_cost(methods: dict[str, TrainConfig], repeats: int, sampled: int = 8) -> dict:
+    """For each method (``methods``: name → the settings of its run): the real training step
+    (:meth:`cnet.train.loop.Trainer.step`, with its optimizer update) and its peak tensor memory,
+    and sampling ``sampled`` images (10 guided DDIM steps, the quick evaluation's sampler) with
+    the untrained method, against the same with the base alone; all timed in turn, ratios
+    against the first method's step and against the base's sampling."""
+    from ..sample import sample
+    from ..train.loop import FIRST_STEPS_LOGGED, Trainer
+
+    trainers, steps, sampling, parameters, memory = {}, {}, {}, {}, {}
+    prompts = ["red circle with blue background"] * sampled
+    with tempfile.TemporaryDirectory() as out:
+        for i, (name, config) in enumerate(methods.items()):
+            config = replace(config, out=f"{out}/{i}", eval_every=0, resume=False)
+            trainer = trainers[name] = Trainer(config)
+            trainer.load_data()
+            numbers = iter(range(FIRST_STEPS_LOGGED, 10**9))
+            steps[name] = lambda t=trainer, n=numbers: t.step(next(n), log=False)
+            steps[name]()  # the optimizer's state exists, as in every step but the first
+            # what the step holds: the controlled U-Net (a ControlNet-XS's fused one holds its
+            # own copy of the base; the concatenation's holds the VAE it encodes with)
+            memory[name] = peak_memory(
+                steps[name], [trainer.controlled], trainer.optimizer, trainer.device
+            )
+            parameters[name] = sum(
+                p.numel() for p in trainer.trained.parameters() if p.requires_grad
+            )
+            conditions = trainer.eval_data.condition[:sampled]
+            sampling[name] = lambda t=trainer, c=conditions: sample(
+                t.pipe,
+                t.sampled.eval(),
+                prompts,
+                c,
+                10,
+                3.0,
+                generator=torch.Generator().manual_seed(0),
+            )
+        first = next(iter(trainers.values()))
+        sampling["base"] = lambda: sample(
+            first.pipe, None, prompts, None, 10, 3.0, generator=torch.Generator().manual_seed(0)
+        )
+        step_times = interleaved_times(steps, repeats, 1, first.device)
+        with torch.no_grad():
+            sample_times = interleaved_times(sampling, repeats, 1, first.device)
+        for trainer in trainers.values():
+            trainer.close()
+    reference = next(iter(methods))
+    return {
+        "config": {k: getattr(methods[reference], k) for k in ("base", "batch_size")},
+        "methods": list(methods),
+        "trainable_parameters": parameters,
+        "step_ms": {k: _median_ms(t) for k, t in step_times.items()},
+        "step_times_s": step_times,
+        "step_time_ratio": {k: ratio(step_times, k, reference) for k in methods},
+        "peak_memory_bytes": memory,
+        "memory_ratio": {k: memory[k] / memory[reference] for k in methods},
+        "sampled": sampled,
+        "sampling_ms": {k: _median_ms(t) for k, t in sample_times.items()},
+        "sampling_times_s": sample_times,
+        "sampling_ratio": {k: ratio(sample_times, k, "base") for k in sampling},
+    }

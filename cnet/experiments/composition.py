@@ -26,7 +26,13 @@ from ..train.evaluation import FULL_SAMPLER, fidelity, sample_set
 from ..world.data import COLOUR_NAMES, DEFAULT_RESOLUTION, render_shapes
 from ..world.metrics import colours_drawn
 
-__all__ = ["COMPOSITIONS", "CompositionData", "composition_scenes", "composition_sweep"]
+__all__ = [
+    "COMPOSITIONS",
+    "CompositionData",
+    "composition_scenes",
+    "composition_sweep",
+    "measure_compositions",
+]
 
 #: What each row of :func:`composition_sweep` feeds: which ControlNets, with which conditions.
 COMPOSITIONS = (
@@ -121,9 +127,24 @@ def composition_sweep(
         ),
         "segmentation, both objects in one map": (ControlledUNet(unet, segmentation), data.merged),
     }
+    return measure_compositions(
+        pipe, {name: feeds[name] for name in COMPOSITIONS}, data, steps, guidance
+    )
+
+
+@torch.no_grad()
+def measure_compositions(
+    pipe: StableDiffusionPipeline,
+    feeds: dict,
+    data: CompositionData,
+    steps: int = FULL_SAMPLER["steps"],
+    guidance: float = FULL_SAMPLER["guidance"],
+) -> tuple[list[dict], torch.Tensor]:
+    """Sample ``data``'s scenes with each of ``feeds`` (name → (controlled U-Net or None, its
+    conditions)), the same seeds for every one, and measure each object on its own region
+    (:func:`composition_sweep`'s measures); the images (rows, N, 3, H, W)."""
     rows, images = [], []
-    for name in COMPOSITIONS:
-        controlled, conditions = feeds[name]
+    for name, (controlled, conditions) in feeds.items():
         drawn = sample_set(pipe, controlled, data.prompts, conditions, steps, guidance)
         row = {"composition": name, "n": len(drawn)}
         for k, obj in enumerate(("circle", "shape")):

@@ -45,6 +45,7 @@ __all__ = [
     "claim_ledger",
     "ledger_table",
     "paired",
+    "paired_runs",
     "sign_test_p",
 ]
 
@@ -219,15 +220,19 @@ def bootstrap_interval(
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def _runs_by_seed(result: dict, variant: str) -> dict[int, dict]:
-    return {run["seed"]: run for run in result["variants"][variant]["runs"]}
-
-
 def paired(result: dict, variant: str, reference: str, value: Callable[[dict], float]) -> dict:
     """``variant`` against ``reference`` seed by seed: the differences (seeds where either
     has no value are left out and counted), their mean and 95 % bootstrap interval, and on how
     many seeds the variant is higher and lower."""
-    runs, other = _runs_by_seed(result, variant), _runs_by_seed(result, reference)
+    runs, other = result["variants"][variant]["runs"], result["variants"][reference]["runs"]
+    return paired_runs(runs, other, value)
+
+
+def paired_runs(
+    runs: Sequence[dict], other: Sequence[dict], value: Callable[[dict], float]
+) -> dict:
+    """:func:`paired` on two lists of runs (each a dict with its ``seed``)."""
+    runs, other = {r["seed"]: r for r in runs}, {r["seed"]: r for r in other}
     seeds = sorted(set(runs) & set(other))
     values = {s: (value(runs[s]), value(other[s])) for s in seeds}
     have = [s for s in seeds if None not in values[s]]
@@ -258,7 +263,7 @@ def _row(claim: Claim, result: dict) -> dict:
     if missing:
         return row | {"n": 0, "verdict": "not run", "missing": missing}
     if claim.kind == "per_seed":
-        runs = _runs_by_seed(result, claim.variant)
+        runs = {run["seed"]: run for run in result["variants"][claim.variant]["runs"]}
         held = [bool(claim.holds(runs[s])) for s in sorted(runs)]
         k, n = sum(held), len(held)
         verdict = "reproduced" if k == n else "contradicted" if k == 0 else "undecided"

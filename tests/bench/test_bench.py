@@ -86,7 +86,17 @@ def _check_record(record: dict, name: str, plan: str) -> None:
             "loop_overheads": ("data_share", "logging_ratio"),
             "sampling_cost": ("time_ratio",),
             "step_speedups": (),
+            "method_cost": (),
         }[name]
+        if name == "method_cost":
+            assert entry["step_time_ratio"]["controlnet"] == 1.0
+            assert entry["sampling_ratio"]["base"] == 1.0
+            for ratios in ("step_time_ratio", "memory_ratio", "sampling_ratio"):
+                assert all(math.isfinite(v) and v > 0 for v in entry[ratios].values()), ratios
+            # exact, not timed: the adapter trains fewer weights than ControlNet's copy, and
+            # the concatenation holds Adam's state for the whole U-Net
+            memory = entry["peak_memory_bytes"]
+            assert memory["t2i-adapter"] < memory["controlnet"] < memory["concat"]
         if name == "step_speedups":
             ratios = entry["time_ratio"]
             assert ratios["plain"] == 1.0 and set(ratios) >= {"plain", "channels_last"}

@@ -85,6 +85,53 @@ def test_same_images_as_the_diffusers_adapter_pipeline(parts, guidance_scale, sc
     assert not torch.equal(got, plain)  # nothing of an adapter starts at zero
 
 
+@pytest.mark.filterwarnings("ignore:The decode_latents method is deprecated:FutureWarning")
+def test_two_adapters_compose_as_the_diffusers_multi_adapter_pipeline(parts):
+    """Several adapters: their weighted features summed (diffusers' MultiAdapter), the same
+    images as its pipeline given both adapters, both conditions and both weights."""
+    pipe, adapter, conditions, latents = parts
+    torch.manual_seed(4)
+    second = t2i_adapter_for(pipe.unet, RES)
+    other = conditions.flip(-1)
+    reference = StableDiffusionAdapterPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "image_encoder"},
+        adapter=[adapter, second],
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=4, guidance_scale=4.0, height=RES, width=RES)
+    expected = reference(
+        PROMPTS,
+        image=[conditions, other],
+        adapter_conditioning_scale=[0.7, 0.4],
+        latents=latents.clone(),
+        output_type="pt",
+        **call,
+    ).images
+    expected = torch.from_numpy(expected).permute(0, 3, 1, 2)
+    both = AdaptedUNet(pipe.unet, [adapter, second])
+    got = sample(
+        pipe,
+        both,
+        PROMPTS,
+        [conditions, other],
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        scales=[0.7, 0.4],
+        latents=latents.clone(),
+    )
+    assert (got * 0.5 + 0.5 - expected).abs().max() <= 1e-5
+    summed = [a * 0.7 + b * 0.4 for a, b in zip(adapter(conditions), second(other), strict=True)]
+    assert all(
+        torch.equal(f, s)
+        for f, s in zip(both.features([conditions, other], [0.7, 0.4]), summed, strict=True)
+    )
+    with pytest.raises(
+        ValueError, match="expected one number \\(its weight\\), or one per adapter \\(2\\)"
+    ):
+        sample(pipe, both, PROMPTS, [conditions, other], 2, scales=[0.7])
+
+
 def test_the_adapted_unet_adds_the_features_inside_the_down_blocks(parts):
     """Its call equals the U-Net given the features itself, and differs from the base's."""
     pipe, adapter, conditions, latents = parts

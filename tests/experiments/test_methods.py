@@ -1,0 +1,135 @@
+"""The methods comparison (cnet.experiments.methods, cnet.course.methods): every method's run is
+the one loop's, made by the command it records; what it measures of a run means what it says
+(the base kept exactly, or not, before any update and at weight 0); the summary, its table and
+its paired verdicts, and the shipped results notebook 08 and the README quote."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import cnet.experiments.methods as methods
+from cnet.train import SettingError
+from cnet.train.config import PROFILES
+
+SHIPPED = Path(__file__).resolve().parents[2] / "figures" / "08_methods.json"
+
+
+def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
+    from cnet.__main__ import _parser, _train_settings
+
+    monkeypatch.chdir(SHIPPED.parents[1])  # the settings' base is relative to the clone
+    for name in methods.METHODS_COMPARED:
+        argv = methods.train_command(name, 2).split()[3:]
+        _, config = _train_settings(_parser().parse_args(argv), "quick")
+        assert config == methods.method_config(name, 2), name
+    for name in methods.COMPOSING:
+        argv = methods.train_command(name, 2, task="segmentation").split()[3:]
+        _, config = _train_settings(_parser().parse_args(argv), "quick")
+        assert config == methods.second_control_config(name, 2), name
+    assert methods.method_config("t2i-adapter", 0).copy_lr_scale == 1.0  # the profile gave way
+    assert methods.method_config("concat", 0).copy_lr_scale == PROFILES["quick"]["copy_lr_scale"]
+
+
+def test_a_method_not_compared_is_refused_in_one_line():
+    with pytest.raises(SettingError) as refused:
+        methods.run_methods(["controlnet", "lora"], [0])
+    assert str(refused.value) == (
+        "methods: 'lora' is not allowed; expected some of controlnet, controlnet-lite, "
+        "t2i-adapter, controlnet-xs, concat"
+    )
+    with pytest.raises(SettingError, match="seeds: \\[\\] is not allowed"):
+        methods.summarize_methods(["controlnet"], [])
+
+
+@pytest.mark.slow
+def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monkeypatch):
+    tiny = dict(
+        base=str(base),
+        steps=4,
+        eval_every=1,
+        batch_size=4,
+        train_size=16,
+        eval_size=4,
+        eval_steps=2,
+        lr=2e-3,
+        copy_lr_scale=0.5,
+        device="cpu",
+    )
+    monkeypatch.setitem(PROFILES, "quick", tiny)
+    monkeypatch.setattr(methods, "TRANSFER_BASE", str(base))
+    root = tmp_path / "methods"
+    names = list(methods.METHODS_COMPARED)
+    runs = methods.run_methods(names, [0], root)
+    assert [r.relative_to(root).as_posix() for r in runs] == [f"{n}/seed0" for n in names] + [
+        f"{n}/segmentation-seed0" for n in methods.COMPOSING
+    ]
+    result = methods.compare_methods(names, [0], root, train_runs=False, cost_from=None)
+    measured = {n: result["methods"][n]["runs"][0] for n in names}
+    # before any update: zero convolutions (ControlNet, lite), zero control -> base
+    # convolutions (XS) and zero input channels (concatenation) keep the base bit for bit; an
+    # adapter's first maps are not zero
+    assert {n: m["deviation_at_init"] == 0.0 for n, m in measured.items()} == {
+        n: n != "t2i-adapter" for n in names
+    }
+    # trained, at weight 0: the methods on a locked base give it back bit for bit; the
+    # concatenation trained the base's own weights, so nothing gives it back
+    assert {n: m["deviation_at_weight_0"] == 0.0 for n, m in measured.items()} == {
+        n: n != "concat" for n in names
+    }
+    assert measured["concat"]["transfer"] is None
+    # the methods that compose were measured with their second control, the others not
+    assert {n: m["composition"] is not None for n, m in measured.items()} == {
+        n: n in methods.COMPOSING for n in names
+    }
+    rows = {r["composition"]: r for r in measured["t2i-adapter"]["composition"]}
+    assert list(rows) == ["first alone", "second alone", "both"]
+    assert all(measured[n]["transfer"]["fine_tune_iou"] >= 0 for n in names if n != "concat")
+    parameters = {n: result["methods"][n]["trainable_parameters"] for n in names}
+    assert parameters["t2i-adapter"] < parameters["controlnet"] < parameters["concat"]
+    assert all(len(m["curves"]["iou"]) == 5 for m in measured.values())
+    assert measured["controlnet"]["curves"]["iou"][0] == measured["controlnet"]["base_iou"]
+
+    from cnet.course.methods import method_contrasts, methods_table, write_method_figures
+
+    table = methods_table(result)
+    assert table.count("\n") == 1 + len(names)
+    assert "| exactly | no (" in table.splitlines()[-1]  # the concatenation's row
+    assert "(no weight: its condition at 0)" in table
+    rows = method_contrasts(result)
+    assert {r["method"] for r in rows} == set(names) - {"controlnet"}
+    # one seed: every difference has one sign, so a verdict is reached (p = 1/2 by chance);
+    # the rule, not the data, makes it
+    assert all(r["verdict"] in ("better", "worse", "undecided", "not measured") for r in rows)
+    transfer = [r for r in rows if r["measure"] == "transfer_iou" and r["method"] == "concat"]
+    assert transfer[0]["verdict"] == "not measured"
+    written = write_method_figures(result, tmp_path / "figures", root)
+    assert [p.name for p in written] == ["08_method_curves.png", "08_method_samples.png"]
+    # a method not finished on every seed is left out and its commands listed
+    (root / "concat" / "seed0" / "run.json").unlink()
+    partial = methods.summarize_methods(names, [0], root)
+    assert "concat" not in partial["methods"]
+    assert partial["not_run"] == {"concat": [methods.train_command("concat", 0, root)]}
+    (root / "controlnet" / "segmentation-seed0" / "run.json").unlink()
+    second = methods.summarize_methods(["controlnet"], [0], root)
+    assert second["methods"]["controlnet"]["runs"][0]["composition"] is None
+    assert second["not_run"] == {
+        "second controls": [methods.train_command("controlnet", 0, root, "segmentation")]
+    }
+
+
+def test_the_shipped_summary_is_its_runs_aggregated_and_the_readme_quotes_it():
+    from cnet.course.methods import contrast_table, method_contrasts, methods_table
+    from cnet.experiments.ablate import spread
+
+    result = json.loads(SHIPPED.read_text())
+    assert result["seeds"] == list(methods.SEEDS) and not result["not_run"]
+    assert list(result["methods"]) == list(methods.METHODS_COMPARED)
+    for name, entry in result["methods"].items():
+        assert [r["seed"] for r in entry["runs"]] == list(methods.SEEDS)
+        assert entry["train_commands"] == [methods.train_command(name, s) for s in methods.SEEDS]
+        for measure, value in methods.RUN_MEASURES.items():
+            assert entry["aggregate"][measure] == spread([value(r) for r in entry["runs"]])
+    readme = (SHIPPED.parents[1] / "README.md").read_text()
+    assert methods_table(result) in readme
+    assert contrast_table(method_contrasts(result)) in readme
