@@ -42,6 +42,7 @@ CONTRASTED = {
     "composition_change": ("layout IoU change, composed", +1),
     "onset": ("onset step", -1),
 }
+_DIGITS = {"onset": 0}  # steps: whole numbers; IoUs: three decimals
 _COLOURS = dict(zip(LABELS, plt.get_cmap("tab10").colors, strict=False))
 
 
@@ -61,10 +62,22 @@ def _kept(value: float | None) -> str:
     return "exactly" if value == 0.0 else f"no ({value:.1e})"
 
 
-def _signed(stats: dict) -> str:
-    if not stats["n"]:
-        return "–"
-    return f"{stats['mean']:+.2f} ({stats['min']:+.2f} to {stats['max']:+.2f})"
+def _at_weight_0(name: str, value: float) -> str:
+    if name == "concat":  # no weight: its condition's latent at zero
+        return f"no weight; condition at 0: {_kept(value)}"
+    return _kept(value)
+
+
+def _composed(aggregate: dict) -> str:
+    change, second = aggregate["composition_change"], aggregate["second_control_iou"]
+    if change["n"] == change["of"]:
+        return f"{change['mean']:+.2f} ({change['min']:+.2f} to {change['max']:+.2f})"
+    if second["n"]:  # measured, but the second control did not learn on every seed
+        return (
+            f"second control started on {change['n']} of {change['of']} seeds "
+            f"(IoU {second['min']:.2f}–{second['max']:.2f})"
+        )
+    return "–"
 
 
 def methods_table(result: dict) -> str:
@@ -93,11 +106,9 @@ def methods_table(result: dict) -> str:
             + f" | {format_spread(a['final_iou'])} "
             f"| {format_spread(a['prompt_free_layout_iou'])} "
             f"| {_kept(worst['deviation_at_init'])} "
-            f"| {_kept(worst['deviation_at_weight_0'])}"
-            + (" (no weight: its condition at 0)" if name == "concat" else "")
-            + " "
+            f"| {_at_weight_0(name, worst['deviation_at_weight_0'])} "
             f"| {format_spread(a['transfer_iou']) if a['transfer_iou']['n'] else '–'} "
-            f"| {_signed(a['composition_change'])} " + _cost(result, name)
+            f"| {_composed(a)} " + _cost(result, name)
         )
     return "\n".join(rows)
 
@@ -139,9 +150,10 @@ def contrast_table(rows: list[dict], reference: str = "ControlNet") -> str:
             lines.append(f"| {LABELS[r['method']]} | {r['label']} | – | – | {r['verdict']} |")
             continue
         low, high = r["interval"]
+        d = _DIGITS.get(r["measure"], 3)
         lines.append(
-            f"| {LABELS[r['method']]} | {r['label']} | {r['mean_difference']:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}] | {r['higher']} / {r['lower']} of {r['n']} "
+            f"| {LABELS[r['method']]} | {r['label']} | {r['mean_difference']:+.{d}f} "
+            f"[{low:+.{d}f}, {high:+.{d}f}] | {r['higher']} / {r['lower']} of {r['n']} "
             f"| {r['verdict']} |"
         )
     return "\n".join(lines)

@@ -106,7 +106,7 @@ COMPOSING = ("controlnet", "controlnet-lite", "t2i-adapter")
 SECOND_TASK = "segmentation"
 #: The fine-tune of the base the trained weights are attached to unchanged.
 TRANSFER_BASE = "models/miniature-sd-cycled"
-MEASURES_VERSION = 1  # bump when measure_method_run measures something else
+MEASURES_VERSION = 3  # bump when measure_method_run measures something else
 
 
 def method_config(name: str, seed: int, root: str | Path = "runs/methods") -> TrainConfig:
@@ -212,12 +212,13 @@ def parameter_roles(pipe, config: TrainConfig) -> dict:
     concatenation's new channels: what keeps the base before any update); ``random`` the rest
     of what trains."""
     trained = _trained(pipe, config)
-    total = sum(p.numel() for p in trained.parameters())
-    zero = sum(int((p == 0).sum()) for p in trained.parameters() if p.ndim >= 2)
+    trainable = [p for p in trained.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in trainable)
+    zero = sum(int((p == 0).sum()) for p in trainable if p.ndim >= 2)
     if config.method == "concat":
         copied = total - zero
     elif config.method == "controlnet":
-        copied = sum(p.numel() for p in pretrained_parameters(trained, config))
+        copied = sum(p.numel() for p in pretrained_parameters(trained, config) if p.requires_grad)
     else:
         copied = 0
     locked = 0 if config.method == "concat" else sum(p.numel() for p in pipe.unet.parameters())
@@ -268,7 +269,7 @@ def measure_method_run(folder: str | Path, pipe=None, transfer=None) -> dict:
         "prompt_free_layout_iou": prompt_free["layout_iou"],
         "deviation_at_init": base_deviation(pipe, initial, data),
         "deviation_at_weight_0": base_deviation(pipe, controlled, data, 0.0),
-        "trainable_parameters": sum(p.numel() for p in trained.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trained.parameters() if p.requires_grad),
         "transfer": _transfer(transfer, config, trained, sampler),
     }
     cache.write_text(json.dumps(result) + "\n")
@@ -308,7 +309,16 @@ def measure_composition(name: str, seed: int, root: str | Path, pipe) -> dict:
         "both": (several(pipe.unet, [fill, other]), [data.outline, data.segmentation]),
     }
     rows, _ = measure_compositions(pipe, feeds, data, first.eval_steps, first.guidance_scale)
-    result = {"key": key, "seed": seed, "rows": rows}
+    # did the second control learn its task? (its onset, against the base on its evaluation set)
+    log = read_log(second.out)
+    own = cache_data(pipe, second.task, second.eval_size, "eval", second.seed)
+    base_alone, _ = evaluate(pipe, None, own, second.eval_steps, second.guidance_scale)
+    learned = {
+        "final_iou": log.eval_iou[-1],
+        "base_iou": base_alone["iou"],
+        "onset": onset_step(log.eval_steps, log.eval_iou, reference=base_alone["iou"]),
+    }
+    result = {"key": key, "seed": seed, "rows": rows, "second": learned}
     cache.write_text(json.dumps(result) + "\n")
     return result
 
@@ -330,16 +340,20 @@ RUN_MEASURES = {
     "deviation_at_weight_0": lambda r: r["deviation_at_weight_0"],
     "transfer_iou": lambda r: r["transfer"]["iou"] if r["transfer"] else None,
     # each object's layout IoU with both controls at once, less with its own control alone,
-    # averaged over the two objects (None where the method composes none)
+    # averaged over the two objects (None where the method composes none, or where its second
+    # control never started following its condition: then there is nothing to compose)
     "composition_change": lambda r: _composition_change(r.get("composition")),
+    "second_control_iou": lambda r: (
+        r["composition"]["second"]["final_iou"] if r.get("composition") else None
+    ),
     "wall_time_s": lambda r: r["wall_time_s"],
 }
 
 
-def _composition_change(rows: list[dict] | None) -> float | None:
-    if not rows:
+def _composition_change(composition: dict | None) -> float | None:
+    if not composition or composition["second"]["onset"] is None:
         return None
-    by = {row["composition"]: row for row in rows}
+    by = {row["composition"]: row for row in composition["rows"]}
     circle = by["both"]["circle_layout_iou"] - by["first alone"]["circle_layout_iou"]
     shape = by["both"]["shape_layout_iou"] - by["second alone"]["shape_layout_iou"]
     return (circle + shape) / 2
@@ -384,7 +398,7 @@ def summarize_methods(
         composed = name in COMPOSING and all(finished(name, s, root, second=True) for s in seeds)
         for run in runs:  # each seed's composition with its second control, where it has one
             run["composition"] = (
-                measure_composition(name, run["seed"], root, pipe)["rows"] if composed else None
+                measure_composition(name, run["seed"], root, pipe) if composed else None
             )
         result["methods"][name] = {
             "runs": runs,

@@ -93,10 +93,12 @@ def _check_record(record: dict, name: str, plan: str) -> None:
             assert entry["sampling_ratio"]["base"] == 1.0
             for ratios in ("step_time_ratio", "memory_ratio", "sampling_ratio"):
                 assert all(math.isfinite(v) and v > 0 for v in entry[ratios].values()), ratios
-            # exact, not timed: the adapter trains fewer weights than ControlNet's copy, and
-            # the concatenation holds Adam's state for the whole U-Net
+            # exact, not timed: the adapter holds fewer weights, gradients, Adam state and
+            # activations than ControlNet's copy (the concatenation's order against ControlNet
+            # turns with the batch: Adam's state for the whole U-Net against the copy's
+            # activations)
             memory = entry["peak_memory_bytes"]
-            assert memory["t2i-adapter"] < memory["controlnet"] < memory["concat"]
+            assert memory["t2i-adapter"] < memory["controlnet"]
         if name == "step_speedups":
             ratios = entry["time_ratio"]
             assert ratios["plain"] == 1.0 and set(ratios) >= {"plain", "channels_last"}

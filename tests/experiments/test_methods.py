@@ -82,8 +82,15 @@ def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monke
     assert {n: m["composition"] is not None for n, m in measured.items()} == {
         n: n in methods.COMPOSING for n in names
     }
-    rows = {r["composition"]: r for r in measured["t2i-adapter"]["composition"]}
-    assert list(rows) == ["first alone", "second alone", "both"]
+    composition = measured["t2i-adapter"]["composition"]
+    assert [r["composition"] for r in composition["rows"]] == [
+        "first alone",
+        "second alone",
+        "both",
+    ]
+    # the change is reported only where the second control learned (an onset on its own task)
+    change = methods.RUN_MEASURES["composition_change"](measured["t2i-adapter"])
+    assert (change is None) == (composition["second"]["onset"] is None)
     assert all(measured[n]["transfer"]["fine_tune_iou"] >= 0 for n in names if n != "concat")
     parameters = {n: result["methods"][n]["trainable_parameters"] for n in names}
     assert parameters["t2i-adapter"] < parameters["controlnet"] < parameters["concat"]
@@ -94,8 +101,7 @@ def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monke
 
     table = methods_table(result)
     assert table.count("\n") == 1 + len(names)
-    assert "| exactly | no (" in table.splitlines()[-1]  # the concatenation's row
-    assert "(no weight: its condition at 0)" in table
+    assert "| exactly | no weight; condition at 0: no (" in table.splitlines()[-1]
     rows = method_contrasts(result)
     assert {r["method"] for r in rows} == set(names) - {"controlnet"}
     # one seed: every difference has one sign, so a verdict is reached (p = 1/2 by chance);
