@@ -4,8 +4,9 @@ Follow Image Editing Instructions", CVPR 2023, §3.2) and of FLUX.1's Control mo
 (black-forest-labs' model cards for FLUX.1 Canny / Depth [dev]). It is the baseline ControlNet
 argues against (ICCV §1): no copy, no locked base, every weight trained.
 
-The condition image :math:`c` is encoded by the locked VAE, :math:`z_c = \mathcal E(c)` (its
-mode, unscaled, as diffusers' InstructPix2Pix pipeline and training script encode it), and
+The condition image :math:`c` is encoded by the locked VAE,
+:math:`z_c = \mathcal E_{\text{VAE}}(c)` (its mode, unscaled, as diffusers' InstructPix2Pix
+pipeline and training script encode it; not Eq. 9's condition encoder), and
 concatenated to the noisy latent along the channels; the U-Net's first convolution gets as
 many new input channels, initialised to zero (InstructPix2Pix §3.2), so that before any update
 
@@ -61,9 +62,9 @@ class ConcatenatedUNet(nn.Module):
 
     @torch.no_grad()
     def condition_latents(self, condition: torch.Tensor) -> torch.Tensor:
-        r""":math:`z_c = \mathcal E(c)`: the VAE's mode for the condition in [0, 1] (N, 3, H, W),
-        unscaled, as InstructPix2Pix encodes its input image. It does not depend on the step,
-        so a sampler computes it once."""
+        r""":math:`z_c = \mathcal E_{\text{VAE}}(c)`: the VAE's mode for the condition in [0, 1]
+        (N, 3, H, W), unscaled, as InstructPix2Pix encodes its input image. It does not depend
+        on the step, so a sampler computes it once."""
         dtype = self.vae.dtype
         return self.vae.encode(condition.to(dtype) * 2 - 1).latent_dist.mode()
 

@@ -82,8 +82,9 @@ def _composed(aggregate: dict) -> str:
 
 def methods_table(result: dict) -> str:
     """One row per method: trainable parameters; onsets (k of n seeds, mean step); final
-    fidelity and prompt-free layout IoU (mean and range over seeds); whether the base is kept
-    exactly before any update and at weight 0 (on every seed); fidelity on the fine-tuned base;
+    fidelity and prompt-free layout IoU (mean ± sd over seeds, :func:`format_spread`); whether
+    the base is kept exactly before any update and at weight 0 on every seed (where not, the
+    largest deviation over seeds); fidelity on the fine-tuned base (mean ± sd);
     the change of each object's layout IoU when a second control acts at once (mean and range
     over seeds); and, where the bench measured them, step time, peak memory and sampling time
     as ratios."""
