@@ -72,6 +72,7 @@ __all__ = [
     "diverged_at",
     "finished",
     "measure_run",
+    "noisy_evaluation_inputs",
     "read_step_time",
     "run_studies",
     "summarize",
@@ -224,14 +225,21 @@ def step0_deviation(pipe, config: TrainConfig, data, seed: int = 0) -> float:
     zero convolutions, Eq. 4)."""
     torch.manual_seed(config.seed)  # as the loop builds it
     controlled = ControlledUNet(pipe.unet, build_controlnet(pipe, config))
+    zt, t, text = noisy_evaluation_inputs(pipe, data, seed)
+    locked = pipe.unet(zt, t, text).sample
+    return float((controlled(zt, t, text, data.condition) - locked).norm() / locked.norm())
+
+
+def noisy_evaluation_inputs(pipe, data, seed: int = 0):
+    """The evaluation set's latents, each noised at its own level from t = 50 to 950 (seeded
+    noise), their timesteps and their prompts' embeddings: what a step-0 comparison of a
+    controlled U-Net with the locked one predicts on."""
     g = torch.Generator().manual_seed(seed)
     z0 = data.latent_mean * pipe.vae.config.scaling_factor
     noise = torch.randn(z0.shape, generator=g)
     t = torch.linspace(50, 950, len(z0)).long()
     zt = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(z0, noise, t)
-    text = data.embeddings[data.prompt_index]
-    locked = pipe.unet(zt, t, text).sample
-    return float((controlled(zt, t, text, data.condition) - locked).norm() / locked.norm())
+    return zt, t, data.embeddings[data.prompt_index]
 
 
 def _copy_drift(pipe, config: TrainConfig, checkpoint: Path) -> float | None:

@@ -50,11 +50,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
-from ..adapter import AdaptedUNet
 from ..concat import ConcatenatedUNet
-from ..injection import ControlledUNet
 from ..train.config import PROFILES, SettingError, TrainConfig, for_method
 from ..train.convergence import detect_sudden_convergence, onset_step
 from ..train.data import cache_data
@@ -64,7 +61,7 @@ from ..train.models import build_trained, controlled_by, load_base
 from ..train.optim import pretrained_parameters
 from ..train.runs import load_checkpoint, read_log, result_prefix
 from ..world.finetune import style_of
-from .ablate import spread
+from .ablate import noisy_evaluation_inputs, spread
 from .composition import composition_scenes, measure_compositions
 
 __all__ = [
@@ -187,12 +184,7 @@ def base_deviation(pipe, controlled, data, weight: float = 1.0, seed: int = 0) -
     evaluation set's latents, each at its own noise level from t = 50 to 950 (0 exactly where the
     base is kept bit for bit). A concatenating U-Net at weight 0 gets its condition's latent at
     zero (its pipeline's unconditional image)."""
-    g = torch.Generator().manual_seed(seed)
-    z0 = data.latent_mean * pipe.vae.config.scaling_factor
-    noise = torch.randn(z0.shape, generator=g)
-    t = torch.linspace(50, 950, len(z0)).long()
-    zt = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(z0, noise, t)
-    text = data.embeddings[data.prompt_index]
+    zt, t, text = noisy_evaluation_inputs(pipe, data, seed)
     base = pipe.unet(zt, t, text).sample
     if isinstance(controlled, ConcatenatedUNet):
         latents = controlled.condition_latents(data.condition) * weight
@@ -302,11 +294,10 @@ def measure_composition(name: str, seed: int, root: str | Path, pipe) -> dict:
     fill = _trained(pipe, first, Path(first.out) / "checkpoint.safetensors")
     other = _trained(pipe, second, Path(second.out) / "checkpoint.safetensors")
     data = composition_scenes(first.eval_size, seed)
-    several = AdaptedUNet if name == "t2i-adapter" else ControlledUNet
     feeds = {
         "first alone": (controlled_by(pipe, fill), data.outline),
         "second alone": (controlled_by(pipe, other), data.segmentation),
-        "both": (several(pipe.unet, [fill, other]), [data.outline, data.segmentation]),
+        "both": (controlled_by(pipe, [fill, other]), [data.outline, data.segmentation]),
     }
     rows, _ = measure_compositions(pipe, feeds, data, first.eval_steps, first.guidance_scale)
     # did the second control learn its task? (its onset, against the base on its evaluation set)

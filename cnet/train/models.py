@@ -5,6 +5,7 @@ channels (:mod:`cnet.concat`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -99,12 +100,24 @@ def trained_name(method: str) -> str:
     return TRAINED_NAMES[method]
 
 
-def controlled_by(pipe: StableDiffusionPipeline, trained: nn.Module) -> nn.Module:
+def controlled_by(
+    pipe: StableDiffusionPipeline, trained: nn.Module | Sequence[nn.Module]
+) -> nn.Module:
     """The base's locked U-Net with what a run trains on it, all called alike
     (``(z_t, t, text, condition, scales)``): a :class:`~cnet.ControlledUNet` for a ControlNet,
     an :class:`~cnet.AdaptedUNet` for a T2I-Adapter, a :class:`~cnet.ControlNetXSUNet` for a
     ControlNet-XS, and for the concatenating U-Net a :class:`~cnet.ConcatenatedUNet` (which
-    replaces the locked U-Net and encodes the condition with the base's VAE)."""
+    replaces the locked U-Net and encodes the condition with the base's VAE). Several
+    ControlNets or several adapters (a list) compose, a condition each."""
+    if isinstance(trained, (list, tuple)):
+        if all(isinstance(t, T2IAdapter) for t in trained):
+            return AdaptedUNet(pipe.unet, trained)
+        if all(isinstance(t, ControlNet) for t in trained):
+            return ControlledUNet(pipe.unet, list(trained))
+        raise ValueError(
+            "trained: several are allowed only as ControlNets or as T2I-Adapters (diffusers "
+            "composes no other method's models)"
+        )
     if isinstance(trained, T2IAdapter):
         return AdaptedUNet(pipe.unet, trained)
     if isinstance(trained, ControlNetXSAdapter):

@@ -979,3 +979,19 @@ def test_a_controlnets_own_setting_is_refused_for_another_method(
         f"{setting}: {value!r} is not allowed with method {method} (a ControlNet's "
         f"setting); expected {default!r}"
     )
+
+
+def test_several_trained_modules_compose_only_as_controlnets_or_adapters(base, tmp_path):
+    """controlled_by takes a list of ControlNets or of T2I-Adapters (diffusers composes those),
+    and refuses a mix in one line."""
+    from cnet import AdaptedUNet
+    from cnet.train.models import build_controlnet
+
+    pipe = load_base(base)
+    config = _config(base, tmp_path / "run")
+    adapters = [build_trained(pipe, _config(base, tmp_path / "a", method="t2i-adapter"))] * 2
+    assert isinstance(controlled_by(pipe, adapters), AdaptedUNet)
+    controlnets = [build_controlnet(pipe, config)] * 2
+    assert len(controlled_by(pipe, controlnets).controlnets) == 2
+    with pytest.raises(ValueError, match="several are allowed only as ControlNets or as T2I"):
+        controlled_by(pipe, [adapters[0], controlnets[0]])
