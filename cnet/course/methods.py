@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 from safetensors.torch import load_file
 
 from ..experiments.ledger import paired_runs
-from ..experiments.methods import RUN_MEASURES, method_config
+from ..experiments.methods import RUN_MEASURES, equal_time_runs, method_config
 from ..train.runs import read_config
 from .ablation_report import format_spread
 from .figures import conditions_the_base_misses, save_figure
@@ -19,8 +19,11 @@ from .training_plots import outline_region
 __all__ = [
     "LABELS",
     "contrast_table",
+    "equal_time_contrasts",
+    "equal_time_table",
     "method_contrasts",
     "methods_table",
+    "plot_equal_time_curves",
     "plot_method_curves",
     "plot_parameter_roles",
     "plot_method_samples",
@@ -114,8 +117,11 @@ def methods_table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def method_contrasts(result: dict, reference: str = "controlnet") -> list[dict]:
-    """Each method against ``reference``, seed by seed, on each of :data:`CONTRASTED`: the
+def method_contrasts(
+    result: dict, reference: str = "controlnet", measures: dict | None = None
+) -> list[dict]:
+    """Each method against ``reference``, seed by seed, on each of ``measures`` (default
+    :data:`CONTRASTED`): the
     paired differences, their mean and 95 % bootstrap interval, and the ledger's direction rule
     (better or worse on every seed, else undecided; with n seeds a verdict by chance has
     probability 2 · 2^-n)."""
@@ -124,7 +130,7 @@ def method_contrasts(result: dict, reference: str = "controlnet") -> list[dict]:
     for name, entry in result["methods"].items():
         if name == reference:
             continue
-        for measure, (label, sign) in CONTRASTED.items():
+        for measure, (label, sign) in (measures or CONTRASTED).items():
             comparison = paired_runs(entry["runs"], other, RUN_MEASURES[measure])
             n = len(comparison["differences"])
             row = {"method": name, "measure": measure, "label": label, "n": n}
@@ -158,6 +164,57 @@ def contrast_table(rows: list[dict], reference: str = "ControlNet") -> str:
             f"| {r['verdict']} |"
         )
     return "\n".join(lines)
+
+
+#: What the equal-wall-time arm compares: fidelity (its onsets count other updates).
+TIME_CONTRASTED = {
+    k: CONTRASTED[k] for k in ("final_iou", "prompt_free_layout_iou", "transfer_iou")
+}
+
+
+def equal_time_contrasts(result: dict) -> list[dict]:
+    """:func:`method_contrasts` on the equal-wall-time arm
+    (:func:`cnet.experiments.methods.equal_time_runs`), on its fidelity measures; a method whose
+    arm is its own runs is not repeated."""
+    arm = equal_time_runs(result)
+    rows = method_contrasts(arm, measures=TIME_CONTRASTED)
+    same = {n for n, e in result["equal_time"]["methods"].items() if e.get("same_runs")}
+    return [r for r in rows if r["method"] not in same]
+
+
+def equal_time_table(result: dict) -> str:
+    """One row per method of the equal-wall-time arm: its updates, the bench's step-time ratio
+    and the time its updates take at the bench's step time (the budget, equal by construction),
+    the runs' own wall time (mean and range over seeds: evaluations included, and whatever else
+    the machine ran), onsets, final fidelity and prompt-free layout IoU (mean ± sd over seeds),
+    and its final IoU against its own 800-update runs seed by seed (mean difference, seeds
+    higher of n)."""
+    arm, steps, cost = equal_time_runs(result), result["equal_time"]["steps"], result["cost"]
+    rows = [
+        "| method | updates | step time | updates × bench step (s) | run wall time (s) | onset "
+        "| final IoU | layout IoU, no prompt | final IoU vs its own at equal samples |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in arm["methods"].items():
+        a, own = entry["aggregate"], result["methods"][name]
+        time = a["wall_time_s"]
+        onset = a["onset"]
+        if entry is own:
+            versus = "the same runs"
+        else:
+            c = paired_runs(entry["runs"], own["runs"], RUN_MEASURES["final_iou"])
+            versus = f"{c['mean_difference']:+.3f}, higher on {c['higher']} of {len(c['seeds'])}"
+        rows.append(
+            f"| {LABELS[name]} | {steps[name]} "
+            f"| {cost['step_time_ratio'][name]:.2f}× "
+            f"| {steps[name] * cost['step_ms'][name] / 1000:.0f} "
+            f"| {time['mean']:.0f} ({time['min']:.0f}–{time['max']:.0f}) "
+            f"| {onset['n']} of {onset['of']}"
+            + (f", step {onset['mean']:.0f}" if onset["n"] else "")
+            + f" | {format_spread(a['final_iou'])} "
+            f"| {format_spread(a['prompt_free_layout_iou'])} | {versus} |"
+        )
+    return "\n".join(rows)
 
 
 ROLE_STYLE = {  # parameter_roles' keys: label and colour
@@ -218,6 +275,45 @@ def plot_method_curves(result: dict) -> plt.Figure:
     return fig
 
 
+def plot_equal_time_curves(result: dict) -> plt.Figure:
+    """Fidelity against training time, the time being each method's updates times its step
+    time from the bench (``method_cost``, one run, so the methods' times are comparable): one
+    panel per method other than ControlNet, its equal-wall-time runs coloured, ControlNet's
+    runs grey, one line per seed."""
+    arm, cost = equal_time_runs(result), result["cost"]
+    names = [n for n in arm["methods"] if n != "controlnet"]
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(2.8 * len(names), 3.4), sharey=True, squeeze=False
+    )
+
+    def draw(ax, name, colour, label):
+        for i, run in enumerate(arm["methods"][name]["runs"]):
+            seconds = [s * cost["step_ms"][name] / 1000 for s in run["curves"]["eval_steps"]]
+            ax.plot(
+                seconds,
+                run["curves"]["iou"],
+                color=colour,
+                alpha=0.8,
+                label=label if i == 0 else None,
+            )
+
+    for ax, name in zip(axes[0], names, strict=True):
+        draw(ax, "controlnet", "0.6", LABELS["controlnet"])
+        draw(ax, name, _COLOURS[name], f"{LABELS[name]}, {arm['steps'][name]} updates")
+        ax.set_title(LABELS[name], fontsize=10)
+        ax.set_xlabel("training time (s, bench step time)", fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("IoU (evaluation set)", fontsize=9)
+    fig.suptitle(
+        "Each method for the training time of ControlNet's 800 updates (updates × the bench's "
+        "step time): one line per seed",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
 def plot_method_samples(result: dict, root: str | Path, seed: int = 0, rows: int = 5):
     """The last evaluation's samples of every method's run of ``seed`` on the same conditions
     (the ``rows`` the locked base followed worst), the base's beside them, each condition's
@@ -263,6 +359,9 @@ def _steps(samples: dict) -> list[int]:
 def write_method_figures(result: dict, folder: str | Path, root: str | Path) -> list[Path]:
     """The comparison's figures, as ``08_*.png`` in ``folder``."""
     written = [save_figure(plot_method_curves(result), "08_method_curves", folder, dpi=90)]
+    if result.get("equal_time") and len(equal_time_runs(result)["methods"]) > 1:
+        figure = plot_equal_time_curves(result)
+        written.append(save_figure(figure, "08_equal_time_curves", folder, dpi=90))
     grid = plot_method_samples(result, root)
     if grid is not None:
         written.append(save_figure(grid, "08_method_samples", folder, dpi=90))

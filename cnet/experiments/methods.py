@@ -40,6 +40,14 @@ several controls (:data:`COMPOSING`), each object's fidelity on notebook 06's tw
 with its own control alone and with a second control trained on :data:`SECOND_TASK` at the same
 time (:func:`measure_composition`); trainable parameters and wall time. Step time, peak memory
 and sampling cost come from ``bench/`` (``method_cost``), ratios in one run.
+
+Two budgets. The runs above share a budget of **samples**: 800 updates of 32 each. The
+**equal-wall-time** arm (:func:`equal_time_config`) gives every method the time ControlNet's 800
+updates take: its updates are 800 divided by its step-time ratio to ControlNet's from the bench
+(``method_cost``, measured side by side in one run), to the nearest evaluation interval, with
+the rate decaying over the same last 3/8 of them as the profile's. A method within half an
+interval of ControlNet's time (ControlNet-XS) keeps its run; the others train again, as
+``<method>/time-seed<s>``.
 """
 
 from __future__ import annotations
@@ -72,6 +80,12 @@ __all__ = [
     "SEEDS",
     "TRANSFER_BASE",
     "compare_methods",
+    "equal_time_command",
+    "equal_time_config",
+    "equal_time_runs",
+    "equal_time_steps",
+    "run_equal_time",
+    "summarize_equal_time",
     "finished",
     "measure_composition",
     "measure_method_run",
@@ -140,6 +154,46 @@ def train_command(
     )
 
 
+def equal_time_steps(name: str, cost: dict) -> int:
+    """The updates of ``name``'s equal-wall-time run: the quick profile's divided by the
+    method's step-time ratio to ControlNet's (``cost``: the bench's ``method_cost`` results), to
+    the nearest evaluation interval (at least one)."""
+    profile = method_config(name, 0)
+    ratio = cost["step_time_ratio"][name] / cost["step_time_ratio"]["controlnet"]
+    intervals = round(profile.steps / ratio / profile.eval_every)
+    return max(1, intervals) * profile.eval_every
+
+
+def equal_time_config(
+    name: str, seed: int, root: str | Path = "runs/methods", cost: dict | None = None
+) -> TrainConfig:
+    """The settings of ``name``'s equal-wall-time run (:func:`equal_time_steps`): the method's
+    run where the updates come out the same, else that run with the updates changed, the rate
+    decaying over the same share of them, in ``<method>/time-seed<s>``."""
+    config = method_config(name, seed, root)
+    steps = equal_time_steps(name, cost)
+    if steps == config.steps:
+        return config
+    changes = {"steps": steps, "out": f"{root}/{name}/time-seed{seed}"}
+    if config.lr_decay_start:  # a decaying rate decays over the same share of the updates
+        decay = steps * config.lr_decay_steps // config.steps
+        changes |= {"lr_decay_start": steps - decay, "lr_decay_steps": decay}
+    return dataclasses.replace(config, **changes).check()
+
+
+def equal_time_command(name: str, seed: int, root: str | Path, cost: dict) -> str:
+    """The ``python -m cnet train`` line that makes ``name``'s equal-wall-time run."""
+    config, own = equal_time_config(name, seed, root, cost), method_config(name, seed, root)
+    if config == own:
+        return train_command(name, seed, root)
+    changed = ("steps", "lr_decay_start", "lr_decay_steps")
+    flags = {**METHODS_COMPARED[name], "seed": seed, "out": config.out}
+    flags |= {k: getattr(config, k) for k in changed if getattr(config, k) != getattr(own, k)}
+    return "python -m cnet train --profile quick " + " ".join(
+        f"--{k} {v}" for k, v in flags.items()
+    )
+
+
 def _check(names: Sequence[str], seeds: Sequence[int]) -> None:
     for name in names:
         method_config(name, 0)  # one line naming the method if it is not one
@@ -164,10 +218,26 @@ def run_methods(
     return [Path(config.out) for config in configs]
 
 
+def run_equal_time(
+    names: Sequence[str], seeds: Sequence[int], root: str | Path, cost: dict
+) -> list[Path]:
+    """Train (or resume, or leave) the equal-wall-time runs that are not the methods' own."""
+    configs = [equal_time_config(n, s, root, cost) for n in names for s in seeds]
+    configs = [c for c in configs if Path(c.out).name.startswith("time-")]
+    for config in configs:
+        print(f"--- {config.out}")
+        train(config, profile="methods")
+    return [Path(config.out) for config in configs]
+
+
 def finished(name: str, seed: int, root: str | Path = "runs/methods", second: bool = False) -> bool:
     """Whether the run (or its second control's) has reached its steps (its ``run.json`` says
     so)."""
     config = (second_control_config if second else method_config)(name, seed, root)
+    return _reached(config)
+
+
+def _reached(config: TrainConfig) -> bool:
     summary = Path(config.out) / "run.json"
     return summary.exists() and json.loads(summary.read_text())["steps"] == config.steps
 
@@ -420,8 +490,55 @@ def compare_methods(
     if train_runs:
         run_methods(names, seeds, root)
     result = summarize_methods(names, seeds, root, command)
-    if cost_from is not None and Path(cost_from).is_file():
-        record = json.loads(Path(cost_from).read_text())
-        keep = ("suite", "command", "date", "machine")
-        result["cost"] = {**{k: record[k] for k in keep}, **record["results"]}
+    if cost_from is None or not Path(cost_from).is_file():
+        return result
+    record = json.loads(Path(cost_from).read_text())
+    keep = ("suite", "command", "date", "machine")
+    result["cost"] = cost = {**{k: record[k] for k in keep}, **record["results"]}
+    if "controlnet" in result["methods"]:  # the arm is measured against ControlNet's time
+        if train_runs:
+            run_equal_time(names, seeds, root, cost)
+        result["equal_time"] = summarize_equal_time(result, root, cost)
     return result
+
+
+def summarize_equal_time(result: dict, root: str | Path, cost: dict) -> dict:
+    """The equal-wall-time arm: per method its updates, the ``python -m cnet train`` lines of
+    its runs, and, where every seed's run is finished and is not the method's own run, the
+    runs measured (:func:`measure_method_run`) and aggregated as :func:`summarize_methods`
+    does; a method whose run is its own is marked ``same_runs`` (its entry in ``methods``)."""
+    seeds = result["seeds"]
+    arm: dict = {"steps": {}, "methods": {}, "not_run": {}}
+    pipe = fine_tune = None
+    for name in result["methods"]:
+        configs = [equal_time_config(name, s, root, cost) for s in seeds]
+        arm["steps"][name] = configs[0].steps
+        commands = [equal_time_command(name, s, root, cost) for s in seeds]
+        if configs[0].steps == method_config(name, seeds[0], root).steps:
+            arm["methods"][name] = {"same_runs": True, "train_commands": commands}
+            continue
+        if not all(_reached(c) for c in configs):
+            arm["not_run"][name] = commands
+            continue
+        if pipe is None:
+            pipe = load_base(configs[0].base)
+            fine_tune = load_base(TRANSFER_BASE) if Path(TRANSFER_BASE).exists() else None
+        runs = [measure_method_run(c.out, pipe, fine_tune) for c in configs]
+        arm["methods"][name] = {
+            "runs": runs,
+            "aggregate": {k: spread([f(r) for r in runs]) for k, f in RUN_MEASURES.items()},
+            "train_commands": commands,
+        }
+    return arm
+
+
+def equal_time_runs(result: dict) -> dict:
+    """The equal-wall-time arm in the shape of ``result`` (``methods``: name → runs, aggregate,
+    trainable parameters), each method's own runs standing in where they are its arm's, so the
+    same tables and paired comparisons read it; methods not yet run are left out."""
+    arm = result["equal_time"]
+    methods = {}
+    for name, entry in arm["methods"].items():
+        own = result["methods"][name]
+        methods[name] = own if entry.get("same_runs") else {**own, **entry}
+    return {**result, "methods": methods, "steps": arm["steps"]}

@@ -27,6 +27,18 @@ def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
         argv = methods.train_command(name, 2, task="segmentation").split()[3:]
         _, config = _train_settings(_parser().parse_args(argv), "quick")
         assert config == methods.second_control_config(name, 2), name
+    # the equal-wall-time arm: updates from the shipped bench's step-time ratios, the rate
+    # decaying over the same share of them (3/8), the method's own run where they come out equal
+    cost = json.loads((SHIPPED.parents[1] / methods.COST_FROM).read_text())["results"]
+    for name in methods.METHODS_COMPARED:
+        argv = methods.equal_time_command(name, 2, "runs/methods", cost).split()[3:]
+        _, config = _train_settings(_parser().parse_args(argv), "quick")
+        assert config == methods.equal_time_config(name, 2, "runs/methods", cost), name
+        ratio = cost["step_time_ratio"][name]
+        assert abs(config.steps * ratio - 800) <= 25 * ratio, name  # nearest interval of 50
+        assert config.lr_decay_steps * 8 // 3 in range(config.steps - 2, config.steps + 1)
+    own = {n for n in methods.METHODS_COMPARED if methods.equal_time_steps(n, cost) == 800}
+    assert own == {"controlnet", "controlnet-xs"}
     assert methods.method_config("t2i-adapter", 0).copy_lr_scale == 1.0  # the profile gave way
     assert methods.method_config("concat", 0).copy_lr_scale == PROFILES["quick"]["copy_lr_scale"]
 
@@ -111,6 +123,42 @@ def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monke
     assert transfer[0]["verdict"] == "not measured"
     written = write_method_figures(result, tmp_path / "figures", root)
     assert [p.name for p in written] == ["08_method_curves.png", "08_method_samples.png"]
+    # the equal-wall-time arm, from a bench's step-time ratios: lite and the adapter train
+    # longer, ControlNet-XS and the concatenation round to their own runs
+    ratios = {"controlnet": 1.0, "controlnet-lite": 0.75, "t2i-adapter": 0.5}
+    ratios |= {"controlnet-xs": 1.01, "concat": 0.9}
+    cost = {"suite": "method_cost", "command": "", "date": "", "machine": {}}
+    cost["results"] = {"step_time_ratio": ratios, "step_ms": {n: 10 * r for n, r in ratios.items()}}
+    cost_file = tmp_path / "cost.json"
+    cost_file.write_text(json.dumps(cost))
+    timed = methods.compare_methods(names, [0], root, cost_from=cost_file)
+    arm = timed["equal_time"]
+    assert arm["steps"] == {
+        "controlnet": 4,
+        "controlnet-lite": 5,
+        "t2i-adapter": 8,
+        "controlnet-xs": 4,
+        "concat": 4,
+    }
+    assert {n for n, e in arm["methods"].items() if e.get("same_runs")} == {
+        "controlnet",
+        "controlnet-xs",
+        "concat",
+    }
+    for name in ("controlnet-lite", "t2i-adapter"):
+        run = arm["methods"][name]["runs"][0]
+        assert run["run"] == str(root / name / "time-seed0")
+        assert run["steps"] == arm["steps"][name] == run["curves"]["eval_steps"][-1]
+        assert arm["methods"][name]["train_commands"] == [
+            methods.equal_time_command(name, 0, root, cost["results"])
+        ]
+    from cnet.course.methods import equal_time_contrasts, equal_time_table
+
+    table = equal_time_table(timed)
+    assert table.count("\n") == 1 + len(names) and table.count("the same runs") == 3
+    assert {r["method"] for r in equal_time_contrasts(timed)} == {"controlnet-lite", "t2i-adapter"}
+    written = write_method_figures(timed, tmp_path / "figures", root)
+    assert [p.name for p in written][1] == "08_equal_time_curves.png"
     # a method not finished on every seed is left out and its commands listed
     (root / "concat" / "seed0" / "run.json").unlink()
     partial = methods.summarize_methods(names, [0], root)
@@ -125,7 +173,13 @@ def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monke
 
 
 def test_the_shipped_summary_is_its_runs_aggregated_and_the_readme_quotes_it():
-    from cnet.course.methods import contrast_table, method_contrasts, methods_table
+    from cnet.course.methods import (
+        contrast_table,
+        equal_time_contrasts,
+        equal_time_table,
+        method_contrasts,
+        methods_table,
+    )
     from cnet.experiments.ablate import spread
 
     result = json.loads(SHIPPED.read_text())
@@ -136,6 +190,27 @@ def test_the_shipped_summary_is_its_runs_aggregated_and_the_readme_quotes_it():
         assert entry["train_commands"] == [methods.train_command(name, s) for s in methods.SEEDS]
         for measure, value in methods.RUN_MEASURES.items():
             assert entry["aggregate"][measure] == spread([value(r) for r in entry["runs"]])
+    # the equal-wall-time arm: its updates from the bench's ratios it quotes, each run made by
+    # the command it records, aggregated as the first arm's
+    arm = result["equal_time"]
+    assert not arm["not_run"] and list(arm["steps"]) == list(methods.METHODS_COMPARED)
+    for name, entry in arm["methods"].items():
+        assert arm["steps"][name] == methods.equal_time_steps(name, result["cost"])
+        commands = [
+            methods.equal_time_command(name, s, "runs/methods", result["cost"])
+            for s in methods.SEEDS
+        ]
+        assert entry["train_commands"] == commands
+        if entry.get("same_runs"):
+            continue
+        assert [r["steps"] for r in entry["runs"]] == [arm["steps"][name]] * len(methods.SEEDS)
+        assert [r["run"] for r in entry["runs"]] == [
+            c.split("--out ")[1].split()[0] for c in commands
+        ]
+        for measure, value in methods.RUN_MEASURES.items():
+            assert entry["aggregate"][measure] == spread([value(r) for r in entry["runs"]])
     readme = (SHIPPED.parents[1] / "README.md").read_text()
     assert methods_table(result) in readme
     assert contrast_table(method_contrasts(result)) in readme
+    assert equal_time_table(result) in readme
+    assert contrast_table(equal_time_contrasts(result)) in readme
