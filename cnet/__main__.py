@@ -162,26 +162,30 @@ def run_compare_methods(args: argparse.Namespace) -> None:
 def run_recipe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .experiments.profiles import profile_check
     from .experiments.recipe import RECIPES, read_study, recipe_study
 
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    result = recipe_study(
-        args.recipes or list(RECIPES),
-        args.seeds,
-        args.root,
-        train=not args.no_train,
-        check_seeds=args.check_seeds if args.check else None,
-        check_root=args.check_root,
-        command=command.strip(),
-        continued=not args.no_continuation,
-        earlier=None if args.earlier is None else read_study(args.earlier),
-    )
+    if args.profile:  # a profile as it stands over the seeds, instead of the recipes
+        result = profile_check(args.profile, args.seeds, args.root, not args.no_train, command)
+    else:
+        result = recipe_study(
+            args.recipes or list(RECIPES),
+            args.seeds,
+            args.root,
+            train=not args.no_train,
+            check_seeds=args.check_seeds if args.check else None,
+            check_root=args.check_root,
+            command=command.strip(),
+            continued=not args.no_continuation,
+            earlier=None if args.earlier is None else read_study(args.earlier),
+        )
     if not args.no_summary:
         out = Path(args.results)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
-    if args.figures:
+    if args.figures and not args.profile:
         from .course.figures import write_recipe_figures
 
         for path in write_recipe_figures(result, Path(args.results).parent):
@@ -442,11 +446,8 @@ def _add_recipe(sub) -> None:
     )
     recipe.add_argument("--no_train", action="store_true", help="summarize finished runs only")
     recipe.add_argument("--no_summary", action="store_true", help="train only")
-    recipe.add_argument(
-        "--no_continuation",
-        action="store_true",
-        help="train the runs to the budget only, not on to twice their steps",
-    )
+    recipe.add_argument("--no_continuation", action="store_true", help="not on to 2x the steps")
+    recipe.add_argument("--profile", choices=("full",), help="check the full profile over --seeds")
 
 
 def _add_measurements(sub) -> None:

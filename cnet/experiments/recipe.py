@@ -47,15 +47,18 @@ __all__ = [
     "COLLAPSE_SHARE",
     "RECIPES",
     "RECIPE_SEEDS",
+    "aggregate_seeds",
     "check_earlier",
     "choose",
     "collapsed",
     "keep_earlier",
     "measure_recipe_run",
+    "measure_run_pair",
     "read_study",
     "recipe_command",
     "recipe_config",
     "recipe_study",
+    "run_finished",
     "run_recipes",
     "summarize_recipes",
 ]
@@ -296,7 +299,8 @@ def _caught(loss: list[float], iou: list[float]) -> bool:
     )
 
 
-def _finished(config: TrainConfig) -> bool:
+def run_finished(config: TrainConfig) -> bool:
+    """Whether the run has reached its steps (its ``run.json`` says so)."""
     record = Path(config.out) / "run.json"  # a continuation holds a copy of the first's until
     return record.exists() and json.loads(record.read_text())["steps"] == config.steps
 
@@ -306,17 +310,29 @@ def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe")
     finished; the ``*_2x`` measures are None until its continuation has)."""
     first = recipe_config(recipe, seed, root)
     longer = recipe_config(recipe, seed, root, continued=True)
-    continued = _finished(longer)
+    commands = [recipe_command(recipe, seed, root, c) for c in (False, True)]
+    return measure_run_pair(first, longer, commands)
+
+
+def measure_run_pair(first: TrainConfig, longer: TrainConfig, commands: list[str]) -> dict:
+    """One seed's run to the budget (``first``) and to twice it (``longer``, the same run
+    continued): onset, final and best fidelity within the budget, read from the longer run's
+    log once it has finished (its first half is the budget's run), and the ``*_2x`` measures
+    (None until it has). ``first`` may be missing where ``longer`` ran from scratch (the same
+    updates: the rate is a function of the step alone); its wall time is then None.
+    ``commands``: the lines that make the two runs."""
+    continued = run_finished(longer)
     log = read_log(Path(longer.out if continued else first.out))
     steps, iou = log.eval_steps, log.eval_iou
-    record = json.loads((Path(first.out) / "run.json").read_text())
+    has_first = run_finished(first)
+    record = json.loads((Path(first.out if has_first else longer.out) / "run.json").read_text())
     budget = [i for i, s in enumerate(steps) if s <= first.steps]
     report = detect_sudden_convergence([steps[i] for i in budget], [iou[i] for i in budget])
     result = {
-        "seed": seed,
+        "seed": first.seed,
         "steps": first.steps,
         "device": record["device_name"],
-        "wall_time_s": record["wall_time_s"],
+        "wall_time_s": record["wall_time_s"] if has_first else None,
         "onset": onset_step(
             [steps[i] for i in budget], [iou[i] for i in budget], margin=ONSET_MARGIN
         ),
@@ -327,7 +343,7 @@ def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe")
         "sudden": report.sudden,
         "eval_steps": steps,
         "iou": iou,
-        "commands": [recipe_command(recipe, seed, root)],
+        "commands": commands[:1] if has_first else [],
         "continued": continued,
         "wall_time_2x_s": None,
         "onset_2x": None,
@@ -347,7 +363,7 @@ def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe")
             "best_iou_2x": best_2x,
             "collapsed_2x": collapsed(iou),
             "alert_2x": _caught(log.loss, iou),
-            "commands": result["commands"] + [recipe_command(recipe, seed, root, True)],
+            "commands": result["commands"] + commands[1:],
         }
     return result
 
@@ -381,30 +397,35 @@ def summarize_recipes(
         runs = [
             measure_recipe_run(recipe, seed, root)
             for seed in seeds
-            if _finished(recipe_config(recipe, seed, root))
+            if run_finished(recipe_config(recipe, seed, root))
         ]
         if not runs:
             result["not_run"].append(recipe)
             continue
-        onsets = [r["onset"] for r in runs if r["onset"] is not None]
-        continued = [r for r in runs if r["continued"]]
-        result["recipes"][recipe] = {
-            "settings": RECIPES[recipe],
-            "seeds": [r["seed"] for r in runs],
-            "runs": runs,
-            "n": len(runs),
-            "onsets": len(onsets),
-            "n_2x": len(continued),
-            "collapses_2x": sum(r["collapsed_2x"] for r in continued),
-            "alerts_2x": sum(r["alert_2x"] for r in continued),
-            "onset_step": _spread(onsets) if onsets else None,
-            "final_iou": _spread([r["final_iou"] for r in runs]),
-            "final_iou_2x": (
-                _spread([r["final_iou_2x"] for r in continued]) if continued else None
-            ),
-            "wall_time_s": _spread([r["wall_time_s"] for r in runs]),
-        }
+        result["recipes"][recipe] = {"settings": RECIPES[recipe], **aggregate_seeds(runs)}
     return result
+
+
+def aggregate_seeds(runs: list[dict]) -> dict:
+    """Seeds' runs (:func:`measure_run_pair`) gathered: onsets k of n, collapses at 2× k of
+    those continued (``n_2x``), the spread of the onset step, the final fidelity and the wall
+    time (over the runs that have one)."""
+    onsets = [r["onset"] for r in runs if r["onset"] is not None]
+    continued = [r for r in runs if r["continued"]]
+    times = [r["wall_time_s"] for r in runs if r["wall_time_s"] is not None]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "runs": runs,
+        "n": len(runs),
+        "onsets": len(onsets),
+        "n_2x": len(continued),
+        "collapses_2x": sum(r["collapsed_2x"] for r in continued),
+        "alerts_2x": sum(r["alert_2x"] for r in continued),
+        "onset_step": _spread(onsets) if onsets else None,
+        "final_iou": _spread([r["final_iou"] for r in runs]),
+        "final_iou_2x": _spread([r["final_iou_2x"] for r in continued]) if continued else None,
+        "wall_time_s": _spread(times) if times else None,
+    }
 
 
 def read_study(path: str | Path) -> dict:

@@ -558,3 +558,64 @@ def test_the_choice_needs_a_continuation_and_counts_the_checks_seeds():
     assert choose(study) == "late"  # 13 of 13
     study["check"]["recipes"]["late"]["onsets"] = 9
     assert choose(study) == "decaying"  # 12 of 13 against 14 of 15
+
+
+# ------------------------------------------------------------------------- a profile as it stands
+
+
+def test_a_profile_check_runs_the_profile_as_train_makes_it(monkeypatch):
+    from dataclasses import asdict
+
+    from cnet.__main__ import _parser, _train_settings
+    from cnet.experiments.profiles import profile_command, profile_config
+    from cnet.train.loop import RESUMABLE_CHANGES
+
+    monkeypatch.chdir(ROOT)  # the settings' base is relative to the clone
+    for continued in (False, True):
+        config = profile_config("full", 3, "r", continued)
+        argv = profile_command("full", 3, "r", continued).split()[3:]
+        _, parsed = _train_settings(_parser().parse_args(argv), "full")
+        assert parsed == config
+    first, longer = profile_config("full", 3, "r"), profile_config("full", 3, "r", True)
+    assert (first.steps, longer.steps) == (3000, 6000) and first.lr_decay_start == 0
+    differ = {k for k, v in asdict(first).items() if asdict(longer)[k] != v}
+    assert differ == {"steps", "out"} and differ <= set(RESUMABLE_CHANGES)
+    with pytest.raises(SettingError) as refused:
+        profile_config("fast", 0)
+    assert str(refused.value) == "profile: 'fast' is not allowed; expected one of quick, full"
+
+
+def test_a_profile_check_reads_a_seed_run_at_2x_from_scratch_as_its_budget_and_continuation(
+    tmp_path, monkeypatch
+):
+    import cnet.experiments.recipe as recipe_module
+    from cnet.experiments.profiles import profile_check, profile_config
+
+    tiny = {"steps": 400, "eval_every": 100}
+    monkeypatch.setitem(recipe_module.PROFILES, "full", tiny)
+    curve = [0.30, 0.31, 0.60, 0.80, 0.85, 0.86, 0.87, 0.86, 0.88]
+    # seed 0: to the budget, then continued (a copy resumed); seed 1: only 2x, from scratch
+    # (the same updates); seed 2: not run
+    for seed, continued in ((0, False), (0, True), (1, True)):
+        config = profile_config("full", seed, tmp_path, continued)
+        out = Path(config.out)
+        out.mkdir(parents=True)
+        upto = config.steps // 100 + 1
+        (out / "log.jsonl").write_text(
+            "".join(
+                json.dumps({"step": 100 * i, "eval": {"iou": v}}) + "\n"
+                for i, v in enumerate(curve[:upto])
+            )
+        )
+        record = {"steps": config.steps, "device_name": "cpu", "wall_time_s": 5.0 * upto}
+        (out / "run.json").write_text(json.dumps(record))
+    result = profile_check("full", [0, 1, 2], tmp_path, train_runs=False, command="c")
+    assert result["not_run"] == [2] and result["seeds"] == [0, 1] and result["profile"] == "full"
+    a, b = result["runs"]
+    same = ("onset", "final_iou", "best_iou", "onset_2x", "final_iou_2x", "collapsed_2x")
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert a["onset"] == 200 and a["final_iou"] == 0.85 and a["final_iou_2x"] == 0.88
+    assert (a["wall_time_s"], b["wall_time_s"]) == (25.0, None)  # seed 1 has no budget run
+    assert len(a["commands"]) == 2 and len(b["commands"]) == 1
+    assert result["onsets"] == 2 and result["n_2x"] == 2 and result["collapses_2x"] == 0
+    assert result["wall_time_s"]["median"] == 25.0
