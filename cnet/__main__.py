@@ -166,8 +166,15 @@ def run_recipe(args: argparse.Namespace) -> None:
     from .experiments.recipe import RECIPES, read_study, recipe_study
 
     command = "python -m cnet " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    root = args.root or ("runs/full-check" if args.profile else "runs/recipe")
+    args.root, args.results = root, args.results or f"{root}/{args.profile or 'recipe'}_study.json"
     if args.profile:  # a profile as it stands over the seeds, instead of the recipes
-        result = profile_check(args.profile, args.seeds, args.root, not args.no_train, command)
+        if args.recipes or args.check or args.earlier or args.figures:
+            raise SettingError(
+                f"profile: {args.profile!r} takes no --recipes/check/earlier/figures"
+            )
+        options = (not args.no_train, command.strip(), not args.no_continuation)
+        result = profile_check(args.profile, args.seeds, root, *options)
     else:
         result = recipe_study(
             args.recipes or list(RECIPES),
@@ -419,12 +426,8 @@ def _add_recipe(sub) -> None:
     )
     recipe.add_argument("--recipes", nargs="+", default=None, help="default: all")
     recipe.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    recipe.add_argument("--root", default="runs/recipe", help="where the runs go")
-    recipe.add_argument(
-        "--results",
-        default="runs/recipe/recipe_study.json",
-        help="the summary JSON (figures/recipe_study.json: the shipped one)",
-    )
+    recipe.add_argument("--root", help="where the runs go: runs/recipe (or runs/full-check)")
+    recipe.add_argument("--results", help="<root>/recipe_study.json (or full_study.json)")
     recipe.add_argument(
         "--check",
         action="store_true",

@@ -164,20 +164,21 @@ def equal_time_steps(name: str, cost: dict) -> int:
     return max(1, intervals) * profile.eval_every
 
 
-def equal_time_config(
-    name: str, seed: int, root: str | Path = "runs/methods", cost: dict | None = None
-) -> TrainConfig:
-    """The settings of ``name``'s equal-wall-time run (:func:`equal_time_steps`): the method's
-    run where the updates come out the same, else that run with the updates changed, the rate
-    decaying over the same share of them, in ``<method>/time-seed<s>``."""
+def equal_time_config(name: str, seed: int, root: str | Path, cost: dict) -> TrainConfig:
+    """The settings of ``name``'s equal-wall-time run (:func:`equal_time_steps`; ``cost``: the
+    bench's ``method_cost`` results): the method's run where the updates come out the same,
+    else that run with the updates changed, the rate decaying over the same share of them and
+    held at its floor over the same share after, in ``<method>/time-seed<s>``."""
     config = method_config(name, seed, root)
     steps = equal_time_steps(name, cost)
     if steps == config.steps:
         return config
     changes = {"steps": steps, "out": f"{root}/{name}/time-seed{seed}"}
-    if config.lr_decay_start:  # a decaying rate decays over the same share of the updates
+    if config.lr_decay_start:
         decay = steps * config.lr_decay_steps // config.steps
-        changes |= {"lr_decay_start": steps - decay, "lr_decay_steps": decay}
+        floor = config.steps - config.lr_decay_start - config.lr_decay_steps
+        start = steps - decay - steps * max(floor, 0) // config.steps
+        changes |= {"lr_decay_start": start, "lr_decay_steps": decay}
     return dataclasses.replace(config, **changes).check()
 
 
@@ -221,8 +222,10 @@ def run_methods(
 def run_equal_time(
     names: Sequence[str], seeds: Sequence[int], root: str | Path, cost: dict
 ) -> list[Path]:
-    """Train (or resume, or leave) the equal-wall-time runs that are not the methods' own."""
-    configs = [equal_time_config(n, s, root, cost) for n in names for s in seeds]
+    """Train (or resume, or leave) the equal-wall-time runs that are not the methods' own (of
+    the methods the bench timed)."""
+    timed = [n for n in names if n in cost["step_time_ratio"]]
+    configs = [equal_time_config(n, s, root, cost) for n in timed for s in seeds]
     configs = [c for c in configs if Path(c.out).name.startswith("time-")]
     for config in configs:
         print(f"--- {config.out}")
@@ -503,14 +506,20 @@ def compare_methods(
 
 
 def summarize_equal_time(result: dict, root: str | Path, cost: dict) -> dict:
-    """The equal-wall-time arm: per method its updates, the ``python -m cnet train`` lines of
-    its runs, and, where every seed's run is finished and is not the method's own run, the
-    runs measured (:func:`measure_method_run`) and aggregated as :func:`summarize_methods`
-    does; a method whose run is its own is marked ``same_runs`` (its entry in ``methods``)."""
+    """The equal-wall-time arm of the methods ``result`` summarized (those finished on every
+    seed; the others are in its ``not_run``): per method its updates, the ``python -m cnet
+    train`` lines of its runs, and, where every seed's run is finished and is not the method's
+    own run, the runs measured (:func:`measure_method_run`) and aggregated as
+    :func:`summarize_methods` does; a method whose run is its own is marked ``same_runs`` (its
+    entry in ``methods``); ``not_run``: the commands of unfinished runs, or why there are
+    none."""
     seeds = result["seeds"]
     arm: dict = {"steps": {}, "methods": {}, "not_run": {}}
     pipe = fine_tune = None
     for name in result["methods"]:
+        if name not in cost["step_time_ratio"]:
+            arm["not_run"][name] = "the bench has no step time for it"
+            continue
         configs = [equal_time_config(name, s, root, cost) for s in seeds]
         arm["steps"][name] = configs[0].steps
         commands = [equal_time_command(name, s, root, cost) for s in seeds]

@@ -8,13 +8,19 @@ twice them; onsets k of n, collapses at 2×, the spread of the final fidelity.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..train.config import PROFILES, SettingError, TrainConfig
 from ..train.loop import train
-from .recipe import COLLAPSE_SHARE, ONSET_MARGIN, aggregate_seeds, measure_run_pair, run_finished
+from .recipe import (
+    COLLAPSE_SHARE,
+    ONSET_MARGIN,
+    aggregate_seeds,
+    copy_run,
+    measure_run_pair,
+    run_finished,
+)
 
 __all__ = ["PROFILE_CHECK_SEEDS", "profile_check", "profile_command", "profile_config"]
 
@@ -53,12 +59,14 @@ def profile_check(
     root: str | Path = "runs/full-check",
     train_runs: bool = True,
     command: str = "",
+    continued: bool = True,
 ) -> dict:
     """``profile`` as it stands over ``seeds`` (``python -m cnet recipe --profile full``): each
-    seed trained to the profile's steps, then every seed continued to twice them (unless not
-    ``train_runs``), measured as the study measures a recipe (:func:`measure_run_pair`,
-    :func:`aggregate_seeds`). A seed whose longer run was made from scratch has no separate run
-    to the budget; its budget's measures come from the longer run's first half."""
+    seed trained to the profile's steps, then (unless not ``continued``) every seed continued
+    to twice them (nothing trained unless ``train_runs``), measured as the study measures a
+    recipe (:func:`measure_run_pair`, :func:`aggregate_seeds`). A seed whose longer run was
+    made from scratch has no separate run to the budget; its budget's measures come from the
+    longer run's first half."""
     profile_config(profile, 0, root)  # the name checked before any work
     if not seeds or any(s < 0 for s in seeds):
         raise SettingError(f"seeds: {list(seeds)!r} is not allowed; expected integers >= 0")
@@ -67,13 +75,12 @@ def profile_check(
     }
     if train_runs:  # every seed's onset first, then the continuations
         for first, longer in pairs.values():
-            if not run_finished(longer):
+            if not Path(longer.out).exists():  # else the longer run holds the budget's
                 print(f"--- {first.out}")
                 train(first, profile=profile)
-        for first, longer in pairs.values():
+        for first, longer in pairs.values() if continued else ():
             if not Path(longer.out).exists():
-                shutil.copytree(first.out, longer.out + ".tmp")
-                Path(longer.out + ".tmp").replace(longer.out)  # moved into place whole
+                copy_run(first.out, longer.out)
             print(f"--- {longer.out}")
             train(longer, profile=profile)
     runs = [
@@ -86,9 +93,9 @@ def profile_check(
     result = {
         "command": command,
         "profile": profile,
-        "settings": PROFILES[profile],
+        "settings": {k: v for k, v in PROFILES[profile].items() if k != "out"},
         "collapse_share": COLLAPSE_SHARE,
         "onset_margin": ONSET_MARGIN,
         "not_run": [s for s, (f, g) in pairs.items() if not (run_finished(f) or run_finished(g))],
     }
-    return result | (aggregate_seeds(runs) if runs else {})
+    return result | (aggregate_seeds(runs) if runs else {"n": 0, "runs": []})

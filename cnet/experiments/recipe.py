@@ -49,6 +49,7 @@ __all__ = [
     "RECIPE_SEEDS",
     "aggregate_seeds",
     "check_earlier",
+    "copy_run",
     "choose",
     "collapsed",
     "keep_earlier",
@@ -238,12 +239,19 @@ def train_recipe(
     longer = recipe_config(recipe, seed, root, continued=True)
     if not Path(longer.out).exists():
         train_recipe(recipe, seed, root)  # finished first (left as it is if it is)
-        staging = Path(longer.out).with_name(Path(longer.out).name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(first.out, staging)  # moved into place whole: never half a copy
-        staging.replace(longer.out)
+        copy_run(first.out, longer.out)
     print(f"--- {longer.out}")
     train(longer, profile="recipe")
+
+
+def copy_run(folder: str | Path, to: str | Path) -> None:
+    """A run's folder copied to ``to``, where its continuation resumes: staged beside it and
+    moved into place whole, so an interrupted copy never leaves half a run (a stale stage from
+    one is replaced)."""
+    staging = Path(to).with_name(Path(to).name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    staging.replace(to)
 
 
 def run_recipes(

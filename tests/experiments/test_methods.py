@@ -37,8 +37,18 @@ def test_each_run_has_the_train_command_that_makes_it(monkeypatch):
         ratio = cost["step_time_ratio"][name]
         assert abs(config.steps * ratio - 800) <= 25 * ratio, name  # nearest interval of 50
         assert config.lr_decay_steps * 8 // 3 in range(config.steps - 2, config.steps + 1)
+        assert config.lr_decay_start + config.lr_decay_steps == config.steps  # as the profile's
     own = {n for n in methods.METHODS_COMPARED if methods.equal_time_steps(n, cost) == 800}
     assert own == {"controlnet", "controlnet-xs"}
+    # the ratio is to ControlNet's step, whatever the bench's unit; a slower method gets fewer
+    # updates; a profile's floor after the decay keeps its share too
+    slower = {"step_time_ratio": {"controlnet": 2.0, "t2i-adapter": 1.0, "controlnet-lite": 3.0}}
+    assert methods.equal_time_steps("t2i-adapter", slower) == 1600
+    assert methods.equal_time_steps("controlnet-lite", slower) == 550  # 533, to the nearest 50
+    quick = {**PROFILES["quick"], "lr_decay_start": 400, "lr_decay_steps": 200}  # floor: 200
+    monkeypatch.setitem(PROFILES, "quick", quick)
+    longer = methods.equal_time_config("t2i-adapter", 0, "r", slower)
+    assert (longer.lr_decay_start, longer.lr_decay_steps, longer.steps) == (800, 400, 1600)
     assert methods.method_config("t2i-adapter", 0).copy_lr_scale == 1.0  # the profile gave way
     assert methods.method_config("concat", 0).copy_lr_scale == PROFILES["quick"]["copy_lr_scale"]
 
@@ -159,6 +169,13 @@ def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monke
     assert {r["method"] for r in equal_time_contrasts(timed)} == {"controlnet-lite", "t2i-adapter"}
     written = write_method_figures(timed, tmp_path / "figures", root)
     assert [p.name for p in written][1] == "08_equal_time_curves.png"
+    # an unfinished equal-time run leaves its method out of the arm, its commands listed
+    (root / "t2i-adapter" / "time-seed0" / "run.json").unlink()
+    partial = methods.compare_methods(names, [0], root, train_runs=False, cost_from=cost_file)
+    assert partial["equal_time"]["not_run"] == {
+        "t2i-adapter": [methods.equal_time_command("t2i-adapter", 0, root, cost["results"])]
+    }
+    assert "t2i-adapter" not in equal_time_table(partial)
     # a method not finished on every seed is left out and its commands listed
     (root / "concat" / "seed0" / "run.json").unlink()
     partial = methods.summarize_methods(names, [0], root)

@@ -619,3 +619,41 @@ def test_a_profile_check_reads_a_seed_run_at_2x_from_scratch_as_its_budget_and_c
     assert len(a["commands"]) == 2 and len(b["commands"]) == 1
     assert result["onsets"] == 2 and result["n_2x"] == 2 and result["collapses_2x"] == 0
     assert result["wall_time_s"]["median"] == 25.0
+
+
+def test_the_profile_check_command_keeps_its_runs_apart_and_trains_onsets_first(
+    tmp_path, monkeypatch, capsys
+):
+    import cnet.experiments.profiles as profiles
+    from cnet.__main__ import main
+
+    monkeypatch.chdir(tmp_path)  # the defaults are relative: runs/full-check, not runs/recipe
+    trained = []
+
+    def fake_train(config, profile=None):  # a finished run, as the loop leaves one
+        trained.append(config.out)
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        record = {"steps": config.steps, "device_name": "cpu", "wall_time_s": 1.0}
+        (Path(config.out) / "run.json").write_text(json.dumps(record))
+        log = [
+            {"step": k, "eval": {"iou": 0.3 + 0.5 * (k > 1000)}}
+            for k in range(0, config.steps + 1, 500)
+        ]
+        (Path(config.out) / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+
+    monkeypatch.setattr(profiles, "train", fake_train)
+    Path("runs/full-check/seed0-2x.tmp").mkdir(parents=True)  # an interrupted copy's stage
+    Path("runs/full-check/seed1-2x").mkdir(parents=True)  # a 2x run begun from scratch
+    assert main(["recipe", "--profile", "full", "--seeds", "0", "1"]) == 0
+    # every seed's budget first (not seed 1's: its 2x run holds it), then the continuations
+    assert trained == [
+        "runs/full-check/seed0", "runs/full-check/seed0-2x", "runs/full-check/seed1-2x"
+    ]  # fmt: skip
+    assert not Path("runs/full-check/seed0-2x.tmp").exists() and not Path("runs/recipe").exists()
+    result = json.loads(Path("runs/full-check/full_study.json").read_text())
+    assert result["seeds"] == [0, 1] and result["onsets"] == 2 and result["n_2x"] == 2
+    assert "out" not in result["settings"] and result["command"].endswith("--seeds 0 1")
+    assert main(["recipe", "--profile", "full", "--recipes", "b16-lr2e-3"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: profile: 'full' takes no --recipes/check/earlier/figures"
+    )
