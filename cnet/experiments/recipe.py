@@ -497,7 +497,8 @@ def keep_earlier(summary: dict, earlier: dict | None) -> dict:
     summary["not_run"] += [r for r in earlier["not_run"] if r not in summary["recipes"]]
     summary["not_run"] = list(dict.fromkeys(summary["not_run"]))
     commands = earlier.get("earlier_commands", []) + [earlier["command"]]
-    summary["earlier_commands"] = [c for c in commands if c]
+    again = summary.get("command")  # a summary remade by its own command lists it once
+    summary["earlier_commands"] = [c for c in dict.fromkeys(commands) if c and c != again]
     return summary
 
 

@@ -437,6 +437,8 @@ def test_a_study_goes_on_from_an_earlier_summary_whose_runs_are_gone(tmp_path, m
     # a summary kept twice keeps both commands; a recipe whose settings changed is refused
     twice = keep_earlier({"recipes": {}, "not_run": []}, result)
     assert twice["earlier_commands"] == ["first", "second"]
+    remade = keep_earlier({"recipes": {}, "not_run": [], "command": "second"}, result)
+    assert remade["earlier_commands"] == ["first"]  # its own command is not an earlier one
     changed = json.loads(json.dumps(earlier))
     changed["recipes"][old]["settings"]["lr"] = 1e-3
     with pytest.raises(SettingError, match=f"earlier: recipe '{old}' was measured with"):
