@@ -4,7 +4,7 @@ many collapsed when continued to twice their steps, and the spread of their fina
 
 from __future__ import annotations
 
-__all__ = ["recipe_table", "seed_list"]
+__all__ = ["profile_table", "recipe_table", "seed_list"]
 
 
 def seed_list(seeds: list[int]) -> str:
@@ -27,13 +27,14 @@ def _row(name: str, recipe: dict, where: str) -> str:
     final_2x = (
         f"{longer['median']:.2f} ({longer['min']:.2f}–{longer['max']:.2f})" if longer else "—"
     )
-    wall = recipe["wall_time_s"]
+    wall = recipe["wall_time_s"]  # None where no seed has a separate run to the budget
+    time = f"{wall['median']:.0f}" if wall else "—"
     collapsed = f"{recipe['collapses_2x']}/{recipe['n_2x']}" if recipe["n_2x"] else "not continued"
     return (
         f"| {name} | {runs[0]['steps']} | {where} | {recipe['onsets']}/{recipe['n']} | {onset} "
         f"| {final['median']:.4f} ({final['min']:.2f}–{final['max']:.2f}) "
         f"| {collapsed} | {final_2x} "
-        f"| {wall['median']:.0f} |"
+        f"| {time} |"
     )
 
 
@@ -44,11 +45,7 @@ def recipe_table(result: dict) -> str:
     collapses when continued to 2× (k of the seeds continued), the final IoU at 2×, and the
     median training time of a run to the budget (s; on the machine and threads its runs
     record)."""
-    lines = [
-        "| recipe | steps | runs | onset | onset steps | final IoU, median (range) "
-        "| collapsed at 2× | final IoU at 2× | training time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = _header()
     parts = [(result, "study")] + ([(result["check"], "check")] if "check" in result else [])
     for part, kind in parts:
         for name, recipe in part["recipes"].items():
@@ -58,3 +55,19 @@ def recipe_table(result: dict) -> str:
             chosen = kind == "check" and name == result["chosen"]["recipe"]
             lines.append(_row(name + (" (chosen)" if chosen else ""), recipe, where))
     return "\n".join(lines)
+
+
+def _header() -> list[str]:
+    return [
+        "| recipe | steps | runs | onset | onset steps | final IoU, median (range) "
+        "| collapsed at 2× | final IoU at 2× | training time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def profile_table(result: dict) -> str:
+    """A profile checked over seeds (:func:`cnet.experiments.profiles.profile_check`) in
+    :func:`recipe_table`'s columns, one row."""
+    devices = sorted({r["device"] for r in result["runs"]})
+    where = f"seeds {seed_list(result['seeds'])}, {', '.join(devices)}"
+    return "\n".join([*_header(), _row(f"{result['profile']} profile", result, where)])

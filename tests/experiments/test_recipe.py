@@ -621,6 +621,13 @@ def test_a_profile_check_reads_a_seed_run_at_2x_from_scratch_as_its_budget_and_c
     assert len(a["commands"]) == 2 and len(b["commands"]) == 1
     assert result["onsets"] == 2 and result["n_2x"] == 2 and result["collapses_2x"] == 0
     assert result["wall_time_s"]["median"] == 25.0
+    from cnet.course.recipe_report import profile_table
+
+    row = profile_table(result).splitlines()[-1]
+    assert row == (
+        "| full profile | 400 | seeds 0–1, cpu | 2/2 | 200 | 0.8500 (0.85–0.85) | 0/2 "
+        "| 0.88 (0.88–0.88) | 25 |"
+    )
 
 
 def test_the_profile_check_command_keeps_its_runs_apart_and_trains_onsets_first(
