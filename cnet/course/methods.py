@@ -184,7 +184,8 @@ def equal_time_contrasts(result: dict) -> list[dict]:
 
 def equal_time_table(result: dict) -> str:
     """One row per method of the equal-wall-time arm: its updates, the bench's step-time ratio
-    and the time its updates take at the bench's step time (the budget, equal by construction),
+    and the time its updates take at the bench's step time (the budget: equal to within the
+    rounding of the updates to the evaluation interval),
     the runs' own wall time (mean and range over seeds: evaluations included, and whatever else
     the machine ran), onsets, final fidelity and prompt-free layout IoU (mean ± sd over seeds),
     and its final IoU against its own 800-update runs seed by seed (mean difference, seeds

@@ -59,7 +59,7 @@ from ..train.data import cache_data
 from ..train.evaluation import evaluate
 from ..train.loop import train
 from ..train.models import build_controlnet, load_base
-from ..train.runs import load_checkpoint, read_log, result_prefix
+from ..train.runs import load_checkpoint, read_log, result_prefix, run_finished
 
 __all__ = [
     "ABLATION_SETTINGS",
@@ -391,9 +391,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 def finished(variant: str, seed: int, root: str | Path = "runs/ablate") -> bool:
     """Whether the run has reached its steps (its ``run.json`` says so)."""
-    config = ablation_config(variant, seed, root)
-    summary = Path(config.out) / "run.json"
-    return summary.exists() and json.loads(summary.read_text())["steps"] == config.steps
+    return run_finished(ablation_config(variant, seed, root))
 
 
 def summarize(

@@ -67,7 +67,7 @@ from ..train.evaluation import evaluate
 from ..train.loop import train
 from ..train.models import build_trained, controlled_by, load_base
 from ..train.optim import pretrained_parameters
-from ..train.runs import load_checkpoint, read_log, result_prefix
+from ..train.runs import load_checkpoint, read_log, result_prefix, run_finished
 from ..world.finetune import style_of
 from .ablate import noisy_evaluation_inputs, spread
 from .composition import composition_scenes, measure_compositions
@@ -79,6 +79,7 @@ __all__ = [
     "SECOND_TASK",
     "SEEDS",
     "TRANSFER_BASE",
+    "aggregate_runs",
     "compare_methods",
     "equal_time_command",
     "equal_time_config",
@@ -148,7 +149,11 @@ def train_command(
     :data:`SECOND_TASK`: the method's second control)."""
     second = {"task": task} if task != "fill" else {}
     out = f"{root}/{name}/" + (f"{task}-seed{seed}" if second else f"seed{seed}")
-    flags = {**METHODS_COMPARED[name], **second, "seed": seed, "out": out}
+    return _train_line({**METHODS_COMPARED[name], **second, "seed": seed, "out": out})
+
+
+def _train_line(flags: dict) -> str:
+    """The quick profile with ``flags``, as a ``python -m cnet train`` line."""
     return "python -m cnet train --profile quick " + " ".join(
         f"--{k} {v}" for k, v in flags.items()
     )
@@ -190,9 +195,7 @@ def equal_time_command(name: str, seed: int, root: str | Path, cost: dict) -> st
     changed = ("steps", "lr_decay_start", "lr_decay_steps")
     flags = {**METHODS_COMPARED[name], "seed": seed, "out": config.out}
     flags |= {k: getattr(config, k) for k in changed if getattr(config, k) != getattr(own, k)}
-    return "python -m cnet train --profile quick " + " ".join(
-        f"--{k} {v}" for k, v in flags.items()
-    )
+    return _train_line(flags)
 
 
 def _check(names: Sequence[str], seeds: Sequence[int]) -> None:
@@ -225,8 +228,12 @@ def run_equal_time(
     """Train (or resume, or leave) the equal-wall-time runs that are not the methods' own (of
     the methods the bench timed)."""
     timed = [n for n in names if n in cost["step_time_ratio"]]
-    configs = [equal_time_config(n, s, root, cost) for n in timed for s in seeds]
-    configs = [c for c in configs if Path(c.out).name.startswith("time-")]
+    configs = [
+        equal_time_config(n, s, root, cost)
+        for n in timed
+        for s in seeds
+        if equal_time_steps(n, cost) != method_config(n, s, root).steps  # else its own runs
+    ]
     for config in configs:
         print(f"--- {config.out}")
         train(config, profile="methods")
@@ -236,13 +243,7 @@ def run_equal_time(
 def finished(name: str, seed: int, root: str | Path = "runs/methods", second: bool = False) -> bool:
     """Whether the run (or its second control's) has reached its steps (its ``run.json`` says
     so)."""
-    config = (second_control_config if second else method_config)(name, seed, root)
-    return _reached(config)
-
-
-def _reached(config: TrainConfig) -> bool:
-    summary = Path(config.out) / "run.json"
-    return summary.exists() and json.loads(summary.read_text())["steps"] == config.steps
+    return run_finished((second_control_config if second else method_config)(name, seed, root))
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,6 +415,11 @@ RUN_MEASURES = {
 }
 
 
+def aggregate_runs(runs: list[dict]) -> dict:
+    """Each of :data:`RUN_MEASURES` over a method's runs, seed by seed (:func:`spread`)."""
+    return {k: spread([f(r) for r in runs]) for k, f in RUN_MEASURES.items()}
+
+
 def _composition_change(composition: dict | None) -> float | None:
     if not composition or composition["second"]["onset"] is None:
         return None
@@ -466,7 +472,7 @@ def summarize_methods(
             )
         result["methods"][name] = {
             "runs": runs,
-            "aggregate": {k: spread([f(r) for r in runs]) for k, f in RUN_MEASURES.items()},
+            "aggregate": aggregate_runs(runs),
             "train_commands": [train_command(name, s, root) for s in seeds],
             "trainable_parameters": runs[0]["trainable_parameters"],
         }
@@ -526,7 +532,7 @@ def summarize_equal_time(result: dict, root: str | Path, cost: dict) -> dict:
         if configs[0].steps == method_config(name, seeds[0], root).steps:
             arm["methods"][name] = {"same_runs": True, "train_commands": commands}
             continue
-        if not all(_reached(c) for c in configs):
+        if not all(run_finished(c) for c in configs):
             arm["not_run"][name] = commands
             continue
         if pipe is None:
@@ -535,7 +541,7 @@ def summarize_equal_time(result: dict, root: str | Path, cost: dict) -> dict:
         runs = [measure_method_run(c.out, pipe, fine_tune) for c in configs]
         arm["methods"][name] = {
             "runs": runs,
-            "aggregate": {k: spread([f(r) for r in runs]) for k, f in RUN_MEASURES.items()},
+            "aggregate": aggregate_runs(runs),
             "train_commands": commands,
         }
     return arm

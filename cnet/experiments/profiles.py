@@ -13,13 +13,13 @@ from pathlib import Path
 
 from ..train.config import PROFILES, SettingError, TrainConfig
 from ..train.loop import train
+from ..train.runs import run_finished
 from .recipe import (
     COLLAPSE_SHARE,
     ONSET_MARGIN,
     aggregate_seeds,
     copy_run,
     measure_run_pair,
-    run_finished,
 )
 
 __all__ = ["PROFILE_CHECK_SEEDS", "profile_check", "profile_command", "profile_config"]

@@ -40,7 +40,7 @@ from ..train.convergence import (
     onset_step,
 )
 from ..train.loop import train
-from ..train.runs import read_log
+from ..train.runs import read_log, run_finished
 
 __all__ = [
     "BUDGET_SAMPLES",
@@ -59,7 +59,6 @@ __all__ = [
     "recipe_command",
     "recipe_config",
     "recipe_study",
-    "run_finished",
     "run_recipes",
     "summarize_recipes",
 ]
@@ -305,12 +304,6 @@ def _caught(loss: list[float], iou: list[float]) -> bool:
     return any(fidelity_collapsed(iou[: i + 1]) for i in range(len(iou))) or any(
         loss_spiked(loss[: i + 1]) for i in range(4 * LOSS_WINDOW - 1, len(loss))
     )
-
-
-def run_finished(config: TrainConfig) -> bool:
-    """Whether the run has reached its steps (its ``run.json`` says so)."""
-    record = Path(config.out) / "run.json"  # a continuation holds a copy of the first's until
-    return record.exists() and json.loads(record.read_text())["steps"] == config.steps
 
 
 def measure_recipe_run(recipe: str, seed: int, root: str | Path = "runs/recipe") -> dict:

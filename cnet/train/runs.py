@@ -47,6 +47,7 @@ __all__ = [
     "read_config",
     "read_log",
     "result_prefix",
+    "run_finished",
     "save_checkpoint",
     "save_weights",
     "store_half",
@@ -136,6 +137,13 @@ def read_config(run: str | Path) -> TrainConfig:
 # ------------------------------------------------------------------------------------------
 
 RUN_FILES = ("log.jsonl", "config.json", "run.json")
+
+
+def run_finished(config: TrainConfig) -> bool:
+    """Whether the run ``config`` asks for has reached its steps: its ``run.json`` says so (a
+    continuation's folder holds a copy of the shorter run's until it has run on)."""
+    record = Path(config.out) / "run.json"
+    return record.exists() and json.loads(record.read_text())["steps"] == config.steps
 
 
 def result_prefix(config: TrainConfig) -> str:
