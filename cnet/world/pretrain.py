@@ -86,60 +86,25 @@ __all__ = ["Settings", "PROFILES", "pretrain"]
 STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3, "style": 4}
 # What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
 # how often it saves, the later stage's settings) but none of these.
+# The VAE's settings decide the latents every later stage trains on, so they are the later stages'
+# too (the style fine-tune starts from a shipped base, whose VAE it does not retrain).
+_VAE_SETTINGS = (
+    "size",
+    "resolution",
+    "seed",
+    "vae_steps",
+    "vae_batch",
+    "vae_lr",
+    "kl_weight",
+    "warmup_steps",
+    "dataset_size",
+)
+_UNET_SETTINGS = ("unet_steps", "unet_batch", "unet_lr", "empty_prompt_ratio", "ema_decay")
 STAGE_SETTINGS = {
-    "vae": (
-        "size",
-        "resolution",
-        "seed",
-        "vae_steps",
-        "vae_batch",
-        "vae_lr",
-        "kl_weight",
-        "warmup_steps",
-        "dataset_size",
-    ),
-    "unet": (
-        "size",
-        "resolution",
-        "seed",
-        "vae_steps",
-        "vae_batch",
-        "vae_lr",
-        "kl_weight",
-        "warmup_steps",
-        "dataset_size",
-        "unet_steps",
-        "unet_batch",
-        "unet_lr",
-        "empty_prompt_ratio",
-        "ema_decay",
-    ),
-    "decoder": (
-        "size",
-        "resolution",
-        "seed",
-        "vae_steps",
-        "vae_batch",
-        "vae_lr",
-        "kl_weight",
-        "warmup_steps",
-        "dataset_size",
-        "decoder_steps",
-        "decoder_batch",
-        "decoder_lr",
-    ),
-    "style": (
-        "resolution",
-        "seed",
-        "warmup_steps",
-        "dataset_size",
-        "unet_steps",
-        "unet_batch",
-        "unet_lr",
-        "empty_prompt_ratio",
-        "ema_decay",
-        "style",
-    ),
+    "vae": _VAE_SETTINGS,
+    "unet": (*_VAE_SETTINGS, *_UNET_SETTINGS),
+    "decoder": (*_VAE_SETTINGS, "decoder_steps", "decoder_batch", "decoder_lr"),
+    "style": ("resolution", "seed", "warmup_steps", "dataset_size", *_UNET_SETTINGS, "style"),
 }
 
 
