@@ -123,3 +123,11 @@ def tiny_sd_pipeline():
     text_encoder = build_text_encoder(tokenizer, size="tiny")
     unet = build_unet(text_encoder.config.hidden_size, size="tiny")
     return build_pipeline(build_vae(size="tiny"), text_encoder, tokenizer, unet)
+
+
+def tiny_run(base, **settings) -> dict:
+    """The settings of the smallest run of the real loop on a tiny base: 4 updates of batch 4
+    from 16 training images, 4 evaluation conditions sampled in 2 steps; ``settings`` add to
+    them or replace them."""
+    smallest = dict(base=str(base), steps=4, batch_size=4, train_size=16, eval_size=4, eval_steps=2)
+    return {**smallest, **settings}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_unets import inputs, tiny_unet, unet_config
+from _tiny_unets import inputs, tiny_run, tiny_unet, unet_config
 
 import cnet.experiments.ablate as ablate
 from cnet import ControlledUNet, ControlNet
@@ -205,17 +205,7 @@ def test_first_three_updates_exactly(base, tmp_path):
 
 @pytest.mark.slow
 def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
-    settings = dict(
-        base=str(base),
-        steps=6,
-        eval_every=1,
-        batch_size=4,
-        train_size=16,
-        eval_size=4,
-        eval_steps=2,
-        lr=2e-3,
-        device="cpu",
-    )
+    settings = tiny_run(base, steps=6, eval_every=1, lr=2e-3, device="cpu")
     monkeypatch.setattr(ablate, "ABLATION_SETTINGS", settings)
     root = tmp_path / "ablate"
     runs = ablate.run_studies(["lite"], seeds=[0], root=root)
@@ -249,17 +239,7 @@ def test_summary_of_tiny_studies(base, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_continued_variant_starts_from_the_run_it_continues(base, tmp_path, monkeypatch):
-    settings = dict(
-        base=str(base),
-        steps=4,
-        eval_every=2,
-        batch_size=4,
-        train_size=16,
-        eval_size=4,
-        eval_steps=2,
-        lr=2e-3,
-        device="cpu",
-    )
+    settings = tiny_run(base, steps=4, eval_every=2, lr=2e-3, device="cpu")
     monkeypatch.setattr(ablate, "ABLATION_SETTINGS", settings)
     monkeypatch.setitem(ablate.VARIANTS, "default-2x", {"steps": 6})
     root = tmp_path / "ablate"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _tiny_unets import tiny_run
 
 import cnet.experiments.methods as methods
 from cnet.train import SettingError
@@ -66,18 +67,7 @@ def test_a_method_not_compared_is_refused_in_one_line():
 
 @pytest.mark.slow
 def test_tiny_runs_of_every_method_measured_and_summarized(base, tmp_path, monkeypatch):
-    tiny = dict(
-        base=str(base),
-        steps=4,
-        eval_every=1,
-        batch_size=4,
-        train_size=16,
-        eval_size=4,
-        eval_steps=2,
-        lr=2e-3,
-        copy_lr_scale=0.5,
-        device="cpu",
-    )
+    tiny = tiny_run(base, eval_every=1, lr=2e-3, copy_lr_scale=0.5, device="cpu")
     monkeypatch.setitem(PROFILES, "quick", tiny)
     monkeypatch.setattr(methods, "TRANSFER_BASE", str(base))
     root = tmp_path / "methods"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_unets import tiny_run
 from safetensors.torch import load_file
 
 from cnet.experiments.recipe import (
@@ -142,20 +143,8 @@ def test_a_loss_spike_needs_history_and_a_doubling():
 
 
 def _config(base, out, **kw):
-    settings = dict(
-        base=str(base),
-        out=str(out),
-        steps=4,
-        batch_size=4,
-        train_size=16,
-        eval_size=4,
-        eval_every=1,
-        eval_steps=2,
-        checkpoint_every=1,
-        lr=1e-3,
-    )
-    settings.update(kw)
-    return TrainConfig(**settings)
+    settings = tiny_run(base, out=str(out), eval_every=1, checkpoint_every=1, lr=1e-3)
+    return TrainConfig(**{**settings, **kw})
 
 
 def _scripted_evaluations(monkeypatch, values):

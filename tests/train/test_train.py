@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny_unets import tiny_run
 from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -44,20 +45,8 @@ def load_file_metadata(path) -> dict:
 
 
 def _config(base, out, **kw):
-    settings = dict(
-        base=str(base),
-        out=str(out),
-        steps=4,
-        batch_size=4,
-        train_size=16,
-        eval_size=4,
-        eval_every=0,
-        eval_steps=2,
-        checkpoint_every=2,
-        lr=1e-3,
-    )
-    settings.update(kw)
-    return TrainConfig(**settings)
+    settings = tiny_run(base, out=str(out), eval_every=0, checkpoint_every=2, lr=1e-3)
+    return TrainConfig(**{**settings, **kw})
 
 
 def test_first_step_zero_gradient_to_the_copy_then_nonzero(base):
