@@ -169,10 +169,8 @@ def run_recipe(args: argparse.Namespace) -> None:
     root = args.root or ("runs/full-check" if args.profile else "runs/recipe")
     args.root, args.results = root, args.results or f"{root}/{args.profile or 'recipe'}_study.json"
     if args.profile:  # a profile as it stands over the seeds, instead of the recipes
-        if args.recipes or args.check or args.earlier or args.figures:
-            raise SettingError(
-                f"profile: {args.profile!r} takes no --recipes/check/earlier/figures"
-            )
+        if args.recipes or args.check or args.earlier:
+            raise SettingError(f"profile: {args.profile!r} takes no --recipes/check/earlier")
         options = (not args.no_train, command.strip(), not args.no_continuation)
         result = profile_check(args.profile, args.seeds, root, *options)
     else:
@@ -192,7 +190,7 @@ def run_recipe(args: argparse.Namespace) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
-    if args.figures and not args.profile:
+    if args.figures:
         from .course.figures import write_recipe_figures
 
         for path in write_recipe_figures(result, Path(args.results).parent):
@@ -439,7 +437,7 @@ def _add_recipe(sub) -> None:
     recipe.add_argument(
         "--figures",
         action="store_true",
-        help="draw recipe_study.png (and recipe_check.png) beside --results",
+        help="draw recipe_study.png (and recipe_check.png), or <profile>_check.png, by --results",
     )
     recipe.add_argument(
         "--earlier",

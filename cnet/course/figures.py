@@ -172,9 +172,12 @@ def write_run_figures(
 
 def write_recipe_figures(result: dict, folder: str | Path) -> list[Path]:
     """The recipe study's figure (``recipe_study.png``) and, where the study checked its choice
-    on more seeds, that check's (``recipe_check.png``), in ``folder``."""
-    from .training_plots import plot_recipe_study
+    on more seeds, that check's (``recipe_check.png``), in ``folder``; for a profile checked over
+    seeds (``python -m cnet recipe --profile P``), ``P_check.png``."""
+    from .training_plots import plot_profile_check, plot_recipe_study
 
+    if "profile" in result:
+        return [save_figure(plot_profile_check(result), f"{result['profile']}_check", folder)]
     parts = (("recipe_study", result), ("recipe_check", result.get("check")))
     # one panel per recipe, ten seeds each: at 80 dpi, so that notebook 05, which shows the
     # check, stays within the size a stored notebook may have

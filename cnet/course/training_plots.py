@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
+from ..train.config import TrainConfig
+from .recipe_report import seed_list
+
 # ------------------------------------------------------------------------------------------
 # Training a ControlNet: curves and samples from a run's log.jsonl and samples.safetensors
 # ------------------------------------------------------------------------------------------
@@ -227,10 +230,30 @@ def plot_knob_comparison(comparison: dict, knob: str, label: str = "") -> plt.Fi
     return fig
 
 
+def _seed_curves_panel(ax, title: str, checked: dict) -> None:
+    """One recipe or profile checked over seeds: every seed's fidelity over its run and the
+    continuation to twice its steps (dotted line: the budget), onsets marked, the tally in the
+    title."""
+    for run in checked["runs"]:  # a seed keeps its colour in every panel
+        colour = plt.cm.tab10.colors[run["seed"] % 10]
+        ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1, label=f"seed {run['seed']}")
+        if run["onset"] is not None:
+            i = run["eval_steps"].index(run["onset"])
+            ax.plot(run["onset"], run["iou"][i], "o", color=colour, ms=4)
+    ax.axvline(checked["runs"][0]["steps"], color="grey", ls=":", lw=1)
+    longer = (
+        f"collapsed at 2× {checked['collapses_2x']}/{checked['n_2x']}"
+        if checked["n_2x"]
+        else "not continued"
+    )
+    ax.set_title(f"{title}\nonset {checked['onsets']}/{checked['n']}, {longer}", fontsize=8)
+    ax.set_xlabel("training step", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
 def plot_recipe_study(result: dict) -> plt.Figure:
-    """The recipe study (:func:`cnet.experiments.recipe.summarize_recipes`): one panel per recipe,
-    every seed's fidelity over its run and the continuation to twice its steps (the dotted
-    line: the budget), onsets marked, and the recipe's tally in the title."""
+    """The recipe study (:func:`cnet.experiments.recipe.summarize_recipes`): one panel per recipe
+    (:func:`_seed_curves_panel`)."""
     recipes = result["recipes"]
     columns = min(4, len(recipes))  # at most four panels a row: readable on a slide
     rows = -(-len(recipes) // columns)
@@ -240,21 +263,7 @@ def plot_recipe_study(result: dict) -> plt.Figure:
     for ax in axes.flat[len(recipes) :]:
         ax.set_visible(False)
     for ax, (name, recipe) in zip(axes.flat, recipes.items()):
-        for run in recipe["runs"]:  # a seed keeps its colour in every panel
-            colour = plt.cm.tab10.colors[run["seed"] % 10]
-            ax.plot(run["eval_steps"], run["iou"], color=colour, lw=1, label=f"seed {run['seed']}")
-            if run["onset"] is not None:
-                i = run["eval_steps"].index(run["onset"])
-                ax.plot(run["onset"], run["iou"][i], "o", color=colour, ms=4)
-        ax.axvline(recipe["runs"][0]["steps"], color="grey", ls=":", lw=1)
-        longer = (
-            f"collapsed at 2× {recipe['collapses_2x']}/{recipe['n_2x']}"
-            if recipe["n_2x"]
-            else "not continued"
-        )
-        ax.set_title(f"{name}\nonset {recipe['onsets']}/{recipe['n']}, {longer}", fontsize=8)
-        ax.set_xlabel("training step", fontsize=8)
-        ax.tick_params(labelsize=7)
+        _seed_curves_panel(ax, name, recipe)
     for row in axes:
         row[0].set_ylabel("IoU (32 evaluation conditions)", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="lower right")
@@ -262,6 +271,24 @@ def plot_recipe_study(result: dict) -> plt.Figure:
         f"each run's budget (dotted line: {result['budget_samples']} training samples, or the "
         "steps a recipe names), then continued to twice that; dots: onsets; step 0: the "
         "locked base's fidelity",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_profile_check(result: dict) -> plt.Figure:
+    """A profile checked over seeds (:func:`cnet.experiments.profiles.profile_check`): every
+    seed's fidelity to the profile's steps and on to twice them, onsets marked."""
+    settings = TrainConfig(**result["settings"])  # the profile's values over the defaults
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    title = f"{result['profile']} profile, seeds {seed_list(result['seeds'])}"
+    _seed_curves_panel(ax, title, result)
+    ax.set_ylabel(f"IoU ({settings.eval_size} evaluation conditions)", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"dotted line: the profile's {settings.steps} updates, then continued to twice them; "
+        "dots: onsets",
         fontsize=8,
     )
     fig.tight_layout()

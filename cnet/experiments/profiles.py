@@ -3,7 +3,7 @@
 twice them; onsets k of n, collapses at 2×, the spread of the final fidelity.
 
     python -m cnet recipe --profile full --seeds 0 1 2 3 4 --root runs/full-check \\
-        --results figures/full_check.json
+        --results figures/full_check.json --figures
 """
 
 from __future__ import annotations

@@ -617,6 +617,39 @@ def test_a_profile_check_reads_a_seed_run_at_2x_from_scratch_as_its_budget_and_c
         "| full profile | 400 | seeds 0–1, cpu | 2/2 | 200 | 0.8500 (0.85–0.85) | 0/2 "
         "| 0.88 (0.88–0.88) | 25 |"
     )
+    from cnet.course.training_plots import plot_profile_check
+
+    ax = plot_profile_check(result).axes[0]
+    assert ax.get_title() == "full profile, seeds 0–1\nonset 2/2, collapsed at 2× 0/2"
+    assert ax.get_ylabel() == "IoU (32 evaluation conditions)"  # the default eval_size
+    curves = [line for line in ax.lines if line.get_label().startswith("seed")]
+    assert [list(line.get_ydata()) for line in curves] == [a["iou"], b["iou"]]
+    dots = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [(d.get_xdata()[0], d.get_ydata()[0]) for d in dots] == [(200, a["iou"][2])] * 2
+
+
+SHIPPED_FULL_CHECK = ROOT / "figures" / "full_check.json"
+
+
+def test_the_shipped_full_profile_check_starts_and_holds_on_every_seed_and_the_readme_quotes_it():
+    """figures/full_check.json, the full profile over five seeds: onset on each within its
+    3000 updates, none collapsed at 6000 (final IoU at least 0.9 x its best), each run made by
+    the line it records; README.md shows its table."""
+    from cnet.course.recipe_report import profile_table
+    from cnet.experiments.profiles import PROFILE_CHECK_SEEDS, profile_command
+    from cnet.experiments.recipe import COLLAPSE_SHARE
+
+    check = json.loads(SHIPPED_FULL_CHECK.read_text())
+    assert check["profile"] == "full" and check["seeds"] == list(PROFILE_CHECK_SEEDS)
+    assert check["not_run"] == [] and check["onsets"] == check["n"] == 5
+    assert check["n_2x"] == 5 and check["collapses_2x"] == 0
+    for run in check["runs"]:
+        assert run["onset"] is not None and run["onset"] <= 3000
+        assert run["final_iou_2x"] >= COLLAPSE_SHARE * run["best_iou_2x"]
+        assert not run["collapsed_2x"]
+        root = str(Path(run["commands"][-1].split("--out ")[1].split()[0]).parent)
+        assert run["commands"][-1] == profile_command("full", run["seed"], root, continued=True)
+    assert profile_table(check) in (ROOT / "README.md").read_text()
 
 
 def test_the_profile_check_command_keeps_its_runs_apart_and_trains_onsets_first(
@@ -653,5 +686,5 @@ def test_the_profile_check_command_keeps_its_runs_apart_and_trains_onsets_first(
     assert "out" not in result["settings"] and result["command"].endswith("--seeds 0 1")
     assert main(["recipe", "--profile", "full", "--recipes", "b16-lr2e-3"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "error: profile: 'full' takes no --recipes/check/earlier/figures"
+        "error: profile: 'full' takes no --recipes/check/earlier"
     )
