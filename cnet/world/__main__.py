@@ -2,12 +2,15 @@
 
     python -m cnet.world pretrain --profile quick|full --out FOLDER [--run_dir DIR] [--field VALUE]
     python -m cnet.world finetune --profile quick|full --out FOLDER [--base FOLDER] [--style S]
+    python -m cnet.world refine-decoder --profile quick|full --seeds N [N ...] --root DIR
+                                        [--base FOLDER] [--results FILE] [--samples N]
     python -m cnet.world evaluate --model FOLDER [--samples N] [--profile full] [--seed S]
     python -m cnet.world export --layout tutorial|imagefolder --out FOLDER [--samples N]
                                 [--task fill|canny|...] [--resolution R]
 
-``pretrain`` and ``finetune`` take every field of ``cnet.world.pretrain.Settings`` as
-``--field VALUE``, applied on top of the profile (nanoGPT-style: plain values, overridable).
+``pretrain``, ``finetune`` and ``refine-decoder`` take every field of
+``cnet.world.pretrain.Settings`` as ``--field VALUE``, applied on top of the profile
+(nanoGPT-style: plain values, overridable).
 This module parses and dispatches; the work is in the modules it names. A bad value is refused
 with one line naming the setting, before any work starts, as ``python -m cnet`` refuses it
 (``error: ...`` on stderr, exit status 2).
@@ -36,6 +39,10 @@ def _training_profiles(name: str) -> dict:
         from .pretrain import PROFILES
 
         return PROFILES
+    if name == "refine-decoder":
+        from .decoder import REFINE_PROFILES
+
+        return REFINE_PROFILES
     from .finetune import FINETUNE_PROFILES
 
     return FINETUNE_PROFILES
@@ -63,6 +70,40 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> None:
     if not (args.base / "model_index.json").exists():
         raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
     finetune(args.base, settings, args.out, run_dir, command=_command(argv))
+
+
+def _refine_decoder(args: argparse.Namespace, argv: list[str]) -> None:
+    import json
+
+    from .decoder import decoder_study
+    from .pretrain import Settings
+
+    settings = settings_from_flags(
+        Settings, args, _training_profiles("refine-decoder")[args.profile]
+    ).check()
+    if args.seed is not None:
+        raise SettingError(f"seed: {args.seed!r} is not allowed here; the seeds are --seeds")
+    if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        raise SettingError(
+            f"seeds: {args.seeds!r} is not allowed; expected different integers >= 0"
+        )
+    if not 2 <= args.samples <= 1000:
+        raise SettingError(
+            f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
+        )
+    if not (args.base / "model_index.json").exists():
+        raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
+    if args.results is not None and args.results.exists() and not args.overwrite:
+        raise SettingError(f"results: {args.results} exists; pass --overwrite")
+    command = " ".join(_command(argv))
+    result = decoder_study(args.base, settings, args.seeds, args.root, args.samples, command)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.results.with_suffix(".partial")
+        partial.write_text(text)
+        partial.replace(args.results)
+    print(text, end="")
 
 
 def _evaluate(args: argparse.Namespace, argv: list[str]) -> None:
@@ -112,6 +153,7 @@ def _parser(chosen: str | None = None) -> argparse.ArgumentParser:
     for name, help_text in (
         ("pretrain", "pretrain the miniature Stable Diffusion (VAE, U-Net, decoder)"),
         ("finetune", "fine-tune a base's U-Net to another style"),
+        ("refine-decoder", "refine a base's VAE decoder alone, over seeds, and measure its specks"),
     ):
         command = sub.add_parser(name, help=help_text)
         if name != chosen:  # only the command being run reads its flags
@@ -119,19 +161,28 @@ def _parser(chosen: str | None = None) -> argparse.ArgumentParser:
         from .pretrain import Settings
 
         command.add_argument("--profile", choices=sorted(_training_profiles(name)), default="quick")
-        command.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
-        command.add_argument(
-            "--run_dir",
-            type=Path,
-            default=None,
-            help="checkpoints and log (default: runs/<out's name>); resumes from it",
-        )
-        if name == "finetune":
+        if name == "refine-decoder":
+            command.add_argument("--seeds", type=int, nargs="+", required=True)
+            command.add_argument(
+                "--root", type=Path, required=True, help="run folders <root>/seed-<n>; resumed"
+            )
+            command.add_argument("--results", type=Path, default=None, help="JSON to write")
+            command.add_argument("--overwrite", action="store_true", help="replace --results")
+            command.add_argument("--samples", type=int, default=200)
+        else:
+            command.add_argument("--out", type=Path, required=True, help="folder for the pipeline")
+            command.add_argument(
+                "--run_dir",
+                type=Path,
+                default=None,
+                help="checkpoints and log (default: runs/<out's name>); resumes from it",
+            )
+        if name != "pretrain":
             command.add_argument(
                 "--base",
                 type=Path,
                 default=Path("models/miniature-sd"),
-                help="the pipeline folder to fine-tune",
+                help="the pipeline folder to fine-tune or refine",
             )
         add_flags(command, Settings)
     evaluate = sub.add_parser(
@@ -157,7 +208,13 @@ def _parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "export": _export}
+COMMANDS = {
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "refine-decoder": _refine_decoder,
+    "evaluate": _evaluate,
+    "export": _export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from ..settings import SettingError
 from .data import FillDataset, ShapesDataset
 from .model import load_pipeline
 from .palette import STYLES
-from .pretrain import STAGE_SETTINGS, Settings, _latest_entries, _train_unet
+from .pretrain import STAGE_SETTINGS, Settings, _latest_entries, _train_unet, refuse_unused
 
 __all__ = ["FINETUNE_PROFILES", "finetune", "style_of"]
 
@@ -112,12 +112,7 @@ def _check(settings: Settings) -> Settings:
     base's own style, is refused in one line."""
     s = settings.check()
     used = (*STAGE_SETTINGS["style"], "checkpoint_every", "threads")
-    for name, value in dataclasses.asdict(s).items():
-        if name not in used and value != getattr(Settings(), name):
-            raise SettingError(
-                f"{name}: {value!r} is not allowed for a fine-tune, which trains "
-                f"the base's U-Net as it is; expected only {', '.join(used)}"
-            )
+    refuse_unused(s, used, "a fine-tune, which trains the base's U-Net as it is")
     if s.style == "plain":
         raise SettingError(
             "style: 'plain' is not allowed for a fine-tune; expected a style the "

@@ -12,7 +12,9 @@ known exactly and every colour in a prompt is a palette entry, so the check is d
 * **edge F1** with a pixel tolerance (outline, Canny);
 * **depth-order accuracy**: for each pair of overlapping shapes, is the nearer one drawn on top;
 * **prompt adherence**: are the prompted colours the ones drawn;
-* **shape fit**: which shape best explains a foreground mask, by IoU with a fitted template.
+* **shape fit**: which shape best explains a foreground mask, by IoU with a fitted template;
+* **specks**: pixels of neither of an image's two colours nor any blend of them (a soft edge
+  blends them; the decoder's dark speck on a circle's edge does not).
 
 Images are (B, 3, H, W) tensors in [-1, 1]; masks are (B, H, W) bool tensors.
 """
@@ -41,6 +43,9 @@ __all__ = [
     "depth_order_accuracy",
     "colours_drawn",
     "fit_shape",
+    "SPECK_DISTANCE",
+    "off_blend_distance",
+    "worst_specks",
 ]
 
 
@@ -260,3 +265,46 @@ def vae_round_trip(pipe, images: torch.Tensor) -> torch.Tensor:
     alone keeps of them."""
     latents = pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
     return pipe.vae.decode(latents).sample.float().cpu()
+
+
+#: A pixel at least this far (RGB distance, channels in [0, 1]) from every blend of its image's
+#: two colours is a speck: a tenth of the palette's smallest gap would be invisible, this is not.
+SPECK_DISTANCE = 0.25
+
+
+def off_blend_distance(
+    images: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor, style: str = "plain"
+) -> torch.Tensor:
+    r"""Each pixel's RGB distance (channels in [0, 1]) to the nearest blend
+    :math:`(1-t)\,c_f + t\,c_b,\ t \in [0, 1]` of its image's palette colours ``foreground``
+    and ``background`` (indices (N,)): 0 on either colour and on any soft edge between them.
+    Images (N, 3, H, W) in [-1, 1]; returns (N, H, W)."""
+    rgb = (images.float().clamp(-1, 1) + 1) / 2
+    palette = torch.from_numpy(palette_of(style)).to(rgb)
+    fg = palette[foreground.long()][:, :, None, None]
+    gap = palette[background.long()][:, :, None, None] - fg
+    t = ((rgb - fg) * gap).sum(1, keepdim=True) / (gap * gap).sum(1, keepdim=True).clamp_min(1e-12)
+    return (rgb - (fg + t.clamp(0, 1) * gap)).norm(dim=1)
+
+
+def worst_specks(
+    images: torch.Tensor,
+    foreground: torch.Tensor,
+    background: torch.Tensor,
+    region: torch.Tensor,
+    width: int = 2,
+    style: str = "plain",
+) -> dict[str, torch.Tensor]:
+    """Per image, the largest :func:`off_blend_distance` within ``width`` pixels of the
+    boundary of ``region`` (N, H, W) bool (``"edge"``), and elsewhere (``"away"``); an image
+    has a speck there where that is at least :data:`SPECK_DISTANCE`."""
+    distance = off_blend_distance(images, foreground, background, style)
+    inside = region.float()[:, None]
+    size = 2 * width + 1
+    grown = F.max_pool2d(inside, size, 1, width)
+    shrunk = -F.max_pool2d(-inside, size, 1, width)
+    near = (grown != shrunk)[:, 0]
+    return {
+        "edge": torch.where(near, distance, torch.zeros_like(distance)).flatten(1).amax(1),
+        "away": torch.where(near, torch.zeros_like(distance), distance).flatten(1).amax(1),
+    }

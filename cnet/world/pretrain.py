@@ -81,9 +81,9 @@ from .model import (
 )
 from .palette import STYLES
 
-__all__ = ["Settings", "PROFILES", "pretrain"]
+__all__ = ["Settings", "PROFILES", "pretrain", "refuse_unused", "worst_pixel_error"]
 
-STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3, "style": 4}
+STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3, "style": 4, "refine": 5}
 # What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
 # how often it saves, the later stage's settings) but none of these.
 # The VAE's settings decide the latents every later stage trains on, so they are the later stages'
@@ -99,12 +99,15 @@ _VAE_SETTINGS = (
     "warmup_steps",
     "dataset_size",
 )
+_DECODER_SETTINGS = ("decoder_steps", "decoder_batch", "decoder_lr", "decoder_worst_weight")
 _UNET_SETTINGS = ("unet_steps", "unet_batch", "unet_lr", "empty_prompt_ratio", "ema_decay")
 STAGE_SETTINGS = {
     "vae": _VAE_SETTINGS,
     "unet": (*_VAE_SETTINGS, *_UNET_SETTINGS),
-    "decoder": (*_VAE_SETTINGS, "decoder_steps", "decoder_batch", "decoder_lr"),
+    "decoder": (*_VAE_SETTINGS, *_DECODER_SETTINGS),
     "style": ("resolution", "seed", "warmup_steps", "dataset_size", *_UNET_SETTINGS, "style"),
+    # a shipped base's decoder refined (cnet.world.decoder), its VAE's encoder kept
+    "refine": ("resolution", "seed", "warmup_steps", "dataset_size", *_DECODER_SETTINGS),
 }
 
 
@@ -128,6 +131,9 @@ class Settings:
     decoder_steps: int = 10  # 0 skips the decoder fine-tune
     decoder_batch: int = 16
     decoder_lr: float = 5e-4
+    # weight of worst_pixel_error in the decoder's loss (0: squared error alone, as the shipped
+    # base's stage 3 was trained)
+    decoder_worst_weight: float = 0.0
     checkpoint_every: int = 20
     dataset_size: int = 50_000  # per family
     threads: int = 1
@@ -152,6 +158,7 @@ class Settings:
                 "decoder_steps": non_negative_int(),
                 "decoder_batch": positive_int(),
                 "decoder_lr": positive_number(),
+                "decoder_worst_weight": non_negative_number(),
                 "warmup_steps": non_negative_int(),
                 "empty_prompt_ratio": fraction(),
                 "ema_decay": decay_rate(),
@@ -169,6 +176,16 @@ class Settings:
                 f"integer >= 16 divisible by {VAE_DOWNSAMPLING}"
             ) from None
         return self
+
+
+def refuse_unused(s: Settings, used: tuple[str, ...], job: str) -> None:
+    """Refuse, in one line, any setting outside ``used`` set away from its default: ``job``
+    (a fine-tune, a decoder refinement) would not read it."""
+    for name, value in dataclasses.asdict(s).items():
+        if name not in used and value != getattr(Settings(), name):
+            raise SettingError(
+                f"{name}: {value!r} is not allowed for {job}; expected only {', '.join(used)}"
+            )
 
 
 PROFILES: dict[str, dict] = {
@@ -252,10 +269,21 @@ def _prepare(
 # ------------------------------------------------------------------------------ stages
 
 
+def worst_pixel_error(decoded: torch.Tensor, images: torch.Tensor, fraction: float = 0.01):
+    r"""The mean, over the batch, of each image's worst ``fraction`` of pixels' squared RGB error
+    :math:`\lVert \hat x_p - x_p \rVert^2`. A speck of a few pixels costs the mean squared
+    error almost nothing; here it is most of what is counted."""
+    errors = ((decoded - images) ** 2).sum(dim=1).flatten(1)
+    worst = max(1, int(errors.shape[1] * fraction))
+    return errors.topk(worst, dim=1).values.mean()
+
+
 def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: str) -> float:
-    """Stage 1 (``"vae"``): the whole VAE, reconstruction + KL. Stage 3 (``"decoder"``): the
-    decoder and the convolution before it, reconstruction only, the encoder frozen."""
-    decoder_only = stage == "decoder"
+    """Stage 1 (``"vae"``): the whole VAE, reconstruction + KL. Stage 3 (``"decoder"``), and a
+    shipped base's decoder refined (``"refine"``): the decoder and the convolution before it, the
+    encoder frozen, reconstruction only, plus ``decoder_worst_weight`` × :func:`worst_pixel_error`
+    where that is set."""
+    decoder_only = stage in ("decoder", "refine")
     steps, batch, peak = (
         (s.decoder_steps, s.decoder_batch, s.decoder_lr)
         if decoder_only
@@ -280,13 +308,22 @@ def _train_autoencoder(vae, datasets, s: Settings, run_dir: Path, log, stage: st
         with torch.set_grad_enabled(not decoder_only):
             posterior = vae.encode(images).latent_dist
             latents = posterior.sample(generator=gen)
-        mse = F.mse_loss(vae.decode(latents).sample, images)
-        loss = mse if decoder_only else mse + s.kl_weight * posterior.kl().mean()
+        decoded = vae.decode(latents).sample
+        mse = F.mse_loss(decoded, images)
+        entry = {"stage": stage, "step": step, "mse": mse.item()}
+        if not decoder_only:
+            loss = mse + s.kl_weight * posterior.kl().mean()
+        elif s.decoder_worst_weight > 0:
+            worst = worst_pixel_error(decoded, images)
+            loss = mse + s.decoder_worst_weight * worst
+            entry["worst"] = worst.item()
+        else:
+            loss = mse
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         schedule.step()
-        log({"stage": stage, "step": step, "mse": mse.item()})
+        log(entry)
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == steps:
             save_checkpoint(
                 run_dir / f"{stage}.safetensors",
@@ -458,8 +495,7 @@ def _latest_entries(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         latest[(entry["stage"], entry["step"])] = entry
-    order = {"vae": 0, "unet": 1, "decoder": 2, "style": 3}
-    return [latest[key] for key in sorted(latest, key=lambda k: (order[k[0]], k[1]))]
+    return [latest[key] for key in sorted(latest, key=lambda k: (STAGE_IDS[k[0]], k[1]))]
 
 
 def _final_losses(path: Path, window: int = 100) -> dict:

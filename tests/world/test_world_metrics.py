@@ -303,3 +303,45 @@ def test_colours_are_named_in_the_styles_palette():
     assert torch.equal(right["layout_iou"], torch.ones(4))
     plain = fidelity(cycled["image"], foreground, background, region)
     assert not plain["colours_ok"].any()
+
+
+def test_off_blend_distance_is_zero_on_every_blend_and_the_distance_to_the_segment_off_it():
+    import numpy as np
+
+    from cnet.world.data import colour_index, palette_of
+    from cnet.world.metrics import off_blend_distance
+
+    fg, bg = colour_index("red"), colour_index("cyan")
+    palette = palette_of("plain").astype(np.float64)
+    blends = [(1 - t) * palette[fg] + t * palette[bg] for t in np.linspace(0, 1, 11)]
+    others = [palette[i] for i in range(len(palette)) if i not in (fg, bg)] + [np.zeros(3)]
+    rgb = torch.tensor(np.stack(blends + others), dtype=torch.float32)  # (P, 3) in [0, 1]
+    images = (rgb.T[None, :, :, None] * 2 - 1).expand(1, 3, len(rgb), 1)
+    distance = off_blend_distance(images, torch.tensor([fg]), torch.tensor([bg]))[0, :, 0]
+    assert distance[: len(blends)].abs().max() < 1e-6
+    # off the segment: its distance to a dense sampling of the segment, in float64
+    t = np.linspace(0, 1, 100_001)[:, None]
+    segment = (1 - t) * palette[fg] + t * palette[bg]
+    expected = [np.linalg.norm(segment - c, axis=1).min() for c in others]
+    assert np.allclose(distance[len(blends) :].numpy(), expected, atol=1e-5)
+
+
+def test_worst_specks_finds_a_dark_pixel_on_the_edge_and_one_away_from_it():
+    from cnet.world.data import colour_index
+    from cnet.world.metrics import SPECK_DISTANCE, worst_specks
+
+    batch = FillDataset(1000, split="eval").batch(range(8))
+    words = [p.split() for p in batch["prompt"]]
+    fg = torch.tensor([colour_index(w[0]) for w in words])
+    bg = torch.tensor([colour_index(w[3]) for w in words])
+    region = torch.as_tensor(batch["layers"]) > 0
+    clean = worst_specks(batch["image"], fg, bg, region)
+    assert clean["edge"].max() < 1e-6 and clean["away"].max() < 1e-6  # the world has none
+    images = batch["image"].clone()
+    ys, xs = torch.nonzero(region[0] & ~torch.roll(region[0], 1, 0), as_tuple=True)  # top rim
+    images[0, :, ys[0], xs[0]] = -1.0  # a black pixel on the circle's edge
+    images[1, :, 0, 0] = -1.0  # and one in the corner, far from it
+    found = worst_specks(images, fg, bg, region)
+    assert found["edge"][0] >= SPECK_DISTANCE and found["away"][0] < 1e-6
+    assert found["away"][1] >= SPECK_DISTANCE and found["edge"][1] < 1e-6
+    assert torch.equal(found["edge"][2:], clean["edge"][2:])
