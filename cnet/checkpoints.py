@@ -170,11 +170,13 @@ def check_resumable(
     steps: int,
     may_change: Iterable[str],
     defaults: Mapping[str, Any] | None = None,
+    remedy: str = "pass a new --out, or --resume false to start over",
 ) -> None:
     """Refuse to resume a checkpoint trained with other settings (except those in
-    ``may_change``, which do not change what the steps already taken computed), or one that is
-    already past the requested ``steps``. A setting the checkpoint does not record (it predates
-    it) counts as its value in ``defaults``, what that checkpoint was trained with."""
+    ``may_change``, which do not change what the steps already taken computed), saying the
+    command's ``remedy``, or one that is already past the requested ``steps``. A setting the
+    checkpoint does not record (it predates it) counts as its value in ``defaults``, what that
+    checkpoint was trained with."""
     metadata = checkpoint_metadata(path)
     step, saved = int(metadata["step"]), json.loads(metadata["config"])
     saved = {**(defaults or {}), **saved}
@@ -185,7 +187,7 @@ def check_resumable(
         raise SettingError(
             f"{path} was trained with other settings ("
             + ", ".join(f"{k}: {saved[k]!r} there, {settings[k]!r} now" for k in changed)
-            + "); pass a new --out, or --resume false to start over"
+            + f"); {remedy}"
         )
     if step > steps:
         raise SettingError(f"{path} is at step {step}, beyond the requested {steps} steps")

@@ -3,7 +3,8 @@
     python -m cnet.world pretrain --profile quick|full --out FOLDER [--run_dir DIR] [--field VALUE]
     python -m cnet.world finetune --profile quick|full --out FOLDER [--base FOLDER] [--style S]
     python -m cnet.world refine-decoder --profile quick|full --seeds N [N ...] --root DIR
-                                        [--base FOLDER] [--results FILE] [--samples N]
+                                        [--base FOLDER] [--results FILE [--overwrite]]
+                                        [--samples N]
     python -m cnet.world evaluate --model FOLDER [--samples N] [--profile full] [--seed S]
     python -m cnet.world export --layout tutorial|imagefolder --out FOLDER [--samples N]
                                 [--task fill|canny|...] [--resolution R]
@@ -93,6 +94,8 @@ def _refine_decoder(args: argparse.Namespace, argv: list[str]) -> None:
         )
     if not (args.base / "model_index.json").exists():
         raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
+    if args.overwrite and args.results is None:
+        raise SettingError("overwrite: given without --results, which it would replace")
     if args.results is not None and args.results.exists() and not args.overwrite:
         raise SettingError(f"results: {args.results} exists; pass --overwrite")
     command = " ".join(_command(argv))

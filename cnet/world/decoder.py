@@ -5,10 +5,10 @@
 
 Decoded images of the miniature base carry a dark speck on a circle's edge: a few pixels that
 are neither of the image's two colours nor a blend of them
-(:func:`cnet.world.metrics.worst_specks`), mostly on the circle's upper left and lower right.
-The VAE's reconstructions of the world's own images carry it nearly as often as the base's
-samples, so it is made in decoding, not by the U-Net. The decoder was trained on the mean squared
-error, to which a speck of a few pixels adds almost nothing.
+(:func:`cnet.world.metrics.worst_specks`). The VAE's reconstructions of the world's own images
+carry it nearly as often as the base's samples, so it is made in decoding, not by the U-Net. The
+decoder was trained on the mean squared error, to which a speck of a few pixels adds almost
+nothing.
 
 The refinement is pretraining's stage 3 once more, from the shipped weights: the decoder and
 the convolution before it train on, the encoder frozen, with each image's worst 1 % of pixels
@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+from ..checkpoints import check_resumable
 from ..settings import SettingError
 from .data import FillDataset, ShapesDataset, colour_index
-from .metrics import FULL_SAMPLER, SPECK_DISTANCE, classify_colours, fidelity, worst_specks
+from .evaluation import drawn_circle
+from .metrics import FULL_SAMPLER, SPECK_DISTANCE, fidelity, worst_specks
 from .model import load_pipeline
 from .pretrain import (
     STAGE_SETTINGS,
@@ -67,11 +69,40 @@ _USED = (*STAGE_SETTINGS["refine"], "checkpoint_every", "threads")
 
 
 def _check(settings: Settings) -> Settings:
-    """The settings a refinement uses, checked; any other one set away from its default is
-    refused in one line."""
+    """The settings a refinement uses, checked; any other one set away from its default, or no
+    steps at all, is refused in one line."""
     s = settings.check()
     refuse_unused(s, _USED, "a decoder refinement, which trains the base's decoder as it is")
+    if s.decoder_steps < 1:
+        raise SettingError(
+            f"decoder_steps: {s.decoder_steps!r} is not allowed for a decoder refinement; "
+            "expected an integer >= 1"
+        )
     return s
+
+
+def _check_run(base: str | Path, s: Settings, run_dir: Path) -> None:
+    """Refuse, before any work, a base of another resolution, or a run folder made from another
+    base or with other settings (resuming it would mix the two)."""
+    made = json.loads((Path(base) / "vae" / "config.json").read_text())["sample_size"]
+    if made != s.resolution:
+        raise SettingError(
+            f"resolution: {s.resolution!r} is not allowed; the base at {base} "
+            f"makes {made} px images"
+        )
+    origin = run_dir / "base.txt"
+    if origin.exists() and origin.read_text() != str(Path(base).resolve()):
+        raise SettingError(f"{run_dir} refines {origin.read_text()}, not {base}; pass a new --root")
+    checkpoint = run_dir / "refine.safetensors"
+    if checkpoint.exists():
+        may_change = [k for k in dataclasses.asdict(s) if k not in STAGE_SETTINGS["refine"]]
+        check_resumable(
+            checkpoint,
+            dataclasses.asdict(s),
+            s.decoder_steps,
+            may_change,
+            remedy="pass a new --root",
+        )
 
 
 def refine_decoder(
@@ -82,18 +113,15 @@ def refine_decoder(
     training seconds; checkpoints and log in ``run_dir``, from which an interrupted run resumes
     exactly."""
     s = _check(settings)
+    _check_run(base, s, run_dir)
     torch.set_num_threads(s.threads)
     vae = AutoencoderKL.from_pretrained(Path(base) / "vae")
-    if vae.config.sample_size != s.resolution:
-        raise SettingError(
-            f"resolution: {s.resolution!r} is not allowed; the base at {base} "
-            f"makes {vae.config.sample_size} px images"
-        )
     datasets = [
         FillDataset(s.dataset_size, "train", s.resolution, s.seed),
         ShapesDataset(s.dataset_size, "train", s.resolution, s.seed),
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "base.txt").write_text(str(Path(base).resolve()))
     with (run_dir / "log.jsonl").open("a") as log_file:
 
         def log(entry: dict) -> None:
@@ -150,7 +178,7 @@ def speck_report(
     """Each decoder in ``decoders`` on the same latents: the reconstructions (``pipe``'s encoder,
     latent mode) of the first ``samples`` Fill images of the evaluation split, and the base's
     samples for their prompts (``sampler``, ``seed``). Speck rates at the circle's edge (the
-    requested circle for a reconstruction, the circle drawn in the prompted colour for a sample)
+    requested circle for a reconstruction, :func:`~cnet.world.evaluation.drawn_circle` for a sample)
     and away from it, with the reconstructions' mean squared error and fidelity IoU."""
     batch = FillDataset(max(samples, 1000), split="eval").batch(range(samples))
     words = [p.split() for p in batch["prompt"]]
@@ -165,7 +193,7 @@ def speck_report(
     report = {}
     for name, vae in decoders.items():
         rebuilt, drawn = _decode(vae, encoded), _decode(vae, sampled)
-        circle = classify_colours(drawn) == foreground[:, None, None]
+        circle = drawn_circle(drawn, foreground)
         report[name] = {
             "reconstructions": {
                 **_rates(rebuilt, foreground, background, requested),
@@ -189,6 +217,8 @@ def decoder_study(
     folders ``root/seed-<n>``), and every refined decoder measured beside the shipped one on the
     same latents (:func:`speck_report`)."""
     s = _check(settings)
+    for seed in seeds:
+        _check_run(base, _check(dataclasses.replace(s, seed=seed)), root / f"seed-{seed}")
     started = time.time()
     pipe = load_pipeline(base)
     decoders, runs = {"shipped": pipe.vae}, {}
@@ -214,7 +244,10 @@ def decoder_study(
         "speck_distance": SPECK_DISTANCE,
         "device": f"cpu ({platform.processor() or platform.machine()}), "
         f"{s.threads} thread(s), torch {torch.__version__}",
-        "wall_time_s": round(time.time() - started, 1),
+        "wall_time_s": {
+            "refine": round(sum(r["training_seconds"] for r in runs.values()), 1),
+            "this_invocation": round(time.time() - started, 1),
+        },
         "runs": runs,
         "decoders": report,
     }

@@ -48,6 +48,7 @@ from .model import check_prompt, load_pipeline
 
 __all__ = [
     "chance_iou",
+    "drawn_circle",
     "evaluate_base",
     "evaluate_fill",
     "evaluate_shapes",
@@ -103,6 +104,19 @@ def largest_region(masks: torch.Tensor) -> torch.Tensor:
             sizes = np.bincount(labels.ravel())[1:]
             out[b] = torch.from_numpy(labels == 1 + sizes.argmax())
     return out
+
+
+def drawn_circle(images: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """The circle each image (B, 3, H, W) drew, as a mask (B, H, W): the convex hull of the
+    largest region of its prompted colour ``foreground`` (palette indices (B,)), so that a pixel
+    of another colour on or inside the rim does not cut into it."""
+    region = largest_region(classify_colours(images) == foreground[:, None, None])
+    out = np.zeros(region.shape, dtype=np.uint8)
+    for b, mask in enumerate(region.numpy()):
+        points = np.argwhere(mask)[:, ::-1].astype(np.int32)  # (x, y), as OpenCV counts
+        if len(points):
+            cv2.fillConvexPoly(out[b], cv2.convexHull(points), 1)
+    return torch.from_numpy(out.astype(bool))
 
 
 def chance_iou(masks: torch.Tensor, others: torch.Tensor | None = None) -> float:
