@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from ..checkpoints import check_resumable
 from ..settings import SettingError
 from .data import FillDataset, ShapesDataset, colour_index
-from .evaluation import drawn_circle
+from .evaluation import drawn_circle, generate
 from .metrics import FULL_SAMPLER, SPECK_DISTANCE, fidelity, worst_specks
 from .model import load_pipeline
 from .pretrain import (
@@ -46,7 +46,9 @@ from .pretrain import (
 
 __all__ = ["REFINE_PROFILES", "decoder_study", "refine_decoder", "speck_report", "speck_table"]
 
-#: The refinement: seconds ("quick", tests) or about 9 minutes on a 2-core CPU ("full").
+#: The refinement: seconds ("quick", tests) or 8 to 10 minutes on a 2-core CPU ("full"). The
+#: full profile's weight and length were picked from single exploratory runs, not tuned over
+#: seeds; figures/04_decoder_speck.json measures this setting on three.
 REFINE_PROFILES: dict[str, dict] = {
     "quick": dict(
         decoder_steps=4,
@@ -134,25 +136,6 @@ def refine_decoder(
 
 
 @torch.no_grad()
-def _sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, sampler: dict):
-    """The base's latents for ``prompts``, seeded per batch of 100 as
-    :func:`cnet.world.evaluation.generate` seeds them: decoded, they are its samples."""
-    pipe.set_progress_bar_config(disable=True)
-    return torch.cat(
-        [
-            pipe(
-                prompts[start : start + 100],
-                num_inference_steps=sampler["steps"],
-                guidance_scale=sampler["guidance"],
-                generator=torch.Generator().manual_seed(seed + start),
-                output_type="latent",
-            ).images
-            for start in range(0, len(prompts), 100)
-        ]
-    )
-
-
-@torch.no_grad()
 def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1) for z in latents.split(50)]
@@ -189,7 +172,7 @@ def speck_report(
         encoded = (
             pipe.vae.encode(batch["image"]).latent_dist.mode() * pipe.vae.config.scaling_factor
         )
-    sampled = _sample_latents(pipe, batch["prompt"], seed, sampler)
+    sampled = generate(pipe, batch["prompt"], **sampler, seed=seed, latents=True)
     report = {}
     for name, vae in decoders.items():
         rebuilt, drawn = _decode(vae, encoded), _decode(vae, sampled)

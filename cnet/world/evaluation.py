@@ -68,11 +68,13 @@ def generate(
     batch_size: int = 100,
     resolution: int | None = None,
     progress: bool = False,
+    latents: bool = False,
 ) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1], on the CPU, sampled by the pipeline (its DDIM scheduler,
-    on the pipeline's device) for ``prompts``, with one seeded generator per batch. ValueError
-    for a prompt outside the world's vocabulary or longer than the tokenizer's length, or a
-    resolution the VAE cannot divide."""
+    on the pipeline's device) for ``prompts``, with one seeded generator per batch; with
+    ``latents``, the latents those images are decoded from (scaled, as the U-Net samples them).
+    ValueError for a prompt outside the world's vocabulary or longer than the tokenizer's
+    length, or a resolution the VAE cannot divide."""
     for prompt in prompts:
         check_prompt(prompt, pipe.tokenizer)
     if resolution is not None:
@@ -88,9 +90,10 @@ def generate(
             height=resolution,
             width=resolution,
             generator=torch.Generator().manual_seed(seed + start),
-            output_type="pt",
+            output_type="latent" if latents else "pt",
         )
-        images.append((out.images * 2 - 1).float().cpu())  # measured on the CPU, as the rest
+        # measured on the CPU, as the rest
+        images.append((out.images if latents else out.images * 2 - 1).float().cpu())
     return torch.cat(images)
 
 

@@ -492,7 +492,7 @@ def test_the_speck_report_decodes_the_samples_the_base_evaluation_draws():
     """The study's base samples are the evaluation's (the same latents, decoded by the shipped
     decoder, give the images ``generate`` gives); the drawn circle of a world image holds it."""
     from cnet.world.data import colour_index
-    from cnet.world.decoder import _decode, _sample_latents
+    from cnet.world.decoder import _decode
     from cnet.world.evaluation import drawn_circle
     from cnet.world.metrics import sampler_settings
     from cnet.world.model import load_pipeline
@@ -500,7 +500,7 @@ def test_the_speck_report_decodes_the_samples_the_base_evaluation_draws():
     pipe = load_pipeline(SHIPPED)
     batch = FillDataset(1000, split="eval").batch(range(3))
     sampler = sampler_settings("quick")
-    latents = _sample_latents(pipe, batch["prompt"], 0, sampler)
+    latents = generate(pipe, batch["prompt"], **sampler, seed=0, latents=True)
     images = generate(pipe, batch["prompt"], **sampler, seed=0)
     assert torch.allclose(_decode(pipe.vae, latents), images, atol=1e-5)
     foreground = torch.tensor([colour_index(p.split()[0]) for p in batch["prompt"]])
