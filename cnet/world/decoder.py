@@ -16,6 +16,9 @@ the convolution before it train on, the encoder frozen, with each image's worst 
 every latent, and the U-Net and ControlNets trained on them, stay valid. The study measures the
 shipped and the refined decoders on the same latents: reconstructions of the evaluation split's
 Fill images, and the base's own samples for their prompts.
+
+Where the speck sits (:func:`speck_frame`) says whose it is: handed the same images mirrored or
+turned, the VAE puts it at the same places of its own frame, not of the picture.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from ..checkpoints import check_resumable
 from ..settings import SettingError
 from .data import FillDataset, ShapesDataset, colour_index
 from .evaluation import drawn_circle, generate
-from .metrics import FULL_SAMPLER, SPECK_DISTANCE, fidelity, worst_specks
+from .metrics import (
+    FULL_SAMPLER,
+    RIM_POSITIONS,
+    SPECK_DISTANCE,
+    fidelity,
+    speck_positions,
+    worst_specks,
+)
 from .model import load_pipeline
 from .pretrain import (
     STAGE_SETTINGS,
@@ -44,7 +54,15 @@ from .pretrain import (
     refuse_unused,
 )
 
-__all__ = ["REFINE_PROFILES", "decoder_study", "refine_decoder", "speck_report", "speck_table"]
+__all__ = [
+    "FRAMES",
+    "REFINE_PROFILES",
+    "decoder_study",
+    "refine_decoder",
+    "speck_frame",
+    "speck_report",
+    "speck_table",
+]
 
 #: The refinement: seconds ("quick", tests) or 8 to 10 minutes on a 2-core CPU ("full"). The
 #: full profile's weight and length were picked from single exploratory runs, not tuned over
@@ -151,6 +169,43 @@ def _rates(images, foreground, background, region) -> dict:
     }
 
 
+def _fill_requests(samples: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``samples`` Fill images of the evaluation split, their colours and circles."""
+    batch = FillDataset(max(samples, 1000), split="eval").batch(range(samples))
+    words = [p.split() for p in batch["prompt"]]
+    foreground = torch.tensor([colour_index(w[0]) for w in words])
+    background = torch.tensor([colour_index(w[3]) for w in words])
+    return batch, foreground, background, torch.as_tensor(batch["layers"]) > 0
+
+
+#: Ways to hand the VAE the same images: each moves a circle's rim positions
+#: (mirroring left-right takes 10:30 to 1:30), none moves the VAE's own pixel grid.
+FRAMES = {
+    "as drawn": lambda t: t,
+    "mirrored left-right": lambda t: t.flip(-1),
+    "upside down": lambda t: t.flip(-2),
+    "turned half round": lambda t: t.flip(-2, -1),
+    "transposed": lambda t: t.transpose(-2, -1),
+}
+
+
+def speck_frame(pipe: StableDiffusionPipeline, samples: int = 200) -> dict[str, dict[str, int]]:
+    """Whose frame is the speck in? The VAE's reconstructions of the first ``samples`` Fill
+    evaluation images, handed to it in each of :data:`FRAMES`: for each, how many specks at
+    the edge sit at each of :data:`~cnet.world.metrics.RIM_POSITIONS`, seen in the image the
+    VAE was given. A speck that belonged to the picture would move with the rim it sits on; one
+    made by the VAE stays where the VAE makes it."""
+    batch, foreground, background, requested = _fill_requests(samples)
+    counts = {}
+    for name, turn in FRAMES.items():
+        images = turn(batch["image"])
+        with torch.no_grad():
+            latents = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+        where = speck_positions(_decode(pipe.vae, latents), foreground, background, turn(requested))
+        counts[name] = {p: where.count(p) for p in RIM_POSITIONS}
+    return counts
+
+
 def speck_report(
     pipe: StableDiffusionPipeline,
     decoders: dict[str, AutoencoderKL],
@@ -163,11 +218,7 @@ def speck_report(
     samples for their prompts (``sampler``, ``seed``). Speck rates at the circle's edge (the
     requested circle for a reconstruction, :func:`~cnet.world.evaluation.drawn_circle` for a sample)
     and away from it, with the reconstructions' mean squared error and fidelity IoU."""
-    batch = FillDataset(max(samples, 1000), split="eval").batch(range(samples))
-    words = [p.split() for p in batch["prompt"]]
-    foreground = torch.tensor([colour_index(w[0]) for w in words])
-    background = torch.tensor([colour_index(w[3]) for w in words])
-    requested = torch.as_tensor(batch["layers"]) > 0
+    batch, foreground, background, requested = _fill_requests(samples)
     with torch.no_grad():
         encoded = (
             pipe.vae.encode(batch["image"]).latent_dist.mode() * pipe.vae.config.scaling_factor

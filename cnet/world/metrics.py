@@ -46,6 +46,8 @@ __all__ = [
     "SPECK_DISTANCE",
     "off_blend_distance",
     "worst_specks",
+    "RIM_POSITIONS",
+    "speck_positions",
 ]
 
 
@@ -298,13 +300,56 @@ def worst_specks(
     """Per image, the largest :func:`off_blend_distance` within ``width`` pixels of the
     boundary of ``region`` (N, H, W) bool (``"edge"``), and elsewhere (``"away"``); an image
     has a speck there where that is at least :data:`SPECK_DISTANCE`."""
-    distance = off_blend_distance(images, foreground, background, style)
+    at_edge, away = _split_at_edge(
+        off_blend_distance(images, foreground, background, style), region, width
+    )
+    return {"edge": at_edge.flatten(1).amax(1), "away": away.flatten(1).amax(1)}
+
+
+def _split_at_edge(
+    distance: torch.Tensor, region: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``distance`` (N, H, W) within ``width`` pixels of the boundary of ``region`` (either
+    side), and elsewhere; each zero outside its part."""
     inside = region.float()[:, None]
     size = 2 * width + 1
     grown = F.max_pool2d(inside, size, 1, width)
     shrunk = -F.max_pool2d(-inside, size, 1, width)
     near = (grown != shrunk)[:, 0]
-    return {
-        "edge": torch.where(near, distance, torch.zeros_like(distance)).flatten(1).amax(1),
-        "away": torch.where(near, torch.zeros_like(distance), distance).flatten(1).amax(1),
-    }
+    zero = torch.zeros_like(distance)
+    return torch.where(near, distance, zero), torch.where(near, zero, distance)
+
+
+#: The eight positions on a rim, as on a clock face seen from the circle's centre.
+RIM_POSITIONS = ("12:00", "1:30", "3:00", "4:30", "6:00", "7:30", "9:00", "10:30")
+
+
+def speck_positions(
+    images: torch.Tensor,
+    foreground: torch.Tensor,
+    background: torch.Tensor,
+    region: torch.Tensor,
+    width: int = 2,
+    style: str = "plain",
+) -> list[str | None]:
+    """Per image, where on the rim of ``region`` its speck at the edge sits: the nearest of
+    :data:`RIM_POSITIONS` to the direction from the region's centroid to the worst pixel of
+    :func:`worst_specks`' ``"edge"`` (12:00 is up, the first row; 3:00 is right), or ``None``
+    where that pixel is no speck."""
+    distance, _ = _split_at_edge(
+        off_blend_distance(images, foreground, background, style), region, width
+    )
+    rows, cols = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float64) for n in region.shape[1:]), indexing="ij"
+    )
+    positions: list[str | None] = []
+    for worst, inside in zip(distance, region.double()):
+        if worst.max() < SPECK_DISTANCE:
+            positions.append(None)
+            continue
+        pixel = worst.flatten().argmax()
+        up = (inside * rows).sum() / inside.sum() - rows.flatten()[pixel]
+        right = cols.flatten()[pixel] - (inside * cols).sum() / inside.sum()
+        clockwise_from_up = torch.atan2(right, up).rad2deg().item() % 360  # 0 up, 90 right
+        positions.append(RIM_POSITIONS[round(clockwise_from_up / 45) % 8])
+    return positions

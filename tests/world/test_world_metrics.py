@@ -345,3 +345,51 @@ def test_worst_specks_finds_a_dark_pixel_on_the_edge_and_one_away_from_it():
     assert found["edge"][0] >= SPECK_DISTANCE and found["away"][0] < 1e-6
     assert found["away"][1] >= SPECK_DISTANCE and found["edge"][1] < 1e-6
     assert torch.equal(found["edge"][2:], clean["edge"][2:])
+
+
+def test_speck_positions_names_where_on_the_rim_a_planted_speck_sits():
+    import math
+
+    from cnet.world.data import colour_index
+    from cnet.world.metrics import (
+        RIM_POSITIONS,
+        SPECK_DISTANCE,
+        off_blend_distance,
+        speck_positions,
+    )
+
+    batch = FillDataset(1000, split="eval").batch(range(4))
+    words = [p.split() for p in batch["prompt"]]
+    fg = torch.tensor([colour_index(w[0]) for w in words])
+    bg = torch.tensor([colour_index(w[3]) for w in words])
+    region = torch.as_tensor(batch["layers"]) > 0
+    assert speck_positions(batch["image"], fg, bg, region) == [None] * 4  # the world has none
+    image, circle = batch["image"][:1], region[:1]
+    # a colour off the blend of image 0's two colours: black, or white where black is one of them
+    speck = next(
+        torch.full((3,), v)
+        for v in (-1.0, 1.0)
+        if off_blend_distance(torch.full((1, 3, 1, 1), v), fg[:1], bg[:1]) >= SPECK_DISTANCE
+    )
+    inside = circle[0].double()
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centre_row, centre_col = (
+        (inside * rows).sum() / inside.sum(),
+        (inside * cols).sum() / inside.sum(),
+    )
+    rim = circle[0] & ~(
+        torch.roll(circle[0], 1, 0)
+        & torch.roll(circle[0], -1, 0)
+        & torch.roll(circle[0], 1, 1)
+        & torch.roll(circle[0], -1, 1)
+    )
+    rim_rows, rim_cols = torch.nonzero(rim, as_tuple=True)
+    for k, position in enumerate(RIM_POSITIONS):
+        # the rim pixel nearest the direction 45k degrees clockwise from up
+        angle = torch.atan2(rim_cols - centre_col, centre_row - rim_rows)
+        gap = torch.remainder(angle - math.radians(45 * k) + math.pi, 2 * math.pi) - math.pi
+        nearest = gap.abs().argmin()
+        assert gap[nearest].abs() < math.radians(10)
+        planted = image.clone()
+        planted[0, :, rim_rows[nearest], rim_cols[nearest]] = speck
+        assert speck_positions(planted, fg[:1], bg[:1], circle) == [position]
