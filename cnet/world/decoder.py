@@ -178,12 +178,13 @@ def _fill_requests(samples: int) -> tuple[dict, torch.Tensor, torch.Tensor, torc
     return batch, foreground, background, torch.as_tensor(batch["layers"]) > 0
 
 
-#: Ways to hand the VAE the same images: each moves a circle's rim positions
-#: (mirroring left-right takes 10:30 to 1:30), none moves the VAE's own pixel grid.
+#: Ways to hand the VAE the same images. Each but the first moves rim positions of the picture
+#: (mirroring left-right takes 10:30 to 1:30; transposing keeps the 10:30-4:30 diagonal and
+#: swaps 3:00 with 6:00); none moves the VAE's own pixel grid.
 FRAMES = {
     "as drawn": lambda t: t,
     "mirrored left-right": lambda t: t.flip(-1),
-    "upside down": lambda t: t.flip(-2),
+    "flipped top to bottom": lambda t: t.flip(-2),
     "turned half round": lambda t: t.flip(-2, -1),
     "transposed": lambda t: t.transpose(-2, -1),
 }
@@ -197,11 +198,13 @@ def speck_frame(pipe: StableDiffusionPipeline, samples: int = 200) -> dict[str, 
     made by the VAE stays where the VAE makes it."""
     batch, foreground, background, requested = _fill_requests(samples)
     counts = {}
-    for name, turn in FRAMES.items():
-        images = turn(batch["image"])
+    for name, transform in FRAMES.items():
+        images = transform(batch["image"])
         with torch.no_grad():
             latents = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
-        where = speck_positions(_decode(pipe.vae, latents), foreground, background, turn(requested))
+        where = speck_positions(
+            _decode(pipe.vae, latents), foreground, background, transform(requested)
+        )
         counts[name] = {p: where.count(p) for p in RIM_POSITIONS}
     return counts
 

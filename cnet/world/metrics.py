@@ -343,11 +343,11 @@ def speck_positions(
         *(torch.arange(n, dtype=torch.float64) for n in region.shape[1:]), indexing="ij"
     )
     positions: list[str | None] = []
-    for worst, inside in zip(distance, region.double()):
-        if worst.max() < SPECK_DISTANCE:
+    for at_edge, inside in zip(distance, region.double()):
+        if at_edge.max() < SPECK_DISTANCE:
             positions.append(None)
             continue
-        pixel = worst.flatten().argmax()
+        pixel = at_edge.flatten().argmax()
         up = (inside * rows).sum() / inside.sum() - rows.flatten()[pixel]
         right = cols.flatten()[pixel] - (inside * cols).sum() / inside.sum()
         clockwise_from_up = torch.atan2(right, up).rad2deg().item() % 360  # 0 up, 90 right

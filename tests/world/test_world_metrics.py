@@ -384,6 +384,11 @@ def test_speck_positions_names_where_on_the_rim_a_planted_speck_sits():
         & torch.roll(circle[0], -1, 1)
     )
     rim_rows, rim_cols = torch.nonzero(rim, as_tuple=True)
+    # without angles: the rim's topmost pixel is at 12:00, its rightmost at 3:00
+    for position, pixel in (("12:00", rim_rows.argmin()), ("3:00", rim_cols.argmax())):
+        planted = image.clone()
+        planted[0, :, rim_rows[pixel], rim_cols[pixel]] = speck
+        assert speck_positions(planted, fg[:1], bg[:1], circle) == [position]
     for k, position in enumerate(RIM_POSITIONS):
         # the rim pixel nearest the direction 45k degrees clockwise from up
         angle = torch.atan2(rim_cols - centre_col, centre_row - rim_rows)

@@ -520,7 +520,7 @@ def test_the_shipped_vae_puts_its_speck_in_its_own_frame_as_the_readme_says():
     image = torch.arange(12.0).reshape(1, 1, 3, 4)
     assert torch.equal(FRAMES["turned half round"](image), torch.rot90(image, 2, (-2, -1)))
     assert torch.equal(FRAMES["mirrored left-right"](image)[..., 0], image[..., -1])
-    assert torch.equal(FRAMES["upside down"](image)[..., 0, :], image[..., -1, :])
+    assert torch.equal(FRAMES["flipped top to bottom"](image)[..., 0, :], image[..., -1, :])
     assert torch.equal(FRAMES["transposed"](image)[0, 0], image[0, 0].T)
     counts = speck_frame(load_pipeline(SHIPPED), samples=200)
     assert list(counts) == list(FRAMES)
