@@ -5,6 +5,7 @@
     python -m cnet.world refine-decoder --profile quick|full --seeds N [N ...] --root DIR
                                         [--base FOLDER] [--results FILE [--overwrite]]
                                         [--samples N]
+    python -m cnet.world fit-latents [--samples N] [--steps N [N ...]] [--results FILE]
     python -m cnet.world evaluate --model FOLDER [--samples N] [--profile full] [--seed S]
     python -m cnet.world export --layout tutorial|imagefolder --out FOLDER [--samples N]
                                 [--task fill|canny|...] [--resolution R]
@@ -73,9 +74,31 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> None:
     finetune(args.base, settings, args.out, run_dir, command=_command(argv))
 
 
-def _refine_decoder(args: argparse.Namespace, argv: list[str]) -> None:
+def _refuse_base_and_results(args: argparse.Namespace) -> None:
+    """A study's ``--base`` must be a pipeline folder, and its ``--results`` new unless
+    ``--overwrite`` says to replace it."""
+    if not (args.base / "model_index.json").exists():
+        raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
+    if args.overwrite and args.results is None:
+        raise SettingError("overwrite: given without --results, which it would replace")
+    if args.results is not None and args.results.exists() and not args.overwrite:
+        raise SettingError(f"results: {args.results} exists; pass --overwrite")
+
+
+def _write_results(args: argparse.Namespace, result: dict) -> None:
+    """A study's record, printed, and written whole or not at all to ``--results`` if given."""
     import json
 
+    text = json.dumps(result, indent=2) + "\n"
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.results.with_suffix(".partial")
+        partial.write_text(text)
+        partial.replace(args.results)
+    print(text, end="")
+
+
+def _refine_decoder(args: argparse.Namespace, argv: list[str]) -> None:
     from .decoder import decoder_study
     from .pretrain import Settings
 
@@ -92,21 +115,44 @@ def _refine_decoder(args: argparse.Namespace, argv: list[str]) -> None:
         raise SettingError(
             f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
         )
-    if not (args.base / "model_index.json").exists():
-        raise FileNotFoundError(f"--base: no diffusers pipeline folder at {args.base}")
-    if args.overwrite and args.results is None:
-        raise SettingError("overwrite: given without --results, which it would replace")
-    if args.results is not None and args.results.exists() and not args.overwrite:
-        raise SettingError(f"results: {args.results} exists; pass --overwrite")
+    _refuse_base_and_results(args)
     command = " ".join(_command(argv))
     result = decoder_study(args.base, settings, args.seeds, args.root, args.samples, command)
-    text = json.dumps(result, indent=2) + "\n"
-    if args.results is not None:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.results.with_suffix(".partial")
-        partial.write_text(text)
-        partial.replace(args.results)
-    print(text, end="")
+    _write_results(args, result)
+
+
+def _fit_latents(args: argparse.Namespace, argv: list[str]) -> None:
+    import time
+
+    import torch
+
+    from .decoder import FIT_LR, fitted_latents_study
+    from .model import load_pipeline
+    from .pretrain import cpu_description
+
+    lr = FIT_LR if args.lr is None else args.lr
+    if not 2 <= args.samples <= 1000:
+        raise SettingError(
+            f"samples: {args.samples!r} is not allowed; expected an integer from 2 to 1000"
+        )
+    if min(args.steps) < 0:
+        raise SettingError(f"steps: {args.steps!r} is not allowed; expected integers >= 0")
+    if not lr > 0:
+        raise SettingError(f"lr: {lr!r} is not allowed; expected a number > 0")
+    if args.threads < 1:
+        raise SettingError(f"threads: {args.threads!r} is not allowed; expected an integer >= 1")
+    _refuse_base_and_results(args)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    study = fitted_latents_study(load_pipeline(args.base), args.samples, tuple(args.steps), lr)
+    result = {
+        "command": " ".join(_command(argv)),
+        "base": str(args.base),
+        "device": cpu_description(args.threads),
+        "wall_time_s": round(time.time() - started, 1),
+        **study,
+    }
+    _write_results(args, result)
 
 
 def _evaluate(args: argparse.Namespace, argv: list[str]) -> None:
@@ -201,6 +247,21 @@ def _parser(chosen: str | None = None) -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--threads", type=int, default=1)
+    fit = sub.add_parser(
+        "fit-latents",
+        help="fit latents to images through the base's decoder, and measure its specks",
+    )
+    fit.add_argument("--base", type=Path, default=Path("models/miniature-sd"))
+    fit.add_argument("--samples", type=int, default=200)
+    fit.add_argument(
+        "--steps", type=int, nargs="+", default=[0, 25, 50, 100, 200], help="when to measure"
+    )
+    fit.add_argument(
+        "--lr", type=float, default=None, help="Adam's learning rate (default: decoder.FIT_LR)"
+    )
+    fit.add_argument("--results", type=Path, default=None, help="JSON to write")
+    fit.add_argument("--overwrite", action="store_true", help="replace --results")
+    fit.add_argument("--threads", type=int, default=1)
     export = sub.add_parser("export", help="the world's pairs as a dataset folder")
     export.add_argument("--layout", choices=LAYOUTS, default="tutorial")
     export.add_argument("--out", type=Path, required=True)
@@ -215,6 +276,7 @@ COMMANDS = {
     "pretrain": _pretrain,
     "finetune": _finetune,
     "refine-decoder": _refine_decoder,
+    "fit-latents": _fit_latents,
     "evaluate": _evaluate,
     "export": _export,
 }

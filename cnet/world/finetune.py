@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,14 @@ from ..settings import SettingError
 from .data import FillDataset, ShapesDataset
 from .model import load_pipeline
 from .palette import STYLES
-from .pretrain import STAGE_SETTINGS, Settings, _latest_entries, _train_unet, refuse_unused
+from .pretrain import (
+    STAGE_SETTINGS,
+    Settings,
+    _latest_entries,
+    _train_unet,
+    cpu_description,
+    refuse_unused,
+)
 
 __all__ = ["FINETUNE_PROFILES", "finetune", "style_of"]
 
@@ -94,8 +100,7 @@ def finetune(
             for k, v in dataclasses.asdict(s).items()
             if k in (*STAGE_SETTINGS["style"], "checkpoint_every", "threads")
         },
-        "device": f"cpu ({platform.processor() or platform.machine()}), "
-        f"{s.threads} thread(s), torch {torch.__version__}",
+        "device": cpu_description(s.threads),
         "wall_time_s": {
             "style": round(seconds, 1),
             "this_invocation": round(time.time() - started, 1),

@@ -81,7 +81,14 @@ from .model import (
 )
 from .palette import STYLES
 
-__all__ = ["Settings", "PROFILES", "pretrain", "refuse_unused", "worst_pixel_error"]
+__all__ = [
+    "Settings",
+    "PROFILES",
+    "cpu_description",
+    "pretrain",
+    "refuse_unused",
+    "worst_pixel_error",
+]
 
 STAGE_IDS = {"vae": 1, "unet": 2, "decoder": 3, "style": 4, "refine": 5}
 # What each stage's steps depend on; a resumed stage may change any other setting (where it runs,
@@ -267,6 +274,14 @@ def _prepare(
 
 
 # ------------------------------------------------------------------------------ stages
+
+
+def cpu_description(threads: int) -> str:
+    """The machine a world record was made on, as the record names it."""
+    return (
+        f"cpu ({platform.processor() or platform.machine()}), "
+        f"{threads} thread(s), torch {torch.__version__}"
+    )
 
 
 def worst_pixel_error(decoded: torch.Tensor, images: torch.Tensor, fraction: float = 0.01):
@@ -468,8 +483,7 @@ def pretrain(
         "command": " ".join(command or sys.argv),
         "profile": profile,
         "settings": dataclasses.asdict(s),
-        "device": f"cpu ({platform.processor() or platform.machine()}), "
-        f"{s.threads} thread(s), torch {torch.__version__}",
+        "device": cpu_description(s.threads),
         "wall_time_s": {
             "vae": round(vae_seconds, 1),
             "unet": round(unet_seconds, 1),
