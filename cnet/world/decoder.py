@@ -18,10 +18,10 @@ shipped and the refined decoders on the same latents: reconstructions of the eva
 Fill images, and the base's own samples for their prompts.
 
 Where the speck sits (:func:`speck_frame`) says whose it is: handed the same images mirrored or
-turned, the VAE puts it at the same places of its own frame, not of the picture. Whether the
-shipped decoder can draw the edge clean at all (:func:`fitted_latents_study`) says which half
-puts it there: latents fitted to each image through the decoder, its weights untouched, lose
-most of the specks the encoder's latents decode to.
+turned, the VAE puts it at the same places of its own frame, not of the picture. Whether a clean
+edge is in the shipped decoder's reach (:func:`fitted_latents_study`): latents fitted to each
+image through the decoder, its weights untouched, lose most of the specks that the encoder's
+latents decode to.
 
     python -m cnet.world fit-latents --samples 200 --steps 0 25 50 100 200 \\
         --results figures/04_fitted_latents.json --threads 2
@@ -223,6 +223,10 @@ def speck_frame(pipe: StableDiffusionPipeline, samples: int = 200) -> dict[str, 
 FIT_LR = 1e-2
 
 
+def _rms(tensor: torch.Tensor) -> float:
+    return tensor.float().pow(2).mean().sqrt().item()
+
+
 def fitted_latents_study(
     pipe: StableDiffusionPipeline,
     samples: int = 200,
@@ -235,15 +239,16 @@ def fitted_latents_study(
     error, the VAE's weights untouched. After each count in ``steps`` (0: the encoder's latent),
     keyed by the count as text: the share of images with a speck at the edge and where on the rim
     they sit, the mean squared error, the fidelity IoU, and how far the latents moved (root mean
-    square, beside the encoder's latents' own). A speck that fitting removes is one the decoder
-    can draw clean: the latent the encoder gave it put the speck there."""
+    square, beside the encoder's latents' own). A speck that fitting removes is an edge the
+    decoder can draw clean, from a latent near the one it was handed."""
     if not steps or any(n < 0 for n in steps):
         raise SettingError(f"steps: {steps!r} is not allowed; expected integers >= 0")
     batch, foreground, background, requested = _fill_requests(samples)
     vae = pipe.vae
-    images = batch["image"].to(vae.device)  # fitted where the VAE is; measured on the CPU
-    with torch.no_grad():
-        encoded = vae.encode(images).latent_dist.mode()
+    # fitted where the VAE is, in its dtype; measured on the CPU in float32
+    images = batch["image"].to(vae.device, vae.dtype)
+    with torch.no_grad():  # the latents are fitted in float32 whatever the VAE's dtype
+        encoded = vae.encode(images).latent_dist.mode().float()
     latents = encoded.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([latents], lr=lr)
     trainable = [p.requires_grad for p in vae.parameters()]
@@ -252,20 +257,21 @@ def fitted_latents_study(
         rows, done = {}, 0
         for count in sorted(set(steps)):
             for _ in range(count - done):
-                loss = F.mse_loss(vae.decode(latents).sample, images)
-                optimiser.zero_grad()
-                loss.backward()
+                with torch.enable_grad():  # even where the caller turned gradients off
+                    loss = F.mse_loss(vae.decode(latents.to(vae.dtype)).sample, images)
+                    optimiser.zero_grad()
+                    loss.backward()
                 optimiser.step()
             done = count
             with torch.no_grad():
-                decoded = vae.decode(latents).sample.clamp(-1, 1).cpu()
+                decoded = vae.decode(latents.to(vae.dtype)).sample.clamp(-1, 1).float().cpu()
             where = speck_positions(decoded, foreground, background, requested)
             rows[str(count)] = {
                 **_rates(decoded, foreground, background, requested),
                 "positions": {p: where.count(p) for p in RIM_POSITIONS},
                 "mse": F.mse_loss(decoded, batch["image"]).item(),
                 "iou": fidelity(decoded, foreground, background, requested)["iou"].mean().item(),
-                "latent_rms_moved": (latents.detach() - encoded).pow(2).mean().sqrt().item(),
+                "latent_rms_moved": _rms(latents.detach() - encoded),
             }
     finally:
         for parameter, flag in zip(vae.parameters(), trainable):
@@ -273,7 +279,7 @@ def fitted_latents_study(
     return {
         "samples": samples,
         "lr": lr,
-        "latent_rms": encoded.pow(2).mean().sqrt().item(),
+        "latent_rms": _rms(encoded),
         "steps": rows,
     }
 
