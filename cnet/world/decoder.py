@@ -19,9 +19,9 @@ Fill images, and the base's own samples for their prompts.
 
 Where the speck sits (:func:`speck_frame`) says whose it is: handed the same images mirrored or
 turned, the VAE puts it at the same places of its own frame, not of the picture. Whether a clean
-edge is in the shipped decoder's reach (:func:`fitted_latents_study`): latents fitted to each
-image through the decoder, its weights untouched, lose most of the specks that the encoder's
-latents decode to.
+edge is within the shipped decoder's reach, :func:`fitted_latents_study` asks: latents fitted to
+each image through the decoder, its weights untouched, lose most of the specks that the
+encoder's latents decode to.
 
     python -m cnet.world fit-latents --samples 200 --steps 0 25 50 100 200 \\
         --results figures/04_fitted_latents.json --threads 2
@@ -247,7 +247,9 @@ def fitted_latents_study(
     vae = pipe.vae
     # fitted where the VAE is, in its dtype; measured on the CPU in float32
     images = batch["image"].to(vae.device, vae.dtype)
-    with torch.no_grad():  # the latents are fitted in float32 whatever the VAE's dtype
+    # The latents are fitted in float32; measured with a float32 VAE only (a float16 one would
+    # need the loss scaled: a mean over this many pixels has gradients below its range).
+    with torch.no_grad():
         encoded = vae.encode(images).latent_dist.mode().float()
     latents = encoded.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([latents], lr=lr)
