@@ -245,10 +245,10 @@ def fitted_latents_study(
         raise SettingError(f"steps: {steps!r} is not allowed; expected integers >= 0")
     batch, foreground, background, requested = _fill_requests(samples)
     vae = pipe.vae
-    # fitted where the VAE is, in its dtype; measured on the CPU in float32
+    # Fitted where the VAE is, the latents in float32, and measured on the CPU in float32. Only
+    # a float32 VAE has been measured: a float16 one would need the loss scaled (a mean over
+    # this many pixels has gradients below its range).
     images = batch["image"].to(vae.device, vae.dtype)
-    # The latents are fitted in float32; measured with a float32 VAE only (a float16 one would
-    # need the loss scaled: a mean over this many pixels has gradients below its range).
     with torch.no_grad():
         encoded = vae.encode(images).latent_dist.mode().float()
     latents = encoded.clone().requires_grad_(True)
